@@ -1,0 +1,194 @@
+//! Map names, sizes, keys and values.
+
+/// Names of the maps in the eBPF object; the agent pins each under `--bpffs` with this name.
+pub mod map_names {
+    pub const SERVICES: &str = "XLB_SERVICES";
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    pub const CONNTRACK: &str = "XLB_CT";
+    pub const AFFINITY: &str = "XLB_AFFINITY";
+    pub const STATS: &str = "XLB_STATS";
+    pub const SERVICE_STATS: &str = "XLB_SVC_STATS";
+    pub const BACKEND_STATS: &str = "XLB_BE_STATS";
+    /// Every map the agent pins, in the order `xlb cleanup` removes them.
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKENDS,
+        CONNTRACK,
+        AFFINITY,
+        STATS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+    ];
+}
+
+/// Program names in the eBPF object.
+pub mod program_names {
+    /// Pod → service: DNAT, conntrack, affinity, reject (host side of pod interfaces, ingress).
+    pub const TC_FROM_POD: &str = "xlb_from_pod";
+    /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
+    pub const TC_TO_POD: &str = "xlb_to_pod";
+}
+
+/// Map capacities, sized for real clusters (Cilium uses similar defaults).
+pub mod map_sizes {
+    /// Frontend slots plus backend slots of every service port.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 262_144;
+    pub const CONNTRACK: u32 = 524_288;
+    pub const AFFINITY: u32 = 65_536;
+    pub const SERVICE_STATS: u32 = 65_536;
+    pub const BACKEND_STATS: u32 = 262_144;
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+
+/// Most backends one service port can have (slots 1..=MAX_BACKENDS).
+pub const MAX_BACKENDS: u16 = 4096;
+
+/// `SERVICES` key: one frontend (VIP, port, protocol) and a slot.
+///
+/// Slot 0 holds the frontend itself ([`ServiceValue`] with `count`); slot `i` in `1..=count`
+/// holds the id of the service's i-th backend (Cilium's layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address, network byte order.
+    pub vip: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// 0 for the frontend, 1..=count for backend slots.
+    pub slot: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+
+/// Service flag: `sessionAffinity: ClientIP`.
+pub const SVC_FLAG_AFFINITY: u16 = 1;
+
+/// `SERVICES` value. In slot 0: the frontend; in slot i: `backend_id` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Slot 0: unused (0). Slot i: the backend id (key of `BACKENDS`).
+    pub backend_id: u32,
+    /// Slot 0: id of the service port, used by affinity, counters and conntrack.
+    pub service_id: u32,
+    /// Slot 0: number of backend slots; 0 means "no usable endpoint: reject".
+    pub count: u16,
+    /// Slot 0: `SVC_FLAG_*`.
+    pub flags: u16,
+    /// Slot 0: session affinity timeout in seconds.
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// `BACKENDS` value, keyed by backend id (u32). Ids are unique per (service port, endpoint), so
+/// a backend that leaves a service disappears from this map and can never be chosen again
+/// through a stale conntrack or affinity entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order.
+    pub ip: u32,
+    /// Endpoint (target) port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    /// The service port this backend belongs to (checked on every conntrack/affinity hit).
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+
+/// Conntrack entry direction.
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REVERSE: u8 = 1;
+
+/// `CT` key: the 5-tuple as seen in the packet, plus the direction the entry serves.
+///
+/// Forward entries are keyed by the client's packet (client → VIP); reverse entries by the
+/// backend's reply (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    /// Source IPv4 address, network byte order.
+    pub src: u32,
+    /// Destination IPv4 address, network byte order.
+    pub dst: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_FORWARD` or `CT_REVERSE`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+
+/// `CT` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    /// Forward: the chosen backend. Reverse: the same backend (for counters).
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Forward: backend address the flow is DNATed to. Reverse: the VIP to restore as source.
+    /// Network byte order.
+    pub nat_addr: u32,
+    /// Forward: backend port. Reverse: the service port. Network byte order.
+    pub nat_port: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
+
+/// `AFFINITY` key: client and service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// Client IPv4 address, network byte order.
+    pub client: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new flow that used this entry.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Per-service and per-backend counters (per-CPU hash maps keyed by id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::TrafficCounter {}
+}

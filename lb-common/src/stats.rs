@@ -1,0 +1,58 @@
+//! Outcome codes: every packet the programs see is counted under exactly one of these.
+
+/// Index into the per-CPU `STATS` array.
+pub type Outcome = u32;
+
+pub mod outcome {
+    use super::Outcome;
+    /// Not addressed to a service (or not a reply of a NATed flow): passed untouched.
+    pub const PASS_NOT_SERVICE: Outcome = 0;
+    /// New flow to a service: backend chosen, DNATed, conntrack entry created.
+    pub const DNAT_NEW: Outcome = 1;
+    /// Packet of a known flow: DNATed to the conntrack backend.
+    pub const DNAT_ESTABLISHED: Outcome = 2;
+    /// Reply of a NATed flow: source rewritten back to the service.
+    pub const REVNAT: Outcome = 3;
+    /// Service has no usable endpoint: ICMP unreachable sent back to the client.
+    pub const REJECT_NO_BACKEND: Outcome = 4;
+    /// ICMP error about a NATed flow: outer and embedded headers translated.
+    pub const ICMP_ERROR_XLATE: Outcome = 5;
+    /// Ethernet/IPv4/L4 header shorter than it claims: passed untouched.
+    pub const MALFORMED: Outcome = 6;
+    /// IPv4 fragment: passed untouched (ports are not in every fragment).
+    pub const FRAGMENT: Outcome = 7;
+    /// IPv4 header with options: passed untouched.
+    pub const IP_OPTIONS: Outcome = 8;
+    /// Not IPv4 (IPv6, ARP, ...): passed untouched.
+    pub const NOT_IPV4: Outcome = 9;
+    /// IPv4 but neither TCP, UDP nor ICMP: passed untouched.
+    pub const OTHER_PROTOCOL: Outcome = 10;
+    /// Conntrack map update failed: packet dropped.
+    pub const DROP_CT_FULL: Outcome = 11;
+    /// A packet rewrite helper failed: packet dropped.
+    pub const DROP_REWRITE_FAILED: Outcome = 12;
+    /// Frontend says it has backends but a slot or backend is missing (mid-update race).
+    pub const DROP_BACKEND_MISSING: Outcome = 13;
+    /// Session affinity entry used for a new flow.
+    pub const AFFINITY_HIT: Outcome = 14;
+    pub const COUNT: u32 = 15;
+}
+
+/// Human names, indexed by outcome code (used by `xlb stats` and metrics).
+pub const OUTCOME_NAMES: [&str; outcome::COUNT as usize] = [
+    "pass_not_service",
+    "dnat_new",
+    "dnat_established",
+    "revnat",
+    "reject_no_backend",
+    "icmp_error_xlate",
+    "malformed",
+    "fragment",
+    "ip_options",
+    "not_ipv4",
+    "other_protocol",
+    "drop_ct_full",
+    "drop_rewrite_failed",
+    "drop_backend_missing",
+    "affinity_hit",
+];

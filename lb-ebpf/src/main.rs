@@ -1,0 +1,40 @@
+//! xlb datapath programs. Each entry point is one line: run the job, count the outcome.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod ct;
+mod icmp;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// Pod → service (ingress on the host side of a pod interface).
+#[classifier]
+pub fn xlb_from_pod(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = lb::from_pod(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// Service → pod (egress on the host side of a pod interface): reverse NAT.
+#[classifier]
+pub fn xlb_to_pod(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = lb::to_pod(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

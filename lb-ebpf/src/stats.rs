@@ -1,0 +1,39 @@
+//! Outcome and traffic counters.
+use aya_ebpf::maps::PerCpuHashMap;
+use lb_common::{Outcome, TrafficCounter};
+
+use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
+
+#[inline(always)]
+pub fn count(outcome: Outcome) {
+    if let Some(counter) = STATS.get_ptr_mut(outcome) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` to the service's and the backend's counters.
+#[inline(always)]
+pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u32) {
+    add(&SERVICE_STATS, service_id, bytes);
+    add(&BACKEND_STATS, backend_id, bytes);
+}
+
+#[inline(always)]
+fn add(map: &PerCpuHashMap<u32, TrafficCounter>, id: u32, bytes: u32) {
+    match map.get_ptr_mut(id) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        Some(counter) => unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += u64::from(bytes);
+        },
+        None => {
+            let first = TrafficCounter {
+                packets: 1,
+                bytes: u64::from(bytes),
+            };
+            // A full map only loses counters, never traffic.
+            let _ = map.insert(id, first, 0);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Loading the eBPF object, pinning its maps, attaching the TC programs to pod interfaces.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, TcAttachOptions},
+    },
+};
+use lb_common::{map_names, program_names};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("attaching {program} to {iface} ({direction}) failed: {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        direction: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+}
+
+/// Where the agent pins things under `--bpffs`.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn link(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.links_dir().join(format!("{iface}.{}", hook.suffix()))
+    }
+}
+
+/// The two TC hooks on a pod interface's host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    FromPod,
+    ToPod,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => program_names::TC_FROM_POD,
+            Hook::ToPod => program_names::TC_TO_POD,
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from_pod",
+            Hook::ToPod => "to_pod",
+        }
+    }
+}
+
+/// Loads the object and its programs. With `pins`, every map is pinned there (or the existing
+/// pin reused, so conntrack and services survive an agent restart); without, maps are private.
+pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = match pins {
+        Some(layout) => map_names::ALL
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(crate::ebpf_object())?;
+    for hook in Hook::ALL {
+        program(&mut ebpf, hook.program())?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                name: hook.program(),
+                source,
+            })?;
+    }
+    Ok(ebpf)
+}
+
+/// A loaded TC program by name.
+pub fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })
+}
+
+/// Attaches both hooks to `iface`, replacing pinned links of an earlier agent only after the
+/// new ones are in place, so there is no moment without a program.
+pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMode, LoaderError> {
+    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
+        path: pins.links_dir(),
+        message: e.to_string(),
+    })?;
+    let mut mode = AttachMode::Tcx;
+    for hook in Hook::ALL {
+        let prog = program(ebpf, hook.program())?;
+        let attach_err = |source| LoaderError::Attach {
+            program: hook.program(),
+            iface: iface.to_string(),
+            direction: hook.suffix(),
+            source,
+        };
+        // New programs go first so that during an upgrade they, not the old ones, decide.
+        let tcx = prog.attach_with_options(
+            iface,
+            hook.attach_type(),
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        );
+        let link_id = match tcx {
+            Ok(id) => id,
+            Err(tcx_err) => {
+                // Kernels before 6.6 have no tcx: fall back to a clsact qdisc filter, which
+                // lives on without a pin (replaced in place by the next agent).
+                log::debug!("tcx attach to {iface} failed ({tcx_err}), trying clsact");
+                let _ = tc::qdisc_add_clsact(iface);
+                mode = AttachMode::Clsact;
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        hook.attach_type(),
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                std::mem::forget(link); // keep the filter after we exit
+                continue;
+            }
+        };
+        let link = prog.take_link(link_id).map_err(attach_err)?;
+        let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
+            path: pins.link(iface, hook),
+            message: format!("{e}"),
+        })?;
+        let path = pins.link(iface, hook);
+        remove_pinned_link(&path);
+        fd_link.pin(&path).map_err(|e| LoaderError::Pin {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(mode)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+/// Detaches a pinned link (if any) by unpinning it and closing the last reference.
+pub fn remove_pinned_link(path: &Path) {
+    if let Ok(pinned) = PinnedLink::from_pin(path) {
+        match pinned.unpin() {
+            Ok(link) => drop(link),
+            Err(e) => log::warn!("unpinning {}: {e}", path.display()),
+        }
+    } else if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Detaches both hooks from `iface` (used when the interface disappears or no longer matches).
+pub fn detach(iface: &str, pins: &PinLayout) {
+    for hook in Hook::ALL {
+        remove_pinned_link(&pins.link(iface, hook));
+    }
+}
+
+/// Interfaces with pinned links, by name (from the pin file names).
+pub fn pinned_ifaces(pins: &PinLayout) -> BTreeMap<String, Vec<PathBuf>> {
+    let mut found: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some((iface, _)) = name.rsplit_once('.') {
+            found
+                .entry(iface.to_string())
+                .or_default()
+                .push(entry.path());
+        }
+    }
+    found
+}
+
+/// Removes every pin xlb made under `pins.root` (links first, so programs detach), then the
+/// directories. Returns what it removed.
+pub fn cleanup(pins: &PinLayout) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for paths in pinned_ifaces(pins).into_values() {
+        for path in paths {
+            remove_pinned_link(&path);
+            removed.push(path);
+        }
+    }
+    for name in map_names::ALL {
+        let path = pins.map(name);
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    for dir in [pins.links_dir(), pins.maps_dir(), pins.root.clone()] {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    removed
+}

@@ -1,0 +1,579 @@
+//! Datapath tables: packet in + map state → verdict, packet out (exact bytes), counters.
+//! Runs the real programs through BPF_PROG_TEST_RUN; needs root (see `privilege`).
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, PerCpuArray},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, CT_FORWARD, CT_REVERSE, CtKey, CtValue, Outcome,
+    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, map_names, outcome, program_names,
+};
+use xlb::{loader, prog_test_run};
+use xlb_tests::{
+    packet::{
+        ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, icmp_error, ipv4_frame,
+        view,
+    },
+    privilege::privileged,
+};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_REDIRECT: i32 = 7;
+const PASS: i32 = -1; // TC_ACT_UNSPEC: continue untouched
+
+const CLIENT: &str = "10.244.0.5";
+const VIP: &str = "10.96.0.10";
+const SERVICE_ID: u32 = 7;
+
+fn ip(s: &str) -> u32 {
+    u32::from_ne_bytes(s.parse::<Ipv4Addr>().expect("test address").octets())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into ts.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A freshly loaded object with private (unpinned) maps: every test starts from empty maps.
+struct Datapath {
+    ebpf: Ebpf,
+}
+
+#[derive(Clone, Copy)]
+enum Hook {
+    FromPod,
+    ToPod,
+}
+
+impl Datapath {
+    fn new() -> Datapath {
+        Datapath {
+            ebpf: loader::load(None).expect("eBPF object loads and passes the verifier"),
+        }
+    }
+
+    /// Programs `vip:port/proto` with backends `(id, ip, port)` in slots 1..=n.
+    fn service(&mut self, proto: u8, port: u16, backends: &[(u32, &str, u16)], flags: u16) {
+        let key = |slot| ServiceKey {
+            vip: ip(VIP),
+            port: port.to_be(),
+            slot,
+            proto,
+            _pad: [0; 3],
+        };
+        {
+            let mut be: HashMap<_, u32, Backend> =
+                HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
+                    .expect("map type");
+            for (id, addr, bport) in backends {
+                let b = Backend {
+                    ip: ip(addr),
+                    port: bport.to_be(),
+                    proto,
+                    _pad: 0,
+                    service_id: SERVICE_ID,
+                };
+                be.insert(id, b, 0).expect("insert backend");
+            }
+        }
+        let mut svc: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).expect("map"))
+                .expect("map type");
+        for (slot, (id, _, _)) in backends.iter().enumerate() {
+            let v = ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            svc.insert(key(slot as u16 + 1), v, 0).expect("insert slot");
+        }
+        let front = ServiceValue {
+            backend_id: 0,
+            service_id: SERVICE_ID,
+            count: backends.len() as u16,
+            flags,
+            affinity_timeout_s: 10,
+        };
+        svc.insert(key(0), front, 0).expect("insert frontend");
+    }
+
+    fn remove_backend(&mut self, id: u32) {
+        let mut be: HashMap<_, u32, Backend> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
+                .expect("map type");
+        be.remove(&id).expect("backend present");
+    }
+
+    fn run(&mut self, hook: Hook, frame: &[u8]) -> (i32, Vec<u8>) {
+        let name = match hook {
+            Hook::FromPod => program_names::TC_FROM_POD,
+            Hook::ToPod => program_names::TC_TO_POD,
+        };
+        let prog = loader::program(&mut self.ebpf, name).expect("program");
+        let out = prog_test_run::run(prog, frame, 1).expect("test run");
+        (out.retval, out.packet)
+    }
+
+    fn stat(&self, o: Outcome) -> u64 {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).expect("map")).expect("map type");
+        stats.get(&o, 0).expect("stat").iter().sum()
+    }
+
+    fn ct(&self) -> Vec<(CtKey, CtValue)> {
+        let ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
+        ct.iter().map(|r| r.expect("ct entry")).collect()
+    }
+
+    fn set_affinity(&mut self, client: &str, backend_id: u32, last_used_ns: u64) {
+        let mut aff: HashMap<_, AffinityKey, AffinityValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).expect("map"))
+                .expect("map type");
+        let key = AffinityKey {
+            client: ip(client),
+            service_id: SERVICE_ID,
+        };
+        let value = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns,
+        };
+        aff.insert(key, value, 0).expect("affinity");
+    }
+}
+
+/// Asserts `out` equals `input` except for the given byte ranges, and that checksums hold.
+fn assert_only_changed(input: &[u8], out: &[u8], allowed: &[std::ops::Range<usize>]) {
+    assert_eq!(input.len(), out.len(), "length changed");
+    for (i, (a, b)) in input.iter().zip(out).enumerate() {
+        if a != b {
+            assert!(
+                allowed.iter().any(|r| r.contains(&i)),
+                "byte {i} changed ({a:#04x} -> {b:#04x}) outside the NAT fields"
+            );
+        }
+    }
+    assert_eq!(checksum_errors(out), Vec::<String>::new());
+}
+
+const IP_CSUM: std::ops::Range<usize> = 24..26;
+const IP_SRC: std::ops::Range<usize> = 26..30;
+const IP_DST: std::ops::Range<usize> = 30..34;
+const SPORT: std::ops::Range<usize> = 34..36;
+const DPORT: std::ops::Range<usize> = 36..38;
+const TCP_CSUM: std::ops::Range<usize> = 50..52;
+const UDP_CSUM: std::ops::Range<usize> = 40..42;
+
+#[test]
+fn tcp_syn_established_and_reply() {
+    if !privileged("tcp_syn_established_and_reply") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(
+        PROTO_TCP,
+        80,
+        &[
+            (1, "10.244.1.2", 8080),
+            (2, "10.244.2.3", 8080),
+            (3, "10.244.3.4", 8080),
+        ],
+        0,
+    );
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_only_changed(&syn, &out, &[IP_CSUM, IP_DST, DPORT, TCP_CSUM]);
+    let chosen = view(&out).dst;
+    assert!(["10.244.1.2", "10.244.2.3", "10.244.3.4"].contains(&chosen.to_string().as_str()));
+    assert_eq!(view(&out).dport, 8080);
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 1);
+
+    let ct = dp.ct();
+    assert_eq!(ct.len(), 2, "forward and reverse entries: {ct:?}");
+    let fwd = ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_FORWARD)
+        .expect("forward");
+    assert_eq!((fwd.0.src, fwd.0.dst), (ip(CLIENT), ip(VIP)));
+    assert_eq!(fwd.1.nat_addr, u32::from_ne_bytes(chosen.octets()));
+    let rev = ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_REVERSE)
+        .expect("reverse");
+    assert_eq!(
+        (rev.0.src, rev.0.dst, rev.1.nat_addr),
+        (fwd.1.nat_addr, ip(CLIENT), ip(VIP))
+    );
+
+    // Every later packet of the flow sticks to the same backend.
+    for _ in 0..20 {
+        let ack = Frame::tcp(CLIENT, 40000, VIP, 80, ACK).build();
+        let (verdict, out) = dp.run(Hook::FromPod, &ack);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(view(&out).dst, chosen);
+        assert_only_changed(&ack, &out, &[IP_CSUM, IP_DST, DPORT, TCP_CSUM]);
+    }
+    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), 20);
+
+    // The backend's reply goes back to the client from the VIP.
+    let reply = Frame::tcp(&chosen.to_string(), 8080, CLIENT, 40000, SYN | ACK).build();
+    let (verdict, out) = dp.run(Hook::ToPod, &reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_only_changed(&reply, &out, &[IP_CSUM, IP_SRC, SPORT, TCP_CSUM]);
+    assert_eq!(view(&out).src, VIP.parse::<Ipv4Addr>().expect("vip"));
+    assert_eq!(view(&out).sport, 80);
+    assert_eq!(dp.stat(outcome::REVNAT), 1);
+
+    // A reply-looking packet from a backend to an unknown client port is not touched.
+    let stray = Frame::tcp(&chosen.to_string(), 8080, CLIENT, 40001, ACK).build();
+    assert_eq!(dp.run(Hook::ToPod, &stray), (PASS, stray.clone()));
+}
+
+#[test]
+fn udp_with_and_without_checksum() {
+    if !privileged("udp_with_and_without_checksum") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
+    let frame = Frame::udp(CLIENT, 5000, VIP, 53).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_only_changed(&frame, &out, &[IP_CSUM, IP_DST, DPORT, UDP_CSUM]);
+    assert_eq!(
+        (view(&out).dst.to_string(), view(&out).dport),
+        ("10.244.1.2".into(), 5353)
+    );
+    assert_ne!(&out[40..42], &[0, 0]);
+
+    let mut zero = Frame::udp(CLIENT, 5001, VIP, 53);
+    zero.zero_udp_checksum = true;
+    let frame = zero.build();
+    let (verdict, out) = dp.run(Hook::FromPod, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[40..42], &[0, 0], "zero UDP checksum must stay zero");
+    assert_only_changed(&frame, &out, &[IP_CSUM, IP_DST, DPORT]);
+
+    let mut reply = Frame::udp("10.244.1.2", 5353, CLIENT, 5001);
+    reply.zero_udp_checksum = true;
+    let frame = reply.build();
+    let (verdict, out) = dp.run(Hook::ToPod, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        (view(&out).src.to_string(), view(&out).sport),
+        (VIP.into(), 53)
+    );
+    assert_eq!(&out[40..42], &[0, 0]);
+}
+
+#[test]
+fn non_service_traffic_passes_untouched() {
+    if !privileged("non_service_traffic_passes_untouched") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
+    let cases = [
+        Frame::tcp(CLIENT, 1000, "10.244.1.2", 8080, SYN).build(), // pod IP directly
+        Frame::tcp(CLIENT, 1000, VIP, 81, SYN).build(),            // other port
+        Frame::udp(CLIENT, 1000, VIP, 80).build(),                 // other protocol
+    ];
+    for frame in &cases {
+        assert_eq!(dp.run(Hook::FromPod, frame), (PASS, frame.clone()));
+        assert_eq!(dp.run(Hook::ToPod, frame), (PASS, frame.clone()));
+    }
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 6);
+    assert!(dp.ct().is_empty());
+}
+
+#[test]
+fn no_endpoints_rejects_with_icmp_port_unreachable() {
+    if !privileged("no_endpoints_rejects_with_icmp_port_unreachable") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[], 0);
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the pod's interface"
+    );
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&out[0..6], &syn[6..12], "to the client's MAC");
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let v = view(&out);
+    assert_eq!(
+        (v.src.to_string(), v.dst.to_string(), v.proto),
+        (VIP.into(), CLIENT.into(), PROTO_ICMP)
+    );
+    assert_eq!(
+        (out[34], out[35]),
+        (3, 3),
+        "destination unreachable / port unreachable"
+    );
+    assert_eq!(
+        &out[42..70],
+        &syn[14..42],
+        "quotes the IPv4 header and 8 bytes of TCP"
+    );
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    assert_eq!(dp.stat(outcome::REJECT_NO_BACKEND), 1);
+    assert!(dp.ct().is_empty());
+
+    // UDP gets the same; a short datagram grows to the ICMP size.
+    dp.service(PROTO_UDP, 53, &[], 0);
+    let mut small = Frame::udp(CLIENT, 5000, VIP, 53);
+    small.payload.clear();
+    let frame = small.build();
+    let (verdict, out) = dp.run(Hook::FromPod, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 70);
+    assert_eq!(&out[42..70], &frame[14..42]);
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+}
+
+#[test]
+fn session_affinity_pins_expires_and_skips_deleted_backends() {
+    if !privileged("session_affinity_pins_expires_and_skips_deleted_backends") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    let backends = [
+        (1, "10.244.1.1", 80),
+        (2, "10.244.1.2", 80),
+        (3, "10.244.1.3", 80),
+        (4, "10.244.1.4", 80),
+    ];
+    dp.service(PROTO_TCP, 80, &backends, SVC_FLAG_AFFINITY);
+    let first = view(
+        &dp.run(
+            Hook::FromPod,
+            &Frame::tcp(CLIENT, 30000, VIP, 80, SYN).build(),
+        )
+        .1,
+    )
+    .dst;
+    for port in 30001..30040 {
+        let (_, out) = dp.run(
+            Hook::FromPod,
+            &Frame::tcp(CLIENT, port, VIP, 80, SYN).build(),
+        );
+        assert_eq!(
+            view(&out).dst,
+            first,
+            "new flow {port} from the same client"
+        );
+    }
+    assert_eq!(dp.stat(outcome::AFFINITY_HIT), 39);
+
+    // Entry pointing at backend 9, which exists but is in no slot: a fresh entry is honoured...
+    dp.service(
+        PROTO_TCP,
+        80,
+        &[(1, "10.244.1.1", 80), (9, "10.244.9.9", 80)],
+        SVC_FLAG_AFFINITY,
+    );
+    dp.set_affinity(CLIENT, 9, monotonic_ns());
+    let (_, out) = dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 31000, VIP, 80, SYN).build(),
+    );
+    assert_eq!(view(&out).dst.to_string(), "10.244.9.9");
+    // ...an expired one (timeout 10 s) is not: only slot backends 1 and 9 can be picked, so
+    // make the slots hold backend 1 only.
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], SVC_FLAG_AFFINITY);
+    dp.set_affinity(CLIENT, 9, monotonic_ns() - 11_000_000_000);
+    let (_, out) = dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 31001, VIP, 80, SYN).build(),
+    );
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.1.1",
+        "expired affinity ignored"
+    );
+    // A deleted backend is never chosen again, even with a fresh entry.
+    dp.set_affinity(CLIENT, 9, monotonic_ns());
+    dp.remove_backend(9);
+    let (_, out) = dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 31002, VIP, 80, SYN).build(),
+    );
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.1.1",
+        "deleted backend skipped"
+    );
+}
+
+#[test]
+fn flow_to_deleted_backend_is_rebalanced() {
+    if !privileged("flow_to_deleted_backend_is_rebalanced") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_UDP, 53, &[(1, "10.244.1.1", 53)], 0);
+    let frame = Frame::udp(CLIENT, 5000, VIP, 53).build();
+    assert_eq!(
+        view(&dp.run(Hook::FromPod, &frame).1).dst.to_string(),
+        "10.244.1.1"
+    );
+    dp.remove_backend(1);
+    dp.service(PROTO_UDP, 53, &[(2, "10.244.2.2", 53)], 0);
+    let (verdict, out) = dp.run(Hook::FromPod, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(view(&out).dst.to_string(), "10.244.2.2");
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 2);
+}
+
+#[test]
+fn icmp_errors_about_nated_flows_are_translated() {
+    if !privileged("icmp_errors_about_nated_flows_are_translated") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
+    let request = Frame::udp(CLIENT, 5000, VIP, 53).build();
+    let (_, dnated) = dp.run(Hook::FromPod, &request);
+
+    // Backend answers with port unreachable about the DNATed datagram.
+    let err = icmp_error("10.244.1.2", CLIENT, 3, 3, &dnated);
+    let (verdict, out) = dp.run(Hook::ToPod, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(view(&out).src.to_string(), VIP, "outer source is the VIP");
+    assert_eq!(
+        &out[42..42 + 28],
+        &{
+            // The client must see an error about exactly the packet it sent.
+            let mut quoted = request[14..42].to_vec();
+            // UDP checksum inside the quote is left as the backend saw it (not checked by receivers).
+            quoted[26..28].copy_from_slice(&dnated[40..42]);
+            quoted
+        }[..]
+    );
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+
+    // A router on the way says "fragmentation needed": outer source stays the router's.
+    let err = icmp_error("10.0.0.1", CLIENT, 3, 4, &dnated);
+    let (verdict, out) = dp.run(Hook::ToPod, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(view(&out).src.to_string(), "10.0.0.1");
+    assert_eq!(
+        &out[42 + 16..42 + 20],
+        &request[14 + 16..14 + 20],
+        "embedded dst is the VIP"
+    );
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+
+    // The client's own error about a reply from the VIP goes to the backend.
+    let reply_seen = Frame::udp(VIP, 53, CLIENT, 5000).build();
+    let err = icmp_error(CLIENT, VIP, 3, 3, &reply_seen);
+    let (verdict, out) = dp.run(Hook::FromPod, &err);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(view(&out).dst.to_string(), "10.244.1.2");
+    assert_eq!(&out[42 + 12..42 + 16], &[10, 244, 1, 2]);
+    assert_eq!(&out[62..64], &5353u16.to_be_bytes());
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    assert_eq!(dp.stat(outcome::ICMP_ERROR_XLATE), 3);
+
+    // An error about an unknown flow passes untouched.
+    let other = Frame::udp(CLIENT, 5999, "10.244.1.2", 5353).build();
+    let err = icmp_error("10.244.1.2", CLIENT, 3, 3, &other);
+    assert_eq!(dp.run(Hook::ToPod, &err), (PASS, err.clone()));
+}
+
+#[test]
+fn odd_packets_pass_untouched_and_are_counted() {
+    if !privileged("odd_packets_pass_untouched_and_are_counted") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
+    dp.service(PROTO_UDP, 80, &[(2, "10.244.1.2", 8080)], 0);
+    let syn = Frame::tcp(CLIENT, 1, VIP, 80, SYN).build();
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut p = syn.clone();
+        f(&mut p);
+        p
+    };
+    let ipv6 = {
+        let mut p = syn[..14].to_vec();
+        p[12..14].copy_from_slice(&[0x86, 0xdd]);
+        p.extend_from_slice(&[0x60; 40]);
+        p
+    };
+    let arp = {
+        let mut p = syn[..14].to_vec();
+        p[12..14].copy_from_slice(&[0x08, 0x06]);
+        p.extend_from_slice(&[0; 28]);
+        p
+    };
+    let gre = ipv4_frame(
+        CLIENT.parse().expect("ip"),
+        VIP.parse().expect("ip"),
+        47,
+        &[0; 24],
+    );
+    let options = {
+        // IHL 6 with a NOP option word; lengths and checksum kept consistent.
+        let mut p = syn[..34].to_vec();
+        p[14] = 0x46;
+        p.extend_from_slice(&[1, 1, 1, 1]);
+        p.extend_from_slice(&syn[34..]);
+        let tot = (p.len() - 14) as u16;
+        p[16..18].copy_from_slice(&tot.to_be_bytes());
+        p
+    };
+    let cases: Vec<(&str, Vec<u8>, Outcome)> = vec![
+        // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than an IPv4 header (EINVAL), so a
+        // cut IPv4 header is covered by "ihl below 5" and the tot_len cases instead.
+        (
+            "tcp header cut",
+            with(&|p| p.truncate(40)),
+            outcome::MALFORMED,
+        ),
+        (
+            "tot_len beyond frame",
+            with(&|p| p[16..18].copy_from_slice(&500u16.to_be_bytes())),
+            outcome::MALFORMED,
+        ),
+        (
+            "tot_len too small for tcp",
+            with(&|p| p[16..18].copy_from_slice(&24u16.to_be_bytes())),
+            outcome::MALFORMED,
+        ),
+        ("ihl below 5", with(&|p| p[14] = 0x44), outcome::MALFORMED),
+        ("not version 4", with(&|p| p[14] = 0x65), outcome::MALFORMED),
+        ("first fragment", with(&|p| p[20] = 0x20), outcome::FRAGMENT),
+        ("later fragment", with(&|p| p[21] = 0x10), outcome::FRAGMENT),
+        ("ip options", options, outcome::IP_OPTIONS),
+        ("ipv6", ipv6, outcome::NOT_IPV4),
+        ("arp", arp, outcome::NOT_IPV4),
+        ("gre", gre, outcome::OTHER_PROTOCOL),
+        (
+            "udp header cut",
+            Frame::udp(CLIENT, 1, VIP, 80).build()[..38].to_vec(),
+            outcome::MALFORMED,
+        ),
+    ];
+    for (name, frame, expected) in cases {
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let before = dp.stat(expected);
+            let (verdict, out) = dp.run(hook, &frame);
+            assert_eq!(verdict, PASS, "{name}: verdict");
+            assert_eq!(out, frame, "{name}: packet must not be mangled");
+            assert_eq!(dp.stat(expected), before + 1, "{name}: counted");
+        }
+    }
+    assert!(dp.ct().is_empty());
+    assert_eq!(dp.stat(outcome::DROP_REWRITE_FAILED), 0);
+}
