@@ -1,7 +1,6 @@
 //! ICMP: translating errors about NATed flows, and rejecting flows to services with no
 //! usable endpoint (kube-proxy's `REJECT --reject-with icmp-port-unreachable`).
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -9,6 +8,7 @@ use lb_common::{Outcome, PROTO_ICMP, outcome};
 
 use crate::{
     csum,
+    lb::TC_ACT_REDIRECT,
     nat::replace_ip_addr,
     parse::{
         ETH_HLEN, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, INNER_IP_OFF,
@@ -129,7 +129,7 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; egress of the pod's host-side interface leads to the pod.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if verdict == TC_ACT_REDIRECT as i32 {
+    if verdict == TC_ACT_REDIRECT {
         Ok(verdict)
     } else {
         Err(outcome::DROP_REWRITE_FAILED)

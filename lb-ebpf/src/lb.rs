@@ -1,6 +1,5 @@
 //! The two packet paths: pod → service (DNAT) and service → pod (reverse NAT).
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
 };
@@ -17,6 +16,12 @@ use crate::{
     parse::{self, Flow, Packet},
     stats,
 };
+
+// TC verdicts, as i32 on every target (the generated bindings differ in signedness by arch).
+pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
 
 /// Runs the pod → service path; returns the TC verdict and the outcome to count.
 #[inline(always)]
@@ -50,7 +55,7 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
             o @ (outcome::DROP_CT_FULL
             | outcome::DROP_REWRITE_FAILED
             | outcome::DROP_BACKEND_MISSING),
-        ) => (TC_ACT_SHOT as i32, o),
+        ) => (TC_ACT_SHOT, o),
         Err(o) => (TC_ACT_UNSPEC, o),
     }
 }
@@ -90,7 +95,7 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
             }
             nat::rewrite_dst(ctx, flow, backend.ip, backend.port)?;
             stats::count_traffic(known.service_id, known.backend_id, bytes);
-            return Ok((TC_ACT_OK as i32, outcome::DNAT_ESTABLISHED));
+            return Ok((TC_ACT_OK, outcome::DNAT_ESTABLISHED));
         }
     }
 
@@ -112,7 +117,7 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     ct::create(flow, backend_id, &backend, frontend.service_id, now, bytes)?;
     nat::rewrite_dst(ctx, flow, backend.ip, backend.port)?;
     stats::count_traffic(frontend.service_id, backend_id, bytes);
-    Ok((TC_ACT_OK as i32, outcome::DNAT_NEW))
+    Ok((TC_ACT_OK, outcome::DNAT_NEW))
 }
 
 /// Session affinity first (if set and fresh), else uniform random over the slots, as
@@ -180,7 +185,7 @@ fn revnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     let known = unsafe { *entry };
     ct::touch(entry, now_ns(), ctx.len());
     nat::rewrite_src(ctx, flow, known.nat_addr, known.nat_port)?;
-    Ok((TC_ACT_OK as i32, outcome::REVNAT))
+    Ok((TC_ACT_OK, outcome::REVNAT))
 }
 
 /// ICMP error from a backend (or a router on its path) about a client → backend packet.
@@ -201,7 +206,7 @@ fn icmp_error_to_client(
         known.nat_addr,
         known.nat_port,
     )?;
-    Ok((TC_ACT_OK as i32, outcome::ICMP_ERROR_XLATE))
+    Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
 }
 
 /// ICMP error from a client about a reply it got from a VIP.
@@ -222,5 +227,5 @@ fn icmp_error_to_backend(
         known.nat_addr,
         known.nat_port,
     )?;
-    Ok((TC_ACT_OK as i32, outcome::ICMP_ERROR_XLATE))
+    Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
 }

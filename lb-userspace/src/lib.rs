@@ -1,8 +1,20 @@
 //! xlb: Kubernetes Services and EndpointSlices to eBPF maps.
+//!
+//! Data flow: `source` (manifests) → `translate` (pure) → `sync` (diff into `maps`), with
+//! `loader` and `ifaces` keeping the programs loaded, pinned and attached.
 
+pub mod agent;
 pub mod bpffs;
+pub mod cli;
+pub mod ifaces;
+pub mod inspect;
 pub mod loader;
+pub mod maps;
+pub mod model;
 pub mod prog_test_run;
+pub mod source;
+pub mod sync;
+pub mod translate;
 
 /// The compiled eBPF object (all programs and map definitions).
 pub fn ebpf_object() -> &'static [u8] {

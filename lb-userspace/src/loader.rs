@@ -17,11 +17,11 @@ use lb_common::{map_names, program_names};
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("loading the eBPF object failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
@@ -30,7 +30,7 @@ pub enum LoaderError {
         program: &'static str,
         iface: String,
         direction: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
@@ -103,13 +103,15 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(crate::ebpf_object())?;
+    let mut ebpf = loader
+        .load(crate::ebpf_object())
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
     for hook in Hook::ALL {
         program(&mut ebpf, hook.program())?
             .load()
             .map_err(|source| LoaderError::Program {
                 name: hook.program(),
-                source,
+                source: Box::new(source),
             })?;
     }
     Ok(ebpf)
@@ -123,7 +125,10 @@ pub fn program<'a>(
     ebpf.program_mut(name)
         .ok_or(LoaderError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| LoaderError::Program { name, source })
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 /// Attaches both hooks to `iface`, replacing pinned links of an earlier agent only after the
@@ -140,7 +145,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
             program: hook.program(),
             iface: iface.to_string(),
             direction: hook.suffix(),
-            source,
+            source: Box::new(source),
         };
         // New programs go first so that during an upgrade they, not the old ones, decide.
         let tcx = prog.attach_with_options(

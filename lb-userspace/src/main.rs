@@ -1,1 +1,81 @@
-fn main() {}
+use std::sync::{Arc, atomic::AtomicBool};
+
+use anyhow::{Context as _, Result};
+use clap::Parser as _;
+use xlb::{
+    agent::{self, AgentConfig},
+    cli::{Cli, Command, ReadArgs},
+    ifaces::IfacePatterns,
+    inspect,
+    loader::{self, PinLayout},
+    maps::PinnedMaps,
+};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("xlb: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Agent {
+            manifests,
+            pod_ifaces,
+            bpffs,
+        } => {
+            let pod_ifaces = IfacePatterns::parse(&pod_ifaces)
+                .with_context(|| format!("--pod-ifaces {pod_ifaces:?} is not a valid glob list"))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, Arc::clone(&stop))
+                    .context("installing signal handlers")?;
+            }
+            agent::run(
+                AgentConfig {
+                    manifests,
+                    pod_ifaces,
+                    bpffs,
+                },
+                stop,
+            )
+        }
+        Command::Services(args) => read(&args, |maps| {
+            let rows = inspect::services(maps);
+            Ok(if args.json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                inspect::services_text(&rows)
+            })
+        }),
+        Command::Conntrack(args) => read(&args, |maps| {
+            let rows = inspect::conntrack(maps);
+            Ok(if args.json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                inspect::conntrack_text(&rows)
+            })
+        }),
+        Command::Stats(args) => read(&args, |maps| {
+            let report = inspect::stats(maps);
+            Ok(if args.json {
+                serde_json::to_string_pretty(&report)?
+            } else {
+                inspect::stats_text(&report)
+            })
+        }),
+        Command::Cleanup { bpffs } => {
+            let removed = loader::cleanup(&PinLayout::new(&bpffs));
+            println!("removed {} pin(s) under {}", removed.len(), bpffs.display());
+            Ok(())
+        }
+    }
+}
+
+fn read(args: &ReadArgs, report: impl Fn(&PinnedMaps) -> Result<String>) -> Result<()> {
+    let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs))?;
+    println!("{}", report(&maps)?.trim_end());
+    Ok(())
+}

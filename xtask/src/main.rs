@@ -1,1 +1,151 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for developers and CI.
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing, then run every test layer (unit; datapath and end-to-end as root).
+    Test {
+        /// Only the unprivileged unit layer.
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// Without arguments: the demo in throw-away namespaces. With `-- AGENT ARGS`: run
+    /// `xlb agent AGENT ARGS` for real on this host.
+    Run {
+        /// How long the demo drives traffic, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Test { unit_only } => test(&root, unit_only),
+        Task::Run {
+            seconds,
+            agent_args,
+        } => {
+            bootstrap::ensure_build_tools()?;
+            let xlb = build_xlb(&root)?;
+            if agent_args.is_empty() {
+                require_root("the demo builds network namespaces")?;
+                demo::run(&xlb, &root, seconds)
+            } else {
+                let status = Command::new(&xlb)
+                    .arg("agent")
+                    .args(&agent_args)
+                    .status()
+                    .with_context(|| format!("starting {}", xlb.display()))?;
+                if !status.success() {
+                    bail!("xlb agent exited with {status}");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+/// Builds the `xlb` binary and returns its path.
+fn build_xlb(root: &Path) -> Result<PathBuf> {
+    cargo(
+        root,
+        &["build", "--package", "lb-userspace", "--bin", "xlb"],
+        &[],
+    )?;
+    Ok(root.join("target/debug/xlb"))
+}
+
+fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path, unit_only: bool) -> Result<()> {
+    bootstrap::ensure_build_tools()?;
+    println!("== layer 1: unit tests (unprivileged)");
+    cargo(root, &["test", "--workspace"], &[])?;
+    if unit_only {
+        println!("SKIPPED layers 2 (datapath) and 3 (end-to-end): --unit-only");
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "SKIPPED layers 2 (datapath, BPF_PROG_TEST_RUN) and 3 (end-to-end in network \
+             namespaces): they load eBPF programs and create namespaces, which needs root. \
+             Run `sudo cargo xtask test`."
+        );
+        return Ok(());
+    }
+    bootstrap::ensure_test_tools()?;
+    let xlb = build_xlb(root)?;
+    let xlb = xlb.to_string_lossy().to_string();
+    let env = [("XLB_PRIVILEGED_TESTS", "1"), ("XLB_BIN", xlb.as_str())];
+    println!("== layer 2: datapath tables (BPF_PROG_TEST_RUN)");
+    cargo(
+        root,
+        &["test", "--package", "xlb-tests", "--test", "datapath"],
+        &env,
+    )?;
+    println!("== layer 3: end-to-end in network namespaces (real agent, real sockets)");
+    cargo(
+        root,
+        &[
+            "test",
+            "--package",
+            "xlb-tests",
+            "--test",
+            "e2e",
+            "--",
+            "--test-threads=1",
+        ],
+        &env,
+    )?;
+    Ok(())
+}

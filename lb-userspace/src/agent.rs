@@ -1,0 +1,110 @@
+//! `xlb agent`: load and pin the datapath, keep maps equal to the manifests, keep programs
+//! attached to the pod interfaces. Leaves everything pinned on exit so traffic keeps flowing
+//! across restarts.
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    bpffs,
+    ifaces::{Attacher, IfacePatterns},
+    loader::{self, PinLayout},
+    maps::PinnedMaps,
+    source::manifests::ManifestDir,
+    sync::Syncer,
+    translate::translate,
+};
+
+/// How often files and interfaces are checked: well inside the one-second promise.
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub pod_ifaces: IfacePatterns,
+    pub bpffs: PathBuf,
+}
+
+pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    bpffs::ensure_pin_dir(&config.bpffs)?;
+    let pins = PinLayout::new(&config.bpffs);
+    std::fs::create_dir_all(pins.maps_dir())
+        .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
+    let mut ebpf = loader::load(Some(&pins)).context("loading the datapath")?;
+    let mut maps = PinnedMaps::open(&pins)?;
+    let mut syncer = Syncer::adopt(maps.service_slots(), maps.all_backends());
+    if !syncer.current().is_empty() {
+        log::info!(
+            "adopted {} frontend(s) from pinned maps under {}",
+            syncer.current().len(),
+            pins.root.display()
+        );
+    }
+    let mut source = ManifestDir::new(&config.manifests);
+    let mut attacher = Attacher::new(config.pod_ifaces);
+    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut dir_error_logged = false;
+    let mut need_sync = true;
+    log::info!(
+        "watching {} for Service/EndpointSlice manifests",
+        config.manifests.display()
+    );
+
+    while !stop.load(Ordering::Relaxed) {
+        match source.rescan() {
+            Ok(rescan) => {
+                dir_error_logged = false;
+                for err in &rescan.errors {
+                    log::error!("{err}; keeping the last good objects of this file");
+                }
+                need_sync |= rescan.changed;
+            }
+            Err(err) if !dir_error_logged => {
+                log::error!("{err}; keeping the current state");
+                dir_error_logged = true;
+            }
+            Err(_) => {}
+        }
+        if need_sync {
+            let started = Instant::now();
+            let translation = translate(&source.objects());
+            for w in translation.warnings {
+                if warned.insert(w.clone()) {
+                    log::warn!("{w}");
+                }
+            }
+            match syncer.apply(&translation.desired, &mut maps) {
+                Ok(report) => {
+                    need_sync = false;
+                    if !report.is_noop() {
+                        log::info!(
+                            "synced {} frontend(s) in {:?}: {report:?}",
+                            translation.desired.len(),
+                            started.elapsed()
+                        );
+                    }
+                }
+                Err(err) => {
+                    log::error!("{err}; re-reading map state and retrying");
+                    syncer = Syncer::adopt(maps.service_slots(), maps.all_backends());
+                }
+            }
+        }
+        attacher.reconcile(&mut ebpf, &pins);
+        std::thread::sleep(POLL);
+    }
+    log::info!(
+        "stopping; programs and maps stay pinned under {} so traffic keeps flowing \
+         (`xlb cleanup --bpffs {}` removes them)",
+        pins.root.display(),
+        pins.root.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Command line of the `xlb` binary.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
+
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, about = "eBPF Kubernetes service load balancer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: program the datapath from Services and EndpointSlices.
+    Agent {
+        /// Read Service and EndpointSlice objects from the YAML/JSON files in DIR (re-read on
+        /// change). The Kubernetes API source is not available yet, so this is required.
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// Host-side pod interfaces to attach to: comma-separated globs.
+        #[arg(long, value_name = "GLOB,...", default_value = "veth*")]
+        pod_ifaces: String,
+        /// Where maps and links are pinned (a bpffs is mounted on its parent if needed).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
+    Services(ReadArgs),
+    /// NATed flows (like `conntrack -L`).
+    Conntrack(ReadArgs),
+    /// Outcome counters and map fill levels.
+    Stats(ReadArgs),
+    /// Detach the programs and remove every pin under --bpffs.
+    Cleanup {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--manifests",
+            "/etc/xlb",
+            "--pod-ifaces",
+            "veth*,cali*",
+            "--bpffs",
+            "/sys/fs/bpf/t",
+        ])
+        .expect("valid");
+        match cli.command {
+            Command::Agent {
+                manifests,
+                pod_ifaces,
+                bpffs,
+            } => {
+                assert_eq!(manifests, PathBuf::from("/etc/xlb"));
+                assert_eq!(pod_ifaces, "veth*,cali*");
+                assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_commands_default_bpffs_and_json() {
+        let cli = Cli::try_parse_from(["xlb", "services", "--json"]).expect("valid");
+        match cli.command {
+            Command::Services(args) => {
+                assert!(args.json);
+                assert_eq!(args.bpffs, PathBuf::from(DEFAULT_BPFFS));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn agent_requires_manifests_and_rejects_unknown_flags() {
+        assert!(Cli::try_parse_from(["xlb", "agent"]).is_err());
+        assert!(Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--bogus"]).is_err());
+    }
+}

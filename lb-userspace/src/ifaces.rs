@@ -1,0 +1,131 @@
+//! Pod interfaces: which exist in this network namespace, which match `--pod-ifaces`, and
+//! keeping the TC programs attached to exactly those as interfaces come and go.
+use std::{collections::BTreeMap, ffi::CStr};
+
+use aya::Ebpf;
+
+use crate::loader::{self, PinLayout};
+
+/// Interfaces of the current network namespace (via `if_nameindex`, which asks the kernel
+/// through a socket, so it is right even when /sys belongs to another namespace).
+pub fn list() -> BTreeMap<String, u32> {
+    let mut found = BTreeMap::new();
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return found;
+        }
+        let mut cursor = head;
+        while (*cursor).if_index != 0 && !(*cursor).if_name.is_null() {
+            let name = CStr::from_ptr((*cursor).if_name)
+                .to_string_lossy()
+                .into_owned();
+            found.insert(name, (*cursor).if_index);
+            cursor = cursor.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    found
+}
+
+/// Comma-separated globs, e.g. `veth*,cali*`.
+#[derive(Debug, Clone)]
+pub struct IfacePatterns(Vec<glob::Pattern>);
+
+impl IfacePatterns {
+    pub fn parse(list: &str) -> Result<Self, glob::PatternError> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(glob::Pattern::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map(IfacePatterns)
+    }
+
+    pub fn matches(&self, iface: &str) -> bool {
+        iface != "lo" && self.0.iter().any(|p| p.matches(iface))
+    }
+}
+
+/// Keeps programs attached to the matching interfaces.
+pub struct Attacher {
+    patterns: IfacePatterns,
+    /// Attached interfaces and the ifindex we attached to (a recreated interface gets a new one).
+    attached: BTreeMap<String, u32>,
+    /// Interfaces whose attach failed, by ifindex, so the error is logged once.
+    failed: BTreeMap<String, u32>,
+}
+
+impl Attacher {
+    pub fn new(patterns: IfacePatterns) -> Self {
+        Self {
+            patterns,
+            attached: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &String> {
+        self.attached.keys()
+    }
+
+    /// Attaches to new matching interfaces, detaches from vanished ones. Pinned links of an
+    /// earlier agent for interfaces that no longer match are removed on the first call.
+    pub fn reconcile(&mut self, ebpf: &mut Ebpf, pins: &PinLayout) {
+        let present: BTreeMap<String, u32> = list()
+            .into_iter()
+            .filter(|(name, _)| self.patterns.matches(name))
+            .collect();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, index)| present.get(*name) != Some(index))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            loader::detach(&name, pins);
+            self.attached.remove(&name);
+            log::info!("detached from {name} (interface gone)");
+        }
+        for name in loader::pinned_ifaces(pins).into_keys() {
+            if !present.contains_key(&name) {
+                loader::detach(&name, pins);
+                log::info!("removed stale pinned links of {name}");
+            }
+        }
+        self.failed
+            .retain(|name, index| present.get(name) == Some(index));
+        for (name, index) in &present {
+            if self.attached.contains_key(name) || self.failed.contains_key(name) {
+                continue;
+            }
+            match loader::attach(ebpf, name, pins) {
+                Ok(mode) => {
+                    log::info!("attached to {name} (ifindex {index}, {mode:?})");
+                    self.attached.insert(name.clone(), *index);
+                }
+                Err(e) => {
+                    log::error!("{e}; will retry if the interface is recreated");
+                    self.failed.insert(name.clone(), *index);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_globs_and_never_lo() {
+        let p = IfacePatterns::parse("veth*, cali*,eth1").expect("valid");
+        assert!(p.matches("veth12ab"));
+        assert!(p.matches("cali0"));
+        assert!(p.matches("eth1"));
+        assert!(!p.matches("eth0"));
+        assert!(!IfacePatterns::parse("*").expect("valid").matches("lo"));
+        assert!(IfacePatterns::parse("[").is_err());
+    }
+}

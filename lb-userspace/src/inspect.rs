@@ -1,0 +1,262 @@
+//! The read commands (`xlb services`, `xlb conntrack`, `xlb stats`): reports built from the
+//! pinned maps alone, so they work with or without a running agent.
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use lb_common::{CT_FORWARD, OUTCOME_NAMES, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome};
+use serde::Serialize;
+
+use crate::{
+    maps::{PinnedMaps, sum_counter},
+    model::{Frontend, Protocol},
+    sync::frontend_of,
+};
+
+fn addr(ip: u32) -> Ipv4Addr {
+    ip.to_ne_bytes().into()
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: Frontend,
+    pub service_id: u32,
+    pub affinity_timeout_s: Option<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendRow>,
+}
+
+/// Frontends with their backends and counters, like `ipvsadm -Ln --stats`.
+pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
+    let mut slots: BTreeMap<Frontend, BTreeMap<u16, lb_common::ServiceValue>> = BTreeMap::new();
+    for (key, value) in maps.service_slots() {
+        if let Some(frontend) = frontend_of(&key) {
+            slots.entry(frontend).or_default().insert(key.slot, value);
+        }
+    }
+    let mut rows = Vec::new();
+    for (frontend, slots) in slots {
+        let Some(front) = slots.get(&0) else { continue };
+        let counter = |map: &aya::maps::PerCpuHashMap<_, u32, _>, id: u32| {
+            map.get(&id, 0).map(|v| sum_counter(&v)).unwrap_or_default()
+        };
+        let svc = counter(&maps.service_stats, front.service_id);
+        let backends = (1..=front.count)
+            .filter_map(|slot| slots.get(&slot))
+            .map(|s| {
+                let address = maps
+                    .backends
+                    .get(&s.backend_id, 0)
+                    .map(|b| format!("{}:{}", addr(b.ip), u16::from_be(b.port)))
+                    .unwrap_or_else(|_| "(missing)".into());
+                let c = counter(&maps.backend_stats, s.backend_id);
+                BackendRow {
+                    id: s.backend_id,
+                    address,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        rows.push(ServiceRow {
+            frontend,
+            service_id: front.service_id,
+            affinity_timeout_s: (front.flags & SVC_FLAG_AFFINITY != 0)
+                .then_some(front.affinity_timeout_s),
+            packets: svc.packets,
+            bytes: svc.bytes,
+            backends,
+        });
+    }
+    rows
+}
+
+pub fn services_text(rows: &[ServiceRow]) -> String {
+    let mut out =
+        String::from("FRONTEND                    SVC-ID  PACKETS      BYTES  BACKENDS\n");
+    for row in rows {
+        let affinity = row
+            .affinity_timeout_s
+            .map(|t| format!(" affinity=ClientIP/{t}s"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<27} {:>6} {:>8} {:>10}  {}{}",
+            row.frontend.to_string(),
+            row.service_id,
+            row.packets,
+            row.bytes,
+            row.backends.len(),
+            affinity
+        );
+        if row.backends.is_empty() {
+            let _ = writeln!(
+                out,
+                "  -> (no usable endpoints: clients get ICMP port unreachable)"
+            );
+        }
+        for b in &row.backends {
+            let _ = writeln!(
+                out,
+                "  -> {:<22} id={:<6} {:>8} pkts {:>10} bytes",
+                b.address, b.id, b.packets, b.bytes
+            );
+        }
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowRow {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub age_s: u64,
+    pub idle_s: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into ts.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// NATed flows (forward entries), like `conntrack -L`.
+pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
+    let now = monotonic_ns();
+    let mut rows: Vec<FlowRow> = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.dir == CT_FORWARD)
+        .map(|(k, v)| FlowRow {
+            protocol: Protocol::from_number(k.proto)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| k.proto.to_string()),
+            client: format!("{}:{}", addr(k.src), u16::from_be(k.sport)),
+            frontend: format!("{}:{}", addr(k.dst), u16::from_be(k.dport)),
+            backend: format!("{}:{}", addr(v.nat_addr), u16::from_be(v.nat_port)),
+            backend_id: v.backend_id,
+            service_id: v.service_id,
+            age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
+            idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            packets: v.packets,
+            bytes: v.bytes,
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+    rows
+}
+
+pub fn conntrack_text(rows: &[FlowRow]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{} src={} dst={} backend={} age={}s idle={}s packets={} bytes={}",
+            r.protocol, r.client, r.frontend, r.backend, r.age_s, r.idle_s, r.packets, r.bytes
+        );
+    }
+    let _ = writeln!(out, "{} flow(s)", rows.len());
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub outcomes: BTreeMap<&'static str, u64>,
+    pub maps: Vec<MapFill>,
+}
+
+/// Outcome counters and map fill levels.
+pub fn stats(maps: &PinnedMaps) -> StatsReport {
+    let mut outcomes = BTreeMap::new();
+    for code in 0..outcome::COUNT {
+        let total = maps
+            .stats
+            .get(&code, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        outcomes.insert(OUTCOME_NAMES[code as usize], total);
+    }
+    let fill = |name, entries, capacity| MapFill {
+        name,
+        entries,
+        capacity,
+    };
+    let maps = vec![
+        fill(
+            map_names::SERVICES,
+            maps.services.keys().count(),
+            map_sizes::SERVICES,
+        ),
+        fill(
+            map_names::BACKENDS,
+            maps.backends.keys().count(),
+            map_sizes::BACKENDS,
+        ),
+        fill(
+            map_names::CONNTRACK,
+            maps.conntrack.keys().count(),
+            map_sizes::CONNTRACK,
+        ),
+        fill(
+            map_names::AFFINITY,
+            maps.affinity.keys().count(),
+            map_sizes::AFFINITY,
+        ),
+        fill(
+            map_names::SERVICE_STATS,
+            maps.service_stats.keys().count(),
+            map_sizes::SERVICE_STATS,
+        ),
+        fill(
+            map_names::BACKEND_STATS,
+            maps.backend_stats.keys().count(),
+            map_sizes::BACKEND_STATS,
+        ),
+    ];
+    StatsReport { outcomes, maps }
+}
+
+pub fn stats_text(report: &StatsReport) -> String {
+    let mut out = String::from("OUTCOME                    PACKETS\n");
+    for (name, count) in &report.outcomes {
+        let _ = writeln!(out, "{name:<24} {count:>9}");
+    }
+    out.push_str("\nMAP                  ENTRIES   CAPACITY  FILL\n");
+    for m in &report.maps {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9} {:>10} {:>5.1}%",
+            m.name,
+            m.entries,
+            m.capacity,
+            m.entries as f64 * 100.0 / f64::from(m.capacity)
+        );
+    }
+    out
+}

@@ -1,0 +1,346 @@
+//! `--manifests DIR`: Service and EndpointSlice objects from YAML/JSON files, re-read when
+//! files change. A file that fails to parse keeps its last good objects.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::de::DeserializeOwned;
+
+use crate::translate::Objects;
+
+/// A file that could not be used, with where in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub path: PathBuf,
+    /// 1-based; 0 when unknown.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Kinds we read; anything else is skipped.
+enum Kind {
+    Service,
+    EndpointSlice,
+    List,
+    Other,
+}
+
+fn kind_of(api_version: Option<&str>, kind: Option<&str>) -> Kind {
+    match (api_version, kind) {
+        (Some("v1"), Some("Service")) => Kind::Service,
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => Kind::EndpointSlice,
+        (Some("v1"), Some("List")) => Kind::List,
+        _ => Kind::Other,
+    }
+}
+
+/// Parses one file's text. `json` selects the JSON parser (else YAML, multi-document).
+pub fn parse_file_text(text: &str, path: &Path, json: bool) -> Result<Objects, ManifestError> {
+    let mut objects = Objects::default();
+    if json {
+        parse_json(text, path, &mut objects)?;
+    } else {
+        for (first_line, doc) in yaml_documents(text) {
+            parse_yaml_document(doc, first_line, path, &mut objects)?;
+        }
+    }
+    Ok(objects)
+}
+
+/// Splits multi-document YAML at `---` lines, keeping each document's first line number.
+fn yaml_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_byte = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---#") {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_byte = offset + line.len();
+            start_line = index + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs.retain(|(_, doc)| {
+        doc.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+fn yaml_error(path: &Path, first_line: usize, err: &serde_yaml::Error) -> ManifestError {
+    let (line, column) = err
+        .location()
+        .map(|l| (first_line + l.line() - 1, l.column()))
+        .unwrap_or((first_line, 0));
+    ManifestError {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: err.to_string(),
+    }
+}
+
+fn parse_yaml_document(
+    doc: &str,
+    first_line: usize,
+    path: &Path,
+    objects: &mut Objects,
+) -> Result<(), ManifestError> {
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?;
+    let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str);
+    match kind_of(field("apiVersion"), field("kind")) {
+        Kind::Service => objects
+            .services
+            .push(serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?),
+        Kind::EndpointSlice => objects
+            .slices
+            .push(serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?),
+        Kind::List => {
+            let items = value.get("items").and_then(serde_yaml::Value::as_sequence);
+            for (i, item) in items.into_iter().flatten().enumerate() {
+                let item_json = serde_json::to_value(item).map_err(|e| ManifestError {
+                    path: path.to_path_buf(),
+                    line: first_line,
+                    column: 0,
+                    message: format!("items[{i}]: {e}"),
+                })?;
+                add_list_item(item_json, i, first_line, path, objects)?;
+            }
+        }
+        Kind::Other => log::debug!(
+            "{}:{first_line}: skipping {:?} {:?}",
+            path.display(),
+            field("apiVersion"),
+            field("kind")
+        ),
+    }
+    Ok(())
+}
+
+fn parse_json(text: &str, path: &Path, objects: &mut Objects) -> Result<(), ManifestError> {
+    let json_error = |e: serde_json::Error| ManifestError {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
+    let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+    match kind_of(field("apiVersion"), field("kind")) {
+        Kind::Service => objects
+            .services
+            .push(serde_json::from_str(text).map_err(json_error)?),
+        Kind::EndpointSlice => objects
+            .slices
+            .push(serde_json::from_str(text).map_err(json_error)?),
+        Kind::List => {
+            let items = value.get("items").and_then(serde_json::Value::as_array);
+            for (i, item) in items.into_iter().flatten().enumerate() {
+                add_list_item(item.clone(), i, 1, path, objects)?;
+            }
+        }
+        Kind::Other => log::debug!(
+            "{}: skipping non-Service/EndpointSlice object",
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+fn add_list_item(
+    item: serde_json::Value,
+    index: usize,
+    line: usize,
+    path: &Path,
+    objects: &mut Objects,
+) -> Result<(), ManifestError> {
+    fn typed<T: DeserializeOwned>(
+        item: serde_json::Value,
+        index: usize,
+        line: usize,
+        path: &Path,
+    ) -> Result<T, ManifestError> {
+        serde_json::from_value(item).map_err(|e| ManifestError {
+            path: path.to_path_buf(),
+            line,
+            column: 0,
+            message: format!("items[{index}]: {e}"),
+        })
+    }
+    let field = |name: &str| item.get(name).and_then(serde_json::Value::as_str);
+    match kind_of(field("apiVersion"), field("kind")) {
+        Kind::Service => objects
+            .services
+            .push(typed::<Service>(item, index, line, path)?),
+        Kind::EndpointSlice => objects
+            .slices
+            .push(typed::<EndpointSlice>(item, index, line, path)?),
+        Kind::List | Kind::Other => {}
+    }
+    Ok(())
+}
+
+/// Identity of a file's content as far as the filesystem tells: changes when it is rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    mtime_ns: i128,
+    size: u64,
+    inode: u64,
+}
+
+#[derive(Debug)]
+struct LoadedFile {
+    stamp: Stamp,
+    /// Last objects that parsed (kept while the file is broken).
+    objects: Objects,
+}
+
+/// What one rescan found.
+#[derive(Debug, Default)]
+pub struct Rescan {
+    /// The set of objects changed: translate and sync again.
+    pub changed: bool,
+    /// Files that failed to parse in this rescan (each reported once per version of the file).
+    pub errors: Vec<ManifestError>,
+}
+
+/// A watched manifests directory.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, LoadedFile>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read manifests directory {dir}: {source}")]
+pub struct DirError {
+    pub dir: PathBuf,
+    pub source: std::io::Error,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    !hidden && matches!(ext, "yaml" | "yml" | "json")
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads files that were added or rewritten and forgets removed ones.
+    pub fn rescan(&mut self) -> Result<Rescan, DirError> {
+        let dir_err = |source| DirError {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut seen = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            // Follow symlinks (ConfigMap mounts are symlink farms).
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.is_file() {
+                let stamp = Stamp {
+                    mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
+                        + i128::from(meta.mtime_nsec()),
+                    size: meta.size(),
+                    inode: meta.ino(),
+                };
+                seen.insert(path, stamp);
+            }
+        }
+        let mut result = Rescan::default();
+        let before = self.files.len();
+        self.files.retain(|path, _| seen.contains_key(path));
+        result.changed |= self.files.len() != before;
+        for (path, stamp) in seen {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| ManifestError {
+                    path: path.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                })
+                .and_then(|text| {
+                    let json = path.extension().is_some_and(|e| e == "json");
+                    parse_file_text(&text, &path, json)
+                });
+            match parsed {
+                Ok(objects) => {
+                    self.files.insert(path, LoadedFile { stamp, objects });
+                    result.changed = true;
+                }
+                Err(err) => {
+                    result.errors.push(err);
+                    // Keep the last good objects; remember the stamp so the error is reported
+                    // once per version of the file, not on every scan.
+                    let kept = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
+                    self.files.insert(
+                        path,
+                        LoadedFile {
+                            stamp,
+                            objects: kept,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// All objects of all files.
+    pub fn objects(&self) -> Objects {
+        let mut all = Objects::default();
+        for file in self.files.values() {
+            all.services.extend(file.objects.services.iter().cloned());
+            all.slices.extend(file.objects.slices.iter().cloned());
+        }
+        all
+    }
+}

@@ -1,0 +1,2 @@
+//! Where Services and EndpointSlices come from.
+pub mod manifests;

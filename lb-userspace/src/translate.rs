@@ -1,0 +1,210 @@
+//! Kubernetes Services and EndpointSlices → desired frontends, following kube-proxy's rules.
+//! Pure: no I/O, no BPF; every rule is table-tested below.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol};
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// EndpointSlices name their Service with this label.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// All objects from a source.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translation {
+    pub desired: DesiredState,
+    /// Objects or fields skipped for a reason an operator should know about.
+    pub warnings: Vec<String>,
+}
+
+fn namespace(ns: &Option<String>) -> &str {
+    ns.as_deref().unwrap_or("default")
+}
+
+fn protocol(p: &Option<String>) -> Option<Protocol> {
+    match p.as_deref().unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// Translates every Service port into frontends with their usable endpoints.
+pub fn translate(objects: &Objects) -> Translation {
+    let mut out = Translation::default();
+    // EndpointSlices grouped by (namespace, service name).
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &objects.slices {
+        let labels = slice.metadata.labels.as_ref();
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            continue;
+        };
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        slices
+            .entry((namespace(&slice.metadata.namespace), service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+
+    let mut services: Vec<&Service> = objects.services.iter().collect();
+    // Deterministic winner when two services claim the same frontend: first by namespace/name.
+    services.sort_by(|a, b| {
+        (namespace(&a.metadata.namespace), &a.metadata.name)
+            .cmp(&(namespace(&b.metadata.namespace), &b.metadata.name))
+    });
+    for service in services {
+        translate_service(service, &slices, &mut out);
+    }
+    out
+}
+
+fn translate_service(
+    service: &Service,
+    slices: &BTreeMap<(&str, &str), Vec<&EndpointSlice>>,
+    out: &mut Translation,
+) {
+    let ns = namespace(&service.metadata.namespace);
+    let name = service.metadata.name.as_deref().unwrap_or("");
+    let Some(spec) = &service.spec else { return };
+    if service
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return;
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => vec![],
+    };
+    if cluster_ips.iter().any(|ip| ip.as_str() == "None") || cluster_ips.is_empty() {
+        return; // headless, or not allocated yet
+    }
+    let mut vips: Vec<Ipv4Addr> = Vec::new();
+    let lb_ips = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().filter_map(|i| i.ip.as_ref()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let external = spec.external_ips.iter().flatten();
+    for ip in cluster_ips.into_iter().chain(external).chain(lb_ips) {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => {
+                if !vips.contains(&v4) {
+                    vips.push(v4)
+                }
+            }
+            Ok(std::net::IpAddr::V6(_)) => {} // IPv6 is not supported yet
+            Err(_) => out
+                .warnings
+                .push(format!("service {ns}/{name}: invalid IP {ip:?} ignored")),
+        }
+    }
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let service_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.as_deref().unwrap_or("");
+        let Some(proto) = protocol(&port.protocol) else {
+            out.warnings.push(format!(
+                "service {ns}/{name} port {port_name:?}: protocol {} not supported, skipped",
+                port.protocol.as_deref().unwrap_or("")
+            ));
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            out.warnings.push(format!(
+                "service {ns}/{name} port {port_name:?}: port {} out of range, skipped",
+                port.port
+            ));
+            continue;
+        };
+        let endpoints = usable_endpoints(service_slices, port_name, proto);
+        for vip in &vips {
+            let frontend = Frontend {
+                ip: *vip,
+                port: number,
+                protocol: proto,
+            };
+            let spec = FrontendSpec {
+                service: format!("{ns}/{name}:{port_name}"),
+                endpoints: endpoints.clone(),
+                affinity_timeout_s,
+            };
+            if let Some(existing) = out.desired.get(&frontend) {
+                out.warnings.push(format!(
+                    "service {ns}/{name}: {frontend} already used by {}, skipped",
+                    existing.service
+                ));
+                continue;
+            }
+            out.desired.insert(frontend, spec);
+        }
+    }
+}
+
+/// Ready endpoints; if none is ready, serving+terminating ones (kube-proxy's fallback so
+/// connections drain gracefully during rollouts). Ports are matched by the Service port name,
+/// which is how EndpointSlices carry the resolved (possibly named) target port.
+fn usable_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Protocol) -> Vec<Endpoint> {
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    for slice in slices {
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name && protocol(&p.protocol) == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            // API semantics: unset `ready` means ready; unset `serving` means as `ready`.
+            let is_ready = conditions.ready.unwrap_or(true);
+            let is_serving = conditions.serving.unwrap_or(is_ready);
+            let is_terminating = conditions.terminating.unwrap_or(false);
+            let target = if is_ready && !is_terminating {
+                &mut ready
+            } else if is_serving && is_terminating {
+                &mut terminating
+            } else {
+                continue;
+            };
+            // An endpoint's addresses are one pod: the first one is used (as kube-proxy does).
+            if let Some(Ok(ip)) = endpoint.addresses.first().map(|a| a.parse::<Ipv4Addr>()) {
+                target.push(Endpoint { ip, port });
+            }
+        }
+    }
+    let mut chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
