@@ -192,3 +192,64 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::TrafficCounter {}
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    /// The eBPF side reads these offsets; a reordering must be a conscious change.
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(
+            (
+                offset_of!(ServiceKey, vip),
+                offset_of!(ServiceKey, port),
+                offset_of!(ServiceKey, slot),
+                offset_of!(ServiceKey, proto)
+            ),
+            (0, 4, 6, 8)
+        );
+        assert_eq!(
+            (
+                offset_of!(ServiceValue, backend_id),
+                offset_of!(ServiceValue, service_id),
+                offset_of!(ServiceValue, count),
+                offset_of!(ServiceValue, flags),
+                offset_of!(ServiceValue, affinity_timeout_s)
+            ),
+            (0, 4, 8, 10, 12)
+        );
+        assert_eq!(
+            (offset_of!(Backend, port), offset_of!(Backend, service_id)),
+            (4, 8)
+        );
+        assert_eq!(
+            (
+                offset_of!(CtKey, sport),
+                offset_of!(CtKey, proto),
+                offset_of!(CtKey, dir)
+            ),
+            (8, 12, 13)
+        );
+        assert_eq!(
+            (
+                offset_of!(CtValue, nat_port),
+                offset_of!(CtValue, created_ns),
+                offset_of!(CtValue, bytes)
+            ),
+            (12, 16, 40)
+        );
+        assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+    }
+
+    #[test]
+    fn outcome_names_cover_every_code() {
+        assert_eq!(crate::OUTCOME_NAMES.len(), crate::outcome::COUNT as usize);
+        assert_eq!(
+            crate::OUTCOME_NAMES[crate::outcome::REVNAT as usize],
+            "revnat"
+        );
+    }
+}

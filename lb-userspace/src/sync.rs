@@ -203,6 +203,9 @@ impl Syncer {
             .copied()
             .filter(|id| !referenced.contains(id))
             .collect();
+        for id in &syncer.orphans {
+            syncer.backend_ids.adopt(*id);
+        }
         syncer
     }
 
@@ -219,6 +222,25 @@ impl Syncer {
         store: &mut impl MapStore,
     ) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
+        // Unreferenced backends first: nothing can reach them, and their ids must not be
+        // handed out again while they still exist.
+        for id in std::mem::take(&mut self.orphans) {
+            let wrap = |source| SyncError::Store {
+                frontend: Frontend {
+                    ip: [0, 0, 0, 0].into(),
+                    port: 0,
+                    protocol: Protocol::Tcp,
+                },
+                service: "(orphaned backend)".into(),
+                source,
+            };
+            if let Err(e) = store.remove_backend(id).map_err(wrap) {
+                self.orphans.push(id);
+                return Err(e);
+            }
+            store.forget_counters(None, Some(id));
+            self.backend_ids.free(id);
+        }
         let gone: Vec<Frontend> = self
             .current
             .keys()
@@ -234,19 +256,6 @@ impl Syncer {
         }
         for (frontend, spec) in desired {
             self.apply_frontend(frontend, spec, store, &mut report)?;
-        }
-        for id in std::mem::take(&mut self.orphans) {
-            let wrap = |source| SyncError::Store {
-                frontend: Frontend {
-                    ip: [0, 0, 0, 0].into(),
-                    port: 0,
-                    protocol: Protocol::Tcp,
-                },
-                service: "(orphaned backend)".into(),
-                source,
-            };
-            store.remove_backend(id).map_err(wrap)?;
-            store.forget_counters(None, Some(id));
         }
         Ok(report)
     }
@@ -388,5 +397,304 @@ impl Syncer {
         }
         self.current.insert(*frontend, programmed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// In-memory maps that check, after every single write, that no frontend is exposed
+    /// half-written: slot 0's count never points at a missing slot or backend.
+    #[derive(Default)]
+    struct FakeMaps {
+        slots: BTreeMap<ServiceKey, ServiceValue>,
+        backends: BTreeMap<u32, Backend>,
+        writes: usize,
+        fail_after: Option<usize>,
+    }
+
+    impl FakeMaps {
+        fn check(&self) {
+            for (key, front) in self.slots.iter().filter(|(k, _)| k.slot == 0) {
+                for slot in 1..=front.count {
+                    let slot_key = ServiceKey { slot, ..*key };
+                    let id = self.slots.get(&slot_key).map(|v| v.backend_id);
+                    let id = id.unwrap_or_else(|| panic!("slot {slot} of {key:?} missing"));
+                    let b = self
+                        .backends
+                        .get(&id)
+                        .unwrap_or_else(|| panic!("backend {id} missing"));
+                    assert_eq!(
+                        b.service_id, front.service_id,
+                        "backend {id} of another service"
+                    );
+                }
+            }
+        }
+        fn op(&mut self) -> Result<(), StoreError> {
+            self.writes += 1;
+            if self.fail_after.is_some_and(|n| self.writes > n) {
+                return Err(StoreError {
+                    operation: "insert",
+                    map: "fake",
+                    message: "injected failure".into(),
+                });
+            }
+            Ok(())
+        }
+        fn endpoints_of(&self, frontend: &Frontend) -> Vec<Endpoint> {
+            let front = self.slots[&service_key(frontend, 0)];
+            (1..=front.count)
+                .map(|s| {
+                    let id = self.slots[&service_key(frontend, s)].backend_id;
+                    let b = self.backends[&id];
+                    Endpoint {
+                        ip: b.ip.to_ne_bytes().into(),
+                        port: u16::from_be(b.port),
+                    }
+                })
+                .collect()
+        }
+    }
+
+    impl MapStore for FakeMaps {
+        fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), StoreError> {
+            self.op()?;
+            self.backends.insert(id, *backend);
+            self.check();
+            Ok(())
+        }
+        fn remove_backend(&mut self, id: u32) -> Result<(), StoreError> {
+            self.op()?;
+            self.backends.remove(&id);
+            self.check();
+            Ok(())
+        }
+        fn set_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), StoreError> {
+            self.op()?;
+            self.slots.insert(*key, *value);
+            self.check();
+            Ok(())
+        }
+        fn remove_slot(&mut self, key: &ServiceKey) -> Result<(), StoreError> {
+            self.op()?;
+            self.slots.remove(key);
+            self.check();
+            Ok(())
+        }
+        fn forget_counters(&mut self, _: Option<u32>, _: Option<u32>) {}
+    }
+
+    fn frontend(last: u8) -> Frontend {
+        Frontend {
+            ip: Ipv4Addr::new(10, 96, 0, last),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn spec(endpoints: &[u8]) -> FrontendSpec {
+        FrontendSpec {
+            service: "ns/svc:http".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    ip: Ipv4Addr::new(10, 244, 0, *e),
+                    port: 8080,
+                })
+                .collect(),
+            affinity_timeout_s: None,
+        }
+    }
+
+    fn desired(list: &[(u8, &[u8])]) -> DesiredState {
+        list.iter().map(|(f, e)| (frontend(*f), spec(e))).collect()
+    }
+
+    #[test]
+    fn add_change_remove_keeps_maps_consistent_at_every_write() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let steps: Vec<DesiredState> = vec![
+            desired(&[(1, &[1, 2, 3]), (2, &[4])]),
+            desired(&[(1, &[2, 3, 5, 6]), (2, &[4])]), // grow, replace one
+            desired(&[(1, &[6]), (2, &[])]),           // shrink, empty
+            desired(&[(2, &[7, 8])]),                  // remove a service
+            desired(&[]),
+        ];
+        for want in steps {
+            syncer.apply(&want, &mut maps).expect("sync");
+            for (f, s) in &want {
+                assert_eq!(maps.endpoints_of(f), s.endpoints, "{f}");
+            }
+            let slot0 = maps.slots.keys().filter(|k| k.slot == 0).count();
+            assert_eq!(slot0, want.len(), "no stale frontends");
+            let slots: usize = want.values().map(|s| s.endpoints.len() + 1).sum();
+            assert_eq!(maps.slots.len(), slots, "no stale slots");
+            let backends: usize = want.values().map(|s| s.endpoints.len()).sum();
+            assert_eq!(maps.backends.len(), backends, "no stale backends");
+        }
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing_and_kept_endpoints_keep_ids() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer
+            .apply(&desired(&[(1, &[1, 2])]), &mut maps)
+            .expect("sync");
+        let ids_before = syncer.current()[&frontend(1)].backends.clone();
+        let writes = maps.writes;
+        let report = syncer
+            .apply(&desired(&[(1, &[1, 2])]), &mut maps)
+            .expect("sync");
+        assert!(report.is_noop());
+        assert_eq!(maps.writes, writes);
+
+        syncer
+            .apply(&desired(&[(1, &[1, 2, 3])]), &mut maps)
+            .expect("sync");
+        let ids_after = &syncer.current()[&frontend(1)].backends;
+        assert_eq!(
+            &ids_after[..2],
+            &ids_before[..],
+            "existing backends keep their ids"
+        );
+        // Exactly: one backend, one slot, the frontend.
+        assert_eq!(maps.writes, writes + 3);
+    }
+
+    #[test]
+    fn a_change_to_one_service_touches_only_its_entries() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let many: Vec<(u8, &[u8])> = (1..=50).map(|f| (f, &[1u8, 2][..])).collect();
+        syncer.apply(&desired(&many), &mut maps).expect("sync");
+        let writes = maps.writes;
+        let mut changed = many.clone();
+        changed[10].1 = &[1, 2, 3];
+        let report = syncer.apply(&desired(&changed), &mut maps).expect("sync");
+        assert_eq!(report.frontends_updated, 1);
+        assert_eq!(maps.writes - writes, 3);
+    }
+
+    #[test]
+    fn adopt_after_restart_keeps_ids_and_cleans_half_written_state() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let want = desired(&[(1, &[1, 2, 3]), (2, &[4])]);
+        syncer.apply(&want, &mut maps).expect("sync");
+        let before = syncer.current()[&frontend(1)].clone();
+
+        // Simulate a crash mid-update: an extra slot past the count and an orphan backend.
+        let mut extra = service_key(&frontend(1), 4);
+        extra.slot = 4;
+        maps.slots.insert(
+            extra,
+            ServiceValue {
+                backend_id: 999,
+                ..Default::default()
+            },
+        );
+        maps.backends.insert(
+            999,
+            Backend {
+                service_id: 12345,
+                ..Default::default()
+            },
+        );
+
+        let mut adopted = Syncer::adopt(
+            maps.slots.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+        );
+        assert_eq!(adopted.current()[&frontend(1)].backends, before.backends);
+        adopted.apply(&want, &mut maps).expect("sync");
+        assert_eq!(
+            adopted.current()[&frontend(1)].service_id,
+            before.service_id
+        );
+        assert_eq!(adopted.current()[&frontend(1)].backends, before.backends);
+        assert!(!maps.slots.contains_key(&extra), "stale slot removed");
+        assert!(!maps.backends.contains_key(&999), "orphan backend removed");
+        // New ids do not collide with adopted ones.
+        adopted
+            .apply(
+                &desired(&[(1, &[1, 2, 3]), (2, &[4]), (3, &[9])]),
+                &mut maps,
+            )
+            .expect("sync");
+        let mut ids: Vec<u32> = adopted
+            .current()
+            .values()
+            .flat_map(|p| p.backends.iter().map(|(_, id)| *id))
+            .collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n);
+    }
+
+    #[test]
+    fn failed_write_is_reported_with_the_frontend_and_recovers_by_adoption() {
+        let mut maps = FakeMaps {
+            fail_after: Some(2),
+            ..Default::default()
+        };
+        let mut syncer = Syncer::new();
+        let want = desired(&[(1, &[1, 2, 3])]);
+        let err = syncer
+            .apply(&want, &mut maps)
+            .expect_err("injected failure");
+        assert!(err.to_string().contains("10.96.0.1:80/TCP"), "{err}");
+        maps.fail_after = None;
+        let mut syncer = Syncer::adopt(
+            maps.slots.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+        );
+        syncer.apply(&want, &mut maps).expect("sync");
+        assert_eq!(
+            maps.endpoints_of(&frontend(1)),
+            want[&frontend(1)].endpoints
+        );
+        assert_eq!(
+            maps.backends.len(),
+            3,
+            "backends written before the failure were adopted or removed"
+        );
+    }
+
+    #[test]
+    fn affinity_and_too_many_backends() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let mut s = spec(&[1]);
+        s.affinity_timeout_s = Some(30);
+        let mut want = DesiredState::new();
+        want.insert(frontend(1), s);
+        syncer.apply(&want, &mut maps).expect("sync");
+        let front = maps.slots[&service_key(&frontend(1), 0)];
+        assert_eq!(
+            (front.flags, front.affinity_timeout_s),
+            (SVC_FLAG_AFFINITY, 30)
+        );
+
+        let mut big = spec(&[]);
+        big.endpoints = (0..MAX_BACKENDS as u32 + 10)
+            .map(|i| Endpoint {
+                ip: Ipv4Addr::from(0x0af4_0000 + i),
+                port: 1,
+            })
+            .collect();
+        want.insert(frontend(2), big);
+        let report = syncer.apply(&want, &mut maps).expect("sync");
+        assert_eq!(report.truncated, 1);
+        assert_eq!(
+            maps.slots[&service_key(&frontend(2), 0)].count,
+            MAX_BACKENDS
+        );
     }
 }

@@ -208,3 +208,6 @@ fn usable_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Protocol)
     chosen.dedup();
     chosen
 }
+
+#[cfg(test)]
+mod tests;

@@ -344,3 +344,92 @@ impl ManifestDir {
         all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str, json: bool) -> ManifestError {
+        parse_file_text(text, Path::new("/m/x.yaml"), json).expect_err("must fail")
+    }
+
+    #[test]
+    fn multi_document_yaml_with_other_kinds_and_comments() {
+        let text = "# leading comment\n---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n\
+                    ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\n# only a comment\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1}\naddressType: IPv4\nendpoints: []\n";
+        let objects = parse_file_text(text, Path::new("x.yaml"), false).expect("parses");
+        assert_eq!((objects.services.len(), objects.slices.len()), (1, 1));
+    }
+
+    #[test]
+    fn yaml_syntax_error_reports_file_line_and_column() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n";
+        let e = err(text, false);
+        assert_eq!(e.path, PathBuf::from("/m/x.yaml"));
+        assert!(e.line >= 8, "line of the second document's error, got {e}");
+        assert!(e.to_string().starts_with("/m/x.yaml:"));
+    }
+
+    #[test]
+    fn yaml_type_error_reports_line_in_its_document() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec:\n  ports:\n  - port: eighty\n";
+        let e = err(text, false);
+        assert_eq!(e.line, 10, "{e}");
+        assert!(
+            e.message.contains("eighty") || e.message.contains("invalid"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn json_errors_and_lists() {
+        let e = err(
+            "{\n  \"apiVersion\": \"v1\",\n  \"kind\": \"Service\",\n  \"spec\": 5\n}",
+            true,
+        );
+        assert_eq!((e.line, e.column), (4, 11), "{e}");
+        let list = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.96.0.1"}},
+            {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"a-1"},"addressType":"IPv4","endpoints":[]}]}"#;
+        let objects = parse_file_text(list, Path::new("l.json"), true).expect("parses");
+        assert_eq!((objects.services.len(), objects.slices.len()), (1, 1));
+    }
+
+    #[test]
+    fn directory_keeps_last_good_state_of_a_broken_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-manifests-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        std::fs::write(dir.join("a.yaml"), good).expect("write");
+        std::fs::write(dir.join("notes.txt"), "ignored").expect("write");
+        let mut md = ManifestDir::new(&dir);
+        let r = md.rescan().expect("scan");
+        assert!(r.changed && r.errors.is_empty());
+        assert_eq!(md.objects().services.len(), 1);
+        assert!(!md.rescan().expect("scan").changed, "no change, no resync");
+
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nspec: [\n",
+        )
+        .expect("write");
+        let r = md.rescan().expect("scan");
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(md.objects().services.len(), 1, "last good objects kept");
+        assert!(
+            md.rescan().expect("scan").errors.is_empty(),
+            "error reported once"
+        );
+
+        std::fs::remove_file(dir.join("a.yaml")).expect("rm");
+        let r = md.rescan().expect("scan");
+        assert!(r.changed);
+        assert!(md.objects().services.is_empty());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(
+            ManifestDir::new(&dir).rescan().is_err(),
+            "missing dir is an error"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! Table tests: real YAML in, frontends out.
+use std::path::Path;
+
+use super::*;
+use crate::source::manifests::parse_file_text;
+
+fn objects(yaml: &str) -> Objects {
+    parse_file_text(yaml, Path::new("test.yaml"), false).expect("test YAML parses")
+}
+
+fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        ip: ip.parse().expect("ip"),
+        port,
+        protocol,
+    }
+}
+
+fn eps(list: &[(&str, u16)]) -> Vec<Endpoint> {
+    list.iter()
+        .map(|(ip, port)| Endpoint {
+            ip: ip.parse().expect("ip"),
+            port: *port,
+        })
+        .collect()
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+fn slice(name: &str, endpoints: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}
+"#
+    )
+}
+
+struct Case {
+    name: &'static str,
+    yaml: String,
+    /// (frontend, endpoints, affinity) expected; frontends not listed must be absent.
+    expect: Vec<(Frontend, Vec<Endpoint>, Option<u32>)>,
+}
+
+fn cases() -> Vec<Case> {
+    let http = fe("10.96.0.10", 80, Protocol::Tcp);
+    let dns = fe("10.96.0.10", 53, Protocol::Udp);
+    let ready_two = slice(
+        "web-1",
+        "- {addresses: [10.244.1.2], conditions: {ready: true}}\n- {addresses: [10.244.2.3]}",
+    );
+    vec![
+        Case {
+            name: "ready endpoints, named target port resolved through the slice, two ports",
+            yaml: format!("{WEB}{ready_two}"),
+            expect: vec![
+                (http, eps(&[("10.244.1.2", 8080), ("10.244.2.3", 8080)]), None),
+                (dns, eps(&[("10.244.1.2", 5353), ("10.244.2.3", 5353)]), None),
+            ],
+        },
+        Case {
+            name: "unready endpoints are not used, ready ones are",
+            yaml: format!(
+                "{WEB}{}",
+                slice(
+                    "web-1",
+                    "- {addresses: [10.244.1.2], conditions: {ready: false, serving: false}}\n\
+                     - {addresses: [10.244.2.3], conditions: {ready: true}}"
+                )
+            ),
+            expect: vec![
+                (http, eps(&[("10.244.2.3", 8080)]), None),
+                (dns, eps(&[("10.244.2.3", 5353)]), None),
+            ],
+        },
+        Case {
+            name: "no ready endpoint: serving+terminating fallback",
+            yaml: format!(
+                "{WEB}{}",
+                slice(
+                    "web-1",
+                    "- {addresses: [10.244.1.2], conditions: {ready: false, serving: true, terminating: true}}\n\
+                     - {addresses: [10.244.2.3], conditions: {ready: false, serving: false, terminating: true}}"
+                )
+            ),
+            expect: vec![
+                (http, eps(&[("10.244.1.2", 8080)]), None),
+                (dns, eps(&[("10.244.1.2", 5353)]), None),
+            ],
+        },
+        Case {
+            name: "terminating endpoints are ignored while a ready one exists",
+            yaml: format!(
+                "{WEB}{}",
+                slice(
+                    "web-1",
+                    "- {addresses: [10.244.1.2], conditions: {ready: false, serving: true, terminating: true}}\n\
+                     - {addresses: [10.244.2.3], conditions: {ready: true}}"
+                )
+            ),
+            expect: vec![
+                (http, eps(&[("10.244.2.3", 8080)]), None),
+                (dns, eps(&[("10.244.2.3", 5353)]), None),
+            ],
+        },
+        Case {
+            name: "endpoints spread over several slices are merged and deduplicated",
+            yaml: format!(
+                "{WEB}{}{}",
+                slice("web-1", "- {addresses: [10.244.1.2]}"),
+                slice("web-2", "- {addresses: [10.244.3.4]}\n- {addresses: [10.244.1.2]}")
+            ),
+            expect: vec![
+                (http, eps(&[("10.244.1.2", 8080), ("10.244.3.4", 8080)]), None),
+                (dns, eps(&[("10.244.1.2", 5353), ("10.244.3.4", 5353)]), None),
+            ],
+        },
+        Case {
+            name: "service without endpoints is kept with none (clients get rejected)",
+            yaml: WEB.to_string(),
+            expect: vec![(http, vec![], None), (dns, vec![], None)],
+        },
+        Case {
+            name: "session affinity with explicit and default timeout",
+            yaml: format!(
+                "{}{ready_two}\n---\n{}",
+                WEB.replace(
+                    "  clusterIP: 10.96.0.10\n",
+                    "  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"
+                ),
+                "apiVersion: v1\nkind: Service\nmetadata: {name: other}\nspec: {clusterIP: 10.96.0.20, sessionAffinity: ClientIP, ports: [{port: 443}]}\n"
+            ),
+            expect: vec![
+                (http, eps(&[("10.244.1.2", 8080), ("10.244.2.3", 8080)]), Some(60)),
+                (dns, eps(&[("10.244.1.2", 5353), ("10.244.2.3", 5353)]), Some(60)),
+                (fe("10.96.0.20", 443, Protocol::Tcp), vec![], Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+            ],
+        },
+        Case {
+            name: "headless, ExternalName and other proxies' services are ignored",
+            yaml: [
+                "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.org, ports: [{port: 80}]}",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: mine, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}",
+            ]
+            .join("\n---\n"),
+            expect: vec![],
+        },
+        Case {
+            name: "endpoints without a Service, of another namespace, or of FQDN type are ignored",
+            yaml: format!(
+                "{}\n---\n{}\n---\n{}",
+                slice("orphan", "- {addresses: [10.244.9.9]}"),
+                WEB.replace("namespace: shop", "namespace: other"),
+                slice("fqdn", "- {addresses: [example.org]}").replace("IPv4", "FQDN"),
+            ),
+            expect: vec![(http, vec![], None), (dns, vec![], None)],
+        },
+        Case {
+            name: "externalIPs and LoadBalancer ingress IPs become frontends too; IPv6 skipped",
+            yaml: format!(
+                "{}status:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.10}}, {{ip: '2001:db8::1'}}]\n{ready_two}",
+                WEB.replace(
+                    "  clusterIP: 10.96.0.10\n",
+                    "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']\n  type: LoadBalancer\n  externalIPs: [198.51.100.7]\n"
+                )
+            ),
+            expect: ["10.96.0.10", "198.51.100.7", "192.0.2.10"]
+                .iter()
+                .flat_map(|ip| {
+                    [
+                        (fe(ip, 80, Protocol::Tcp), eps(&[("10.244.1.2", 8080), ("10.244.2.3", 8080)]), None),
+                        (fe(ip, 53, Protocol::Udp), eps(&[("10.244.1.2", 5353), ("10.244.2.3", 5353)]), None),
+                    ]
+                })
+                .collect(),
+        },
+        Case {
+            name: "slice port matched by name and protocol; unnamed single port",
+            yaml: "apiVersion: v1\nkind: Service\nmetadata: {name: one}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80, targetPort: 9376}]}\n---\n\
+                   apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: one-x, labels: {kubernetes.io/service-name: one}}\naddressType: IPv4\n\
+                   ports: [{port: 9376}, {name: other, port: 1}]\nendpoints: [{addresses: [10.244.5.5]}]\n"
+                .to_string(),
+            expect: vec![(fe("10.96.0.40", 80, Protocol::Tcp), eps(&[("10.244.5.5", 9376)]), None)],
+        },
+        Case {
+            name: "SCTP ports are skipped, other ports kept",
+            yaml: "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.50, ports: [{name: a, port: 80}, {name: b, port: 90, protocol: SCTP}]}\n".to_string(),
+            expect: vec![(fe("10.96.0.50", 80, Protocol::Tcp), vec![], None)],
+        },
+    ]
+}
+
+#[test]
+fn translation_table() {
+    for case in cases() {
+        let t = translate(&objects(&case.yaml));
+        let got: Vec<(Frontend, Vec<Endpoint>, Option<u32>)> = t
+            .desired
+            .iter()
+            .map(|(f, s)| (*f, s.endpoints.clone(), s.affinity_timeout_s))
+            .collect();
+        let mut want = case.expect;
+        want.sort_by_key(|(f, _, _)| *f);
+        assert_eq!(got, want, "case: {}", case.name);
+    }
+}
+
+#[test]
+fn duplicate_frontend_keeps_first_service_and_warns() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+                apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    let t = translate(&objects(yaml));
+    assert_eq!(t.desired.len(), 1);
+    assert_eq!(
+        t.desired.values().next().map(|s| s.service.as_str()),
+        Some("default/a:")
+    );
+    assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+    assert!(t.warnings[0].contains("default/b"));
+}
+
+#[test]
+fn service_names_are_recorded() {
+    let t = translate(&objects(WEB));
+    let names: Vec<&str> = t.desired.values().map(|s| s.service.as_str()).collect();
+    assert_eq!(names, vec!["shop/web:dns", "shop/web:http"]);
+}
