@@ -55,8 +55,11 @@ impl PinLayout {
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// `<hook>@<iface>`. bpffs refuses names containing '.', which interface names may have
+    /// (VLANs: `eth0.100`); ':' can never appear in one, so it stands in for '.'.
     pub fn link(&self, iface: &str, hook: Hook) -> PathBuf {
-        self.links_dir().join(format!("{iface}.{}", hook.suffix()))
+        self.links_dir()
+            .join(format!("{}@{}", hook.suffix(), iface.replace('.', ":")))
     }
 }
 
@@ -182,7 +185,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
         remove_pinned_link(&path);
         fd_link.pin(&path).map_err(|e| LoaderError::Pin {
             path: path.clone(),
-            message: e.to_string(),
+            message: error_chain(&e),
         })?;
     }
     Ok(mode)
@@ -194,15 +197,24 @@ pub enum AttachMode {
     Clsact,
 }
 
-/// Detaches a pinned link (if any) by unpinning it and closing the last reference.
+/// Detaches a pinned link (if any) by unpinning it and closing the last reference. A pin
+/// that aya cannot open as a link (e.g. its interface is gone) is unlinked from bpffs.
 pub fn remove_pinned_link(path: &Path) {
-    if let Ok(pinned) = PinnedLink::from_pin(path) {
-        match pinned.unpin() {
+    match PinnedLink::from_pin(path) {
+        Ok(pinned) => match pinned.unpin() {
             Ok(link) => drop(link),
             Err(e) => log::warn!("unpinning {}: {e}", path.display()),
-        }
-    } else if path.exists() {
-        let _ = std::fs::remove_file(path);
+        },
+        Err(e) => log::debug!(
+            "opening pinned link {}: {}",
+            path.display(),
+            error_chain(&e)
+        ),
+    }
+    if path.exists()
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        log::warn!("removing {}: {e}", path.display());
     }
 }
 
@@ -213,7 +225,7 @@ pub fn detach(iface: &str, pins: &PinLayout) {
     }
 }
 
-/// Interfaces with pinned links, by name (from the pin file names).
+/// Interfaces with pinned links, by name (from the pin file names, see [`PinLayout::link`]).
 pub fn pinned_ifaces(pins: &PinLayout) -> BTreeMap<String, Vec<PathBuf>> {
     let mut found: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
@@ -221,9 +233,9 @@ pub fn pinned_ifaces(pins: &PinLayout) -> BTreeMap<String, Vec<PathBuf>> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        if let Some((iface, _)) = name.rsplit_once('.') {
+        if let Some((_, iface)) = name.split_once('@') {
             found
-                .entry(iface.to_string())
+                .entry(iface.replace(':', "."))
                 .or_default()
                 .push(entry.path());
         }
@@ -251,4 +263,36 @@ pub fn cleanup(pins: &PinLayout) -> Vec<PathBuf> {
         let _ = std::fs::remove_dir(&dir);
     }
     removed
+}
+
+/// An error and its sources, `a: b: c` (aya's syscall errors keep errno in the source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_avoid_dots_and_round_trip() {
+        let dir = std::env::temp_dir().join(format!("xlb-pins-{}", std::process::id()));
+        let layout = PinLayout::new(&dir);
+        let path = layout.link("eth0.100", Hook::FromPod);
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(!name.contains('.'), "{name}");
+        std::fs::create_dir_all(layout.links_dir()).expect("dir");
+        std::fs::write(&path, "").expect("file");
+        std::fs::write(layout.link("veth1", Hook::ToPod), "").expect("file");
+        let found: Vec<String> = pinned_ifaces(&layout).into_keys().collect();
+        assert_eq!(found, ["eth0.100", "veth1"]);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

@@ -1,1 +1,131 @@
-//! TODO
+//! Network namespaces owned by a test: unique names, deleted on drop (also on panic).
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short tag unique to this process and call: `<pid base36><counter>`.
+pub fn unique_tag() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}{n}", radix36(std::process::id()))
+}
+
+fn radix36(mut v: u32) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+/// Runs a command; error (with its stderr) unless it succeeds.
+pub fn run(program: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A network namespace created by us and deleted when dropped.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `xlb-<tag>-<role>` with loopback up.
+    pub fn new(tag: &str, role: &str) -> Result<Netns> {
+        let name = format!("xlb-{tag}-{role}");
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full).map(|_| ())
+    }
+
+    /// Sets a sysctl inside the namespace (/proc/sys/net is per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value_owned = value.to_string();
+        self.enter(move || std::fs::write(&path, value_owned))?
+            .with_context(|| format!("sysctl {key}={value} in {}", self.name))
+    }
+
+    /// Runs `f` on a thread that has joined this namespace; sockets it creates live there.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let handle = self.spawn(f)?;
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+    }
+
+    /// Like `enter` but returns the running thread.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on an open netns fd only changes this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        }))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its interfaces (and the veth peers elsewhere).
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// Namespaces whose names start with `xlb-<tag>`: to check that nothing was left behind.
+pub fn leftover(tag: &str) -> Vec<String> {
+    let prefix = format!("xlb-{tag}-");
+    std::fs::read_dir("/run/netns")
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

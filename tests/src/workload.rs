@@ -1,1 +1,141 @@
-//! TODO
+//! Real servers and clients for pods. Servers answer with their pod name, so a client learns
+//! which backend it reached. Everything is bounded: servers stop when dropped, clients use
+//! timeouts.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::topology::Pod;
+
+pub const TCP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+
+/// TCP and UDP servers of one pod; stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts, in `pod`'s namespace, a TCP server on 8080 (sends "NAME\n", then echoes) and a
+/// UDP server on 5353 (answers "NAME").
+pub fn serve(pod: &Pod) -> Result<Servers> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = pod.name.clone();
+    let tcp = pod
+        .ns
+        .enter(move || TcpListener::bind(("0.0.0.0", TCP_PORT)))??;
+    let udp = pod
+        .ns
+        .enter(move || UdpSocket::bind(("0.0.0.0", UDP_PORT)))??;
+    tcp.set_nonblocking(true)?;
+    udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut threads = Vec::new();
+    {
+        let stop = Arc::clone(&stop);
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut handlers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, _)) => {
+                        let stop = Arc::clone(&stop);
+                        let name = name.clone();
+                        handlers.push(std::thread::spawn(move || echo(conn, &name, &stop)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+                handlers.retain(|h: &JoinHandle<()>| !h.is_finished());
+            }
+            for h in handlers {
+                let _ = h.join();
+            }
+        }));
+    }
+    {
+        let stop = Arc::clone(&stop);
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(name.as_bytes(), from);
+                }
+            }
+        }));
+    }
+    Ok(Servers { stop, threads })
+}
+
+fn echo(mut conn: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Connects (from the calling thread's namespace) and returns the stream after reading the
+/// server's name line.
+pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<(TcpStream, String)> {
+    let conn = TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the greeting",
+        ));
+    }
+    Ok((conn, line.trim_end().to_string()))
+}
+
+/// One short TCP connection: which backend answered.
+pub fn tcp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    tcp_connect(addr, timeout).map(|(_, name)| name)
+}
+
+/// One UDP request from a fresh socket (fresh source port, so a new flow): who answered.
+pub fn udp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello", addr)?;
+    let mut buf = [0u8; 256];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,0 +1,282 @@
+//! A node with pods, their servers, a manifests directory and the real `xlb agent`, all torn
+//! down on drop: agent stopped, pins removed, namespaces and files deleted.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    netns::run,
+    topology::{Node, POD_IFACE_GLOB},
+    workload::{Servers, serve},
+};
+
+/// The `xlb` binary: `$XLB_BIN` (set by `cargo xtask test`) or the workspace's debug build.
+pub fn xlb_binary() -> PathBuf {
+    std::env::var_os("XLB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb"))
+}
+
+/// A directory under /tmp removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Scratch> {
+        let path = std::env::temp_dir().join(format!("xlb-{tag}"));
+        std::fs::create_dir_all(path.join("manifests"))?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes the agent's pins on drop (`xlb cleanup`), detaching its programs.
+pub struct PinGuard {
+    pub xlb: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let bpffs = self.bpffs.to_string_lossy().to_string();
+        let _ = run(&self.xlb.to_string_lossy(), &["cleanup", "--bpffs", &bpffs]);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// A running `xlb agent` in the node's network namespace; stopped on drop.
+pub struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    pub fn start(
+        xlb: &Path,
+        node: &Node,
+        manifests: &Path,
+        bpffs: &Path,
+        log: &Path,
+    ) -> Result<Agent> {
+        let log_file = File::options().create(true).append(true).open(log)?;
+        // nsenter joins only the network namespace, so /sys (bpffs) stays the host's;
+        // `ip netns exec` would remount /sys and hide it.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node.ns.path()))
+            .arg(xlb)
+            .arg("agent")
+            .arg("--manifests")
+            .arg(manifests)
+            .args(["--pod-ifaces", POD_IFACE_GLOB])
+            .arg("--bpffs")
+            .arg(bpffs)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {} agent", xlb.display()))?;
+        Ok(Agent { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(mut self) -> Result<()> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("agent exited with {status}");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("agent did not stop within 5 s of SIGTERM")
+    }
+
+    /// `kill -9`: the agent gets no chance to clean anything up.
+    pub fn crash(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Everything a test or the demo needs. Fields drop in order: agent, servers, node, pins, files.
+pub struct Cluster {
+    pub agent: Option<Agent>,
+    pub servers: Vec<Servers>,
+    pub node: Node,
+    pub pins: PinGuard,
+    pub scratch: Scratch,
+}
+
+impl Cluster {
+    /// A node with `pods` (name, IP); every pod runs the TCP and UDP servers.
+    pub fn new(pods: &[(&str, &str)]) -> Result<Cluster> {
+        let mut node = Node::new()?;
+        let xlb = xlb_binary();
+        if !xlb.exists() {
+            bail!(
+                "{} not found: build it (cargo xtask test does) or set XLB_BIN",
+                xlb.display()
+            );
+        }
+        let scratch = Scratch::new(&node.tag)?;
+        let pins = PinGuard {
+            xlb,
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}", node.tag)),
+        };
+        let mut servers = Vec::new();
+        for (name, ip) in pods {
+            let index = node.add_pod(name, ip)?;
+            servers.push(serve(&node.pods[index])?);
+        }
+        Ok(Cluster {
+            agent: None,
+            servers,
+            node,
+            pins,
+            scratch,
+        })
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.scratch.path.join("manifests")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.scratch.path.join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Writes a manifest atomically (write + rename), as config management tools do.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.scratch.path.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests_dir().join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        Ok(std::fs::remove_file(self.manifests_dir().join(file))?)
+    }
+
+    pub fn start_agent(&mut self) -> Result<()> {
+        let agent = Agent::start(
+            &self.pins.xlb,
+            &self.node,
+            &self.manifests_dir(),
+            &self.pins.bpffs,
+            &self.log_path(),
+        )?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Runs `xlb ARGS --bpffs <ours>` and returns stdout.
+    pub fn xlb(&self, args: &[&str]) -> Result<String> {
+        let bpffs = self.pins.bpffs.to_string_lossy().to_string();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--bpffs", &bpffs]);
+        let out = run(&self.pins.xlb.to_string_lossy(), &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `xlb services --json`, parsed.
+    pub fn services(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.xlb(&["services", "--json"])?)?)
+    }
+
+    /// Backend addresses programmed for `frontend` ("IP:PORT/TCP"), if it exists.
+    pub fn programmed(&self, frontend: &str) -> Option<Vec<String>> {
+        let services = self.services().ok()?;
+        services.as_array()?.iter().find_map(|row| {
+            let f = &row["frontend"];
+            let name = format!(
+                "{}:{}/{}",
+                f["ip"].as_str()?,
+                f["port"],
+                f["protocol"].as_str()?.to_uppercase()
+            );
+            (name == frontend).then(|| {
+                let mut list: Vec<String> = row["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| b["address"].as_str().map(String::from))
+                    .collect();
+                list.sort();
+                list
+            })
+        })
+    }
+
+    /// Waits until the agent has attached to every pod interface.
+    pub fn wait_attached(&self, timeout: Duration) -> Result<()> {
+        let ifaces: Vec<String> = self
+            .node
+            .pods
+            .iter()
+            .map(|p| p.host_iface.clone())
+            .collect();
+        wait_until(timeout, || {
+            let log = self.log();
+            ifaces
+                .iter()
+                .all(|i| log.contains(&format!("attached to {i} ")))
+        })
+        .with_context(|| {
+            format!(
+                "agent did not attach to all pod interfaces; log:\n{}",
+                self.log()
+            )
+        })
+        .map(|_| ())
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns how long it took.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

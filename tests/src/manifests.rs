@@ -1,0 +1,31 @@
+//! Service and EndpointSlice YAML as the Kubernetes API serves it, for tests and the demo.
+use std::fmt::Write as _;
+
+/// A ClusterIP Service with TCP port 80 → named target "http" and UDP 53 → "dns".
+pub fn service(name: &str, cluster_ip: &str, affinity_timeout: Option<u32>) -> String {
+    let affinity = affinity_timeout
+        .map(|t| {
+            format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n")
+        })
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n{affinity}  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    targetPort: http\n  - name: dns\n    port: 53\n    protocol: UDP\n    targetPort: 5353\n"
+    )
+}
+
+/// An EndpointSlice for `service` with `(pod IP, ready)` endpoints on 8080/TCP and 5353/UDP.
+pub fn slice(service: &str, endpoints: &[(&str, bool)]) -> String {
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\n- name: dns\n  port: 5353\n  protocol: UDP\nendpoints:\n"
+    );
+    for (ip, ready) in endpoints {
+        let _ = write!(
+            out,
+            "- addresses: [\"{ip}\"]\n  conditions:\n    ready: {ready}\n    serving: {ready}\n    terminating: false\n"
+        );
+    }
+    if endpoints.is_empty() {
+        out = out.replace("endpoints:\n", "endpoints: []\n");
+    }
+    out
+}

@@ -1,0 +1,457 @@
+//! End to end: real namespaces, the real agent, real TCP/UDP sockets. Needs root.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    cluster::{Cluster, wait_until},
+    manifests::{service, slice},
+    netns::{Netns, leftover},
+    privilege::privileged,
+    workload::{tcp_connect, tcp_hello, udp_hello},
+};
+
+const WEB_VIP: &str = "10.96.0.10";
+const API_VIP: &str = "10.96.0.20";
+const T: Duration = Duration::from_secs(2);
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().expect("address")
+}
+
+/// Four backends (one of them unready in the slice) and a client.
+fn web_cluster(affinity: Option<u32>) -> Cluster {
+    let mut c = Cluster::new(&[
+        ("client", "10.244.0.2"),
+        ("be1", "10.244.0.11"),
+        ("be2", "10.244.0.12"),
+        ("be3", "10.244.0.13"),
+        ("unready", "10.244.0.14"),
+    ])
+    .expect("topology");
+    c.write_manifest("web.yaml", &service("web", WEB_VIP, affinity))
+        .expect("write");
+    c.write_manifest(
+        "web-slice.yaml",
+        &slice(
+            "web",
+            &[
+                ("10.244.0.11", true),
+                ("10.244.0.12", true),
+                ("10.244.0.13", true),
+                ("10.244.0.14", false),
+            ],
+        ),
+    )
+    .expect("write");
+    c.start_agent().expect("agent");
+    c.wait_attached(Duration::from_secs(10)).expect("attached");
+    wait_until(Duration::from_secs(5), || {
+        c.programmed("10.96.0.10:80/TCP")
+            .is_some_and(|b| b.len() == 3)
+    })
+    .expect("service programmed");
+    c
+}
+
+/// Runs `n` TCP connections (or UDP requests) from `ns` and counts answers per backend.
+fn spread(ns: &Netns, target: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
+    ns.enter(move || {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let who = if udp {
+                udp_hello(target, T)
+            } else {
+                tcp_hello(target, T)
+            };
+            *counts
+                .entry(who.unwrap_or_else(|e| format!("error: {e}")))
+                .or_insert(0) += 1;
+        }
+        counts
+    })
+    .expect("client thread")
+}
+
+#[test]
+fn clusterip_spreads_over_ready_backends_only() {
+    if !privileged("clusterip_spreads_over_ready_backends_only") {
+        return;
+    }
+    let c = web_cluster(None);
+    let client = &c.node.pod("client").ns;
+    for (udp, target) in [(false, addr(WEB_VIP, 80)), (true, addr(WEB_VIP, 53))] {
+        let counts = spread(client, target, 300, udp);
+        let keys: Vec<&str> = counts.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["be1", "be2", "be3"],
+            "udp={udp}: every ready backend, nothing else: {counts:?}"
+        );
+        for (backend, n) in &counts {
+            // Uniform random over 3: expect 100 each; 50 is > 7 standard deviations away.
+            assert!(
+                *n >= 50,
+                "udp={udp}: {backend} got only {n} of 300: {counts:?}"
+            );
+        }
+    }
+    // The read commands see the same traffic.
+    let services = c.services().expect("services");
+    let web = services
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["frontend"]["port"] == 80)
+        .expect("web http");
+    assert!(
+        web["packets"].as_u64().expect("packets") >= 300 * 3,
+        "{web}"
+    );
+    let ct = c.xlb(&["conntrack"]).expect("conntrack");
+    assert!(ct.contains("dst=10.96.0.10:80"), "{ct}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&c.xlb(&["stats", "--json"]).expect("stats")).expect("json");
+    // A client port reused while its old flow is still tracked counts as established.
+    assert!(
+        stats["outcomes"]["dnat_new"].as_u64().expect("count") >= 500,
+        "{stats}"
+    );
+    assert!(
+        stats["outcomes"]["revnat"].as_u64().expect("count") >= 600,
+        "{stats}"
+    );
+}
+
+#[test]
+fn session_affinity_pins_a_client_to_one_backend() {
+    if !privileged("session_affinity_pins_a_client_to_one_backend") {
+        return;
+    }
+    let c = web_cluster(Some(600));
+    let client = &c.node.pod("client").ns;
+    let counts = spread(client, addr(WEB_VIP, 80), 40, false);
+    assert_eq!(
+        counts.len(),
+        1,
+        "one backend for all connections: {counts:?}"
+    );
+    assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
+}
+
+#[test]
+fn service_without_endpoints_refuses_connections_fast() {
+    if !privileged("service_without_endpoints_refuses_connections_fast") {
+        return;
+    }
+    let mut c = Cluster::new(&[("client", "10.244.0.2")]).expect("topology");
+    c.write_manifest("api.yaml", &service("api", API_VIP, None))
+        .expect("write");
+    c.write_manifest("api-slice.yaml", &slice("api", &[]))
+        .expect("write");
+    c.start_agent().expect("agent");
+    c.wait_attached(Duration::from_secs(10)).expect("attached");
+    wait_until(Duration::from_secs(5), || {
+        c.programmed("10.96.0.20:80/TCP").is_some()
+    })
+    .expect("programmed");
+    let started = Instant::now();
+    let err = c
+        .node
+        .pod("client")
+        .ns
+        .enter(|| tcp_hello(addr(API_VIP, 80), Duration::from_secs(5)))
+        .expect("thread")
+        .expect_err("no endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+    let udp_err = c
+        .node
+        .pod("client")
+        .ns
+        .enter(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(addr(API_VIP, 53))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send(b"x")?;
+            s.recv(&mut [0u8; 16])
+        })
+        .expect("thread")
+        .expect_err("no endpoints");
+    assert_eq!(
+        udp_err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{udp_err}"
+    );
+}
+
+#[test]
+fn manifest_edits_take_effect_within_a_second() {
+    if !privileged("manifest_edits_take_effect_within_a_second") {
+        return;
+    }
+    let mut c = Cluster::new(&[
+        ("client", "10.244.0.2"),
+        ("be1", "10.244.0.11"),
+        ("be2", "10.244.0.12"),
+        ("be3", "10.244.0.13"),
+        ("api1", "10.244.0.21"),
+    ])
+    .expect("topology");
+    c.write_manifest("web.yaml", &service("web", WEB_VIP, None))
+        .expect("write");
+    c.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[("10.244.0.11", true), ("10.244.0.12", true)]),
+    )
+    .expect("write");
+    c.write_manifest(
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            service("api", API_VIP, None),
+            slice("api", &[("10.244.0.21", true)])
+        ),
+    )
+    .expect("write");
+    c.start_agent().expect("agent");
+    c.wait_attached(Duration::from_secs(10)).expect("attached");
+    wait_until(Duration::from_secs(5), || {
+        c.programmed("10.96.0.20:80/TCP").is_some()
+    })
+    .expect("programmed");
+    let client = &c.node.pod("client").ns;
+    let web = addr(WEB_VIP, 80);
+    let api = addr(API_VIP, 80);
+
+    // Keep talking to the other service the whole time: it must never fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api_load = {
+        let stop = std::sync::Arc::clone(&stop);
+        client
+            .spawn(move || {
+                let mut failures = Vec::new();
+                let mut ok = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 20_000 {
+                    match tcp_hello(api, T) {
+                        Ok(name) if name == "api1" => ok += 1,
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failures)
+            })
+            .expect("thread")
+    };
+
+    // Time from the file change until 30 consecutive connections show the new state.
+    let converge = |want: &'static [&'static str], forbid: &'static [&'static str]| {
+        let started = Instant::now();
+        let mut streak = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        while streak < 30 {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "no convergence: {want:?}"
+            );
+            let who = client.enter(move || tcp_hello(web, T)).expect("thread");
+            match who {
+                Ok(name) if !forbid.contains(&name.as_str()) && want.contains(&name.as_str()) => {
+                    streak += 1;
+                    seen.insert(name);
+                }
+                _ => {
+                    streak = 0;
+                    seen.clear();
+                }
+            }
+        }
+        (started.elapsed(), seen)
+    };
+
+    // Add a backend.
+    c.write_manifest(
+        "web-slice.yaml",
+        &slice(
+            "web",
+            &[
+                ("10.244.0.11", true),
+                ("10.244.0.12", true),
+                ("10.244.0.13", true),
+            ],
+        ),
+    )
+    .expect("write");
+    let started = Instant::now();
+    wait_until(Duration::from_secs(1), || {
+        c.programmed("10.96.0.10:80/TCP")
+            .is_some_and(|b| b.len() == 3)
+    })
+    .unwrap_or_else(|_| panic!("added backend not programmed within 1 s; log:\n{}", c.log()));
+    let (_, seen) = converge(&["be1", "be2", "be3"], &[]);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let _ = seen;
+    let counts = spread(client, web, 60, false);
+    assert!(
+        counts.contains_key("be3"),
+        "new backend receives traffic: {counts:?}"
+    );
+
+    // Remove a backend: within a second no new connection reaches it.
+    c.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[("10.244.0.12", true), ("10.244.0.13", true)]),
+    )
+    .expect("write");
+    let (took, _) = converge(&["be2", "be3"], &["be1"]);
+    assert!(took < Duration::from_secs(1), "removal took {took:?}");
+    let counts = spread(client, web, 60, false);
+    assert!(!counts.contains_key("be1"), "{counts:?}");
+
+    // A broken file changes nothing and is reported with its path and line.
+    c.write_manifest(
+        "web-slice.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n",
+    )
+    .expect("write");
+    wait_until(Duration::from_secs(2), || {
+        c.log().contains("web-slice.yaml:")
+    })
+    .expect("error logged");
+    let log = c.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("web-slice.yaml:"))
+        .expect("line");
+    assert!(
+        line.contains("web-slice.yaml:4:") || line.contains("web-slice.yaml:3:"),
+        "{line}"
+    );
+    let counts = spread(client, web, 30, false);
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["be2", "be3"],
+        "{counts:?}"
+    );
+
+    // Delete the service: its VIP stops answering within a second.
+    c.remove_manifest("web.yaml").expect("rm");
+    let started = Instant::now();
+    wait_until(Duration::from_secs(1), || {
+        c.programmed("10.96.0.10:80/TCP").is_none()
+    })
+    .expect("service removed within 1 s");
+    let refused = client
+        .enter(move || tcp_hello(web, Duration::from_millis(500)))
+        .expect("thread");
+    assert!(refused.is_err(), "VIP of a deleted service must not answer");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = api_load.join().expect("api load");
+    assert!(
+        failures.is_empty(),
+        "other service failed during edits: {failures:?}"
+    );
+    assert!(ok > 50, "other service kept serving ({ok} connections)");
+}
+
+fn exchange(stream: &mut std::net::TcpStream, round: u32) {
+    let msg = format!("ping {round}\n");
+    stream
+        .write_all(msg.as_bytes())
+        .expect("write on the long stream");
+    let mut buf = vec![0u8; msg.len()];
+    stream
+        .read_exact(&mut buf)
+        .expect("echo on the long stream");
+    assert_eq!(buf, msg.as_bytes());
+}
+
+#[test]
+fn long_tcp_stream_survives_agent_restart_and_crash() {
+    if !privileged("long_tcp_stream_survives_agent_restart_and_crash") {
+        return;
+    }
+    let mut c = web_cluster(None);
+    let (mut stream, backend) = c
+        .node
+        .pod("client")
+        .ns
+        .enter(|| tcp_connect(addr(WEB_VIP, 80), T))
+        .expect("thread")
+        .expect("connect");
+    let mut round = 0;
+    let mut talk = |stream: &mut std::net::TcpStream, n: u32| {
+        for _ in 0..n {
+            exchange(stream, round);
+            round += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    talk(&mut stream, 10);
+
+    // Graceful restart: the datapath keeps running while no agent is there.
+    c.agent.take().expect("agent").stop().expect("clean stop");
+    talk(&mut stream, 20);
+    assert!(c.log().contains("stay pinned"));
+    c.start_agent().expect("restart");
+    wait_until(Duration::from_secs(10), || {
+        c.log().contains("adopted 2 frontend(s)")
+    })
+    .expect("adopted");
+    talk(&mut stream, 20);
+
+    // Crash: kill -9, then start again.
+    c.agent.take().expect("agent").crash();
+    talk(&mut stream, 20);
+    c.start_agent().expect("restart");
+    wait_until(Duration::from_secs(10), || {
+        c.log().matches("adopted 2 frontend(s)").count() == 2
+    })
+    .expect("adopted again");
+    talk(&mut stream, 20);
+
+    // Still the same backend, and new connections work again.
+    let flows = c.xlb(&["conntrack", "--json"]).expect("conntrack");
+    assert!(flows.contains(&format!("\"{}", "10.244.0.1")), "{flows}");
+    let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 30, false);
+    assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
+    drop(stream);
+    assert!(backend.starts_with("be"));
+}
+
+#[test]
+fn nothing_is_left_behind() {
+    if !privileged("nothing_is_left_behind") {
+        return;
+    }
+    let (tag, bpffs, scratch, pid) = {
+        let c = web_cluster(None);
+        let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 10, false);
+        assert_eq!(counts.values().sum::<usize>(), 10);
+        let pid = c.agent.as_ref().expect("agent").pid();
+        (
+            c.node.tag.clone(),
+            c.pins.bpffs.clone(),
+            c.scratch.path.clone(),
+            pid,
+        )
+    };
+    assert!(
+        leftover(&tag).is_empty(),
+        "namespaces left: {:?}",
+        leftover(&tag)
+    );
+    assert!(!bpffs.exists(), "pins left under {}", bpffs.display());
+    assert!(!scratch.exists());
+    // SAFETY: signal 0 only checks whether the pid exists.
+    let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+    assert!(!alive, "agent {pid} still running");
+}
