@@ -37,17 +37,26 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    println!("building the demo node and {} pods in fresh namespaces...", PODS.len());
+    println!(
+        "building the demo node and {} pods in fresh namespaces...",
+        PODS.len()
+    );
     let mut cluster = Cluster::new(&PODS)?;
     for entry in std::fs::read_dir(root.join("examples/manifests"))? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         cluster.write_manifest(&name, &std::fs::read_to_string(&path)?)?;
     }
     cluster.start_agent()?;
     cluster.wait_attached(Duration::from_secs(10))?;
     wait_until(Duration::from_secs(5), || {
-        cluster.programmed("10.96.0.10:80/TCP").is_some_and(|b| b.len() == 3)
+        cluster
+            .programmed("10.96.0.10:80/TCP")
+            .is_some_and(|b| b.len() == 3)
     })
     .context("services not programmed")?;
     println!(
@@ -60,8 +69,20 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut clients = Vec::new();
     for (client, targets) in [
-        ("client-a", [("web tcp", "10.96.0.10:80", false), ("web udp", "10.96.0.10:53", true)]),
-        ("client-b", [("sticky tcp", "10.96.0.20:80", false), ("empty tcp", "10.96.0.30:80", false)]),
+        (
+            "client-a",
+            [
+                ("web tcp", "10.96.0.10:80", false),
+                ("web udp", "10.96.0.10:53", true),
+            ],
+        ),
+        (
+            "client-b",
+            [
+                ("sticky tcp", "10.96.0.20:80", false),
+                ("empty tcp", "10.96.0.30:80", false),
+            ],
+        ),
     ] {
         let stop = Arc::clone(&stop);
         let tally = Arc::clone(&tally);
@@ -70,7 +91,11 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
                 for (label, target, udp) in targets {
                     let target: SocketAddr = target.parse().expect("demo address");
                     let timeout = Duration::from_millis(500);
-                    let who = if udp { udp_hello(target, timeout) } else { tcp_hello(target, timeout) };
+                    let who = if udp {
+                        udp_hello(target, timeout)
+                    } else {
+                        tcp_hello(target, timeout)
+                    };
                     let key = match who {
                         Ok(backend) => format!("{client} -> {label:<10} -> {backend}"),
                         Err(e) => format!("{client} -> {label:<10} -> {}", e.kind()),
@@ -83,7 +108,10 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
     }
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_secs(1));
-        println!("---- {}s left ---- `xlb services` (counters from the BPF maps):", deadline.saturating_duration_since(Instant::now()).as_secs());
+        println!(
+            "---- {}s left ---- `xlb services` (counters from the BPF maps):",
+            deadline.saturating_duration_since(Instant::now()).as_secs()
+        );
         println!("{}", cluster.xlb(&["services"])?.trim_end());
         println!("client view (requests per answer):");
         for (key, n) in tally.lock().expect("tally").iter() {
