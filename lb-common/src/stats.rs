@@ -1,4 +1,5 @@
-//! Outcome codes: every packet the programs see is counted under exactly one of these.
+//! Outcome codes: every packet the programs see is counted under exactly one of these,
+//! except `AFFINITY_HIT`, an extra count on top of the new flow's `DNAT_NEW`.
 
 /// Index into the per-CPU `STATS` array.
 pub type Outcome = u32;
@@ -33,7 +34,7 @@ pub mod outcome {
     pub const DROP_REWRITE_FAILED: Outcome = 12;
     /// Frontend says it has backends but a slot or backend is missing (mid-update race).
     pub const DROP_BACKEND_MISSING: Outcome = 13;
-    /// Session affinity entry used for a new flow.
+    /// Session affinity entry used for a new flow (counted in addition to `DNAT_NEW`).
     pub const AFFINITY_HIT: Outcome = 14;
     pub const COUNT: u32 = 15;
 }

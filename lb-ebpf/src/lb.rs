@@ -28,7 +28,7 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
         Ok(Packet::Flow(flow)) => dnat(ctx, &flow),
-        Ok(Packet::IcmpError { outer, inner }) => icmp_error_to_backend(ctx, &outer, &inner),
+        Ok(Packet::IcmpError { outer, inner }) => icmp_error(ctx, &outer, &inner, InnerEnd::Source),
         Err(outcome) => Err(outcome),
     };
     finish(result)
@@ -39,7 +39,9 @@ pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
 pub fn to_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
         Ok(Packet::Flow(flow)) => revnat(ctx, &flow),
-        Ok(Packet::IcmpError { outer, inner }) => icmp_error_to_client(ctx, &outer, &inner),
+        Ok(Packet::IcmpError { outer, inner }) => {
+            icmp_error(ctx, &outer, &inner, InnerEnd::Destination)
+        }
         Err(outcome) => Err(outcome),
     };
     finish(result)
@@ -188,44 +190,23 @@ fn revnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     Ok((TC_ACT_OK, outcome::REVNAT))
 }
 
-/// ICMP error from a backend (or a router on its path) about a client → backend packet.
-fn icmp_error_to_client(
+/// ICMP error about a NATed flow. `InnerEnd::Destination`: from a backend (or a router on
+/// its path) about a client → backend packet, found by the reverse entry. `InnerEnd::Source`:
+/// from a client about a reply it got from a VIP, found by the forward entry.
+fn icmp_error(
     ctx: &TcContext,
     outer: &Flow,
     inner: &Flow,
+    end: InnerEnd,
 ) -> Result<(i32, Outcome), Outcome> {
+    let key = match end {
+        InnerEnd::Destination => ct::reverse_key(&inner.reversed()),
+        InnerEnd::Source => ct::forward_key(&inner.reversed()),
+    };
     // SAFETY: value copied out immediately.
-    let known = unsafe { CONNTRACK.get(ct::reverse_key(&inner.reversed())) }
+    let known = unsafe { CONNTRACK.get(key) }
         .copied()
         .ok_or(outcome::PASS_NOT_SERVICE)?;
-    icmp::translate_error(
-        ctx,
-        outer,
-        inner,
-        InnerEnd::Destination,
-        known.nat_addr,
-        known.nat_port,
-    )?;
-    Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
-}
-
-/// ICMP error from a client about a reply it got from a VIP.
-fn icmp_error_to_backend(
-    ctx: &TcContext,
-    outer: &Flow,
-    inner: &Flow,
-) -> Result<(i32, Outcome), Outcome> {
-    // SAFETY: value copied out immediately.
-    let known = unsafe { CONNTRACK.get(ct::forward_key(&inner.reversed())) }
-        .copied()
-        .ok_or(outcome::PASS_NOT_SERVICE)?;
-    icmp::translate_error(
-        ctx,
-        outer,
-        inner,
-        InnerEnd::Source,
-        known.nat_addr,
-        known.nat_port,
-    )?;
+    icmp::translate_error(ctx, outer, inner, end, known.nat_addr, known.nat_port)?;
     Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
 }
