@@ -43,28 +43,17 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Services(args) => read(&args, |maps| {
-            let rows = inspect::services(maps);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                inspect::services_text(&rows)
+            render(args.json, &inspect::services(maps), |r| {
+                inspect::services_text(r)
             })
         }),
         Command::Conntrack(args) => read(&args, |maps| {
-            let rows = inspect::conntrack(maps);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                inspect::conntrack_text(&rows)
+            render(args.json, &inspect::conntrack(maps), |r| {
+                inspect::conntrack_text(r)
             })
         }),
         Command::Stats(args) => read(&args, |maps| {
-            let report = inspect::stats(maps);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&report)?
-            } else {
-                inspect::stats_text(&report)
-            })
+            render(args.json, &inspect::stats(maps), inspect::stats_text)
         }),
         Command::Cleanup { bpffs } => {
             let removed = loader::cleanup(&PinLayout::new(&bpffs));
@@ -78,4 +67,17 @@ fn read(args: &ReadArgs, report: impl Fn(&PinnedMaps) -> Result<String>) -> Resu
     let maps = PinnedMaps::open(&PinLayout::new(&args.bpffs))?;
     println!("{}", report(&maps)?.trim_end());
     Ok(())
+}
+
+/// JSON (pretty) with `--json`, the table otherwise.
+fn render<T: serde::Serialize + ?Sized>(
+    json: bool,
+    report: &T,
+    text: impl Fn(&T) -> String,
+) -> Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(report)?
+    } else {
+        text(report)
+    })
 }
