@@ -34,6 +34,82 @@ pub enum LoaderError {
     },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?} but this xlb expects {expected:?} \
+         (left by another xlb version?): stop that agent and run `xlb cleanup --bpffs {root}` \
+         (this drops established-flow state) before starting this one"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        root: String,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
+    #[error("reading pinned map {path}: {message}")]
+    PinnedMap { path: PathBuf, message: String },
+}
+
+/// Key and value sizes of every map, as the eBPF object defines them.
+const MAP_LAYOUTS: [(&str, usize, usize); 7] = {
+    use lb_common::*;
+    use std::mem::size_of;
+    [
+        (
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+        ),
+        (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>()),
+        (
+            map_names::CONNTRACK,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+        ),
+        (
+            map_names::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+        ),
+        (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
+        (
+            map_names::SERVICE_STATS,
+            size_of::<u32>(),
+            size_of::<TrafficCounter>(),
+        ),
+        (
+            map_names::BACKEND_STATS,
+            size_of::<u32>(),
+            size_of::<TrafficCounter>(),
+        ),
+    ]
+};
+
+/// Refuses to reuse pinned maps whose layout differs from ours: aya would hand them to the
+/// programs unchecked, and the datapath would read garbage.
+pub fn check_pinned_layouts(pins: &PinLayout) -> Result<(), LoaderError> {
+    for (name, key, value) in MAP_LAYOUTS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|e| LoaderError::PinnedMap {
+                path: path.clone(),
+                message: error_chain(&e),
+            })?;
+        let found = (info.key_size(), info.value_size());
+        let expected = (key as u32, value as u32);
+        if found != expected {
+            return Err(LoaderError::IncompatiblePin {
+                path,
+                root: pins.root.display().to_string(),
+                found,
+                expected,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where the agent pins things under `--bpffs`.
@@ -95,6 +171,9 @@ impl Hook {
 /// Loads the object and its programs. With `pins`, every map is pinned there (or the existing
 /// pin reused, so conntrack and services survive an agent restart); without, maps are private.
 pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
+    if let Some(layout) = pins {
+        check_pinned_layouts(layout)?;
+    }
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match pins {
         Some(layout) => map_names::ALL

@@ -577,3 +577,79 @@ fn odd_packets_pass_untouched_and_are_counted() {
     assert!(dp.ct().is_empty());
     assert_eq!(dp.stat(outcome::DROP_REWRITE_FAILED), 0);
 }
+
+/// Removes a test pin directory on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        loader::cleanup(&loader::PinLayout::new(&self.0));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pinned_maps_are_reused_and_incompatible_pins_refused() {
+    if !privileged("pinned_maps_are_reused_and_incompatible_pins_refused") {
+        return;
+    }
+    let dir = PinDir(format!("/sys/fs/bpf/xlb-test-layout-{}", std::process::id()).into());
+    xlb::bpffs::ensure_pin_dir(&dir.0).expect("bpffs");
+    let layout = loader::PinLayout::new(&dir.0);
+    std::fs::create_dir_all(layout.maps_dir()).expect("maps dir");
+
+    let backend = Backend {
+        ip: ip("10.244.1.2"),
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+        service_id: 1,
+    };
+    {
+        let mut ebpf = loader::load(Some(&layout)).expect("first load pins maps");
+        let mut be: HashMap<_, u32, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
+        be.insert(42, backend, 0).expect("insert");
+    }
+    {
+        // An agent restart: the same maps, with their content, are handed to the programs.
+        let ebpf = loader::load(Some(&layout)).expect("second load reuses pins");
+        let be: HashMap<_, u32, Backend> =
+            HashMap::try_from(ebpf.map(map_names::BACKENDS).expect("map")).expect("type");
+        assert_eq!(be.get(&42, 0).expect("entry survived"), backend);
+    }
+
+    // A map left by an xlb with another layout is refused with a clear error.
+    let path = layout.map(map_names::BACKENDS);
+    std::fs::remove_file(&path).expect("unpin");
+    let path_str = path.to_string_lossy().to_string();
+    xlb_tests::netns::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &path_str,
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "XLB_BACKENDS",
+        ],
+    )
+    .expect("bpftool map create");
+    let err = loader::load(Some(&layout)).expect_err("incompatible pin");
+    let text = err.to_string();
+    assert!(
+        text.contains(&path_str) && text.contains("xlb cleanup"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(4, 8)") && text.contains("(4, 12)"),
+        "{text}"
+    );
+}

@@ -49,9 +49,13 @@ pub fn ensure_build_tools() -> Result<()> {
     Ok(())
 }
 
-/// What the privileged layers call out to: `ip` (iproute2) and `nsenter` (util-linux).
+/// What the privileged layers call out to: `ip` (iproute2), `nsenter` (util-linux) and
+/// `bpftool` (to forge an incompatible pinned map).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
+    if !succeeds("bpftool", &["version"]) {
+        missing.push("bpftool");
+    }
     if !succeeds("ip", &["-V"]) {
         missing.push("iproute2");
     }
