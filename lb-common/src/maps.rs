@@ -141,7 +141,8 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// Forward: backend port. Reverse: the service port. Network byte order.
     pub nat_port: u16,
-    pub _pad: u16,
+    /// `CT_FLAG_*`: TCP state as far as lifetimes need it.
+    pub flags: u16,
     /// `bpf_ktime_get_ns()` at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet.
@@ -150,6 +151,34 @@ pub struct CtValue {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
+
+/// TCP entry saw its handshake complete (forward: a client ACK; reverse: a reply).
+pub const CT_FLAG_ESTABLISHED: u16 = 1;
+/// TCP entry saw FIN or RST.
+pub const CT_FLAG_CLOSING: u16 = 2;
+
+/// Conntrack lifetimes after the last packet, in seconds (Cilium's defaults: short while
+/// a TCP handshake is pending or the flow is closing, long once established).
+pub mod ct_lifetime {
+    pub const TCP_SYN_S: u64 = 60;
+    pub const TCP_ESTABLISHED_S: u64 = 21_600;
+    pub const TCP_CLOSING_S: u64 = 10;
+    pub const OTHER_S: u64 = 60;
+}
+
+/// How long an entry lives after its last packet, from its protocol and flags.
+pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
+    let seconds = if proto != PROTO_TCP {
+        ct_lifetime::OTHER_S
+    } else if flags & CT_FLAG_CLOSING != 0 {
+        ct_lifetime::TCP_CLOSING_S
+    } else if flags & CT_FLAG_ESTABLISHED != 0 {
+        ct_lifetime::TCP_ESTABLISHED_S
+    } else {
+        ct_lifetime::TCP_SYN_S
+    };
+    seconds * 1_000_000_000
+}
 
 /// `AFFINITY` key: client and service port.
 #[repr(C)]
@@ -242,6 +271,26 @@ mod tests {
             (12, 16, 40)
         );
         assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+    }
+
+    #[test]
+    fn conntrack_lifetimes_by_protocol_and_state() {
+        let s = 1_000_000_000;
+        let table = [
+            (PROTO_UDP, 0, 60 * s),
+            (PROTO_UDP, CT_FLAG_CLOSING, 60 * s),
+            (PROTO_TCP, 0, 60 * s),
+            (PROTO_TCP, CT_FLAG_ESTABLISHED, 21_600 * s),
+            (PROTO_TCP, CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING, 10 * s),
+            (PROTO_TCP, CT_FLAG_CLOSING, 10 * s),
+        ];
+        for (proto, flags, want) in table {
+            assert_eq!(
+                ct_lifetime_ns(proto, flags),
+                want,
+                "proto {proto} flags {flags}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,14 @@
 //! Connection tracking: a forward entry (client → VIP) pins the flow to its backend, a reverse
 //! entry (backend → client) restores the VIP on replies.
-use lb_common::{Backend, CT_FORWARD, CT_REVERSE, CtKey, CtValue, Outcome, outcome};
+use lb_common::{
+    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, CtValue, Outcome,
+    PROTO_TCP, ct_lifetime_ns, outcome,
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 use crate::{maps::CONNTRACK, parse::Flow};
 
@@ -40,7 +48,7 @@ pub fn create(
         service_id,
         nat_addr: backend.ip,
         nat_port: backend.port,
-        _pad: 0,
+        flags: tcp_flags_update(client, 0),
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
@@ -67,13 +75,14 @@ pub fn insert_reverse(
         dst: client.src,
         sport: backend.port,
         dport: client.sport,
+        tcp_flags: 0,
     };
     let reverse = CtValue {
         backend_id,
         service_id,
         nat_addr: client.dst,
         nat_port: client.dport,
-        _pad: 0,
+        flags: 0,
         created_ns: now,
         last_seen_ns: now,
         packets: 0,
@@ -84,13 +93,36 @@ pub fn insert_reverse(
         .map_err(|_| outcome::DROP_CT_FULL)
 }
 
-/// Bumps an entry's last-seen time and counters.
+/// An entry's flags after seeing `flow`'s packet. Forward entries become established on the
+/// client's first ACK without SYN, reverse entries on any reply; FIN or RST mean closing.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, now: u64, bytes: u32) {
+pub fn tcp_flags_update(flow: &Flow, flags: u16) -> u16 {
+    if flow.proto != PROTO_TCP {
+        return flags;
+    }
+    let mut flags = flags;
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= CT_FLAG_CLOSING;
+    } else if flow.tcp_flags & TCP_SYN == 0 || flow.tcp_flags & TCP_ACK != 0 {
+        flags |= CT_FLAG_ESTABLISHED;
+    }
+    flags
+}
+
+/// True if the entry outlived its lifetime: the flow is over, a new one may reuse the tuple.
+#[inline(always)]
+pub fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
+    now.wrapping_sub(entry.last_seen_ns) > ct_lifetime_ns(proto, entry.flags)
+}
+
+/// Bumps an entry's last-seen time, TCP state and counters.
+#[inline(always)]
+pub fn touch(entry: *mut CtValue, flow: &Flow, now: u64, bytes: u32) {
     // SAFETY: `entry` comes from a map lookup in this program run. Racing updates from
     // another CPU can only lose a counter increment.
     unsafe {
         (*entry).last_seen_ns = now;
+        (*entry).flags = tcp_flags_update(flow, (*entry).flags);
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
     }

@@ -82,15 +82,19 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     if let Some(entry) = CONNTRACK.get_ptr_mut(ct::forward_key(flow)) {
         // SAFETY: copy of a map value from this run's lookup.
         let known = unsafe { *entry };
-        // A flow whose backend left the service is balanced again as a new flow.
-        if let Some(backend) = live_backend(known.backend_id, known.service_id) {
-            ct::touch(entry, now, bytes);
+        // A flow whose backend left the service, or whose entry outlived its lifetime (the
+        // tuple is being reused), is balanced again as a new flow.
+        if !ct::expired(&known, flow.proto, now)
+            && let Some(backend) = live_backend(known.backend_id, known.service_id)
+        {
+            ct::touch(entry, flow, now, bytes);
             let reply = Flow {
                 proto: flow.proto,
                 src: backend.ip,
                 dst: flow.src,
                 sport: backend.port,
                 dport: flow.sport,
+                tcp_flags: 0,
             };
             if CONNTRACK.get_ptr(ct::reverse_key(&reply)).is_none() {
                 ct::insert_reverse(flow, known.backend_id, &backend, known.service_id, now)?;
@@ -185,7 +189,7 @@ fn revnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
         .ok_or(outcome::PASS_NOT_SERVICE)?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = unsafe { *entry };
-    ct::touch(entry, now_ns(), ctx.len());
+    ct::touch(entry, flow, now_ns(), ctx.len());
     nat::rewrite_src(ctx, flow, known.nat_addr, known.nat_port)?;
     Ok((TC_ACT_OK, outcome::REVNAT))
 }

@@ -15,6 +15,7 @@ pub const INNER_L4_OFF: usize = INNER_IP_OFF + IP_HLEN;
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
 pub const IP_DST_OFF: usize = 16;
+pub const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 pub const ICMP_CSUM_OFF: usize = 2;
@@ -51,6 +52,8 @@ pub struct Flow {
     pub dst: u32,
     pub sport: u16,
     pub dport: u16,
+    /// TCP flags byte (0 for UDP and for embedded headers of ICMP errors).
+    pub tcp_flags: u8,
 }
 
 impl Flow {
@@ -63,6 +66,7 @@ impl Flow {
             dst: self.src,
             sport: self.dport,
             dport: self.sport,
+            tcp_flags: 0,
         }
     }
 
@@ -107,12 +111,19 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
                 return Err(outcome::MALFORMED);
             }
             let ports: [u16; 2] = ctx.load(L4_OFF).map_err(|_| outcome::MALFORMED)?;
+            let tcp_flags = if ip.proto == PROTO_TCP {
+                ctx.load(L4_OFF + TCP_FLAGS_OFF)
+                    .map_err(|_| outcome::MALFORMED)?
+            } else {
+                0
+            };
             Ok(Packet::Flow(Flow {
                 proto: ip.proto,
                 src: ip.src,
                 dst: ip.dst,
                 sport: ports[0],
                 dport: ports[1],
+                tcp_flags,
             }))
         }
         PROTO_ICMP => {
@@ -135,6 +146,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
                     dst: ip.dst,
                     sport: 0,
                     dport: 0,
+                    tcp_flags: 0,
                 },
                 inner: Flow {
                     proto: inner_ip.proto,
@@ -142,6 +154,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
                     dst: inner_ip.dst,
                     sport: ports[0],
                     dport: ports[1],
+                    tcp_flags: 0,
                 },
             })
         }

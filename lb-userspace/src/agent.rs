@@ -25,6 +25,8 @@ use crate::{
 
 /// How often files and interfaces are checked: well inside the one-second promise.
 const POLL: Duration = Duration::from_millis(100);
+/// How often dead conntrack entries are collected (also right after backends are removed).
+const GC_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct AgentConfig {
     pub manifests: PathBuf,
@@ -52,6 +54,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut dir_error_logged = false;
     let mut need_sync = true;
+    let mut last_gc = Instant::now();
+    let mut gc_now = true;
     log::info!(
         "watching {} for Service/EndpointSlice manifests",
         config.manifests.display()
@@ -83,6 +87,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             match syncer.apply(&translation.desired, &mut maps) {
                 Ok(report) => {
                     need_sync = false;
+                    gc_now |= report.backends_removed > 0;
                     if !report.is_noop() {
                         log::info!(
                             "synced {} frontend(s) in {:?}: {report:?}",
@@ -96,6 +101,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     syncer = Syncer::adopt(maps.service_slots(), maps.all_backends());
                 }
             }
+        }
+        if gc_now || last_gc.elapsed() >= GC_INTERVAL {
+            let removed = maps.collect_garbage(crate::inspect::monotonic_ns());
+            if removed > 0 {
+                log::debug!("conntrack gc: removed {removed} dead entries");
+            }
+            last_gc = Instant::now();
+            gc_now = false;
         }
         attacher.reconcile(&mut ebpf, &pins);
         std::thread::sleep(POLL);

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cli;
+pub mod conntrack_gc;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;

@@ -76,6 +76,22 @@ impl PinnedMaps {
     pub fn all_backends(&self) -> Vec<(u32, Backend)> {
         self.backends.iter().filter_map(Result::ok).collect()
     }
+
+    /// Deletes dead conntrack and affinity entries (see `conntrack_gc`); returns how many.
+    pub fn collect_garbage(&mut self, now_ns: u64) -> usize {
+        let live: std::collections::BTreeSet<u32> =
+            self.backends.keys().filter_map(Result::ok).collect();
+        let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
+        let affinities: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
+        let mut removed = 0;
+        for key in crate::conntrack_gc::stale_flows(flows, &live, now_ns) {
+            removed += usize::from(self.conntrack.remove(&key).is_ok());
+        }
+        for key in crate::conntrack_gc::stale_affinities(affinities, &live) {
+            removed += usize::from(self.affinity.remove(&key).is_ok());
+        }
+        removed
+    }
 }
 
 /// Sums a per-CPU counter.

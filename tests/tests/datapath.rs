@@ -7,8 +7,9 @@ use aya::{
     maps::{HashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_FORWARD, CT_REVERSE, CtKey, CtValue, Outcome,
-    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, map_names, outcome, program_names,
+    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD,
+    CT_REVERSE, CtKey, CtValue, Outcome, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, map_names,
+    outcome, program_names,
 };
 use xlb::{loader, prog_test_run};
 use xlb_tests::{
@@ -651,5 +652,101 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
     assert!(
         text.contains("(4, 8)") && text.contains("(4, 12)"),
         "{text}"
+    );
+}
+
+impl Datapath {
+    /// Moves every conntrack entry's last-seen time `seconds` into the past.
+    fn age_conntrack(&mut self, seconds: u64) {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
+                .expect("map type");
+        let entries: Vec<(CtKey, CtValue)> = ct.iter().map(|r| r.expect("entry")).collect();
+        for (k, mut v) in entries {
+            v.last_seen_ns -= seconds * 1_000_000_000;
+            ct.insert(k, v, 0).expect("update");
+        }
+    }
+}
+
+#[test]
+fn conntrack_tracks_tcp_state_and_rebalances_expired_flows() {
+    if !privileged("conntrack_tracks_tcp_state_and_rebalances_expired_flows") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], 0);
+    let flags_of = |dp: &Datapath, dir| {
+        dp.ct()
+            .iter()
+            .find(|(k, _)| k.dir == dir)
+            .map(|(_, v)| v.flags)
+            .expect("entry")
+    };
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, SYN).build(),
+    );
+    assert_eq!(flags_of(&dp, CT_FORWARD), 0, "handshake pending");
+    dp.run(
+        Hook::ToPod,
+        &Frame::tcp("10.244.1.1", 80, CLIENT, 2000, SYN | ACK).build(),
+    );
+    assert_eq!(flags_of(&dp, CT_REVERSE), CT_FLAG_ESTABLISHED);
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK).build(),
+    );
+    assert_eq!(flags_of(&dp, CT_FORWARD), CT_FLAG_ESTABLISHED);
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK | 0x01).build(),
+    );
+    assert_eq!(
+        flags_of(&dp, CT_FORWARD),
+        CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING
+    );
+
+    // Closing TCP flows live 10 s: after 11 s the tuple is a new flow, balanced again
+    // (backend 1 still exists but left the slots, so only a new selection can pick 2).
+    dp.service(PROTO_TCP, 80, &[(2, "10.244.2.2", 80)], 0);
+    dp.age_conntrack(11);
+    let (_, out) = dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, SYN).build(),
+    );
+    assert_eq!(view(&out).dst.to_string(), "10.244.2.2");
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 2);
+
+    // An established flow idle for an hour still sticks to its backend.
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK).build(),
+    );
+    dp.service(PROTO_TCP, 80, &[(3, "10.244.3.3", 80)], 0);
+    dp.age_conntrack(3600);
+    let (_, out) = dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK).build(),
+    );
+    assert_eq!(view(&out).dst.to_string(), "10.244.2.2");
+
+    // UDP lives 60 s.
+    dp.service(PROTO_UDP, 53, &[(4, "10.244.4.4", 53)], 0);
+    dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    dp.service(PROTO_UDP, 53, &[(5, "10.244.5.5", 53)], 0);
+    dp.age_conntrack(30);
+    let (_, out) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.4.4",
+        "30 s idle: same flow"
+    );
+    dp.age_conntrack(61);
+    let (_, out) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.5.5",
+        "61 s idle: new flow"
     );
 }

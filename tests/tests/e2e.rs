@@ -313,6 +313,12 @@ fn manifest_edits_take_effect_within_a_second() {
     assert!(took < Duration::from_secs(1), "removal took {took:?}");
     let counts = spread(client, web, 60, false);
     assert!(!counts.contains_key("be1"), "{counts:?}");
+    // Its conntrack entries are purged promptly too.
+    wait_until(Duration::from_secs(2), || {
+        c.xlb(&["conntrack", "--json"])
+            .is_ok_and(|flows| !flows.contains("10.244.0.11:8080"))
+    })
+    .expect("flows to the removed backend purged");
 
     // A broken file changes nothing and is reported with its path and line.
     c.write_manifest(

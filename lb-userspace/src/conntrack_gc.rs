@@ -1,0 +1,111 @@
+//! Conntrack and affinity garbage collection: the datapath only ignores dead entries, the
+//! agent deletes them so the LRU maps hold live flows, and flows to removed backends vanish
+//! promptly from `xlb conntrack` and the maps.
+use std::collections::BTreeSet;
+
+use lb_common::{AffinityKey, AffinityValue, CtKey, CtValue, ct_lifetime_ns};
+
+/// Entries to delete: idle past their lifetime, or pointing at a backend that is gone.
+pub fn stale_flows(
+    entries: impl IntoIterator<Item = (CtKey, CtValue)>,
+    live_backends: &BTreeSet<u32>,
+    now_ns: u64,
+) -> Vec<CtKey> {
+    entries
+        .into_iter()
+        .filter(|(key, value)| {
+            now_ns.saturating_sub(value.last_seen_ns) > ct_lifetime_ns(key.proto, value.flags)
+                || !live_backends.contains(&value.backend_id)
+        })
+        .map(|(key, _)| key)
+        .collect()
+}
+
+/// Affinity entries whose backend is gone (expiry by time is checked by the datapath).
+pub fn stale_affinities(
+    entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
+    live_backends: &BTreeSet<u32>,
+) -> Vec<AffinityKey> {
+    entries
+        .into_iter()
+        .filter(|(_, value)| !live_backends.contains(&value.backend_id))
+        .map(|(key, _)| key)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn flow(
+        n: u32,
+        proto: u8,
+        flags: u16,
+        backend_id: u32,
+        idle_s: u64,
+        now: u64,
+    ) -> (CtKey, CtValue) {
+        (
+            CtKey {
+                src: n,
+                proto,
+                ..Default::default()
+            },
+            CtValue {
+                backend_id,
+                flags,
+                last_seen_ns: now - idle_s * S,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn expired_and_orphaned_flows_are_collected() {
+        let now = 100_000 * S;
+        let live: BTreeSet<u32> = [1, 2].into();
+        let entries = vec![
+            flow(1, PROTO_UDP, 0, 1, 30, now),                     // fresh UDP
+            flow(2, PROTO_UDP, 0, 1, 61, now),                     // idle UDP
+            flow(3, PROTO_TCP, 0, 1, 61, now),                     // handshake never finished
+            flow(4, PROTO_TCP, CT_FLAG_ESTABLISHED, 2, 3600, now), // idle but established
+            flow(
+                5,
+                PROTO_TCP,
+                CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING,
+                2,
+                11,
+                now,
+            ), // closed
+            flow(6, PROTO_TCP, CT_FLAG_ESTABLISHED, 9, 0, now),    // backend removed
+        ];
+        let stale: Vec<u32> = stale_flows(entries, &live, now)
+            .iter()
+            .map(|k| k.src)
+            .collect();
+        assert_eq!(stale, [2, 3, 5, 6]);
+    }
+
+    #[test]
+    fn affinity_to_removed_backends_is_collected() {
+        let live: BTreeSet<u32> = [1].into();
+        let entry = |client, backend_id| {
+            (
+                AffinityKey {
+                    client,
+                    service_id: 1,
+                },
+                AffinityValue {
+                    backend_id,
+                    ..Default::default()
+                },
+            )
+        };
+        let stale = stale_affinities([entry(10, 1), entry(11, 2)], &live);
+        assert_eq!(stale.iter().map(|k| k.client).collect::<Vec<_>>(), [11]);
+    }
+}
