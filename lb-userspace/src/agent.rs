@@ -53,7 +53,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut attacher = Attacher::new(config.pod_ifaces);
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut dir_error_logged = false;
-    let mut need_sync = true;
+    let mut scanned_once = false;
+    // No sync before the directory was read once: an unreadable directory at start must not
+    // wipe the state adopted from the pins.
+    let mut need_sync = false;
     let mut last_gc = Instant::now();
     let mut gc_now = true;
     log::info!(
@@ -64,6 +67,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     while !stop.load(Ordering::Relaxed) {
         match source.rescan() {
             Ok(rescan) => {
+                if !scanned_once {
+                    scanned_once = true;
+                    need_sync = true;
+                }
                 dir_error_logged = false;
                 for err in &rescan.errors {
                     log::error!("{err}; keeping the last good objects of this file");

@@ -504,3 +504,36 @@ fn pod_interfaces_are_attached_and_detached_as_they_come_and_go() {
     let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 30, false);
     assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
 }
+
+#[test]
+fn unreadable_manifests_dir_at_restart_keeps_the_pinned_state() {
+    if !privileged("unreadable_manifests_dir_at_restart_keeps_the_pinned_state") {
+        return;
+    }
+    let mut c = web_cluster(None);
+    c.agent.take().expect("agent").stop().expect("stop");
+    // The directory is gone when the agent comes back (e.g. a volume not mounted yet).
+    let dir = c.manifests_dir();
+    let parked = c.scratch.path.join("parked");
+    std::fs::rename(&dir, &parked).expect("park manifests");
+    c.start_agent().expect("restart");
+    wait_until(Duration::from_secs(10), || {
+        c.log().contains("cannot read manifests directory")
+    })
+    .expect("error logged");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.programmed("10.96.0.10:80/TCP").map(|b| b.len()),
+        Some(3),
+        "state kept"
+    );
+    let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 30, false);
+    assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
+    // Once it is back, the agent follows it again.
+    std::fs::rename(&parked, &dir).expect("restore manifests");
+    c.remove_manifest("web.yaml").expect("rm");
+    wait_until(Duration::from_secs(2), || {
+        c.programmed("10.96.0.10:80/TCP").is_none()
+    })
+    .expect("follows the directory again");
+}
