@@ -60,23 +60,47 @@ pub fn create(
     insert_reverse(client, backend_id, backend, service_id, now)
 }
 
-/// (Re)creates the reverse entry of a forward flow; LRU eviction can take one side alone.
+/// The reply direction of `client`'s flow once DNATed to `backend`.
 #[inline(always)]
-pub fn insert_reverse(
-    client: &Flow,
-    backend_id: u32,
-    backend: &Backend,
-    service_id: u32,
-    now: u64,
-) -> Result<(), Outcome> {
-    let reply = Flow {
+fn reply_flow(client: &Flow, backend: &Backend) -> Flow {
+    Flow {
         proto: client.proto,
         src: backend.ip,
         dst: client.src,
         sport: backend.port,
         dport: client.sport,
         tcp_flags: 0,
-    };
+    }
+}
+
+/// Recreates the reverse entry of a known flow if it is missing: LRU eviction can take one
+/// side of a flow alone.
+#[inline(always)]
+pub fn ensure_reverse(
+    client: &Flow,
+    backend_id: u32,
+    backend: &Backend,
+    service_id: u32,
+    now: u64,
+) -> Result<(), Outcome> {
+    if CONNTRACK
+        .get_ptr(reverse_key(&reply_flow(client, backend)))
+        .is_some()
+    {
+        return Ok(());
+    }
+    insert_reverse(client, backend_id, backend, service_id, now)
+}
+
+#[inline(always)]
+fn insert_reverse(
+    client: &Flow,
+    backend_id: u32,
+    backend: &Backend,
+    service_id: u32,
+    now: u64,
+) -> Result<(), Outcome> {
+    let reply = reply_flow(client, backend);
     let reverse = CtValue {
         backend_id,
         service_id,

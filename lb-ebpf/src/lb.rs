@@ -88,17 +88,7 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
             && let Some(backend) = live_backend(known.backend_id, known.service_id)
         {
             ct::touch(entry, flow, now, bytes);
-            let reply = Flow {
-                proto: flow.proto,
-                src: backend.ip,
-                dst: flow.src,
-                sport: backend.port,
-                dport: flow.sport,
-                tcp_flags: 0,
-            };
-            if CONNTRACK.get_ptr(ct::reverse_key(&reply)).is_none() {
-                ct::insert_reverse(flow, known.backend_id, &backend, known.service_id, now)?;
-            }
+            ct::ensure_reverse(flow, known.backend_id, &backend, known.service_id, now)?;
             nat::rewrite_dst(ctx, flow, backend.ip, backend.port)?;
             stats::count_traffic(known.service_id, known.backend_id, bytes);
             return Ok((TC_ACT_OK, outcome::DNAT_ESTABLISHED));

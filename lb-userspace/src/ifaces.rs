@@ -55,6 +55,9 @@ pub struct Attacher {
     attached: BTreeMap<String, u32>,
     /// Interfaces whose attach failed, by ifindex, so the error is logged once.
     failed: BTreeMap<String, u32>,
+    /// Pins left by an earlier agent were checked (once, at start: later, only interfaces
+    /// in `attached` can leave pins behind, and those are handled above).
+    swept_stale_pins: bool,
 }
 
 impl Attacher {
@@ -63,6 +66,7 @@ impl Attacher {
             patterns,
             attached: BTreeMap::new(),
             failed: BTreeMap::new(),
+            swept_stale_pins: false,
         }
     }
 
@@ -88,11 +92,14 @@ impl Attacher {
             self.attached.remove(&name);
             log::info!("detached from {name} (interface gone)");
         }
-        for name in loader::pinned_ifaces(pins).into_keys() {
-            if !present.contains_key(&name) {
-                loader::detach(&name, pins);
-                log::info!("removed stale pinned links of {name}");
+        if !self.swept_stale_pins {
+            for name in loader::pinned_ifaces(pins).into_keys() {
+                if !present.contains_key(&name) {
+                    loader::detach(&name, pins);
+                    log::info!("removed stale pinned links of {name}");
+                }
             }
+            self.swept_stale_pins = true;
         }
         self.failed
             .retain(|name, index| present.get(name) == Some(index));

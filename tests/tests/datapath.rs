@@ -11,7 +11,7 @@ use lb_common::{
     CT_REVERSE, CtKey, CtValue, Outcome, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, map_names,
     outcome, program_names,
 };
-use xlb::{loader, prog_test_run};
+use xlb::{inspect::monotonic_ns, loader, prog_test_run};
 use xlb_tests::{
     packet::{
         ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, icmp_error, ipv4_frame,
@@ -30,16 +30,6 @@ const SERVICE_ID: u32 = 7;
 
 fn ip(s: &str) -> u32 {
     u32::from_ne_bytes(s.parse::<Ipv4Addr>().expect("test address").octets())
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into ts.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A freshly loaded object with private (unpinned) maps: every test starts from empty maps.
