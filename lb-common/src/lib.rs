@@ -6,7 +6,9 @@
 #![no_std]
 
 mod maps;
+mod sched;
 mod stats;
 
 pub use maps::*;
+pub use sched::*;
 pub use stats::*;

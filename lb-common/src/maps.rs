@@ -9,8 +9,14 @@ pub mod map_names {
     pub const STATS: &str = "XLB_STATS";
     pub const SERVICE_STATS: &str = "XLB_SVC_STATS";
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
+    /// Round-robin cursor per frontend (service id → next turn).
+    pub const ROUND_ROBIN: &str = "XLB_RR";
+    /// Active flows per backend on this node, for least-conn.
+    pub const CONNECTIONS: &str = "XLB_CONNS";
+    /// Maglev lookup table per frontend (service id → inner array).
+    pub const MAGLEV: &str = "XLB_MAGLEV";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -18,6 +24,9 @@ pub mod map_names {
         STATS,
         SERVICE_STATS,
         BACKEND_STATS,
+        ROUND_ROBIN,
+        CONNECTIONS,
+        MAGLEV,
     ];
 }
 
@@ -38,6 +47,10 @@ pub mod map_sizes {
     pub const AFFINITY: u32 = 65_536;
     pub const SERVICE_STATS: u32 = 65_536;
     pub const BACKEND_STATS: u32 = 262_144;
+    pub const ROUND_ROBIN: u32 = 65_536;
+    pub const CONNECTIONS: u32 = 262_144;
+    /// Frontends that can use Maglev at the same time.
+    pub const MAGLEV: u32 = 4_096;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -66,7 +79,8 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 
-/// Service flag: `sessionAffinity: ClientIP`.
+/// Service flag: `sessionAffinity: ClientIP`. Bits 8..12 hold the algorithm
+/// (see [`crate::scheduler_of`]).
 pub const SVC_FLAG_AFFINITY: u16 = 1;
 
 /// `SERVICES` value. In slot 0: the frontend; in slot i: `backend_id` only.
@@ -206,8 +220,10 @@ const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 pub struct TrafficCounter {
     pub packets: u64,
     pub bytes: u64,
+    /// New flows balanced to this service/backend (imbalance shows here first).
+    pub flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
+const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,5 +1,5 @@
 //! Outcome codes: every packet the programs see is counted under exactly one of these,
-//! except `AFFINITY_HIT`, an extra count on top of the new flow's `DNAT_NEW`.
+//! except `AFFINITY_HIT` and `SCHED_FALLBACK`, extra counts on top of the new flow's `DNAT_NEW`.
 
 /// Index into the per-CPU `STATS` array.
 pub type Outcome = u32;
@@ -36,7 +36,10 @@ pub mod outcome {
     pub const DROP_BACKEND_MISSING: Outcome = 13;
     /// Session affinity entry used for a new flow (counted in addition to `DNAT_NEW`).
     pub const AFFINITY_HIT: Outcome = 14;
-    pub const COUNT: u32 = 15;
+    /// The service's algorithm could not pick (no Maglev table yet, or it named a backend
+    /// that is gone): a random backend was used instead (extra count, like `AFFINITY_HIT`).
+    pub const SCHED_FALLBACK: Outcome = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Human names, indexed by outcome code (used by `xlb stats` and metrics).
@@ -56,4 +59,5 @@ pub const OUTCOME_NAMES: [&str; outcome::COUNT as usize] = [
     "drop_rewrite_failed",
     "drop_backend_missing",
     "affinity_hit",
+    "sched_fallback",
 ];

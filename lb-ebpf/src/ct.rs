@@ -139,15 +139,17 @@ pub fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
     now.wrapping_sub(entry.last_seen_ns) > ct_lifetime_ns(proto, entry.flags)
 }
 
-/// Bumps an entry's last-seen time, TCP state and counters.
+/// Bumps an entry's last-seen time, TCP state and counters; returns the new flags.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, flow: &Flow, now: u64, bytes: u32) {
+pub fn touch(entry: *mut CtValue, flow: &Flow, now: u64, bytes: u32) -> u16 {
     // SAFETY: `entry` comes from a map lookup in this program run. Racing updates from
     // another CPU can only lose a counter increment.
     unsafe {
+        let flags = tcp_flags_update(flow, (*entry).flags);
         (*entry).last_seen_ns = now;
-        (*entry).flags = tcp_flags_update(flow, (*entry).flags);
+        (*entry).flags = flags;
         (*entry).packets += 1;
         (*entry).bytes += bytes as u64;
+        flags
     }
 }

@@ -4,8 +4,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Outcome, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
-    outcome,
+    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, Outcome, SVC_FLAG_AFFINITY, ServiceKey,
+    ServiceValue, outcome,
 };
 
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
     maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES},
     nat,
     parse::{self, Flow, Packet},
-    stats,
+    sched, stats,
 };
 
 // TC verdicts, as i32 on every target (the generated bindings differ in signedness by arch).
@@ -84,14 +84,19 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
         let known = unsafe { *entry };
         // A flow whose backend left the service, or whose entry outlived its lifetime (the
         // tuple is being reused), is balanced again as a new flow.
-        if !ct::expired(&known, flow.proto, now)
-            && let Some(backend) = live_backend(known.backend_id, known.service_id)
-        {
-            ct::touch(entry, flow, now, bytes);
+        let expired = ct::expired(&known, flow.proto, now);
+        if !expired && let Some(backend) = live_backend(known.backend_id, known.service_id) {
+            let flags = ct::touch(entry, flow, now, bytes);
+            if flags & CT_FLAG_CLOSING != 0 && known.flags & CT_FLAG_CLOSING == 0 {
+                sched::flow_closed(known.backend_id);
+            }
             ct::ensure_reverse(flow, known.backend_id, &backend, known.service_id, now)?;
             nat::rewrite_dst(ctx, flow, backend.ip, backend.port)?;
-            stats::count_traffic(known.service_id, known.backend_id, bytes);
+            stats::count_traffic(known.service_id, known.backend_id, bytes, false);
             return Ok((TC_ACT_OK, outcome::DNAT_ESTABLISHED));
+        }
+        if expired && known.flags & CT_FLAG_CLOSING == 0 {
+            sched::flow_closed(known.backend_id);
         }
     }
 
@@ -109,25 +114,25 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     if frontend.count == 0 {
         return icmp::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND));
     }
-    let (backend_id, backend) = select_backend(&frontend_key, &frontend, flow.src, now)?;
+    let (backend_id, backend) = select_backend(&frontend_key, &frontend, flow, now)?;
     ct::create(flow, backend_id, &backend, frontend.service_id, now, bytes)?;
+    sched::flow_opened(backend_id);
     nat::rewrite_dst(ctx, flow, backend.ip, backend.port)?;
-    stats::count_traffic(frontend.service_id, backend_id, bytes);
+    stats::count_traffic(frontend.service_id, backend_id, bytes, true);
     Ok((TC_ACT_OK, outcome::DNAT_NEW))
 }
 
-/// Session affinity first (if set and fresh), else uniform random over the slots, as
-/// kube-proxy's iptables mode does with `statistic --mode random`.
+/// Session affinity first (if set and fresh), else the frontend's algorithm.
 #[inline(always)]
 fn select_backend(
     frontend_key: &ServiceKey,
     frontend: &ServiceValue,
-    client: u32,
+    flow: &Flow,
     now: u64,
 ) -> Result<(u32, Backend), Outcome> {
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
     let affinity_key = AffinityKey {
-        client,
+        client: flow.src,
         service_id: frontend.service_id,
     };
     if affinity {
@@ -143,22 +148,36 @@ fn select_backend(
             }
         }
     }
-    // SAFETY: helper without side effects.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot = (random % frontend.count as u32) as u16 + 1;
-    let slot_key = ServiceKey {
-        slot,
-        ..*frontend_key
+    let (backend_id, backend) = match sched::pick(frontend_key, frontend, flow) {
+        Some(id) => match live_backend(id, frontend.service_id) {
+            Some(backend) => (id, backend),
+            None => random_backend(frontend_key, frontend)?,
+        },
+        None => random_backend(frontend_key, frontend)?,
     };
-    // SAFETY: value copied out immediately.
-    let backend_id = unsafe { SERVICES.get(slot_key) }
-        .map(|s| s.backend_id)
-        .ok_or(outcome::DROP_BACKEND_MISSING)?;
-    let backend =
-        live_backend(backend_id, frontend.service_id).ok_or(outcome::DROP_BACKEND_MISSING)?;
     if affinity {
         remember_affinity(&affinity_key, backend_id, now);
     }
+    Ok((backend_id, backend))
+}
+
+/// Uniform random over the slots, as kube-proxy's iptables mode does with
+/// `statistic --mode random`; also the fallback when an algorithm cannot decide.
+#[inline(always)]
+fn random_backend(
+    frontend_key: &ServiceKey,
+    frontend: &ServiceValue,
+) -> Result<(u32, Backend), Outcome> {
+    if lb_common::scheduler_of(frontend.flags) != lb_common::scheduler::RANDOM {
+        stats::count(outcome::SCHED_FALLBACK);
+    }
+    // SAFETY: helper without side effects.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % frontend.count as u32) as u16 + 1;
+    let backend_id =
+        sched::slot_backend(frontend_key, slot).ok_or(outcome::DROP_BACKEND_MISSING)?;
+    let backend =
+        live_backend(backend_id, frontend.service_id).ok_or(outcome::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 

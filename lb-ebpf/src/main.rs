@@ -3,7 +3,10 @@
 // an ordinary binary so that workspace-wide commands work.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+mod atomic;
 mod csum;
 mod ct;
 mod icmp;
@@ -11,6 +14,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sched;
 mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

@@ -1,12 +1,13 @@
 //! Map definitions. Maps are not pinned by the object: the agent pins them under `--bpffs`
 //! (and reuses existing pins on restart), while tests load private, unpinned copies.
 use aya_ebpf::{
-    macros::map,
+    btf_maps,
+    macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, TrafficCounter,
-    map_sizes, outcome,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, ServiceKey,
+    ServiceValue, TrafficCounter, map_sizes, outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -34,3 +35,25 @@ pub static SERVICE_STATS: PerCpuHashMap<u32, TrafficCounter> =
 #[map(name = "XLB_BE_STATS")]
 pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounter> =
     PerCpuHashMap::with_max_entries(map_sizes::BACKEND_STATS, 0);
+
+/// Service id → round-robin cursor (shared by all CPUs, advanced atomically). LRU so that
+/// cursors of deleted services age out even if the agent's removal is missed.
+#[map(name = "XLB_RR")]
+pub static ROUND_ROBIN: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(map_sizes::ROUND_ROBIN, 0);
+
+/// Backend id → flows open on this node (raised by new flows, lowered when a flow closes,
+/// recounted from conntrack by the agent's GC).
+#[map(name = "XLB_CONNS")]
+pub static CONNECTIONS: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(map_sizes::CONNECTIONS, 0);
+
+/// Maglev table of one frontend: element 0 holds the table size M, elements 1..=M backend
+/// ids. `BPF_F_INNER_MAP` (4096) lets the agent use another M than this template's.
+pub type MaglevTable = btf_maps::Array<u32, { MAGLEV_DEFAULT_SIZE as usize + 1 }, 4096>;
+
+/// Service id → its Maglev table. The agent builds a new table and swaps it in with one
+/// update, so a packet sees either the old or the new table, never a mix.
+#[btf_map]
+pub static XLB_MAGLEV: btf_maps::HashOfMaps<u32, MaglevTable, { map_sizes::MAGLEV as usize }> =
+    btf_maps::HashOfMaps::new();

@@ -12,25 +12,29 @@ pub fn count(outcome: Outcome) {
     }
 }
 
-/// Adds one packet of `bytes` to the service's and the backend's counters.
+/// Adds one packet of `bytes` (the first of a new flow if `new_flow`) to the service's and
+/// the backend's counters.
 #[inline(always)]
-pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u32) {
-    add(&SERVICE_STATS, service_id, bytes);
-    add(&BACKEND_STATS, backend_id, bytes);
+pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u32, new_flow: bool) {
+    add(&SERVICE_STATS, service_id, bytes, new_flow);
+    add(&BACKEND_STATS, backend_id, bytes, new_flow);
 }
 
 #[inline(always)]
-fn add(map: &PerCpuHashMap<u32, TrafficCounter>, id: u32, bytes: u32) {
+fn add(map: &PerCpuHashMap<u32, TrafficCounter>, id: u32, bytes: u32, new_flow: bool) {
+    let flows = u64::from(new_flow);
     match map.get_ptr_mut(id) {
         // SAFETY: per-CPU value, only this CPU writes it.
         Some(counter) => unsafe {
             (*counter).packets += 1;
             (*counter).bytes += u64::from(bytes);
+            (*counter).flows += flows;
         },
         None => {
             let first = TrafficCounter {
                 packets: 1,
                 bytes: u64::from(bytes),
+                flows,
             };
             // A full map only loses counters, never traffic.
             let _ = map.insert(id, first, 0);

@@ -18,9 +18,10 @@ use crate::{
     ifaces::{Attacher, IfacePatterns},
     loader::{self, PinLayout},
     maps::PinnedMaps,
+    model::Scheduler,
     source::manifests::ManifestDir,
     sync::Syncer,
-    translate::translate,
+    translate::{Options, translate},
 };
 
 /// How often files and interfaces are checked: well inside the one-second promise.
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub manifests: PathBuf,
     pub pod_ifaces: IfacePatterns,
     pub bpffs: PathBuf,
+    pub scheduler: Scheduler,
+    pub maglev_table_size: u32,
 }
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
@@ -41,7 +44,18 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
     let mut ebpf = loader::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
-    let mut syncer = Syncer::adopt(maps.service_slots(), maps.all_backends());
+    let adopt = |maps: &PinnedMaps| {
+        Syncer::adopt(
+            maps.service_slots(),
+            maps.all_backends(),
+            maps.maglev_tables(),
+        )
+        .with_maglev_size(config.maglev_table_size)
+    };
+    let options = Options {
+        default_scheduler: config.scheduler,
+    };
+    let mut syncer = adopt(&maps);
     if !syncer.current().is_empty() {
         log::info!(
             "adopted {} frontend(s) from pinned maps under {}",
@@ -60,8 +74,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut last_gc = Instant::now();
     let mut gc_now = true;
     log::info!(
-        "watching {} for Service/EndpointSlice manifests",
-        config.manifests.display()
+        "watching {} for Service/EndpointSlice manifests; default scheduler {}, Maglev \
+         table size {}",
+        config.manifests.display(),
+        config.scheduler,
+        config.maglev_table_size
     );
 
     while !stop.load(Ordering::Relaxed) {
@@ -85,7 +102,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
         if need_sync {
             let started = Instant::now();
-            let translation = translate(&source.objects());
+            let translation = translate(&source.objects(), &options);
             for w in translation.warnings {
                 if warned.insert(w.clone()) {
                     log::warn!("{w}");
@@ -105,7 +122,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 Err(err) => {
                     log::error!("{err}; re-reading map state and retrying");
-                    syncer = Syncer::adopt(maps.service_slots(), maps.all_backends());
+                    syncer = adopt(&maps);
                 }
             }
         }

@@ -3,7 +3,16 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::model::Scheduler;
+
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
+
+fn maglev_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    crate::maglev::check_size(size).map_err(|e| e.to_string())
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "xlb", version, about = "eBPF Kubernetes service load balancer")]
@@ -26,6 +35,14 @@ pub enum Command {
         /// Where maps and links are pinned (a bpffs is mounted on its parent if needed).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Load-balancing algorithm of services without an `xlb.io/scheduler` annotation:
+        /// random, round-robin, least-conn, source-hash or maglev.
+        #[arg(long, value_name = "NAME", default_value = "random")]
+        scheduler: Scheduler,
+        /// Entries in each Maglev lookup table: a prime; more entries spread more evenly.
+        #[arg(long, value_name = "PRIME", default_value_t = lb_common::MAGLEV_DEFAULT_SIZE,
+              value_parser = maglev_size)]
+        maglev_table_size: u32,
     },
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
@@ -71,10 +88,14 @@ mod tests {
                 manifests,
                 pod_ifaces,
                 bpffs,
+                scheduler,
+                maglev_table_size,
             } => {
                 assert_eq!(manifests, PathBuf::from("/etc/xlb"));
                 assert_eq!(pod_ifaces, "veth*,cali*");
                 assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));
+                assert_eq!(scheduler, Scheduler::Random);
+                assert_eq!(maglev_table_size, 16_381);
             }
             other => panic!("parsed as {other:?}"),
         }
@@ -96,5 +117,34 @@ mod tests {
     fn agent_requires_manifests_and_rejects_unknown_flags() {
         assert!(Cli::try_parse_from(["xlb", "agent"]).is_err());
         assert!(Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn scheduler_and_maglev_size_are_validated() {
+        let agent = |extra: &[&str]| {
+            let mut args = vec!["xlb", "agent", "--manifests", "d"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        match agent(&["--scheduler", "maglev", "--maglev-table-size", "251"])
+            .expect("valid")
+            .command
+        {
+            Command::Agent {
+                scheduler,
+                maglev_table_size,
+                ..
+            } => assert_eq!((scheduler, maglev_table_size), (Scheduler::Maglev, 251)),
+            other => panic!("parsed as {other:?}"),
+        }
+        let err = agent(&["--scheduler", "wlc"])
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("unknown scheduler \"wlc\""), "{err}");
+        assert!(err.contains("round-robin"), "lists the known names: {err}");
+        let err = agent(&["--maglev-table-size", "1000"])
+            .expect_err("not prime")
+            .to_string();
+        assert!(err.contains("not a prime"), "{err}");
     }
 }

@@ -1,9 +1,11 @@
 //! Conntrack and affinity garbage collection: the datapath only ignores dead entries, the
 //! agent deletes them so the LRU maps hold live flows, and flows to removed backends vanish
 //! promptly from `xlb conntrack` and the maps.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{AffinityKey, AffinityValue, CtKey, CtValue, ct_lifetime_ns};
+use lb_common::{
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtValue, ct_lifetime_ns,
+};
 
 /// Entries to delete: idle past their lifetime, or pointing at a backend that is gone.
 pub fn stale_flows(
@@ -19,6 +21,27 @@ pub fn stale_flows(
         })
         .map(|(key, _)| key)
         .collect()
+}
+
+/// Open flows per live backend: forward entries neither closing nor idle past their
+/// lifetime (what least-conn compares).
+pub fn open_flows(
+    entries: impl IntoIterator<Item = (CtKey, CtValue)>,
+    live_backends: &BTreeSet<u32>,
+    now_ns: u64,
+) -> BTreeMap<u32, u64> {
+    let mut open = BTreeMap::new();
+    for (key, value) in entries {
+        let idle = now_ns.saturating_sub(value.last_seen_ns);
+        if key.dir == CT_FORWARD
+            && value.flags & CT_FLAG_CLOSING == 0
+            && idle <= ct_lifetime_ns(key.proto, value.flags)
+            && live_backends.contains(&value.backend_id)
+        {
+            *open.entry(value.backend_id).or_insert(0) += 1;
+        }
+    }
+    open
 }
 
 /// Affinity entries whose backend is gone (expiry by time is checked by the datapath).
@@ -107,5 +130,31 @@ mod tests {
         };
         let stale = stale_affinities([entry(10, 1), entry(11, 2)], &live);
         assert_eq!(stale.iter().map(|k| k.client).collect::<Vec<_>>(), [11]);
+    }
+
+    #[test]
+    fn open_flows_count_live_forward_entries_only() {
+        let now = 100_000 * S;
+        let live: BTreeSet<u32> = [1, 2].into();
+        let mut reverse = flow(7, PROTO_TCP, CT_FLAG_ESTABLISHED, 1, 0, now);
+        reverse.0.dir = lb_common::CT_REVERSE;
+        let entries = vec![
+            flow(1, PROTO_TCP, CT_FLAG_ESTABLISHED, 1, 10, now), // open
+            flow(2, PROTO_UDP, 0, 1, 30, now),                   // open
+            flow(3, PROTO_UDP, 0, 1, 61, now),                   // expired
+            flow(
+                4,
+                PROTO_TCP,
+                CT_FLAG_ESTABLISHED | CT_FLAG_CLOSING,
+                2,
+                1,
+                now,
+            ), // closing
+            flow(5, PROTO_TCP, 0, 2, 5, now),                    // handshake: open
+            flow(6, PROTO_TCP, CT_FLAG_ESTABLISHED, 9, 0, now),  // backend gone
+            reverse,                                             // the other direction
+        ];
+        let open = open_flows(entries, &live, now);
+        assert_eq!(open, [(1, 2), (2, 1)].into());
     }
 }

@@ -10,6 +10,7 @@ pub mod conntrack_gc;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod prog_test_run;

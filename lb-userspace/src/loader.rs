@@ -35,59 +35,76 @@ pub enum LoaderError {
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error(
-        "pinned map {path} has key/value sizes {found:?} but this xlb expects {expected:?} \
+        "pinned map {path} has (key size, value size, capacity) {found:?} but this xlb \
+         expects {expected:?} \
          (left by another xlb version?): stop that agent and run `xlb cleanup --bpffs {root}` \
          (this drops established-flow state) before starting this one"
     )]
     IncompatiblePin {
         path: PathBuf,
         root: String,
-        found: (u32, u32),
-        expected: (u32, u32),
+        found: (u32, u32, u32),
+        expected: (u32, u32, u32),
     },
     #[error("reading pinned map {path}: {message}")]
     PinnedMap { path: PathBuf, message: String },
 }
 
-/// Key and value sizes of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize); 7] = {
+/// Key size, value size and capacity of every map, as the eBPF object defines them.
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 10] = {
     use lb_common::*;
     use std::mem::size_of;
+    let counters = size_of::<TrafficCounter>();
     [
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
             size_of::<ServiceValue>(),
+            map_sizes::SERVICES,
         ),
-        (map_names::BACKENDS, size_of::<u32>(), size_of::<Backend>()),
+        (
+            map_names::BACKENDS,
+            4,
+            size_of::<Backend>(),
+            map_sizes::BACKENDS,
+        ),
         (
             map_names::CONNTRACK,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
+            map_sizes::CONNTRACK,
         ),
         (
             map_names::AFFINITY,
             size_of::<AffinityKey>(),
             size_of::<AffinityValue>(),
+            map_sizes::AFFINITY,
         ),
-        (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
+        (map_names::STATS, 4, 8, outcome::COUNT),
         (
             map_names::SERVICE_STATS,
-            size_of::<u32>(),
-            size_of::<TrafficCounter>(),
+            4,
+            counters,
+            map_sizes::SERVICE_STATS,
         ),
         (
             map_names::BACKEND_STATS,
-            size_of::<u32>(),
-            size_of::<TrafficCounter>(),
+            4,
+            counters,
+            map_sizes::BACKEND_STATS,
         ),
+        (map_names::ROUND_ROBIN, 4, 8, map_sizes::ROUND_ROBIN),
+        (map_names::CONNECTIONS, 4, 8, map_sizes::CONNECTIONS),
+        // Map-in-map: the value is an inner map's id.
+        (map_names::MAGLEV, 4, 4, map_sizes::MAGLEV),
     ]
 };
 
 /// Refuses to reuse pinned maps whose layout differs from ours: aya would hand them to the
-/// programs unchecked, and the datapath would read garbage.
+/// programs unchecked, and the datapath would read garbage (or, for a smaller array, lose
+/// counters without a word).
 pub fn check_pinned_layouts(pins: &PinLayout) -> Result<(), LoaderError> {
-    for (name, key, value) in MAP_LAYOUTS {
+    for (name, key, value, capacity) in MAP_LAYOUTS {
         let path = pins.map(name);
         if !path.exists() {
             continue;
@@ -98,8 +115,8 @@ pub fn check_pinned_layouts(pins: &PinLayout) -> Result<(), LoaderError> {
                 path: path.clone(),
                 message: error_chain(&e),
             })?;
-        let found = (info.key_size(), info.value_size());
-        let expected = (key as u32, value as u32);
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let expected = (key as u32, value as u32, capacity);
         if found != expected {
             return Err(LoaderError::IncompatiblePin {
                 path,

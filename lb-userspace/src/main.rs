@@ -25,6 +25,8 @@ fn run(cli: Cli) -> Result<()> {
             manifests,
             pod_ifaces,
             bpffs,
+            scheduler,
+            maglev_table_size,
         } => {
             let pod_ifaces = IfacePatterns::parse(&pod_ifaces)
                 .with_context(|| format!("--pod-ifaces {pod_ifaces:?} is not a valid glob list"))?;
@@ -38,6 +40,8 @@ fn run(cli: Cli) -> Result<()> {
                     manifests,
                     pod_ifaces,
                     bpffs,
+                    scheduler,
+                    maglev_table_size,
                 },
                 stop,
             )

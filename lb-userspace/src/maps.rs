@@ -1,8 +1,8 @@
 //! The pinned BPF maps, opened by path: used by the agent to sync and by the read commands.
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, TrafficCounter,
-    map_names,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, ServiceKey, ServiceValue,
+    TrafficCounter, map_names,
 };
 
 use crate::{
@@ -35,6 +35,9 @@ pub struct PinnedMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuHashMap<MapData, u32, TrafficCounter>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounter>,
+    pub round_robin: HashMap<MapData, u32, u64>,
+    pub connections: HashMap<MapData, u32, u64>,
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -65,7 +68,22 @@ impl PinnedMaps {
             stats: typed!(layout, map_names::STATS, PerCpuArray),
             service_stats: typed!(layout, map_names::SERVICE_STATS, PerCpuHashMap),
             backend_stats: typed!(layout, map_names::BACKEND_STATS, PerCpuHashMap),
+            round_robin: typed!(layout, map_names::ROUND_ROBIN, HashMap),
+            connections: typed!(layout, map_names::CONNECTIONS, HashMap),
+            maglev: typed!(layout, map_names::MAGLEV, HashOfMaps),
         })
+    }
+
+    /// Service ids that have a Maglev table.
+    pub fn maglev_tables(&self) -> Vec<u32> {
+        self.maglev.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The Maglev table of a frontend (M backend ids), if it has one.
+    pub fn maglev_table(&self, service_id: u32) -> Option<Vec<u32>> {
+        let table = self.maglev.get(&service_id, 0).ok()?;
+        let size = table.get(&0, 0).ok()?;
+        (1..=size).map(|i| table.get(&i, 0).ok()).collect()
     }
 
     /// Every `SERVICES` entry (entries that vanish while iterating are skipped).
@@ -90,6 +108,20 @@ impl PinnedMaps {
         for key in crate::conntrack_gc::stale_affinities(affinities, &live) {
             removed += usize::from(self.affinity.remove(&key).is_ok());
         }
+        // Least-conn's counts, recounted from the flows that remain: corrects what the
+        // datapath cannot see (expiry without FIN, LRU eviction, UDP).
+        let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
+        let open = crate::conntrack_gc::open_flows(flows, &live, now_ns);
+        let counted: std::collections::BTreeMap<u32, u64> =
+            self.connections.iter().filter_map(Result::ok).collect();
+        for id in counted.keys().filter(|id| !open.contains_key(id)) {
+            let _ = self.connections.remove(id);
+        }
+        for (id, n) in &open {
+            if counted.get(id) != Some(n) {
+                let _ = self.connections.insert(id, n, 0);
+            }
+        }
         removed
     }
 }
@@ -101,6 +133,7 @@ pub fn sum_counter(values: &aya::maps::PerCpuValues<TrafficCounter>) -> TrafficC
         .fold(TrafficCounter::default(), |acc, v| TrafficCounter {
             packets: acc.packets + v.packets,
             bytes: acc.bytes + v.bytes,
+            flows: acc.flows + v.flows,
         })
 }
 
@@ -140,12 +173,29 @@ impl MapStore for PinnedMaps {
         ignore_missing(self.services.remove(key))
             .map_err(|e| store_err("delete", map_names::SERVICES, e))
     }
+    fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError> {
+        let err = |e| store_err("write table", map_names::MAGLEV, e);
+        let size = table.len() as u32;
+        // A fresh table, filled while no packet can see it, then swapped in at once.
+        let mut inner = Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP).map_err(err)?;
+        inner.set(0, size, 0).map_err(err)?;
+        for (i, id) in table.iter().enumerate() {
+            inner.set(i as u32 + 1, id, 0).map_err(err)?;
+        }
+        self.maglev.insert(service_id, &inner, 0).map_err(err)
+    }
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError> {
+        ignore_missing(self.maglev.remove(&service_id))
+            .map_err(|e| store_err("delete", map_names::MAGLEV, e))
+    }
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>) {
         if let Some(id) = service_id {
             let _ = self.service_stats.remove(&id);
+            let _ = self.round_robin.remove(&id);
         }
         if let Some(id) = backend_id {
             let _ = self.backend_stats.remove(&id);
+            let _ = self.connections.remove(&id);
         }
     }
 }

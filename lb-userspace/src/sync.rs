@@ -3,9 +3,15 @@
 //! frontend (slot 0) with its count; removals in reverse.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, MAX_BACKENDS, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue};
+use lb_common::{
+    Backend, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    scheduler, scheduler_of, with_scheduler,
+};
 
-use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol};
+use crate::{
+    maglev,
+    model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
+};
 
 /// The map operations sync needs; implemented by the real BPF maps and by test fakes.
 pub trait MapStore {
@@ -13,7 +19,11 @@ pub trait MapStore {
     fn remove_backend(&mut self, id: u32) -> Result<(), StoreError>;
     fn set_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), StoreError>;
     fn remove_slot(&mut self, key: &ServiceKey) -> Result<(), StoreError>;
-    /// Drops the traffic counters of a removed service or backend id (ids get reused).
+    /// Replaces the frontend's Maglev table as a whole (`table`: M backend ids).
+    fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError>;
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError>;
+    /// Drops the counters and scheduler state of a removed service or backend id (ids get
+    /// reused).
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>);
 }
 
@@ -48,6 +58,9 @@ pub struct Programmed {
     /// Highest slot number present in the map (more than `backends.len()` only for state
     /// adopted after a crash mid-update).
     pub slot_count: usize,
+    /// The Maglev table written for this frontend, if it has one (empty: present in the
+    /// maps with unknown content, after adoption).
+    pub maglev: Option<Vec<u32>>,
 }
 
 /// Counts of what a sync changed.
@@ -95,13 +108,29 @@ impl IdAllocator {
 }
 
 /// Tracks what is programmed and brings it to the desired state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Syncer {
     current: BTreeMap<Frontend, Programmed>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     /// Adopted backends no frontend references; removed by the next apply.
     orphans: Vec<u32>,
+    /// Adopted Maglev tables of frontends that do not use Maglev; removed by the next apply.
+    orphan_tables: Vec<u32>,
+    maglev_size: u32,
+}
+
+impl Default for Syncer {
+    fn default() -> Self {
+        Self {
+            current: BTreeMap::new(),
+            service_ids: IdAllocator::default(),
+            backend_ids: IdAllocator::default(),
+            orphans: Vec::new(),
+            orphan_tables: Vec::new(),
+            maglev_size: MAGLEV_DEFAULT_SIZE,
+        }
+    }
 }
 
 pub fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
@@ -123,15 +152,16 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
 }
 
 fn frontend_value(service_id: u32, count: usize, spec: &FrontendSpec) -> ServiceValue {
+    let affinity = if spec.affinity_timeout_s.is_some() {
+        SVC_FLAG_AFFINITY
+    } else {
+        0
+    };
     ServiceValue {
         backend_id: 0,
         service_id,
         count: count as u16,
-        flags: if spec.affinity_timeout_s.is_some() {
-            SVC_FLAG_AFFINITY
-        } else {
-            0
-        },
+        flags: with_scheduler(affinity, spec.scheduler.code()),
         affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
     }
 }
@@ -141,6 +171,12 @@ impl Syncer {
         Self::default()
     }
 
+    /// Size of the Maglev tables written from now on (a prime, see `maglev::check_size`).
+    pub fn with_maglev_size(mut self, size: u32) -> Self {
+        self.maglev_size = size;
+        self
+    }
+
     /// Rebuilds the tracked state from existing map contents (agent restart), so ids of
     /// services and backends stay the same and established flows keep their backend.
     /// Incomplete frontends (slot 0 missing, or a slot pointing nowhere) are left out and
@@ -148,6 +184,7 @@ impl Syncer {
     pub fn adopt(
         slots: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
+        maglev_tables: impl IntoIterator<Item = u32>,
     ) -> Self {
         let backends: BTreeMap<u32, Backend> = backends.into_iter().collect();
         let mut by_frontend: BTreeMap<Frontend, BTreeMap<u16, ServiceValue>> = BTreeMap::new();
@@ -187,6 +224,7 @@ impl Syncer {
                 frontend_value: *front,
                 backends: list,
                 slot_count: highest_slot,
+                maglev: None,
             };
             if programmed.backends.len() != front.count as usize
                 || highest_slot > front.count as usize
@@ -205,6 +243,24 @@ impl Syncer {
             .collect();
         for id in &syncer.orphans {
             syncer.backend_ids.adopt(*id);
+        }
+        // Tables are rewritten by the next sync (their content is not read back); tables of
+        // frontends that are gone or no longer use Maglev are removed by it.
+        let maglev_frontends: BTreeMap<u32, Frontend> = syncer
+            .current
+            .iter()
+            .filter(|(_, p)| scheduler_of(p.frontend_value.flags) == scheduler::MAGLEV)
+            .map(|(f, p)| (p.service_id, *f))
+            .collect();
+        for service_id in maglev_tables {
+            match maglev_frontends.get(&service_id) {
+                Some(frontend) => {
+                    if let Some(p) = syncer.current.get_mut(frontend) {
+                        p.maglev = Some(Vec::new());
+                    }
+                }
+                None => syncer.orphan_tables.push(service_id),
+            }
         }
         syncer
     }
@@ -241,6 +297,20 @@ impl Syncer {
             store.forget_counters(None, Some(id));
             self.backend_ids.free(id);
         }
+        for service_id in std::mem::take(&mut self.orphan_tables) {
+            if let Err(source) = store.remove_maglev(service_id) {
+                self.orphan_tables.push(service_id);
+                return Err(SyncError::Store {
+                    frontend: Frontend {
+                        ip: [0, 0, 0, 0].into(),
+                        port: 0,
+                        protocol: Protocol::Tcp,
+                    },
+                    service: "(orphaned Maglev table)".into(),
+                    source,
+                });
+            }
+        }
         let gone: Vec<Frontend> = self
             .current
             .keys()
@@ -273,6 +343,9 @@ impl Syncer {
         };
         // Frontend first: from then on no new flow can pick these slots.
         store.remove_slot(&service_key(frontend, 0)).map_err(wrap)?;
+        if old.maglev.is_some() {
+            store.remove_maglev(old.service_id).map_err(wrap)?;
+        }
         for slot in 1..=old.slot_count {
             store
                 .remove_slot(&service_key(frontend, slot as u16))
@@ -351,12 +424,24 @@ impl Syncer {
                     .map_err(wrap)?;
             }
         }
-        // 3. The frontend itself.
+        // 3. The Maglev table (whole, swapped in one update) before the frontend that uses
+        // it, then the frontend itself; a table no longer used goes after the frontend.
+        let old_table = old.as_ref().and_then(|o| o.maglev.clone());
+        let table = (spec.scheduler == Scheduler::Maglev && !backends.is_empty())
+            .then(|| maglev::build(&backends, self.maglev_size));
+        if let Some(table) = &table
+            && old_table.as_ref() != Some(table)
+        {
+            store.set_maglev(service_id, table).map_err(wrap)?;
+        }
         let value = frontend_value(service_id, backends.len(), spec);
         if old.as_ref().map(|o| o.frontend_value) != Some(value) {
             store
                 .set_slot(&service_key(frontend, 0), &value)
                 .map_err(wrap)?;
+        }
+        if table.is_none() && old_table.is_some() {
+            store.remove_maglev(service_id).map_err(wrap)?;
         }
         // 4. Slots past the new count, then backends that left.
         let old_slot_count = old.as_ref().map(|o| o.slot_count).unwrap_or(0);
@@ -380,15 +465,17 @@ impl Syncer {
             frontend_value: value,
             slot_count: backends.len(),
             backends,
+            maglev: table,
         };
         match &old {
             None => report.frontends_added += 1,
             Some(o)
-                if (o.frontend_value, &o.backends, o.slot_count)
+                if (o.frontend_value, &o.backends, o.slot_count, &o.maglev)
                     != (
                         programmed.frontend_value,
                         &programmed.backends,
                         programmed.slot_count,
+                        &programmed.maglev,
                     ) =>
             {
                 report.frontends_updated += 1
@@ -407,11 +494,13 @@ mod tests {
     use super::*;
 
     /// In-memory maps that check, after every single write, that no frontend is exposed
-    /// half-written: slot 0's count never points at a missing slot or backend.
+    /// half-written: slot 0's count never points at a missing slot or backend, and a Maglev
+    /// frontend's table exists and names only live backends of its own.
     #[derive(Default)]
     struct FakeMaps {
         slots: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
+        tables: BTreeMap<u32, Vec<u32>>,
         writes: usize,
         fail_after: Option<usize>,
     }
@@ -431,6 +520,19 @@ mod tests {
                         b.service_id, front.service_id,
                         "backend {id} of another service"
                     );
+                }
+                if scheduler_of(front.flags) == scheduler::MAGLEV && front.count > 0 {
+                    let table = self
+                        .tables
+                        .get(&front.service_id)
+                        .unwrap_or_else(|| panic!("Maglev table of {key:?} missing"));
+                    for id in table {
+                        let b = self.backends.get(id);
+                        assert!(
+                            b.is_some_and(|b| b.service_id == front.service_id),
+                            "Maglev table of {key:?} names backend {id}, not live in it"
+                        );
+                    }
                 }
             }
         }
@@ -485,6 +587,18 @@ mod tests {
             self.check();
             Ok(())
         }
+        fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError> {
+            self.op()?;
+            self.tables.insert(service_id, table.to_vec());
+            self.check();
+            Ok(())
+        }
+        fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError> {
+            self.op()?;
+            self.tables.remove(&service_id);
+            self.check();
+            Ok(())
+        }
         fn forget_counters(&mut self, _: Option<u32>, _: Option<u32>) {}
     }
 
@@ -507,6 +621,7 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout_s: None,
+            scheduler: Scheduler::Random,
         }
     }
 
@@ -610,6 +725,7 @@ mod tests {
         let mut adopted = Syncer::adopt(
             maps.slots.iter().map(|(k, v)| (*k, *v)),
             maps.backends.iter().map(|(k, v)| (*k, *v)),
+            maps.tables.keys().copied(),
         );
         assert_eq!(adopted.current()[&frontend(1)].backends, before.backends);
         adopted.apply(&want, &mut maps).expect("sync");
@@ -654,6 +770,7 @@ mod tests {
         let mut syncer = Syncer::adopt(
             maps.slots.iter().map(|(k, v)| (*k, *v)),
             maps.backends.iter().map(|(k, v)| (*k, *v)),
+            maps.tables.keys().copied(),
         );
         syncer.apply(&want, &mut maps).expect("sync");
         assert_eq!(
@@ -695,6 +812,96 @@ mod tests {
         assert_eq!(
             maps.slots[&service_key(&frontend(2), 0)].count,
             MAX_BACKENDS
+        );
+    }
+
+    fn with_scheduler_spec(endpoints: &[u8], scheduler: Scheduler) -> FrontendSpec {
+        FrontendSpec {
+            scheduler,
+            ..spec(endpoints)
+        }
+    }
+
+    #[test]
+    fn scheduler_is_in_the_frontend_flags() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        for scheduler in Scheduler::ALL {
+            let want: DesiredState =
+                [(frontend(1), with_scheduler_spec(&[1, 2], scheduler))].into();
+            syncer.apply(&want, &mut maps).expect("sync");
+            let front = maps.slots[&service_key(&frontend(1), 0)];
+            assert_eq!(scheduler_of(front.flags), scheduler.code(), "{scheduler}");
+        }
+    }
+
+    #[test]
+    fn maglev_tables_follow_the_backends_and_go_with_the_scheduler() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new().with_maglev_size(251);
+        let maglev = |e: &[u8]| -> DesiredState {
+            [(frontend(1), with_scheduler_spec(e, Scheduler::Maglev))].into()
+        };
+        // FakeMaps checks after every write that the table exists before the frontend says
+        // Maglev and never names a backend that is not live.
+        for step in [&[1u8, 2, 3][..], &[2, 3, 4], &[4], &[], &[5, 6]] {
+            syncer.apply(&maglev(step), &mut maps).expect("sync");
+            let id = syncer.current()[&frontend(1)].service_id;
+            if step.is_empty() {
+                assert!(!maps.tables.contains_key(&id), "no table without backends");
+                continue;
+            }
+            let table = &maps.tables[&id];
+            assert_eq!(table.len(), 251);
+            let mut named: Vec<u32> = table.clone();
+            named.sort();
+            named.dedup();
+            assert_eq!(named.len(), step.len(), "every backend is in the table");
+        }
+        // Unchanged backends: the table is not rewritten.
+        let writes = maps.writes;
+        syncer.apply(&maglev(&[5, 6]), &mut maps).expect("sync");
+        assert_eq!(maps.writes, writes);
+        // Switching to round-robin drops the table, removing the service drops everything.
+        let rr: DesiredState = [(
+            frontend(1),
+            with_scheduler_spec(&[5, 6], Scheduler::RoundRobin),
+        )]
+        .into();
+        syncer.apply(&rr, &mut maps).expect("sync");
+        assert!(maps.tables.is_empty());
+        syncer.apply(&maglev(&[5, 6]), &mut maps).expect("sync");
+        assert_eq!(maps.tables.len(), 1);
+        syncer.apply(&DesiredState::new(), &mut maps).expect("sync");
+        assert!(maps.tables.is_empty() && maps.slots.is_empty());
+    }
+
+    #[test]
+    fn adoption_rewrites_maglev_tables_and_drops_orphaned_ones() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new().with_maglev_size(251);
+        let want: DesiredState = [
+            (frontend(1), with_scheduler_spec(&[1, 2], Scheduler::Maglev)),
+            (frontend(2), with_scheduler_spec(&[3], Scheduler::Random)),
+        ]
+        .into();
+        syncer.apply(&want, &mut maps).expect("sync");
+        let table = maps.tables.values().next().cloned().expect("one table");
+        // A table left by a crashed agent for a frontend that no longer uses Maglev.
+        let random_id = syncer.current()[&frontend(2)].service_id;
+        maps.tables.insert(random_id, vec![0; 251]);
+        let mut adopted = Syncer::adopt(
+            maps.slots.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+            maps.tables.keys().copied(),
+        )
+        .with_maglev_size(251);
+        adopted.apply(&want, &mut maps).expect("sync");
+        assert_eq!(maps.tables.len(), 1, "orphaned table removed");
+        assert_eq!(
+            maps.tables.values().next(),
+            Some(&table),
+            "same backends, same table after a restart"
         );
     }
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol};
+use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -12,6 +12,15 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// EndpointSlices name their Service with this label.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Per-service load-balancing algorithm (overrides `xlb agent --scheduler`).
+pub const SCHEDULER_ANNOTATION: &str = "xlb.io/scheduler";
+
+/// Node-wide settings the translation depends on.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Algorithm of services without a (valid) `xlb.io/scheduler` annotation.
+    pub default_scheduler: Scheduler,
+}
 
 /// All objects from a source.
 #[derive(Clone, Debug, Default)]
@@ -40,7 +49,7 @@ fn protocol(p: &Option<String>) -> Option<Protocol> {
 }
 
 /// Translates every Service port into frontends with their usable endpoints.
-pub fn translate(objects: &Objects) -> Translation {
+pub fn translate(objects: &Objects, options: &Options) -> Translation {
     let mut out = Translation::default();
     // EndpointSlices grouped by (namespace, service name).
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -65,7 +74,7 @@ pub fn translate(objects: &Objects) -> Translation {
             .cmp(&(namespace(&b.metadata.namespace), &b.metadata.name))
     });
     for service in services {
-        translate_service(service, &slices, &mut out);
+        translate_service(service, &slices, options, &mut out);
     }
     out
 }
@@ -73,6 +82,7 @@ pub fn translate(objects: &Objects) -> Translation {
 fn translate_service(
     service: &Service,
     slices: &BTreeMap<(&str, &str), Vec<&EndpointSlice>>,
+    options: &Options,
     out: &mut Translation,
 ) {
     let ns = namespace(&service.metadata.namespace);
@@ -128,6 +138,22 @@ fn translate_service(
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
     });
+    let scheduler = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+    {
+        None => options.default_scheduler,
+        Some(value) => value.trim().parse().unwrap_or_else(|e| {
+            out.warnings.push(format!(
+                "service {ns}/{name}: annotation {SCHEDULER_ANNOTATION}: {e}; using the node \
+                 default {}",
+                options.default_scheduler
+            ));
+            options.default_scheduler
+        }),
+    };
     let service_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.as_deref().unwrap_or("");
@@ -156,6 +182,7 @@ fn translate_service(
                 service: format!("{ns}/{name}:{port_name}"),
                 endpoints: endpoints.clone(),
                 affinity_timeout_s,
+                scheduler,
             };
             if let Some(existing) = out.desired.get(&frontend) {
                 out.warnings.push(format!(

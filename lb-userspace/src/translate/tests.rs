@@ -215,7 +215,7 @@ fn cases() -> Vec<Case> {
 #[test]
 fn translation_table() {
     for case in cases() {
-        let t = translate(&objects(&case.yaml));
+        let t = translate(&objects(&case.yaml), &Options::default());
         let got: Vec<(Frontend, Vec<Endpoint>, Option<u32>)> = t
             .desired
             .iter()
@@ -231,7 +231,7 @@ fn translation_table() {
 fn duplicate_frontend_keeps_first_service_and_warns() {
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
                 apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
-    let t = translate(&objects(yaml));
+    let t = translate(&objects(yaml), &Options::default());
     assert_eq!(t.desired.len(), 1);
     assert_eq!(
         t.desired.values().next().map(|s| s.service.as_str()),
@@ -243,7 +243,7 @@ fn duplicate_frontend_keeps_first_service_and_warns() {
 
 #[test]
 fn service_names_are_recorded() {
-    let t = translate(&objects(WEB));
+    let t = translate(&objects(WEB), &Options::default());
     let names: Vec<&str> = t.desired.values().map(|s| s.service.as_str()).collect();
     assert_eq!(names, vec!["shop/web:dns", "shop/web:http"]);
 }

@@ -1,0 +1,136 @@
+//! The load-balancing algorithms. Each returns the backend id it picks, or `None` when it
+//! cannot decide (the caller then falls back to random and counts it). Counters are u64:
+//! the BPF target has 64-bit atomics only.
+use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use lb_common::{
+    LEAST_CONN_SCAN, ServiceKey, ServiceValue, client_hash, flow_hash, scheduler, scheduler_of,
+};
+
+use crate::{
+    atomic,
+    maps::{CONNECTIONS, ROUND_ROBIN, SERVICES, XLB_MAGLEV},
+    parse::Flow,
+};
+
+/// The backend id in `slot` (1..=count) of a frontend.
+#[inline(always)]
+pub fn slot_backend(frontend_key: &ServiceKey, slot: u16) -> Option<u32> {
+    let key = ServiceKey {
+        slot,
+        ..*frontend_key
+    };
+    // SAFETY: value copied out immediately.
+    unsafe { SERVICES.get(key) }.map(|s| s.backend_id)
+}
+
+/// Picks a backend for a new flow with the frontend's algorithm (`count` ≥ 1).
+#[inline(always)]
+pub fn pick(frontend_key: &ServiceKey, frontend: &ServiceValue, flow: &Flow) -> Option<u32> {
+    let count = frontend.count as u32;
+    match scheduler_of(frontend.flags) {
+        scheduler::ROUND_ROBIN => {
+            let turn = next_turn(frontend.service_id);
+            slot_backend(frontend_key, (turn % u64::from(count)) as u16 + 1)
+        }
+        scheduler::SOURCE_HASH => {
+            slot_backend(frontend_key, (client_hash(flow.src) % count) as u16 + 1)
+        }
+        scheduler::LEAST_CONN => least_conn(frontend_key, frontend.count),
+        scheduler::MAGLEV => maglev(frontend.service_id, flow),
+        _ => None,
+    }
+}
+
+/// The frontend's turn counter, shared by all CPUs. Read, then advanced atomically: two CPUs
+/// starting flows in the same instant may both get one turn (and the next one is skipped),
+/// but the rotation never stalls or loses its place.
+#[inline(always)]
+fn next_turn(service_id: u32) -> u64 {
+    match ROUND_ROBIN.get_ptr_mut(service_id) {
+        // SAFETY: a pointer into the map value, valid for this run.
+        Some(cursor) => unsafe {
+            let turn = cursor.read_volatile();
+            atomic::add(cursor, 1);
+            turn
+        },
+        None => {
+            // First flow of this frontend (or its cursor was evicted): start the rotation.
+            let _ = ROUND_ROBIN.insert(service_id, 1, 0);
+            0
+        }
+    }
+}
+
+/// The slot with the fewest open flows among up to `LEAST_CONN_SCAN` slots (all of them for
+/// services that small; otherwise a window starting at a random slot). Ties go to the
+/// earliest slot in the window.
+#[inline(always)]
+fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
+    let start = if count > LEAST_CONN_SCAN {
+        // SAFETY: helper without side effects.
+        (unsafe { bpf_get_prandom_u32() } % count as u32) as u16
+    } else {
+        0
+    };
+    let mut best: Option<u32> = None;
+    let mut best_open = u64::MAX;
+    for i in 0..LEAST_CONN_SCAN {
+        if i >= count {
+            break;
+        }
+        let slot = ((start as u32 + i as u32) % count as u32) as u16 + 1;
+        let Some(id) = slot_backend(frontend_key, slot) else {
+            continue;
+        };
+        // SAFETY: value copied out immediately.
+        let open = unsafe { CONNECTIONS.get(id) }.copied().unwrap_or(0);
+        if open < best_open {
+            best_open = open;
+            best = Some(id);
+        }
+    }
+    best
+}
+
+/// The backend id in the frontend's Maglev table at the flow's hash.
+#[inline(always)]
+fn maglev(service_id: u32, flow: &Flow) -> Option<u32> {
+    // SAFETY: the agent never writes into a table the datapath can see (it swaps whole
+    // tables), so one lookup gives a consistent table for size and entry alike.
+    let table = unsafe { XLB_MAGLEV.get(&service_id) }?;
+    let size = table.get(0).copied()?;
+    if size == 0 {
+        return None;
+    }
+    let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    let id = table.get(hash % size + 1).copied()?;
+    (id != 0).then_some(id)
+}
+
+/// A new flow to `backend_id` is open.
+#[inline(always)]
+pub fn flow_opened(backend_id: u32) {
+    match CONNECTIONS.get_ptr_mut(backend_id) {
+        // SAFETY: map value pointer; atomic access only.
+        Some(open) => {
+            unsafe { atomic::add(open, 1) };
+        }
+        None => {
+            let _ = CONNECTIONS.insert(backend_id, 1, 0);
+        }
+    }
+}
+
+/// A flow to `backend_id` closed (FIN/RST seen) or expired.
+#[inline(always)]
+pub fn flow_closed(backend_id: u32) {
+    if let Some(open) = CONNECTIONS.get_ptr_mut(backend_id) {
+        // SAFETY: map value pointer; atomic access only. Never below zero: the agent's
+        // recount can have lowered it already.
+        unsafe {
+            if open.read_volatile() > 0 {
+                atomic::add(open, u64::MAX);
+            }
+        }
+    }
+}
