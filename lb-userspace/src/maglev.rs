@@ -35,7 +35,10 @@ pub fn check_size(size: u32) -> Result<u32, TableSizeError> {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// 64-bit FNV-1a, finished with a strong mixer: stable across Rust releases (unlike std's

@@ -1,166 +1,23 @@
 //! Datapath tables: packet in + map state → verdict, packet out (exact bytes), counters.
 //! Runs the real programs through BPF_PROG_TEST_RUN; needs root (see `privilege`).
+mod harness;
+
 use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf,
-    maps::{HashMap, PerCpuArray},
-};
+use aya::maps::HashMap;
+use harness::*;
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD,
-    CT_REVERSE, CtKey, CtValue, Outcome, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, map_names,
-    outcome, program_names,
+    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, Outcome,
+    SVC_FLAG_AFFINITY, map_names, outcome,
 };
-use xlb::{inspect::monotonic_ns, loader, prog_test_run};
+use xlb::{inspect::monotonic_ns, loader};
 use xlb_tests::{
     packet::{
-        ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, icmp_error, ipv4_frame,
-        view,
+        ACK, FIN, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, icmp_error,
+        ipv4_frame, view,
     },
     privilege::privileged,
 };
-
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_REDIRECT: i32 = 7;
-const PASS: i32 = -1; // TC_ACT_UNSPEC: continue untouched
-
-const CLIENT: &str = "10.244.0.5";
-const VIP: &str = "10.96.0.10";
-const SERVICE_ID: u32 = 7;
-
-fn ip(s: &str) -> u32 {
-    u32::from_ne_bytes(s.parse::<Ipv4Addr>().expect("test address").octets())
-}
-
-/// A freshly loaded object with private (unpinned) maps: every test starts from empty maps.
-struct Datapath {
-    ebpf: Ebpf,
-}
-
-#[derive(Clone, Copy)]
-enum Hook {
-    FromPod,
-    ToPod,
-}
-
-impl Datapath {
-    fn new() -> Datapath {
-        Datapath {
-            ebpf: loader::load(None).expect("eBPF object loads and passes the verifier"),
-        }
-    }
-
-    /// Programs `vip:port/proto` with backends `(id, ip, port)` in slots 1..=n.
-    fn service(&mut self, proto: u8, port: u16, backends: &[(u32, &str, u16)], flags: u16) {
-        let key = |slot| ServiceKey {
-            vip: ip(VIP),
-            port: port.to_be(),
-            slot,
-            proto,
-            _pad: [0; 3],
-        };
-        {
-            let mut be: HashMap<_, u32, Backend> =
-                HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
-                    .expect("map type");
-            for (id, addr, bport) in backends {
-                let b = Backend {
-                    ip: ip(addr),
-                    port: bport.to_be(),
-                    proto,
-                    _pad: 0,
-                    service_id: SERVICE_ID,
-                };
-                be.insert(id, b, 0).expect("insert backend");
-            }
-        }
-        let mut svc: HashMap<_, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).expect("map"))
-                .expect("map type");
-        for (slot, (id, _, _)) in backends.iter().enumerate() {
-            let v = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            svc.insert(key(slot as u16 + 1), v, 0).expect("insert slot");
-        }
-        let front = ServiceValue {
-            backend_id: 0,
-            service_id: SERVICE_ID,
-            count: backends.len() as u16,
-            flags,
-            affinity_timeout_s: 10,
-        };
-        svc.insert(key(0), front, 0).expect("insert frontend");
-    }
-
-    fn remove_backend(&mut self, id: u32) {
-        let mut be: HashMap<_, u32, Backend> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
-                .expect("map type");
-        be.remove(&id).expect("backend present");
-    }
-
-    fn run(&mut self, hook: Hook, frame: &[u8]) -> (i32, Vec<u8>) {
-        let name = match hook {
-            Hook::FromPod => program_names::TC_FROM_POD,
-            Hook::ToPod => program_names::TC_TO_POD,
-        };
-        let prog = loader::program(&mut self.ebpf, name).expect("program");
-        let out = prog_test_run::run(prog, frame, 1).expect("test run");
-        (out.retval, out.packet)
-    }
-
-    fn stat(&self, o: Outcome) -> u64 {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).expect("map")).expect("map type");
-        stats.get(&o, 0).expect("stat").iter().sum()
-    }
-
-    fn ct(&self) -> Vec<(CtKey, CtValue)> {
-        let ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
-        ct.iter().map(|r| r.expect("ct entry")).collect()
-    }
-
-    fn set_affinity(&mut self, client: &str, backend_id: u32, last_used_ns: u64) {
-        let mut aff: HashMap<_, AffinityKey, AffinityValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).expect("map"))
-                .expect("map type");
-        let key = AffinityKey {
-            client: ip(client),
-            service_id: SERVICE_ID,
-        };
-        let value = AffinityValue {
-            backend_id,
-            _pad: 0,
-            last_used_ns,
-        };
-        aff.insert(key, value, 0).expect("affinity");
-    }
-}
-
-/// Asserts `out` equals `input` except for the given byte ranges, and that checksums hold.
-fn assert_only_changed(input: &[u8], out: &[u8], allowed: &[std::ops::Range<usize>]) {
-    assert_eq!(input.len(), out.len(), "length changed");
-    for (i, (a, b)) in input.iter().zip(out).enumerate() {
-        if a != b {
-            assert!(
-                allowed.iter().any(|r| r.contains(&i)),
-                "byte {i} changed ({a:#04x} -> {b:#04x}) outside the NAT fields"
-            );
-        }
-    }
-    assert_eq!(checksum_errors(out), Vec::<String>::new());
-}
-
-const IP_CSUM: std::ops::Range<usize> = 24..26;
-const IP_SRC: std::ops::Range<usize> = 26..30;
-const IP_DST: std::ops::Range<usize> = 30..34;
-const SPORT: std::ops::Range<usize> = 34..36;
-const DPORT: std::ops::Range<usize> = 36..38;
-const TCP_CSUM: std::ops::Range<usize> = 50..52;
-const UDP_CSUM: std::ops::Range<usize> = 40..42;
 
 #[test]
 fn tcp_syn_established_and_reply() {
@@ -640,23 +497,21 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         "{text}"
     );
     assert!(
-        text.contains("(4, 8)") && text.contains("(4, 12)"),
+        text.contains("(4, 8, 16)") && text.contains("(4, 12, 262144)"),
         "{text}"
     );
-}
 
-impl Datapath {
-    /// Moves every conntrack entry's last-seen time `seconds` into the past.
-    fn age_conntrack(&mut self, seconds: u64) {
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
-                .expect("map type");
-        let entries: Vec<(CtKey, CtValue)> = ct.iter().map(|r| r.expect("entry")).collect();
-        for (k, mut v) in entries {
-            v.last_seen_ns -= seconds * 1_000_000_000;
-            ct.insert(k, v, 0).expect("update");
-        }
-    }
+    // Same key and value sizes but another capacity (an older, smaller map) is refused too.
+    std::fs::remove_file(&path).expect("unpin");
+    let mut args = vec![
+        "map", "create", &path_str, "type", "hash", "key", "4", "value",
+    ];
+    args.extend(["12", "entries", "16", "name", "XLB_BACKENDS"]);
+    xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
+    let text = loader::load(Some(&layout))
+        .expect_err("pin of another capacity")
+        .to_string();
+    assert!(text.contains("(4, 12, 16)"), "{text}");
 }
 
 #[test]
@@ -690,7 +545,7 @@ fn conntrack_tracks_tcp_state_and_rebalances_expired_flows() {
     assert_eq!(flags_of(&dp, CT_FORWARD), CT_FLAG_ESTABLISHED);
     dp.run(
         Hook::FromPod,
-        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK | 0x01).build(),
+        &Frame::tcp(CLIENT, 2000, VIP, 80, ACK | FIN).build(),
     );
     assert_eq!(
         flags_of(&dp, CT_FORWARD),

@@ -130,7 +130,15 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
     println!("== layer 2: datapath tables (BPF_PROG_TEST_RUN)");
     cargo(
         root,
-        &["test", "--package", "xlb-tests", "--test", "datapath"],
+        &[
+            "test",
+            "--package",
+            "xlb-tests",
+            "--test",
+            "datapath",
+            "--test",
+            "schedulers",
+        ],
         &env,
     )?;
     println!("== layer 3: end-to-end in network namespaces (real agent, real sockets)");

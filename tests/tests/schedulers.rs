@@ -1,0 +1,219 @@
+//! Scheduler tables: for given map state, each algorithm picks the expected backend
+//! (BPF_PROG_TEST_RUN on the real programs; needs root, see `privilege`).
+mod harness;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuHashMap};
+use harness::*;
+use lb_common::{
+    BPF_F_INNER_MAP, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash, map_names, outcome,
+    scheduler, with_scheduler,
+};
+use xlb::{maglev, model::Endpoint};
+use xlb_tests::{
+    packet::{ACK, FIN, Frame, PROTO_TCP, SYN, view},
+    privilege::privileged,
+};
+
+const BACKENDS: [(u32, &str, u16); 3] = [
+    (1, "10.244.1.2", 8080),
+    (2, "10.244.2.3", 8080),
+    (3, "10.244.3.4", 8080),
+];
+
+fn backend_id_of(addr: Ipv4Addr) -> u32 {
+    BACKENDS
+        .iter()
+        .find(|(_, a, _)| a.parse::<Ipv4Addr>().ok() == Some(addr))
+        .map(|(id, _, _)| *id)
+        .unwrap_or_else(|| panic!("{addr} is not a backend"))
+}
+
+impl Datapath {
+    /// Sends a SYN from `client:sport` to the VIP; returns the chosen backend id.
+    fn new_flow(&mut self, client: &str, sport: u16) -> u32 {
+        let syn = Frame::tcp(client, sport, VIP, 80, SYN).build();
+        let (verdict, out) = self.run(Hook::FromPod, &syn);
+        assert_eq!(verdict, TC_ACT_OK, "SYN from {client}:{sport}");
+        backend_id_of(view(&out).dst)
+    }
+
+    fn open_flows(&self) -> BTreeMap<u32, u64> {
+        let conns: HashMap<_, u32, u64> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNECTIONS).expect("map"))
+                .expect("map type");
+        conns.iter().map(|r| r.expect("entry")).collect()
+    }
+
+    fn set_open_flows(&mut self, counts: &[(u32, u64)]) {
+        let mut conns: HashMap<_, u32, u64> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNECTIONS).expect("map"))
+                .expect("map type");
+        for (id, n) in counts {
+            conns.insert(id, n, 0).expect("insert");
+        }
+    }
+
+    fn new_flows_of(&self, backend_id: u32) -> u64 {
+        let stats: PerCpuHashMap<_, u32, TrafficCounter> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::BACKEND_STATS).expect("map"))
+                .expect("map type");
+        stats
+            .get(&backend_id, 0)
+            .map(|v| v.iter().map(|c| c.flows).sum())
+            .unwrap_or(0)
+    }
+
+    /// Installs a Maglev table for the test service, as the agent does: a fresh inner array
+    /// (size in element 0) swapped into the outer map.
+    fn set_maglev(&mut self, table: &[u32]) {
+        let mut inner =
+            Array::<MapData, u32>::create(table.len() as u32 + 1, BPF_F_INNER_MAP).expect("array");
+        inner.set(0, table.len() as u32, 0).expect("size");
+        for (i, id) in table.iter().enumerate() {
+            inner.set(i as u32 + 1, id, 0).expect("entry");
+        }
+        let mut outer: HashOfMaps<_, u32, Array<MapData, u32>> =
+            HashOfMaps::try_from(self.ebpf.map_mut(map_names::MAGLEV).expect("map"))
+                .expect("map type");
+        outer.insert(SERVICE_ID, &inner, 0).expect("swap table in");
+    }
+}
+
+fn service_with(scheduler: u8, extra_flags: u16) -> Datapath {
+    let mut dp = Datapath::new();
+    dp.service(
+        PROTO_TCP,
+        80,
+        &BACKENDS,
+        with_scheduler(extra_flags, scheduler),
+    );
+    dp
+}
+
+#[test]
+fn round_robin_cycles_through_the_slots() {
+    if !privileged("round_robin_cycles_through_the_slots") {
+        return;
+    }
+    let mut dp = service_with(scheduler::ROUND_ROBIN, 0);
+    let picks: Vec<u32> = (0..9).map(|i| dp.new_flow(CLIENT, 40_000 + i)).collect();
+    assert_eq!(picks, [1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    // Packets of known flows do not advance the rotation.
+    for i in 0..5 {
+        let ack = Frame::tcp(CLIENT, 40_000 + i, VIP, 80, ACK).build();
+        assert_eq!(dp.run(Hook::FromPod, &ack).0, TC_ACT_OK);
+    }
+    assert_eq!(dp.new_flow(CLIENT, 41_000), 1);
+    assert_eq!(
+        [1, 2, 3].map(|id| dp.new_flows_of(id)),
+        [4, 3, 3],
+        "new-flow counters per backend"
+    );
+    assert_eq!(dp.stat(outcome::SCHED_FALLBACK), 0);
+}
+
+#[test]
+fn source_hash_keeps_each_client_on_its_backend() {
+    if !privileged("source_hash_keeps_each_client_on_its_backend") {
+        return;
+    }
+    let mut dp = service_with(scheduler::SOURCE_HASH, 0);
+    let mut used = std::collections::BTreeSet::new();
+    for last in 1..=12u8 {
+        let client = format!("10.244.7.{last}");
+        let want = client_hash(ip(&client)) % 3 + 1;
+        for sport in [1000, 2000, 3000, 4000] {
+            assert_eq!(dp.new_flow(&client, sport), want, "{client}:{sport}");
+        }
+        used.insert(want);
+    }
+    assert!(used.len() > 1, "12 clients spread over backends {used:?}");
+}
+
+#[test]
+fn least_conn_follows_the_open_flow_counts() {
+    if !privileged("least_conn_follows_the_open_flow_counts") {
+        return;
+    }
+    let mut dp = service_with(scheduler::LEAST_CONN, 0);
+    dp.set_open_flows(&[(1, 5), (2, 1), (3, 3)]);
+    // 2 has fewest; it takes flows until it ties with 3, then the earlier slot (2) wins the
+    // tie, then they alternate.
+    let picks: Vec<u32> = (0..6).map(|i| dp.new_flow(CLIENT, 50_000 + i)).collect();
+    assert_eq!(picks, [2, 2, 2, 3, 2, 3]);
+    assert_eq!(dp.open_flows(), [(1, 5), (2, 5), (3, 5)].into());
+    // A flow that closes (FIN) no longer counts; a second FIN of it changes nothing.
+    for _ in 0..2 {
+        let fin = Frame::tcp(CLIENT, 50_000, VIP, 80, FIN | ACK).build();
+        assert_eq!(dp.run(Hook::FromPod, &fin).0, TC_ACT_OK);
+    }
+    assert_eq!(dp.open_flows()[&2], 4);
+    assert_eq!(dp.new_flow(CLIENT, 50_100), 2, "now the least loaded");
+}
+
+#[test]
+fn maglev_picks_the_table_entry_of_the_flow_hash() {
+    if !privileged("maglev_picks_the_table_entry_of_the_flow_hash") {
+        return;
+    }
+    let mut dp = service_with(scheduler::MAGLEV, 0);
+    let endpoints: Vec<(Endpoint, u32)> = BACKENDS
+        .iter()
+        .map(|(id, addr, port)| {
+            let ip = addr.parse().expect("address");
+            (Endpoint { ip, port: *port }, *id)
+        })
+        .collect();
+    let table = maglev::build(&endpoints, 251);
+    dp.set_maglev(&table);
+    let mut used = std::collections::BTreeSet::new();
+    for sport in 30_000..30_040u16 {
+        let hash = flow_hash(ip(CLIENT), ip(VIP), sport.to_be(), 80u16.to_be(), PROTO_TCP);
+        let want = table[(hash % 251) as usize];
+        assert_eq!(dp.new_flow(CLIENT, sport), want, "sport {sport}");
+        used.insert(want);
+    }
+    assert_eq!(used.len(), 3, "40 flows reach every backend");
+    assert_eq!(dp.stat(outcome::SCHED_FALLBACK), 0);
+
+    // A table entry naming a backend that is gone falls back to a live one, counted.
+    dp.set_maglev(&[9; 251]);
+    let chosen = dp.new_flow(CLIENT, 31_000);
+    assert!([1, 2, 3].contains(&chosen));
+    assert_eq!(dp.stat(outcome::SCHED_FALLBACK), 1);
+}
+
+#[test]
+fn maglev_without_a_table_falls_back_to_random() {
+    if !privileged("maglev_without_a_table_falls_back_to_random") {
+        return;
+    }
+    let mut dp = service_with(scheduler::MAGLEV, 0);
+    for sport in 0..5 {
+        let chosen = dp.new_flow(CLIENT, 32_000 + sport);
+        assert!([1, 2, 3].contains(&chosen));
+    }
+    assert_eq!(dp.stat(outcome::SCHED_FALLBACK), 5);
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 5);
+}
+
+#[test]
+fn session_affinity_wins_over_every_algorithm() {
+    if !privileged("session_affinity_wins_over_every_algorithm") {
+        return;
+    }
+    for code in 0..scheduler::NAMES.len() as u8 {
+        let mut dp = service_with(code, SVC_FLAG_AFFINITY);
+        dp.set_affinity(CLIENT, 3, xlb::inspect::monotonic_ns());
+        for sport in 0..4 {
+            assert_eq!(
+                dp.new_flow(CLIENT, 33_000 + sport),
+                3,
+                "{}",
+                scheduler::NAMES[code as usize]
+            );
+        }
+    }
+}
