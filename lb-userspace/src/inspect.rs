@@ -2,12 +2,14 @@
 //! pinned maps alone, so they work with or without a running agent.
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use lb_common::{CT_FORWARD, OUTCOME_NAMES, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome};
+use lb_common::{
+    CT_FORWARD, OUTCOME_NAMES, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome, scheduler_of,
+};
 use serde::Serialize;
 
 use crate::{
     maps::{PinnedMaps, sum_counter},
-    model::{Frontend, Protocol},
+    model::{Frontend, Protocol, Scheduler},
     sync::frontend_of,
 };
 
@@ -19,6 +21,12 @@ fn addr(ip: u32) -> Ipv4Addr {
 pub struct BackendRow {
     pub id: u32,
     pub address: String,
+    /// New flows balanced to this backend since it was added.
+    pub flows: u64,
+    /// Flows open on this node now (what least-conn compares).
+    pub open_flows: u64,
+    /// Maglev table entries naming this backend (Maglev frontends only).
+    pub maglev_entries: Option<usize>,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -27,7 +35,10 @@ pub struct BackendRow {
 pub struct ServiceRow {
     pub frontend: Frontend,
     pub service_id: u32,
+    /// The algorithm name; `unknown(N)` for a code this xlb does not know.
+    pub scheduler: String,
     pub affinity_timeout_s: Option<u32>,
+    pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendRow>,
@@ -48,6 +59,12 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
             map.get(&id, 0).map(|v| sum_counter(&v)).unwrap_or_default()
         };
         let svc = counter(&maps.service_stats, front.service_id);
+        let code = scheduler_of(front.flags);
+        let scheduler = Scheduler::from_code(code)
+            .map(|s| s.name().to_string())
+            .unwrap_or_else(|| format!("unknown({code})"));
+        let table = (Scheduler::from_code(code) == Some(Scheduler::Maglev))
+            .then(|| maps.maglev_table(front.service_id).unwrap_or_default());
         let backends = (1..=front.count)
             .filter_map(|slot| slots.get(&slot))
             .map(|s| {
@@ -60,6 +77,11 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
                 BackendRow {
                     id: s.backend_id,
                     address,
+                    flows: c.flows,
+                    open_flows: maps.connections.get(&s.backend_id, 0).unwrap_or(0),
+                    maglev_entries: table
+                        .as_ref()
+                        .map(|t| t.iter().filter(|id| **id == s.backend_id).count()),
                     packets: c.packets,
                     bytes: c.bytes,
                 }
@@ -68,8 +90,10 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
         rows.push(ServiceRow {
             frontend,
             service_id: front.service_id,
+            scheduler,
             affinity_timeout_s: (front.flags & SVC_FLAG_AFFINITY != 0)
                 .then_some(front.affinity_timeout_s),
+            flows: svc.flows,
             packets: svc.packets,
             bytes: svc.bytes,
             backends,
@@ -79,8 +103,9 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
 }
 
 pub fn services_text(rows: &[ServiceRow]) -> String {
-    let mut out =
-        String::from("FRONTEND                    SVC-ID  PACKETS      BYTES  BACKENDS\n");
+    let mut out = String::from(
+        "FRONTEND                    SVC-ID SCHEDULER      FLOWS  PACKETS      BYTES  BACKENDS\n",
+    );
     for row in rows {
         let affinity = row
             .affinity_timeout_s
@@ -88,9 +113,11 @@ pub fn services_text(rows: &[ServiceRow]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<27} {:>6} {:>8} {:>10}  {}{}",
+            "{:<27} {:>6} {:<11} {:>8} {:>8} {:>10}  {}{}",
             row.frontend.to_string(),
             row.service_id,
+            row.scheduler,
+            row.flows,
             row.packets,
             row.bytes,
             row.backends.len(),
@@ -103,10 +130,14 @@ pub fn services_text(rows: &[ServiceRow]) -> String {
             );
         }
         for b in &row.backends {
+            let maglev = b
+                .maglev_entries
+                .map(|n| format!(" maglev={n}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  -> {:<22} id={:<6} {:>8} pkts {:>10} bytes",
-                b.address, b.id, b.packets, b.bytes
+                "  -> {:<22} id={:<6} flows={:<8} open={:<6} {:>8} pkts {:>10} bytes{maglev}",
+                b.address, b.id, b.flows, b.open_flows, b.packets, b.bytes
             );
         }
     }
@@ -237,6 +268,21 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
             map_names::BACKEND_STATS,
             maps.backend_stats.keys().count(),
             map_sizes::BACKEND_STATS,
+        ),
+        fill(
+            map_names::ROUND_ROBIN,
+            maps.round_robin.keys().count(),
+            map_sizes::ROUND_ROBIN,
+        ),
+        fill(
+            map_names::CONNECTIONS,
+            maps.connections.keys().count(),
+            map_sizes::CONNECTIONS,
+        ),
+        fill(
+            map_names::MAGLEV,
+            maps.maglev.keys().count(),
+            map_sizes::MAGLEV,
         ),
     ];
     StatsReport { outcomes, maps }

@@ -29,3 +29,12 @@ pub fn slice(service: &str, endpoints: &[(&str, bool)]) -> String {
     }
     out
 }
+
+/// `service_yaml` with the `xlb.io/scheduler` annotation set to `scheduler`.
+pub fn with_scheduler(service_yaml: &str, scheduler: &str) -> String {
+    service_yaml.replacen(
+        "metadata:\n",
+        &format!("metadata:\n  annotations:\n    xlb.io/scheduler: {scheduler}\n"),
+        1,
+    )
+}

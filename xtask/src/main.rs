@@ -150,6 +150,8 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "xlb-tests",
             "--test",
             "e2e",
+            "--test",
+            "e2e_schedulers",
             "--",
             "--test-threads=1",
         ],
