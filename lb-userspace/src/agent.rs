@@ -18,6 +18,7 @@ use crate::{
     ifaces::{Attacher, IfacePatterns},
     loader::{self, PinLayout},
     maps::PinnedMaps,
+    metrics::{self, SharedMetrics},
     model::Scheduler,
     source::manifests::ManifestDir,
     sync::Syncer,
@@ -35,6 +36,7 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub scheduler: Scheduler,
     pub maglev_table_size: u32,
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
@@ -62,6 +64,22 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             syncer.current().len(),
             pins.root.display()
         );
+    }
+    let metrics = SharedMetrics::default();
+    // Metrics are for humans and Prometheus; a taken port (kube-proxy still running on this
+    // node?) must not stop the datapath from being programmed.
+    match metrics::serve(
+        config.metrics_addr,
+        pins.root.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&stop),
+    ) {
+        Ok(_) => log::info!("serving metrics on http://{}/metrics", config.metrics_addr),
+        Err(e) => log::error!(
+            "cannot serve metrics on {}: {e}; running without metrics (choose another \
+             --metrics-addr)",
+            config.metrics_addr
+        ),
     }
     let mut source = ManifestDir::new(&config.manifests);
     let mut attacher = Attacher::new(config.pod_ifaces);
@@ -108,7 +126,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     log::warn!("{w}");
                 }
             }
-            match syncer.apply(&translation.desired, &mut maps) {
+            let result = syncer.apply(&translation.desired, &mut maps);
+            record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
+            match result {
                 Ok(report) => {
                     need_sync = false;
                     gc_now |= report.backends_removed > 0;
@@ -144,4 +164,21 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         pins.root.display()
     );
     Ok(())
+}
+
+/// Publishes what a sync did to the metrics endpoint.
+fn record_sync(metrics: &SharedMetrics, syncer: &Syncer, took: Duration, ok: bool) {
+    let Ok(mut m) = metrics.lock() else { return };
+    if !ok {
+        m.sync_errors += 1;
+        return;
+    }
+    m.observe_sync(took.as_secs_f64());
+    m.frontends = syncer.current().len();
+    m.backends = syncer.current().values().map(|p| p.backends.len()).sum();
+    m.service_names = syncer
+        .current()
+        .iter()
+        .map(|(f, p)| (f.to_string(), p.service.clone()))
+        .collect();
 }

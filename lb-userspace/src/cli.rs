@@ -43,6 +43,9 @@ pub enum Command {
         #[arg(long, value_name = "PRIME", default_value_t = lb_common::MAGLEV_DEFAULT_SIZE,
               value_parser = maglev_size)]
         maglev_table_size: u32,
+        /// Where Prometheus metrics are served (`/metrics`), as kube-proxy's default.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10249")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
@@ -90,7 +93,9 @@ mod tests {
                 bpffs,
                 scheduler,
                 maglev_table_size,
+                metrics_addr,
             } => {
+                assert_eq!(metrics_addr.port(), 10249);
                 assert_eq!(manifests, PathBuf::from("/etc/xlb"));
                 assert_eq!(pod_ifaces, "veth*,cali*");
                 assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod prog_test_run;
 pub mod source;

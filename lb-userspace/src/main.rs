@@ -27,6 +27,7 @@ fn run(cli: Cli) -> Result<()> {
             bpffs,
             scheduler,
             maglev_table_size,
+            metrics_addr,
         } => {
             let pod_ifaces = IfacePatterns::parse(&pod_ifaces)
                 .with_context(|| format!("--pod-ifaces {pod_ifaces:?} is not a valid glob list"))?;
@@ -42,6 +43,7 @@ fn run(cli: Cli) -> Result<()> {
                     bpffs,
                     scheduler,
                     maglev_table_size,
+                    metrics_addr,
                 },
                 stop,
             )

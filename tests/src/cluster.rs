@@ -219,6 +219,32 @@ impl Cluster {
         Ok(serde_json::from_str(&self.xlb(&["services", "--json"])?)?)
     }
 
+    /// GET `path` from the agent's HTTP endpoint on `port` inside the node's namespace.
+    pub fn http_get(&self, port: u16, path: &str) -> Result<String> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.node.ns.enter(move || -> Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut conn = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(2),
+            )?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)?;
+            Ok(response)
+        })?
+    }
+
+    /// The agent's Prometheus metrics (default `--metrics-addr`), body only.
+    pub fn metrics(&self) -> Result<String> {
+        let response = self.http_get(10249, "/metrics")?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => bail!("metrics request failed: {response}"),
+        }
+    }
+
     /// Backend addresses programmed for `frontend` ("IP:PORT/TCP"), if it exists.
     pub fn programmed(&self, frontend: &str) -> Option<Vec<String>> {
         let services = self.services().ok()?;

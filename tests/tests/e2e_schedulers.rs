@@ -98,6 +98,23 @@ fn annotation_changes_the_spread_of_real_connections() {
         "{picks:?}"
     );
 
+    // Operators see the spread in the metrics: new flows per backend.
+    let metrics = c.metrics().expect("metrics");
+    for be in ["10.244.0.11", "10.244.0.12", "10.244.0.13"] {
+        let line = format!(
+            "xlb_backend_new_flows_total{{frontend=\"10.96.0.10:80/TCP\",\
+             service=\"default/web:http\",backend=\"{be}:8080\"}} 10"
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(
+            "xlb_frontend_info{frontend=\"10.96.0.10:80/TCP\",service=\"default/web:http\",\
+             scheduler=\"round-robin\"} 1"
+        ),
+        "{metrics}"
+    );
+
     // Source-hash: each client always lands on one backend.
     c.write_manifest(
         "web.yaml",
