@@ -50,6 +50,11 @@ impl AgentMetrics {
 
 pub type SharedMetrics = Arc<Mutex<AgentMetrics>>;
 
+/// A metric family read from each row: name, help, value.
+type Family<R> = (&'static str, &'static str, fn(&R) -> u64);
+/// The same with its Prometheus type.
+type KindedFamily<R> = (&'static str, &'static str, &'static str, fn(&R) -> u64);
+
 /// Escapes a label value (Prometheus text format).
 fn label(value: &str) -> String {
     value
@@ -165,7 +170,7 @@ pub fn render(agent: &AgentMetrics, services: &[ServiceRow], stats: &StatsReport
             label(&row.scheduler)
         );
     }
-    let per_frontend: [(&str, &str, fn(&ServiceRow) -> u64); 3] = [
+    let per_frontend: [Family<ServiceRow>; 3] = [
         (
             "xlb_frontend_new_flows_total",
             "New flows balanced by a frontend.",
@@ -188,7 +193,7 @@ pub fn render(agent: &AgentMetrics, services: &[ServiceRow], stats: &StatsReport
             let _ = writeln!(out, "{name}{{{}}} {}", frontend_labels(row), value(row));
         }
     }
-    let per_backend: [(&str, &str, &str, fn(&inspect::BackendRow) -> u64); 4] = [
+    let per_backend: [KindedFamily<inspect::BackendRow>; 4] = [
         (
             "xlb_backend_new_flows_total",
             "counter",
