@@ -43,6 +43,35 @@ pub const fn with_scheduler(flags: u16, scheduler: u8) -> u16 {
 /// near-least-loaded backend in any realistic spread.
 pub const LEAST_CONN_SCAN: u16 = 64;
 
+/// Least-conn's choice: among up to `LEAST_CONN_SCAN` slots of `1..=count`, starting at
+/// 0-based `start` and wrapping, the backend id with the fewest open flows; ties go to the
+/// earliest in the window. `open_of(slot)` gives a slot's backend id (never 0) and its open
+/// flows, `None` if the slot is unusable. Shared by the datapath and its unit tests; plain
+/// scalars (id 0 = none yet) keep the verifier's state small.
+#[inline(always)]
+pub fn least_loaded(
+    count: u16,
+    start: u16,
+    mut open_of: impl FnMut(u16) -> Option<(u32, u64)>,
+) -> Option<u32> {
+    let mut best: u32 = 0;
+    let mut best_open = u64::MAX;
+    for i in 0..LEAST_CONN_SCAN {
+        if i >= count {
+            break;
+        }
+        let slot = ((start as u32 + i as u32) % count as u32) as u16 + 1;
+        let Some((id, open)) = open_of(slot) else {
+            continue;
+        };
+        if open < best_open {
+            best_open = open;
+            best = id;
+        }
+    }
+    (best != 0).then_some(best)
+}
+
 /// Default Maglev lookup table size (a prime, as Maglev needs; Cilium's default too).
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
 /// Largest table size accepted (a prime; 64 Ki entries = 256 KiB per frontend).
@@ -89,6 +118,60 @@ mod tests {
             assert_eq!(flags & crate::SVC_FLAG_AFFINITY, crate::SVC_FLAG_AFFINITY);
         }
         assert_eq!(scheduler_of(0), scheduler::RANDOM);
+    }
+
+    #[test]
+    fn least_conn_choice_from_a_given_state() {
+        let open = [5u64, 1, 3, 1]; // slots 1..=4
+        let pick = |count, start| {
+            least_loaded(count, start, |slot| {
+                Some((u32::from(slot), open[slot as usize - 1]))
+            })
+        };
+        assert_eq!(pick(4, 0), Some(2), "fewest, earliest of the tie 2/4");
+        assert_eq!(
+            pick(4, 3),
+            Some(4),
+            "window starting at slot 4 meets 4 first"
+        );
+        assert_eq!(pick(1, 0), Some(1));
+        assert_eq!(pick(0, 0), None);
+        // Unusable slots are skipped; none usable: no choice.
+        assert_eq!(
+            least_loaded(4, 0, |slot| (slot != 2)
+                .then(|| (u32::from(slot), open[slot as usize - 1]))),
+            Some(4)
+        );
+        assert_eq!(least_loaded(4, 0, |_| None), None);
+        // Large services compare a window of LEAST_CONN_SCAN slots only.
+        let big = |slot: u16| Some((u32::from(slot), if slot == 100 { 0 } else { 7 }));
+        assert_eq!(
+            least_loaded(1000, 0, big),
+            Some(1),
+            "slot 100 is outside the window"
+        );
+        assert_eq!(least_loaded(1000, 90, big), Some(100));
+    }
+
+    #[test]
+    fn source_hash_is_stable_and_spreads() {
+        // Pinned values: nodes running different xlb versions must send a client to the same
+        // slot, so the hash may never change silently.
+        // (Computed independently: murmur3 fmix32 of the input xor 0x9e3779b9.)
+        assert_eq!(client_hash(0), 0x92ca_2f0e);
+        assert_eq!(flow_hash(1, 2, 3, 4, 6), 0x8a1b_9fc1);
+        assert_eq!(
+            client_hash(u32::from_ne_bytes([10, 244, 0, 2])),
+            client_hash(u32::from_ne_bytes([10, 244, 0, 2]))
+        );
+        let mut per_slot = [0u32; 4];
+        for host in 0..4000u32 {
+            let client = u32::from_ne_bytes([10, 244, (host >> 8) as u8, host as u8]);
+            per_slot[(client_hash(client) % 4) as usize] += 1;
+        }
+        for n in per_slot {
+            assert!((850..=1150).contains(&n), "uneven spread {per_slot:?}");
+        }
     }
 
     #[test]

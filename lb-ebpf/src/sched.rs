@@ -3,7 +3,8 @@
 //! the BPF target has 64-bit atomics only.
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use lb_common::{
-    LEAST_CONN_SCAN, ServiceKey, ServiceValue, client_hash, flow_hash, scheduler, scheduler_of,
+    LEAST_CONN_SCAN, ServiceKey, ServiceValue, client_hash, flow_hash, least_loaded, scheduler,
+    scheduler_of,
 };
 
 use crate::{
@@ -61,9 +62,8 @@ fn next_turn(service_id: u32) -> u64 {
     }
 }
 
-/// The slot with the fewest open flows among up to `LEAST_CONN_SCAN` slots (all of them for
-/// services that small; otherwise a window starting at a random slot). Ties go to the
-/// earliest slot in the window.
+/// Least-conn over the frontend's slots (all of them for services with up to
+/// `LEAST_CONN_SCAN` backends; otherwise a window starting at a random slot).
 #[inline(always)]
 fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
     let start = if count > LEAST_CONN_SCAN {
@@ -72,24 +72,12 @@ fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
     } else {
         0
     };
-    let mut best: Option<u32> = None;
-    let mut best_open = u64::MAX;
-    for i in 0..LEAST_CONN_SCAN {
-        if i >= count {
-            break;
-        }
-        let slot = ((start as u32 + i as u32) % count as u32) as u16 + 1;
-        let Some(id) = slot_backend(frontend_key, slot) else {
-            continue;
-        };
+    least_loaded(count, start, |slot| {
+        let id = slot_backend(frontend_key, slot)?;
         // SAFETY: value copied out immediately.
         let open = unsafe { CONNECTIONS.get(id) }.copied().unwrap_or(0);
-        if open < best_open {
-            best_open = open;
-            best = Some(id);
-        }
-    }
-    best
+        Some((id, open))
+    })
 }
 
 /// The backend id in the frontend's Maglev table at the flow's hash.

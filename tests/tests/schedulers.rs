@@ -217,3 +217,25 @@ fn session_affinity_wins_over_every_algorithm() {
         }
     }
 }
+
+/// The verifier explores every path of the programs; the scheduler loops multiply them. Keep
+/// well under the kernel's one-million-instruction limit so later features have room.
+#[test]
+fn programs_stay_well_inside_the_verifier_budget() {
+    if !privileged("programs_stay_well_inside_the_verifier_budget") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    for name in [
+        lb_common::program_names::TC_FROM_POD,
+        lb_common::program_names::TC_TO_POD,
+    ] {
+        let info = xlb::loader::program(&mut dp.ebpf, name)
+            .expect("program")
+            .info()
+            .expect("program info");
+        let verified = info.verified_instruction_count().expect("kernel ≥ 5.16");
+        eprintln!("{name}: {verified} instructions verified");
+        assert!(verified < 250_000, "{name}: {verified} of 1,000,000");
+    }
+}
