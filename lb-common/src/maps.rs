@@ -15,8 +15,14 @@ pub mod map_names {
     pub const CONNECTIONS: &str = "XLB_CONNS";
     /// Maglev lookup table per frontend (service id → inner array).
     pub const MAGLEV: &str = "XLB_MAGLEV";
+    /// This node's addresses (NodePort destinations, SNAT source).
+    pub const NODE_IPS: &str = "XLB_NODE_IPS";
+    /// Node-wide settings of the datapath (one [`NodeConfig`]).
+    pub const CONFIG: &str = "XLB_CONFIG";
+    /// `loadBalancerSourceRanges`: (service id, client prefix) → allowed.
+    pub const SOURCE_RANGES: &str = "XLB_SRC_RANGES";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -27,11 +33,17 @@ pub mod map_names {
         ROUND_ROBIN,
         CONNECTIONS,
         MAGLEV,
+        NODE_IPS,
+        CONFIG,
+        SOURCE_RANGES,
     ];
 }
 
 /// Program names in the eBPF object.
 pub mod program_names {
+    /// Traffic entering the node from outside: NodePort, externalIPs, LoadBalancer IPs, and
+    /// replies of SNATed flows (XDP on `--external-ifaces`).
+    pub const XDP_EXTERNAL: &str = "xlb_external";
     /// Pod → service: DNAT, conntrack, affinity, reject (host side of pod interfaces, ingress).
     pub const TC_FROM_POD: &str = "xlb_from_pod";
     /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
@@ -51,6 +63,8 @@ pub mod map_sizes {
     pub const CONNECTIONS: u32 = 262_144;
     /// Frontends that can use Maglev at the same time.
     pub const MAGLEV: u32 = 4_096;
+    pub const NODE_IPS: u32 = 256;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -75,13 +89,29 @@ pub struct ServiceKey {
     pub slot: u16,
     /// IP protocol number (6 TCP, 17 UDP).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `SCOPE_INTERNAL` (pods, host processes) or `SCOPE_EXTERNAL` (from outside, XDP).
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+
+/// Frontend scope: traffic from pods and from the node's own processes.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// Frontend scope: traffic entering the node from outside (externalTrafficPolicy applies).
+pub const SCOPE_EXTERNAL: u8 = 1;
+/// `ServiceKey::vip` of NodePort frontends: any of the node's addresses (`NODE_IPS`).
+pub const VIP_ANY_NODE_IP: u32 = 0;
 
 /// Service flag: `sessionAffinity: ClientIP`. Bits 8..12 hold the algorithm
 /// (see [`crate::scheduler_of`]).
 pub const SVC_FLAG_AFFINITY: u16 = 1;
+/// Rewrite the client's address to the node's (externalTrafficPolicy: Cluster from outside).
+pub const SVC_FLAG_SNAT: u16 = 2;
+/// No usable endpoint: drop (traffic policy Local without local endpoints) instead of
+/// rejecting with ICMP.
+pub const SVC_FLAG_DROP_EMPTY: u16 = 4;
+/// Clients are checked against `SOURCE_RANGES` (loadBalancerSourceRanges).
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 8;
 
 /// `SERVICES` value. In slot 0: the frontend; in slot i: `backend_id` only.
 #[repr(C)]
@@ -155,8 +185,14 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// Forward: backend port. Reverse: the service port. Network byte order.
     pub nat_port: u16,
-    /// `CT_FLAG_*`: TCP state as far as lifetimes need it.
+    /// `CT_FLAG_*`: TCP state as far as lifetimes need it, and how the flow is NATed.
     pub flags: u16,
+    /// Forward of a SNATed flow: the node address and port the client's source became.
+    /// Reverse of a SNATed flow: the client's address and port to restore as destination.
+    /// Network byte order; 0 when the flow is not SNATed.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad: u16,
     /// `bpf_ktime_get_ns()` at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet.
@@ -164,12 +200,41 @@ pub struct CtValue {
     pub packets: u64,
     pub bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 
 /// TCP entry saw its handshake complete (forward: a client ACK; reverse: a reply).
 pub const CT_FLAG_ESTABLISHED: u16 = 1;
 /// TCP entry saw FIN or RST.
 pub const CT_FLAG_CLOSING: u16 = 2;
+/// The flow entered from outside (XDP): its replies are translated where they leave the
+/// backend (pod interface ingress, or the external interface for remote backends).
+pub const CT_FLAG_EXTERNAL: u16 = 4;
+/// The flow's source was rewritten to a node address (`snat_addr`/`snat_port`).
+pub const CT_FLAG_SNAT: u16 = 8;
+
+/// Node-wide datapath settings (`CONFIG` map, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// Source address of SNATed flows (the node's primary address), network byte order.
+    pub snat_addr: u32,
+    /// SNAT source ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+
+/// `SOURCE_RANGES` key data (after the LPM prefix length): the service id (matched whole)
+/// then the client address prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceRangeKey {
+    /// Big-endian so the LPM trie compares it first, byte for byte.
+    pub service_id_be: u32,
+    /// Client address, network byte order.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
 
 /// Conntrack lifetimes after the last packet, in seconds (Cilium's defaults: short while
 /// a TCP handshake is pending or the flow is closing, long once established).
@@ -236,6 +301,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::TrafficCounter {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -252,9 +319,10 @@ mod tests {
                 offset_of!(ServiceKey, vip),
                 offset_of!(ServiceKey, port),
                 offset_of!(ServiceKey, slot),
-                offset_of!(ServiceKey, proto)
+                offset_of!(ServiceKey, proto),
+                offset_of!(ServiceKey, scope)
             ),
-            (0, 4, 6, 8)
+            (0, 4, 6, 8, 9)
         );
         assert_eq!(
             (
@@ -281,10 +349,11 @@ mod tests {
         assert_eq!(
             (
                 offset_of!(CtValue, nat_port),
+                offset_of!(CtValue, snat_addr),
                 offset_of!(CtValue, created_ns),
                 offset_of!(CtValue, bytes)
             ),
-            (12, 16, 40)
+            (12, 16, 24, 48)
         );
         assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
     }

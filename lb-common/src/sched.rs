@@ -43,33 +43,79 @@ pub const fn with_scheduler(flags: u16, scheduler: u8) -> u16 {
 /// near-least-loaded backend in any realistic spread.
 pub const LEAST_CONN_SCAN: u16 = 64;
 
-/// Least-conn's choice: among up to `LEAST_CONN_SCAN` slots of `1..=count`, starting at
+/// Least-conn's scan: among up to `LEAST_CONN_SCAN` slots of `1..=count`, starting at
 /// 0-based `start` and wrapping, the backend id with the fewest open flows; ties go to the
-/// earliest in the window. `open_of(slot)` gives a slot's backend id (never 0) and its open
-/// flows, `None` if the slot is unusable. Shared by the datapath and its unit tests; plain
-/// scalars (id 0 = none yet) keep the verifier's state small.
-#[inline(always)]
+/// earliest in the window. The datapath drives it one slot per `bpf_loop` step (so the
+/// verifier checks one step, not 64); `least_loaded` drives it in a plain loop for tests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LeastLoaded {
+    pub count: u32,
+    pub start: u32,
+    /// Backend id with the fewest open flows so far; 0 = none (ids are never 0).
+    pub best: u32,
+    pub best_open: u64,
+}
+
+impl LeastLoaded {
+    #[inline(always)]
+    pub const fn new(count: u16, start: u16) -> Self {
+        Self {
+            count: count as u32,
+            start: start as u32,
+            best: 0,
+            best_open: u64::MAX,
+        }
+    }
+    /// How many slots the scan visits.
+    #[inline(always)]
+    pub const fn steps(&self) -> u32 {
+        if self.count < LEAST_CONN_SCAN as u32 {
+            self.count
+        } else {
+            LEAST_CONN_SCAN as u32
+        }
+    }
+    /// The slot (1..=count) visited at step `i`.
+    #[inline(always)]
+    pub const fn slot(&self, i: u32) -> u16 {
+        if self.count == 0 {
+            return 0;
+        }
+        ((self.start + i) % self.count) as u16 + 1
+    }
+    /// Considers backend `id` with `open` flows.
+    #[inline(always)]
+    pub fn offer(&mut self, id: u32, open: u64) {
+        if open < self.best_open {
+            self.best_open = open;
+            self.best = id;
+        }
+    }
+    #[inline(always)]
+    pub const fn best(&self) -> Option<u32> {
+        if self.best == 0 {
+            None
+        } else {
+            Some(self.best)
+        }
+    }
+}
+
+/// Least-conn's choice in one call; `open_of(slot)` gives a slot's backend id and its open
+/// flows, `None` if the slot is unusable.
 pub fn least_loaded(
     count: u16,
     start: u16,
     mut open_of: impl FnMut(u16) -> Option<(u32, u64)>,
 ) -> Option<u32> {
-    let mut best: u32 = 0;
-    let mut best_open = u64::MAX;
-    for i in 0..LEAST_CONN_SCAN {
-        if i >= count {
-            break;
-        }
-        let slot = ((start as u32 + i as u32) % count as u32) as u16 + 1;
-        let Some((id, open)) = open_of(slot) else {
-            continue;
-        };
-        if open < best_open {
-            best_open = open;
-            best = id;
+    let mut scan = LeastLoaded::new(count, start);
+    for i in 0..scan.steps() {
+        if let Some((id, open)) = open_of(scan.slot(i)) {
+            scan.offer(id, open);
         }
     }
-    (best != 0).then_some(best)
+    scan.best()
 }
 
 /// Default Maglev lookup table size (a prime, as Maglev needs; Cilium's default too).

@@ -39,7 +39,20 @@ pub mod outcome {
     /// The service's algorithm could not pick (no Maglev table yet, or it named a backend
     /// that is gone): a random backend was used instead (extra count, like `AFFINITY_HIT`).
     pub const SCHED_FALLBACK: Outcome = 15;
-    pub const COUNT: u32 = 16;
+    /// From outside to a service with a Local traffic policy and no endpoint on this node:
+    /// dropped (as kube-proxy does).
+    pub const DROP_NO_LOCAL_ENDPOINT: Outcome = 16;
+    /// Client outside the service's loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: Outcome = 17;
+    /// Every SNAT port tried for this backend was taken: dropped.
+    pub const DROP_SNAT_EXHAUSTED: Outcome = 18;
+    /// From outside, new flow: DNAT (and SNAT under externalTrafficPolicy Cluster).
+    pub const EXTERNAL_NEW: Outcome = 19;
+    /// From outside, known flow.
+    pub const EXTERNAL_ESTABLISHED: Outcome = 20;
+    /// Reply of an external flow translated back towards the client.
+    pub const EXTERNAL_REPLY: Outcome = 21;
+    pub const COUNT: u32 = 22;
 }
 
 /// Human names, indexed by outcome code (used by `xlb stats` and metrics).
@@ -60,4 +73,10 @@ pub const OUTCOME_NAMES: [&str; outcome::COUNT as usize] = [
     "drop_backend_missing",
     "affinity_hit",
     "sched_fallback",
+    "drop_no_local_endpoint",
+    "drop_source_range",
+    "drop_snat_exhausted",
+    "external_new",
+    "external_established",
+    "external_reply",
 ];

@@ -1,8 +1,10 @@
-//! Connection tracking: a forward entry (client → VIP) pins the flow to its backend, a reverse
-//! entry (backend → client) restores the VIP on replies.
+//! Connection tracking: a forward entry (client → frontend) pins the flow to its backend, a
+//! reverse entry (backend → client, or backend → node address for SNATed flows) restores the
+//! frontend on replies.
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
-    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, CtValue, Outcome,
-    PROTO_TCP, ct_lifetime_ns, outcome,
+    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
+    CtValue, NodeConfig, Outcome, PROTO_TCP, ct_lifetime_ns, outcome,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -10,7 +12,32 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
+/// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
+const SNAT_TRIES: u32 = 16;
+
 use crate::{maps::CONNTRACK, parse::Flow};
+
+/// How a flow is translated besides DNAT.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    /// `CT_FLAG_EXTERNAL` and/or `CT_FLAG_SNAT`.
+    pub flags: u16,
+    /// With `CT_FLAG_SNAT`: the client's new source, network byte order.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+}
+
+impl Nat {
+    pub const NONE: Nat = Nat {
+        flags: 0,
+        snat_addr: 0,
+        snat_port: 0,
+    };
+    #[inline(always)]
+    fn snat(&self) -> bool {
+        self.flags & CT_FLAG_SNAT != 0
+    }
+}
 
 #[inline(always)]
 pub fn forward_key(flow: &Flow) -> CtKey {
@@ -33,7 +60,8 @@ pub fn reverse_key(flow: &Flow) -> CtKey {
     }
 }
 
-/// Records both directions of a new flow from `client` (a pod's packet to a VIP).
+/// Records a new flow from `client` (its packet to a frontend). For SNATed flows the
+/// reverse entry already exists: `claim_snat_port` made it.
 #[inline(always)]
 pub fn create(
     client: &Flow,
@@ -42,13 +70,17 @@ pub fn create(
     service_id: u32,
     now: u64,
     bytes: u32,
+    nat: Nat,
 ) -> Result<(), Outcome> {
     let forward = CtValue {
         backend_id,
         service_id,
         nat_addr: backend.ip,
         nat_port: backend.port,
-        flags: tcp_flags_update(client, 0),
+        flags: tcp_flags_update(client, nat.flags),
+        snat_addr: nat.snat_addr,
+        snat_port: nat.snat_port,
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
@@ -57,64 +89,134 @@ pub fn create(
     CONNTRACK
         .insert(forward_key(client), forward, 0)
         .map_err(|_| outcome::DROP_CT_FULL)?;
-    insert_reverse(client, backend_id, backend, service_id, now)
+    if nat.snat() {
+        return Ok(());
+    }
+    let (key, value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
+    CONNTRACK
+        .insert(key, value, 0)
+        .map_err(|_| outcome::DROP_CT_FULL)
 }
 
-/// The reply direction of `client`'s flow once DNATed to `backend`.
+/// The reply direction of `client`'s flow once translated to `backend`: backend → client,
+/// or backend → the SNAT address.
 #[inline(always)]
-fn reply_flow(client: &Flow, backend: &Backend) -> Flow {
+fn reply_flow(client: &Flow, backend: &Backend, nat: &Nat) -> Flow {
+    let (dst, dport) = if nat.snat() {
+        (nat.snat_addr, nat.snat_port)
+    } else {
+        (client.src, client.sport)
+    };
     Flow {
         proto: client.proto,
         src: backend.ip,
-        dst: client.src,
+        dst,
         sport: backend.port,
-        dport: client.sport,
+        dport,
         tcp_flags: 0,
     }
 }
 
-/// Recreates the reverse entry of a known flow if it is missing: LRU eviction can take one
-/// side of a flow alone.
 #[inline(always)]
-pub fn ensure_reverse(
+fn reverse_entry(
     client: &Flow,
     backend_id: u32,
     backend: &Backend,
     service_id: u32,
     now: u64,
-) -> Result<(), Outcome> {
-    if CONNTRACK
-        .get_ptr(reverse_key(&reply_flow(client, backend)))
-        .is_some()
-    {
-        return Ok(());
-    }
-    insert_reverse(client, backend_id, backend, service_id, now)
-}
-
-#[inline(always)]
-fn insert_reverse(
-    client: &Flow,
-    backend_id: u32,
-    backend: &Backend,
-    service_id: u32,
-    now: u64,
-) -> Result<(), Outcome> {
-    let reply = reply_flow(client, backend);
-    let reverse = CtValue {
+    nat: Nat,
+) -> (CtKey, CtValue) {
+    let (snat_addr, snat_port) = if nat.snat() {
+        (client.src, client.sport)
+    } else {
+        (0, 0)
+    };
+    let value = CtValue {
         backend_id,
         service_id,
         nat_addr: client.dst,
         nat_port: client.dport,
-        flags: 0,
+        flags: nat.flags,
+        snat_addr,
+        snat_port,
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
     };
+    (reverse_key(&reply_flow(client, backend, &nat)), value)
+}
+
+/// Recreates the reverse entry of a known flow if it is missing: LRU eviction can take one
+/// side of a flow alone. `known` is the flow's forward entry.
+#[inline(always)]
+pub fn ensure_reverse(
+    client: &Flow,
+    known: &CtValue,
+    backend: &Backend,
+    now: u64,
+) -> Result<(), Outcome> {
+    let nat = Nat {
+        flags: known.flags & (lb_common::CT_FLAG_EXTERNAL | CT_FLAG_SNAT),
+        snat_addr: known.snat_addr,
+        snat_port: known.snat_port,
+    };
+    let (key, value) = reverse_entry(
+        client,
+        known.backend_id,
+        backend,
+        known.service_id,
+        now,
+        nat,
+    );
+    if CONNTRACK.get_ptr(key).is_some() {
+        return Ok(());
+    }
     CONNTRACK
-        .insert(reverse_key(&reply), reverse, 0)
+        .insert(key, value, 0)
         .map_err(|_| outcome::DROP_CT_FULL)
+}
+
+/// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it by
+/// creating the flow's reverse entry. A port is free when no live flow from that backend
+/// port already replies to it; expired claims are taken over.
+#[inline(always)]
+pub fn claim_snat_port(
+    client: &Flow,
+    backend_id: u32,
+    backend: &Backend,
+    service_id: u32,
+    config: &NodeConfig,
+    nat_flags: u16,
+    now: u64,
+) -> Result<Nat, Outcome> {
+    let min = config.snat_port_min as u32;
+    let span = (config.snat_port_max as u32).saturating_sub(min) + 1;
+    // SAFETY: helper without side effects.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    for i in 0..SNAT_TRIES {
+        if i >= span {
+            break;
+        }
+        let port = (min + (start + i) % span) as u16;
+        let nat = Nat {
+            flags: nat_flags | CT_FLAG_SNAT,
+            snat_addr: config.snat_addr,
+            snat_port: port.to_be(),
+        };
+        let (key, value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
+        if CONNTRACK.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+            return Ok(nat);
+        }
+        // SAFETY: copy of a map value.
+        let stale =
+            unsafe { CONNTRACK.get(key) }.is_some_and(|held| expired(held, client.proto, now));
+        if stale && CONNTRACK.insert(key, value, 0).is_ok() {
+            return Ok(nat);
+        }
+    }
+    Err(outcome::DROP_SNAT_EXHAUSTED)
 }
 
 /// An entry's flags after seeing `flow`'s packet. Forward entries become established on the

@@ -73,15 +73,15 @@ pub fn translate_error(
 
 /// ICMP header plus the quoted IPv4 header and first 8 bytes of the offending packet.
 #[repr(C)]
-struct UnreachableBody {
-    icmp_type: u8,
-    code: u8,
-    csum: u16,
-    unused: u32,
-    quoted: [u8; IP_HLEN + 8],
+pub struct UnreachableBody {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub csum: u16,
+    pub unused: u32,
+    pub quoted: [u8; IP_HLEN + 8],
 }
 
-const REPLY_LEN: u32 = (ETH_HLEN + IP_HLEN + core::mem::size_of::<UnreachableBody>()) as u32;
+pub const REPLY_LEN: u32 = (ETH_HLEN + IP_HLEN + core::mem::size_of::<UnreachableBody>()) as u32;
 
 /// Turns the packet into an ICMP port unreachable from the VIP back to the client and sends
 /// it out of the interface it came from (towards the client pod).

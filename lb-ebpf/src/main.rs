@@ -16,8 +16,13 @@ mod nat;
 mod parse;
 mod sched;
 mod stats;
+mod svc;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// Pod → service (ingress on the host side of a pod interface).
 #[classifier]
@@ -31,6 +36,15 @@ pub fn xlb_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_to_pod(ctx: TcContext) -> i32 {
     let (verdict, outcome) = lb::to_pod(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// From outside (XDP on the node's external interfaces): NodePort, externalIPs,
+/// LoadBalancer IPs, and replies of SNATed flows.
+#[xdp]
+pub fn xlb_external(ctx: XdpContext) -> u32 {
+    let (verdict, outcome) = xdp::external(&ctx);
     stats::count(outcome);
     verdict
 }

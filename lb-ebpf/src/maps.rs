@@ -3,11 +3,11 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, ServiceKey,
-    ServiceValue, TrafficCounter, map_sizes, outcome,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, NodeConfig,
+    ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter, map_sizes, outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -57,3 +57,16 @@ pub type MaglevTable = btf_maps::Array<u32, { MAGLEV_DEFAULT_SIZE as usize + 1 }
 #[btf_map]
 pub static XLB_MAGLEV: btf_maps::HashOfMaps<u32, MaglevTable, { map_sizes::MAGLEV as usize }> =
     btf_maps::HashOfMaps::new();
+
+/// This node's IPv4 addresses (value unused): NodePort frontends answer on these.
+#[map(name = "XLB_NODE_IPS")]
+pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(map_sizes::NODE_IPS, 0);
+
+/// Node-wide settings, written by the agent at start.
+#[map(name = "XLB_CONFIG")]
+pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// loadBalancerSourceRanges of every service that has them.
+#[map(name = "XLB_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, 0);

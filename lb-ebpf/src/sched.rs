@@ -1,9 +1,11 @@
 //! The load-balancing algorithms. Each returns the backend id it picks, or `None` when it
 //! cannot decide (the caller then falls back to random and counts it). Counters are u64:
 //! the BPF target has 64-bit atomics only.
-use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_loop};
 use lb_common::{
-    LEAST_CONN_SCAN, ServiceKey, ServiceValue, client_hash, flow_hash, least_loaded, scheduler,
+    LEAST_CONN_SCAN, LeastLoaded, ServiceKey, ServiceValue, client_hash, flow_hash, scheduler,
     scheduler_of,
 };
 
@@ -63,7 +65,8 @@ fn next_turn(service_id: u32) -> u64 {
 }
 
 /// Least-conn over the frontend's slots (all of them for services with up to
-/// `LEAST_CONN_SCAN` backends; otherwise a window starting at a random slot).
+/// `LEAST_CONN_SCAN` backends; otherwise a window starting at a random slot), one slot per
+/// `bpf_loop` step.
 #[inline(always)]
 fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
     let start = if count > LEAST_CONN_SCAN {
@@ -72,12 +75,39 @@ fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
     } else {
         0
     };
-    least_loaded(count, start, |slot| {
-        let id = slot_backend(frontend_key, slot)?;
+    let mut scan = LeastConnScan {
+        key: *frontend_key,
+        state: LeastLoaded::new(count, start),
+    };
+    // SAFETY: the callback only touches `scan`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            scan.state.steps(),
+            least_conn_step as *const () as *mut c_void,
+            (&mut scan as *mut LeastConnScan).cast(),
+            0,
+        );
+    }
+    scan.state.best()
+}
+
+#[repr(C)]
+struct LeastConnScan {
+    key: ServiceKey,
+    state: LeastLoaded,
+}
+
+/// One `bpf_loop` step: offers slot `index`'s backend and its open flows.
+extern "C" fn least_conn_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `LeastConnScan` handed to `bpf_loop` by `least_conn`.
+    let scan = unsafe { &mut *(ctx as *mut LeastConnScan) };
+    let slot = scan.state.slot(index as u32);
+    if let Some(id) = slot_backend(&scan.key, slot) {
         // SAFETY: value copied out immediately.
         let open = unsafe { CONNECTIONS.get(id) }.copied().unwrap_or(0);
-        Some((id, open))
-    })
+        scan.state.offer(id, open);
+    }
+    0
 }
 
 /// The backend id in the frontend's Maglev table at the flow's hash.

@@ -11,11 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::Ipv4Addr;
+
 use anyhow::{Context as _, Result};
+use lb_common::NodeConfig;
 
 use crate::{
     bpffs,
-    ifaces::{Attacher, IfacePatterns},
+    healthcheck::HealthServers,
+    ifaces::{self, Attacher, IfacePatterns, Role},
     loader::{self, PinLayout},
     maps::PinnedMaps,
     metrics::{self, SharedMetrics},
@@ -37,6 +41,11 @@ pub struct AgentConfig {
     pub scheduler: Scheduler,
     pub maglev_table_size: u32,
     pub metrics_addr: std::net::SocketAddr,
+    pub node_name: String,
+    pub external_ifaces: IfacePatterns,
+    /// Empty: the external interfaces' addresses.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub snat_ports: (u16, u16),
 }
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
@@ -56,6 +65,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     };
     let options = Options {
         default_scheduler: config.scheduler,
+        node_name: Some(config.node_name.clone()),
     };
     let mut syncer = adopt(&maps);
     if !syncer.current().is_empty() {
@@ -82,7 +92,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         ),
     }
     let mut source = ManifestDir::new(&config.manifests);
-    let mut attacher = Attacher::new(config.pod_ifaces);
+    let mut attacher = Attacher::new(Role::Pod, config.pod_ifaces.clone());
+    let mut external = Attacher::new(Role::External, config.external_ifaces.clone());
+    let mut node = NodeAddresses::default();
+    let mut health = HealthServers::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut dir_error_logged = false;
     let mut scanned_once = false;
@@ -126,6 +139,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     log::warn!("{w}");
                 }
             }
+            health.update(&translation.health_checks);
             let result = syncer.apply(&translation.desired, &mut maps);
             record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
             match result {
@@ -155,6 +169,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             gc_now = false;
         }
         attacher.reconcile(&mut ebpf, &pins);
+        external.reconcile(&mut ebpf, &pins);
+        node.reconcile(&config, &mut maps);
         std::thread::sleep(POLL);
     }
     log::info!(
@@ -181,4 +197,39 @@ fn record_sync(metrics: &SharedMetrics, syncer: &Syncer, took: Duration, ok: boo
         .iter()
         .map(|(f, p)| (f.to_string(), p.service.clone()))
         .collect();
+}
+
+/// Keeps `XLB_NODE_IPS` and the SNAT settings equal to the node's addresses (given, or
+/// those of the external interfaces, which may change while the agent runs).
+#[derive(Default)]
+struct NodeAddresses {
+    current: Option<Vec<Ipv4Addr>>,
+}
+
+impl NodeAddresses {
+    fn reconcile(&mut self, config: &AgentConfig, maps: &mut PinnedMaps) {
+        let addresses = if config.node_ips.is_empty() {
+            ifaces::ipv4_addresses(&config.external_ifaces)
+        } else {
+            config.node_ips.clone()
+        };
+        if self.current.as_ref() == Some(&addresses) {
+            return;
+        }
+        let node = NodeConfig {
+            snat_addr: addresses
+                .first()
+                .map(|a| u32::from_ne_bytes(a.octets()))
+                .unwrap_or(0),
+            snat_port_min: config.snat_ports.0,
+            snat_port_max: config.snat_ports.1,
+        };
+        match maps.set_node(&addresses, &node) {
+            Ok(()) => {
+                log::info!("node addresses (NodePorts, SNAT source first): {addresses:?}");
+                self.current = Some(addresses);
+            }
+            Err(e) => log::error!("writing node addresses {addresses:?}: {e}; retrying"),
+        }
+    }
 }

@@ -7,6 +7,22 @@ use crate::model::Scheduler;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
 
+fn port_range(value: &str) -> Result<(u16, u16), String> {
+    let (min, max) = value
+        .split_once('-')
+        .ok_or_else(|| format!("{value:?} is not MIN-MAX"))?;
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port number"))
+    };
+    let (min, max) = (parse(min)?, parse(max)?);
+    if min == 0 || min > max {
+        return Err(format!("{value:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
+}
+
 fn maglev_size(value: &str) -> Result<u32, String> {
     let size: u32 = value
         .parse()
@@ -46,6 +62,23 @@ pub enum Command {
         /// Where Prometheus metrics are served (`/metrics`), as kube-proxy's default.
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10249")]
         metrics_addr: std::net::SocketAddr,
+        /// This node's name, for traffic policies (endpoints' `nodeName`); default
+        /// $NODE_NAME, then the host name.
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// Interfaces where traffic from outside arrives (XDP): comma-separated names or
+        /// globs. None: no NodePort/externalIP/LoadBalancer traffic from outside.
+        #[arg(long, value_name = "IF,...", default_value = "")]
+        external_ifaces: String,
+        /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
+        /// the external interfaces (kube-proxy's --nodeport-addresses). The first one is the
+        /// SNAT source.
+        #[arg(long, value_name = "IP,...", value_delimiter = ',')]
+        node_ips: Vec<std::net::Ipv4Addr>,
+        /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral
+        /// range, so they never collide with the node's own connections).
+        #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
+        snat_ports: (u16, u16),
     },
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
@@ -94,8 +127,16 @@ mod tests {
                 scheduler,
                 maglev_table_size,
                 metrics_addr,
+                node_name,
+                external_ifaces,
+                node_ips,
+                snat_ports,
             } => {
                 assert_eq!(metrics_addr.port(), 10249);
+                assert_eq!(node_name, None);
+                assert_eq!(external_ifaces, "");
+                assert!(node_ips.is_empty());
+                assert_eq!(snat_ports, (61000, 65535));
                 assert_eq!(manifests, PathBuf::from("/etc/xlb"));
                 assert_eq!(pod_ifaces, "veth*,cali*");
                 assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));
@@ -151,5 +192,50 @@ mod tests {
             .expect_err("not prime")
             .to_string();
         assert!(err.contains("not a prime"), "{err}");
+    }
+
+    #[test]
+    fn north_south_flags() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--manifests",
+            "d",
+            "--external-ifaces",
+            "eth0,bond*",
+            "--node-ips",
+            "192.0.2.1,192.0.2.2",
+            "--snat-ports",
+            "40000-40100",
+            "--node-name",
+            "worker-1",
+        ])
+        .expect("valid");
+        match cli.command {
+            Command::Agent {
+                external_ifaces,
+                node_ips,
+                snat_ports,
+                node_name,
+                ..
+            } => {
+                assert_eq!(external_ifaces, "eth0,bond*");
+                assert_eq!(node_ips.len(), 2);
+                assert_eq!(snat_ports, (40000, 40100));
+                assert_eq!(node_name.as_deref(), Some("worker-1"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        for bad in ["40100-40000", "0-10", "x-1", "100"] {
+            let err =
+                Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--snat-ports", bad])
+                    .expect_err(bad)
+                    .to_string();
+            assert!(err.contains("--snat-ports"), "{err}");
+        }
+        assert!(
+            Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--node-ips", "fd00::1"])
+                .is_err()
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, ffi::CStr};
 
 use aya::Ebpf;
 
-use crate::loader::{self, PinLayout};
+use crate::loader::{self, Hook, PinLayout};
 
 /// Interfaces of the current network namespace (via `if_nameindex`, which asks the kernel
 /// through a socket, so it is right even when /sys belongs to another namespace).
@@ -29,6 +29,40 @@ pub fn list() -> BTreeMap<String, u32> {
     found
 }
 
+/// IPv4 addresses of the interfaces matching `patterns`, in interface-name order.
+pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
+    let mut found: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free below.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return Vec::new();
+        }
+        let mut cursor = head;
+        while !cursor.is_null() {
+            let entry = &*cursor;
+            cursor = entry.ifa_next;
+            if entry.ifa_addr.is_null() || i32::from((*entry.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let name = CStr::from_ptr(entry.ifa_name)
+                .to_string_lossy()
+                .into_owned();
+            if !patterns.matches(&name) {
+                continue;
+            }
+            let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+            found.push((
+                name,
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            ));
+        }
+        libc::freeifaddrs(head);
+    }
+    found.sort();
+    found.into_iter().map(|(_, addr)| addr).collect()
+}
+
 /// Comma-separated globs, e.g. `veth*,cali*`.
 #[derive(Debug, Clone)]
 pub struct IfacePatterns(Vec<glob::Pattern>);
@@ -48,8 +82,27 @@ impl IfacePatterns {
     }
 }
 
+/// Which programs an [`Attacher`] keeps attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// TC on the host side of pod interfaces.
+    Pod,
+    /// XDP on the node's external interfaces.
+    External,
+}
+
+impl Role {
+    fn hooks(self) -> &'static [Hook] {
+        match self {
+            Role::Pod => &Hook::POD,
+            Role::External => &Hook::EXTERNAL,
+        }
+    }
+}
+
 /// Keeps programs attached to the matching interfaces.
 pub struct Attacher {
+    role: Role,
     patterns: IfacePatterns,
     /// Attached interfaces and the ifindex we attached to (a recreated interface gets a new one).
     attached: BTreeMap<String, u32>,
@@ -61,8 +114,9 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    pub fn new(patterns: IfacePatterns) -> Self {
+    pub fn new(role: Role, patterns: IfacePatterns) -> Self {
         Self {
+            role,
             patterns,
             attached: BTreeMap::new(),
             failed: BTreeMap::new(),
@@ -87,15 +141,16 @@ impl Attacher {
             .filter(|(name, index)| present.get(*name) != Some(index))
             .map(|(name, _)| name.clone())
             .collect();
+        let hooks = self.role.hooks();
         for name in gone {
-            loader::detach(&name, pins);
+            loader::detach(&name, pins, hooks);
             self.attached.remove(&name);
             log::info!("detached from {name} (interface gone)");
         }
         if !self.swept_stale_pins {
-            for name in loader::pinned_ifaces(pins).into_keys() {
+            for name in loader::pinned_ifaces_of(pins, hooks).into_keys() {
                 if !present.contains_key(&name) {
-                    loader::detach(&name, pins);
+                    loader::detach(&name, pins, hooks);
                     log::info!("removed stale pinned links of {name}");
                 }
             }
@@ -107,7 +162,11 @@ impl Attacher {
             if self.attached.contains_key(name) || self.failed.contains_key(name) {
                 continue;
             }
-            match loader::attach(ebpf, name, pins) {
+            let attached = match self.role {
+                Role::Pod => loader::attach(ebpf, name, pins),
+                Role::External => loader::attach_external(ebpf, name, pins),
+            };
+            match attached {
                 Ok(mode) => {
                     log::info!("attached to {name} (ifindex {index}, {mode:?})");
                     self.attached.insert(name.clone(), *index);

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cli;
 pub mod conntrack_gc;
+pub mod healthcheck;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;

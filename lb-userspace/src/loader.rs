@@ -7,9 +7,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use lb_common::{map_names, program_names};
@@ -51,7 +52,7 @@ pub enum LoaderError {
 }
 
 /// Key size, value size and capacity of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 10] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 13] = {
     use lb_common::*;
     use std::mem::size_of;
     let counters = size_of::<TrafficCounter>();
@@ -97,6 +98,15 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 10] = {
         (map_names::CONNECTIONS, 4, 8, map_sizes::CONNECTIONS),
         // Map-in-map: the value is an inner map's id.
         (map_names::MAGLEV, 4, 4, map_sizes::MAGLEV),
+        (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS),
+        (map_names::CONFIG, 4, size_of::<NodeConfig>(), 1),
+        // LPM trie keys carry a 4-byte prefix length before the data.
+        (
+            map_names::SOURCE_RANGES,
+            4 + size_of::<SourceRangeKey>(),
+            1,
+            map_sizes::SOURCE_RANGES,
+        ),
     ]
 };
 
@@ -156,24 +166,30 @@ impl PinLayout {
     }
 }
 
-/// The two TC hooks on a pod interface's host side.
+/// Where programs attach: the two TC hooks on a pod interface's host side, XDP on an
+/// external interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     FromPod,
     ToPod,
+    External,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    /// The hooks of a pod interface.
+    pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    /// The hooks of an external interface.
+    pub const EXTERNAL: [Hook; 1] = [Hook::External];
     fn program(self) -> &'static str {
         match self {
             Hook::FromPod => program_names::TC_FROM_POD,
             Hook::ToPod => program_names::TC_TO_POD,
+            Hook::External => program_names::XDP_EXTERNAL,
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::FromPod => TcAttachType::Ingress,
+            Hook::FromPod | Hook::External => TcAttachType::Ingress,
             Hook::ToPod => TcAttachType::Egress,
         }
     }
@@ -181,6 +197,7 @@ impl Hook {
         match self {
             Hook::FromPod => "from_pod",
             Hook::ToPod => "to_pod",
+            Hook::External => "xdp",
         }
     }
 }
@@ -205,7 +222,7 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
     let mut ebpf = loader
         .load(crate::ebpf_object())
         .map_err(|e| LoaderError::Load(Box::new(e)))?;
-    for hook in Hook::ALL {
+    for hook in Hook::POD {
         program(&mut ebpf, hook.program())?
             .load()
             .map_err(|source| LoaderError::Program {
@@ -213,6 +230,12 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
                 source: Box::new(source),
             })?;
     }
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|source| LoaderError::Program {
+            name: program_names::XDP_EXTERNAL,
+            source: Box::new(source),
+        })?;
     Ok(ebpf)
 }
 
@@ -230,6 +253,73 @@ pub fn program<'a>(
         })
 }
 
+/// The loaded XDP program.
+pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
+    let name = program_names::XDP_EXTERNAL;
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Attaches the XDP program to external interface `iface`. A link pinned by an earlier agent
+/// is updated in place (no moment without a program); otherwise native mode is tried first,
+/// then generic mode for drivers without XDP support.
+pub fn attach_external(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pins: &PinLayout,
+) -> Result<AttachMode, LoaderError> {
+    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
+        path: pins.links_dir(),
+        message: e.to_string(),
+    })?;
+    let path = pins.link(iface, Hook::External);
+    let prog = xdp_program(ebpf)?;
+    let attach_err = |source| LoaderError::Attach {
+        program: program_names::XDP_EXTERNAL,
+        iface: iface.to_string(),
+        direction: "xdp",
+        source: Box::new(source),
+    };
+    let mut mode = AttachMode::XdpNative;
+    let existing = PinnedLink::from_pin(&path)
+        .ok()
+        .and_then(|pinned| pinned.unpin().ok())
+        .and_then(|link| XdpLink::try_from(link).ok());
+    let id = match existing {
+        Some(link) => {
+            mode = AttachMode::XdpUpdated;
+            prog.attach_to_link(link).map_err(attach_err)?
+        }
+        None => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(native) => {
+                log::warn!(
+                    "native XDP on {iface} failed ({}); using generic XDP (slower)",
+                    error_chain(&native)
+                );
+                mode = AttachMode::XdpGeneric;
+                prog.attach(iface, XdpMode::Skb).map_err(attach_err)?
+            }
+        },
+    };
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
+        path: path.clone(),
+        message: format!("{e}"),
+    })?;
+    let _ = std::fs::remove_file(&path);
+    fd_link.pin(&path).map_err(|e| LoaderError::Pin {
+        path: path.clone(),
+        message: error_chain(&e),
+    })?;
+    Ok(mode)
+}
+
 /// Attaches both hooks to `iface`, replacing pinned links of an earlier agent only after the
 /// new ones are in place, so there is no moment without a program.
 pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMode, LoaderError> {
@@ -238,7 +328,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
         message: e.to_string(),
     })?;
     let mut mode = AttachMode::Tcx;
-    for hook in Hook::ALL {
+    for hook in Hook::POD {
         let prog = program(ebpf, hook.program())?;
         let attach_err = |source| LoaderError::Attach {
             program: hook.program(),
@@ -291,6 +381,10 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
 pub enum AttachMode {
     Tcx,
     Clsact,
+    XdpNative,
+    XdpGeneric,
+    /// An earlier agent's pinned XDP link now runs this program.
+    XdpUpdated,
 }
 
 /// Detaches a pinned link (if any) by unpinning it and closing the last reference. A pin
@@ -314,11 +408,26 @@ pub fn remove_pinned_link(path: &Path) {
     }
 }
 
-/// Detaches both hooks from `iface` (used when the interface disappears or no longer matches).
-pub fn detach(iface: &str, pins: &PinLayout) {
-    for hook in Hook::ALL {
-        remove_pinned_link(&pins.link(iface, hook));
+/// Detaches `hooks` from `iface` (used when the interface disappears or no longer matches).
+pub fn detach(iface: &str, pins: &PinLayout, hooks: &[Hook]) {
+    for hook in hooks {
+        remove_pinned_link(&pins.link(iface, *hook));
     }
+}
+
+/// Interfaces with pinned links of `hooks`, by name (from the pin file names).
+pub fn pinned_ifaces_of(pins: &PinLayout, hooks: &[Hook]) -> BTreeMap<String, Vec<PathBuf>> {
+    let mut found = pinned_ifaces(pins);
+    for paths in found.values_mut() {
+        paths.retain(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            hooks
+                .iter()
+                .any(|h| name.starts_with(&format!("{}@", h.suffix())))
+        });
+    }
+    found.retain(|_, paths| !paths.is_empty());
+    found
 }
 
 /// Interfaces with pinned links, by name (from the pin file names, see [`PinLayout::link`]).

@@ -28,7 +28,18 @@ fn run(cli: Cli) -> Result<()> {
             scheduler,
             maglev_table_size,
             metrics_addr,
+            node_name,
+            external_ifaces,
+            node_ips,
+            snat_ports,
         } => {
+            let external_ifaces = IfacePatterns::parse(&external_ifaces).with_context(|| {
+                format!("--external-ifaces {external_ifaces:?} is not a valid list")
+            })?;
+            let node_name = node_name
+                .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+                .or_else(hostname)
+                .context("no --node-name, no $NODE_NAME and no host name: pass --node-name")?;
             let pod_ifaces = IfacePatterns::parse(&pod_ifaces)
                 .with_context(|| format!("--pod-ifaces {pod_ifaces:?} is not a valid glob list"))?;
             let stop = Arc::new(AtomicBool::new(false));
@@ -44,6 +55,10 @@ fn run(cli: Cli) -> Result<()> {
                     scheduler,
                     maglev_table_size,
                     metrics_addr,
+                    node_name,
+                    external_ifaces,
+                    node_ips,
+                    snat_ports,
                 },
                 stop,
             )
@@ -86,4 +101,15 @@ fn render<T: serde::Serialize + ?Sized>(
     } else {
         text(report)
     })
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    (!name.is_empty()).then_some(name)
 }

@@ -1,12 +1,16 @@
 //! The pinned BPF maps, opened by path: used by the agent to sync and by the read commands.
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    lpm_trie::Key,
+};
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, ServiceKey, ServiceValue,
-    TrafficCounter, map_names,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, NodeConfig, ServiceKey,
+    ServiceValue, SourceRangeKey, TrafficCounter, map_names,
 };
 
 use crate::{
     loader::PinLayout,
+    model::Ipv4Net,
     sync::{MapStore, StoreError},
 };
 
@@ -38,6 +42,9 @@ pub struct PinnedMaps {
     pub round_robin: HashMap<MapData, u32, u64>,
     pub connections: HashMap<MapData, u32, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    pub node_ips: HashMap<MapData, u32, u32>,
+    pub config: Array<MapData, NodeConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -71,7 +78,36 @@ impl PinnedMaps {
             round_robin: typed!(layout, map_names::ROUND_ROBIN, HashMap),
             connections: typed!(layout, map_names::CONNECTIONS, HashMap),
             maglev: typed!(layout, map_names::MAGLEV, HashOfMaps),
+            node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
+            config: typed!(layout, map_names::CONFIG, Array),
+            source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
         })
+    }
+
+    /// Makes `addresses` the node's addresses (NodePorts answer on them) and writes the
+    /// node-wide settings.
+    pub fn set_node(
+        &mut self,
+        addresses: &[std::net::Ipv4Addr],
+        config: &NodeConfig,
+    ) -> Result<(), MapError> {
+        let wanted: std::collections::BTreeSet<u32> = addresses
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
+        for addr in &wanted {
+            self.node_ips.insert(addr, 1, 0)?;
+        }
+        let stale: Vec<u32> = self
+            .node_ips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !wanted.contains(a))
+            .collect();
+        for addr in stale {
+            ignore_missing(self.node_ips.remove(&addr))?;
+        }
+        self.config.set(0, config, 0)
     }
 
     /// Service ids that have a Maglev table.
@@ -124,6 +160,17 @@ impl PinnedMaps {
         }
         removed
     }
+}
+
+/// The LPM key of a service's source range: the service id always matched whole.
+fn range_key(service_id: u32, range: &Ipv4Net) -> Key<SourceRangeKey> {
+    Key::new(
+        32 + u32::from(range.prefix),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: u32::from_ne_bytes(range.addr.octets()),
+        },
+    )
 }
 
 /// Sums a per-CPU counter.
@@ -187,6 +234,15 @@ impl MapStore for PinnedMaps {
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError> {
         ignore_missing(self.maglev.remove(&service_id))
             .map_err(|e| store_err("delete", map_names::MAGLEV, e))
+    }
+    fn add_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+        self.source_ranges
+            .insert(&range_key(service_id, range), 1, 0)
+            .map_err(|e| store_err("insert", map_names::SOURCE_RANGES, e))
+    }
+    fn remove_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+        ignore_missing(self.source_ranges.remove(&range_key(service_id, range)))
+            .map_err(|e| store_err("delete", map_names::SOURCE_RANGES, e))
     }
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>) {
         if let Some(id) = service_id {

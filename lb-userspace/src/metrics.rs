@@ -322,11 +322,7 @@ mod tests {
             bytes: 1000,
         };
         let services = [ServiceRow {
-            frontend: Frontend {
-                ip: [10, 96, 0, 10].into(),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
+            frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
             service_id: 1,
             scheduler: "round-robin".into(),
             affinity_timeout_s: None,

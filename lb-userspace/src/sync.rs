@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Backend, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
-    scheduler, scheduler_of, with_scheduler,
+    Backend, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, scheduler, scheduler_of,
+    with_scheduler,
 };
 
 use crate::{
     maglev,
-    model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
+    model::{DesiredState, Endpoint, Frontend, FrontendSpec, Ipv4Net, Protocol, Scheduler, Scope},
 };
 
 /// The map operations sync needs; implemented by the real BPF maps and by test fakes.
@@ -22,6 +23,8 @@ pub trait MapStore {
     /// Replaces the frontend's Maglev table as a whole (`table`: M backend ids).
     fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError>;
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError>;
+    fn add_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError>;
+    fn remove_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError>;
     /// Drops the counters and scheduler state of a removed service or backend id (ids get
     /// reused).
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>);
@@ -61,6 +64,8 @@ pub struct Programmed {
     /// The Maglev table written for this frontend, if it has one (empty: present in the
     /// maps with unknown content, after adoption).
     pub maglev: Option<Vec<u32>>,
+    /// loadBalancerSourceRanges written for this frontend.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// Counts of what a sync changed.
@@ -139,7 +144,8 @@ pub fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
         port: frontend.port.to_be(),
         slot,
         proto: frontend.protocol.number(),
-        _pad: [0; 3],
+        scope: frontend.scope.code(),
+        _pad: [0; 2],
     }
 }
 
@@ -148,20 +154,27 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
         ip: key.vip.to_ne_bytes().into(),
         port: u16::from_be(key.port),
         protocol: Protocol::from_number(key.proto)?,
+        scope: Scope::from_code(key.scope)?,
     })
 }
 
 fn frontend_value(service_id: u32, count: usize, spec: &FrontendSpec) -> ServiceValue {
-    let affinity = if spec.affinity_timeout_s.is_some() {
-        SVC_FLAG_AFFINITY
-    } else {
-        0
-    };
+    let mut flags = 0;
+    for (set, flag) in [
+        (spec.affinity_timeout_s.is_some(), SVC_FLAG_AFFINITY),
+        (spec.snat, SVC_FLAG_SNAT),
+        (spec.drop_when_empty, SVC_FLAG_DROP_EMPTY),
+        (!spec.source_ranges.is_empty(), SVC_FLAG_SOURCE_RANGES),
+    ] {
+        if set {
+            flags |= flag;
+        }
+    }
     ServiceValue {
         backend_id: 0,
         service_id,
         count: count as u16,
-        flags: with_scheduler(affinity, spec.scheduler.code()),
+        flags: with_scheduler(flags, spec.scheduler.code()),
         affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
     }
 }
@@ -225,6 +238,8 @@ impl Syncer {
                 backends: list,
                 slot_count: highest_slot,
                 maglev: None,
+                // Unknown after a restart: the next sync rewrites the wanted ones.
+                source_ranges: Vec::new(),
             };
             if programmed.backends.len() != front.count as usize
                 || highest_slot > front.count as usize
@@ -282,11 +297,7 @@ impl Syncer {
         // handed out again while they still exist.
         for id in std::mem::take(&mut self.orphans) {
             let wrap = |source| SyncError::Store {
-                frontend: Frontend {
-                    ip: [0, 0, 0, 0].into(),
-                    port: 0,
-                    protocol: Protocol::Tcp,
-                },
+                frontend: Frontend::internal([0, 0, 0, 0].into(), 0, Protocol::Tcp),
                 service: "(orphaned backend)".into(),
                 source,
             };
@@ -301,11 +312,7 @@ impl Syncer {
             if let Err(source) = store.remove_maglev(service_id) {
                 self.orphan_tables.push(service_id);
                 return Err(SyncError::Store {
-                    frontend: Frontend {
-                        ip: [0, 0, 0, 0].into(),
-                        port: 0,
-                        protocol: Protocol::Tcp,
-                    },
+                    frontend: Frontend::internal([0, 0, 0, 0].into(), 0, Protocol::Tcp),
                     service: "(orphaned Maglev table)".into(),
                     source,
                 });
@@ -345,6 +352,11 @@ impl Syncer {
         store.remove_slot(&service_key(frontend, 0)).map_err(wrap)?;
         if old.maglev.is_some() {
             store.remove_maglev(old.service_id).map_err(wrap)?;
+        }
+        for range in &old.source_ranges {
+            store
+                .remove_source_range(old.service_id, range)
+                .map_err(wrap)?;
         }
         for slot in 1..=old.slot_count {
             store
@@ -434,6 +446,19 @@ impl Syncer {
         {
             store.set_maglev(service_id, table).map_err(wrap)?;
         }
+        // Source ranges are added before the frontend enforces them and removed after, so a
+        // change never drops a client both the old and the new ranges allow.
+        let old_ranges = old
+            .as_ref()
+            .map(|o| o.source_ranges.clone())
+            .unwrap_or_default();
+        for range in spec
+            .source_ranges
+            .iter()
+            .filter(|r| !old_ranges.contains(r))
+        {
+            store.add_source_range(service_id, range).map_err(wrap)?;
+        }
         let value = frontend_value(service_id, backends.len(), spec);
         if old.as_ref().map(|o| o.frontend_value) != Some(value) {
             store
@@ -442,6 +467,12 @@ impl Syncer {
         }
         if table.is_none() && old_table.is_some() {
             store.remove_maglev(service_id).map_err(wrap)?;
+        }
+        for range in old_ranges
+            .iter()
+            .filter(|r| !spec.source_ranges.contains(r))
+        {
+            store.remove_source_range(service_id, range).map_err(wrap)?;
         }
         // 4. Slots past the new count, then backends that left.
         let old_slot_count = old.as_ref().map(|o| o.slot_count).unwrap_or(0);
@@ -466,17 +497,24 @@ impl Syncer {
             slot_count: backends.len(),
             backends,
             maglev: table,
+            source_ranges: spec.source_ranges.clone(),
         };
         match &old {
             None => report.frontends_added += 1,
             Some(o)
-                if (o.frontend_value, &o.backends, o.slot_count, &o.maglev)
-                    != (
-                        programmed.frontend_value,
-                        &programmed.backends,
-                        programmed.slot_count,
-                        &programmed.maglev,
-                    ) =>
+                if (
+                    o.frontend_value,
+                    &o.backends,
+                    o.slot_count,
+                    &o.maglev,
+                    &o.source_ranges,
+                ) != (
+                    programmed.frontend_value,
+                    &programmed.backends,
+                    programmed.slot_count,
+                    &programmed.maglev,
+                    &programmed.source_ranges,
+                ) =>
             {
                 report.frontends_updated += 1
             }
@@ -501,6 +539,7 @@ mod tests {
         slots: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
         tables: BTreeMap<u32, Vec<u32>>,
+        ranges: BTreeSet<(u32, Ipv4Net)>,
         writes: usize,
         fail_after: Option<usize>,
     }
@@ -599,15 +638,23 @@ mod tests {
             self.check();
             Ok(())
         }
+        fn add_source_range(&mut self, id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+            self.op()?;
+            self.ranges.insert((id, *range));
+            self.check();
+            Ok(())
+        }
+        fn remove_source_range(&mut self, id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+            self.op()?;
+            self.ranges.remove(&(id, *range));
+            self.check();
+            Ok(())
+        }
         fn forget_counters(&mut self, _: Option<u32>, _: Option<u32>) {}
     }
 
     fn frontend(last: u8) -> Frontend {
-        Frontend {
-            ip: Ipv4Addr::new(10, 96, 0, last),
-            port: 80,
-            protocol: Protocol::Tcp,
-        }
+        Frontend::internal(Ipv4Addr::new(10, 96, 0, last), 80, Protocol::Tcp)
     }
 
     fn spec(endpoints: &[u8]) -> FrontendSpec {
@@ -622,6 +669,9 @@ mod tests {
                 .collect(),
             affinity_timeout_s: None,
             scheduler: Scheduler::Random,
+            snat: false,
+            drop_when_empty: false,
+            source_ranges: Vec::new(),
         }
     }
 

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler};
+use crate::model::{
+    DesiredState, Endpoint, Frontend, FrontendSpec, HealthCheck, Ipv4Net, Protocol, Scheduler,
+    Scope,
+};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -20,6 +23,9 @@ pub const SCHEDULER_ANNOTATION: &str = "xlb.io/scheduler";
 pub struct Options {
     /// Algorithm of services without a (valid) `xlb.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
+    /// This node's name, matched against endpoints' `nodeName` for Local traffic policies.
+    /// `None`: no endpoint is local.
+    pub node_name: Option<String>,
 }
 
 /// All objects from a source.
@@ -32,6 +38,8 @@ pub struct Objects {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Translation {
     pub desired: DesiredState,
+    /// healthCheckNodePort → what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Objects or fields skipped for a reason an operator should know about.
     pub warnings: Vec<String>,
 }
@@ -108,6 +116,8 @@ fn translate_service(
         return; // headless, or not allocated yet
     }
     let mut vips: Vec<Ipv4Addr> = Vec::new();
+    let mut cluster_vips: Vec<Ipv4Addr> = Vec::new();
+    let mut lb_ips_v4: Vec<Ipv4Addr> = Vec::new();
     let lb_ips = service
         .status
         .as_ref()
@@ -115,10 +125,22 @@ fn translate_service(
         .and_then(|lb| lb.ingress.as_ref())
         .map(|ing| ing.iter().filter_map(|i| i.ip.as_ref()).collect::<Vec<_>>())
         .unwrap_or_default();
+    let n_cluster = cluster_ips.len();
+    let n_external = spec.external_ips.iter().flatten().count();
     let external = spec.external_ips.iter().flatten();
-    for ip in cluster_ips.into_iter().chain(external).chain(lb_ips) {
+    for (i, ip) in cluster_ips
+        .into_iter()
+        .chain(external)
+        .chain(lb_ips)
+        .enumerate()
+    {
         match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(v4)) => {
+                if i < n_cluster {
+                    cluster_vips.push(v4);
+                } else if i >= n_cluster + n_external {
+                    lb_ips_v4.push(v4);
+                }
                 if !vips.contains(&v4) {
                     vips.push(v4)
                 }
@@ -154,7 +176,53 @@ fn translate_service(
             options.default_scheduler
         }),
     };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        match range.parse::<Ipv4Net>() {
+            Ok(net) => source_ranges.push(net),
+            Err(_) if range.contains(':') => {} // IPv6 range: no IPv6 clients yet
+            Err(e) => out.warnings.push(format!(
+                "service {ns}/{name}: loadBalancerSourceRanges: {e}; range ignored"
+            )),
+        }
+    }
+    let lb_ips: Vec<Ipv4Addr> = vips
+        .iter()
+        .copied()
+        .filter(|ip| lb_ips_v4.contains(ip))
+        .collect();
     let service_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+    let node = options.node_name.as_deref();
+    if external_local
+        && type_ == "LoadBalancer"
+        && let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+    {
+        let local_endpoints = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let proto = protocol(&p.protocol).unwrap_or(Protocol::Tcp);
+                let port_name = p.name.as_deref().unwrap_or("");
+                ready_local(service_slices, port_name, proto, node)
+            })
+            .max()
+            .unwrap_or(0);
+        out.health_checks.insert(
+            port,
+            HealthCheck {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                local_endpoints,
+            },
+        );
+    }
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.as_deref().unwrap_or("");
         let Some(proto) = protocol(&port.protocol) else {
@@ -171,35 +239,116 @@ fn translate_service(
             ));
             continue;
         };
-        let endpoints = usable_endpoints(service_slices, port_name, proto);
-        for vip in &vips {
-            let frontend = Frontend {
-                ip: *vip,
-                port: number,
-                protocol: proto,
-            };
-            let spec = FrontendSpec {
-                service: format!("{ns}/{name}:{port_name}"),
-                endpoints: endpoints.clone(),
-                affinity_timeout_s,
-                scheduler,
-            };
+        let all = usable_endpoints(service_slices, port_name, proto, None);
+        let local = || usable_endpoints(service_slices, port_name, proto, Some(node));
+        let base = FrontendSpec {
+            service: format!("{ns}/{name}:{port_name}"),
+            endpoints: all.clone(),
+            affinity_timeout_s,
+            scheduler,
+            snat: false,
+            drop_when_empty: false,
+            source_ranges: Vec::new(),
+        };
+        // From outside: only this node's endpoints with the client address kept (Local), or
+        // any endpoint with the client SNATed to the node (Cluster).
+        let external = FrontendSpec {
+            endpoints: if external_local { local() } else { all.clone() },
+            snat: !external_local,
+            drop_when_empty: external_local,
+            ..base.clone()
+        };
+        let mut add = |frontend: Frontend, spec: FrontendSpec| {
             if let Some(existing) = out.desired.get(&frontend) {
                 out.warnings.push(format!(
                     "service {ns}/{name}: {frontend} already used by {}, skipped",
                     existing.service
                 ));
-                continue;
+                return;
             }
             out.desired.insert(frontend, spec);
+        };
+        for vip in &vips {
+            let internal = Frontend::internal(*vip, number, proto);
+            if cluster_vips.contains(vip) {
+                // internalTrafficPolicy applies to ClusterIP traffic only.
+                let spec = if internal_local {
+                    FrontendSpec {
+                        endpoints: local(),
+                        drop_when_empty: true,
+                        ..base.clone()
+                    }
+                } else {
+                    base.clone()
+                };
+                add(internal, spec);
+                continue;
+            }
+            // externalIPs and LoadBalancer IPs: pods reach every endpoint (kube-proxy's
+            // short-circuit); outsiders get the external policy and the source ranges.
+            add(internal, base.clone());
+            let mut spec = external.clone();
+            if lb_ips.contains(vip) {
+                spec.source_ranges = source_ranges.clone();
+            }
+            add(
+                Frontend {
+                    scope: Scope::External,
+                    ..internal
+                },
+                spec,
+            );
+        }
+        if node_ports && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+            let any = Frontend::internal(Ipv4Addr::UNSPECIFIED, node_port, proto);
+            add(any, base.clone());
+            add(
+                Frontend {
+                    scope: Scope::External,
+                    ..any
+                },
+                external.clone(),
+            );
         }
     }
 }
 
+/// Local ready endpoints of one port (what a healthCheckNodePort reports).
+fn ready_local(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Protocol,
+    node: Option<&str>,
+) -> usize {
+    let (ready, _) = classify(slices, port_name, proto, Some(node));
+    ready.len()
+}
+
 /// Ready endpoints; if none is ready, serving+terminating ones (kube-proxy's fallback so
 /// connections drain gracefully during rollouts). Ports are matched by the Service port name,
-/// which is how EndpointSlices carry the resolved (possibly named) target port.
-fn usable_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Protocol) -> Vec<Endpoint> {
+/// which is how EndpointSlices carry the resolved (possibly named) target port. With
+/// `only_node`, just the endpoints on that node (`Some(None)`: no node known, none local),
+/// the fallback applying among them, as kube-proxy does for Local policies.
+fn usable_endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Protocol,
+    only_node: Option<Option<&str>>,
+) -> Vec<Endpoint> {
+    let (ready, terminating) = classify(slices, port_name, proto, only_node);
+    let mut chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
+
+/// (ready, serving+terminating) endpoints of a port, optionally of one node only.
+fn classify(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Protocol,
+    only_node: Option<Option<&str>>,
+) -> (Vec<Endpoint>, Vec<Endpoint>) {
     let mut ready = Vec::new();
     let mut terminating = Vec::new();
     for slice in slices {
@@ -212,6 +361,11 @@ fn usable_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Protocol)
             continue;
         };
         for endpoint in &slice.endpoints {
+            if let Some(node) = only_node
+                && (node.is_none() || endpoint.node_name.as_deref() != node)
+            {
+                continue;
+            }
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             // API semantics: unset `ready` means ready; unset `serving` means as `ready`.
             let is_ready = conditions.ready.unwrap_or(true);
@@ -230,10 +384,7 @@ fn usable_endpoints(slices: &[&EndpointSlice], port_name: &str, proto: Protocol)
             }
         }
     }
-    let mut chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.sort();
-    chosen.dedup();
-    chosen
+    (ready, terminating)
 }
 
 #[cfg(test)]

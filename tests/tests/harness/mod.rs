@@ -8,8 +8,8 @@ use aya::{
     maps::{HashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Outcome, ServiceKey, ServiceValue,
-    map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Outcome, SCOPE_INTERNAL, ServiceKey,
+    ServiceValue, map_names, program_names,
 };
 use xlb::{loader, prog_test_run};
 
@@ -45,14 +45,28 @@ impl Datapath {
         }
     }
 
-    /// Programs `vip:port/proto` with backends `(id, ip, port)` in slots 1..=n.
+    /// Programs `VIP:port/proto` for pods with backends `(id, ip, port)` in slots 1..=n.
     pub fn service(&mut self, proto: u8, port: u16, backends: &[(u32, &str, u16)], flags: u16) {
+        self.frontend(ip(VIP), SCOPE_INTERNAL, proto, port, backends, flags);
+    }
+
+    /// Programs frontend `vip:port/proto` in `scope` (vip 0: NodePort on any node address).
+    pub fn frontend(
+        &mut self,
+        vip: u32,
+        scope: u8,
+        proto: u8,
+        port: u16,
+        backends: &[(u32, &str, u16)],
+        flags: u16,
+    ) {
         let key = |slot| ServiceKey {
-            vip: ip(VIP),
+            vip,
             port: port.to_be(),
             slot,
             proto,
-            _pad: [0; 3],
+            scope,
+            _pad: [0; 2],
         };
         {
             let mut be: HashMap<_, u32, Backend> =

@@ -1,0 +1,293 @@
+//! Service balancing shared by every hook: find the frontend, follow a tracked flow or pick
+//! a backend for a new one, record it. The hooks only parse and rewrite packets.
+use aya_ebpf::{
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, Outcome,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey, VIP_ANY_NODE_IP, outcome,
+};
+
+use crate::{
+    ct::{self, Nat},
+    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, NODE_IPS, SERVICES, SOURCE_RANGES},
+    parse::Flow,
+    sched, stats,
+};
+
+/// What to do with a packet to a frontend.
+pub enum Decision {
+    /// Rewrite the destination to `dst` (and the source to `src` if set).
+    Translate {
+        dst: Addr,
+        src: Option<Addr>,
+        outcome: Outcome,
+    },
+    /// No usable endpoint: answer with ICMP port unreachable.
+    Reject,
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// A backend that still belongs to `service_id` (ids are never shared between services).
+#[inline(always)]
+pub fn live_backend(backend_id: u32, service_id: u32) -> Option<Backend> {
+    // SAFETY: value copied out immediately.
+    let backend = unsafe { BACKENDS.get(backend_id) }.copied()?;
+    (backend.service_id == service_id).then_some(backend)
+}
+
+#[inline(always)]
+pub fn is_node_ip(addr: u32) -> bool {
+    // SAFETY: presence check only.
+    unsafe { NODE_IPS.get(addr) }.is_some()
+}
+
+/// The frontend `flow` is addressed to in `scope`: its exact VIP, else a NodePort when the
+/// destination is one of this node's addresses.
+#[inline(always)]
+fn find_frontend(flow: &Flow, scope: u8) -> Option<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey {
+        vip: flow.dst,
+        port: flow.dport,
+        slot: 0,
+        proto: flow.proto,
+        scope,
+        _pad: [0; 2],
+    };
+    // SAFETY: values copied out immediately.
+    if let Some(value) = unsafe { SERVICES.get(key) } {
+        return Some((key, *value));
+    }
+    if !is_node_ip(flow.dst) {
+        return None;
+    }
+    let key = ServiceKey {
+        vip: VIP_ANY_NODE_IP,
+        ..key
+    };
+    unsafe { SERVICES.get(key) }.map(|value| (key, *value))
+}
+
+/// Whether `client` is inside the service's loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = Key::new(
+        64,
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Balances `flow` arriving in `scope`: the tracked backend of a known flow, or a new choice.
+/// `Err` carries the outcome of packets that are not translated (passed or dropped).
+#[inline(always)]
+pub fn balance(flow: &Flow, scope: u8, bytes: u32) -> Result<Decision, Outcome> {
+    let now = now_ns();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(ct::forward_key(flow)) {
+        // SAFETY: copy of a map value from this run's lookup.
+        let known = unsafe { *entry };
+        // A flow whose backend left the service, or whose entry outlived its lifetime (the
+        // tuple is being reused), is balanced again as a new flow.
+        let expired = ct::expired(&known, flow.proto, now);
+        if !expired && let Some(backend) = live_backend(known.backend_id, known.service_id) {
+            let flags = ct::touch(entry, flow, now, bytes);
+            if flags & CT_FLAG_CLOSING != 0 && known.flags & CT_FLAG_CLOSING == 0 {
+                sched::flow_closed(known.backend_id);
+            }
+            ct::ensure_reverse(flow, &known, &backend, now)?;
+            stats::count_traffic(known.service_id, known.backend_id, bytes, false);
+            let src =
+                (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
+            let outcome = if scope == SCOPE_EXTERNAL {
+                outcome::EXTERNAL_ESTABLISHED
+            } else {
+                outcome::DNAT_ESTABLISHED
+            };
+            return Ok(Decision::Translate {
+                dst: (backend.ip, backend.port),
+                src,
+                outcome,
+            });
+        }
+        if expired && known.flags & CT_FLAG_CLOSING == 0 {
+            sched::flow_closed(known.backend_id);
+        }
+    }
+
+    let (frontend_key, frontend) = find_frontend(flow, scope).ok_or(outcome::PASS_NOT_SERVICE)?;
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && !source_allowed(frontend.service_id, flow.src)
+    {
+        return Err(outcome::DROP_SOURCE_RANGE);
+    }
+    if frontend.count == 0 {
+        if frontend.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            return Err(outcome::DROP_NO_LOCAL_ENDPOINT);
+        }
+        return Ok(Decision::Reject);
+    }
+    let (backend_id, backend) = select_backend(&frontend_key, &frontend, flow, now)?;
+    let mut nat = Nat::NONE;
+    if scope == SCOPE_EXTERNAL {
+        nat.flags = CT_FLAG_EXTERNAL;
+        if frontend.flags & SVC_FLAG_SNAT != 0 {
+            let config = CONFIG.get(0).copied().unwrap_or_default();
+            if config.snat_addr == 0 {
+                return Err(outcome::DROP_SNAT_EXHAUSTED);
+            }
+            nat = ct::claim_snat_port(
+                flow,
+                backend_id,
+                &backend,
+                frontend.service_id,
+                &config,
+                CT_FLAG_EXTERNAL,
+                now,
+            )?;
+        }
+    }
+    ct::create(
+        flow,
+        backend_id,
+        &backend,
+        frontend.service_id,
+        now,
+        bytes,
+        nat,
+    )?;
+    sched::flow_opened(backend_id);
+    stats::count_traffic(frontend.service_id, backend_id, bytes, true);
+    let src = (nat.flags & CT_FLAG_SNAT != 0).then_some((nat.snat_addr, nat.snat_port));
+    let outcome = if scope == SCOPE_EXTERNAL {
+        outcome::EXTERNAL_NEW
+    } else {
+        outcome::DNAT_NEW
+    };
+    Ok(Decision::Translate {
+        dst: (backend.ip, backend.port),
+        src,
+        outcome,
+    })
+}
+
+/// An address and port, network byte order.
+pub type Addr = (u32, u16);
+
+/// How to translate the reply of a flow that entered from outside.
+pub struct Reply {
+    /// The new source: the frontend the client used.
+    pub src: Addr,
+    /// For SNATed flows, the new destination: the client.
+    pub dst: Option<Addr>,
+}
+
+/// The reply of a flow that entered from outside, or `None` if `flow` is no such reply.
+#[inline(always)]
+pub fn external_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
+    let entry = CONNTRACK.get_ptr_mut(ct::reverse_key(flow))?;
+    // SAFETY: copy of a map value from this run's lookup.
+    let known = unsafe { *entry };
+    if known.flags & CT_FLAG_EXTERNAL == 0 {
+        return None;
+    }
+    ct::touch(entry, flow, now_ns(), bytes);
+    let dst = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
+    Some(Reply {
+        src: (known.nat_addr, known.nat_port),
+        dst,
+    })
+}
+
+/// Session affinity first (if set and fresh), else the frontend's algorithm.
+#[inline(always)]
+fn select_backend(
+    frontend_key: &ServiceKey,
+    frontend: &ServiceValue,
+    flow: &Flow,
+    now: u64,
+) -> Result<(u32, Backend), Outcome> {
+    let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
+    let affinity_key = AffinityKey {
+        client: flow.src,
+        service_id: frontend.service_id,
+    };
+    if affinity {
+        // SAFETY: value copied out immediately.
+        if let Some(pinned) = unsafe { AFFINITY.get(affinity_key) }.copied() {
+            let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(pinned.last_used_ns) < timeout_ns
+                && let Some(backend) = live_backend(pinned.backend_id, frontend.service_id)
+            {
+                remember_affinity(&affinity_key, pinned.backend_id, now);
+                stats::count(outcome::AFFINITY_HIT);
+                return Ok((pinned.backend_id, backend));
+            }
+        }
+    }
+    let (backend_id, backend) = match sched::pick(frontend_key, frontend, flow) {
+        Some(id) => match live_backend(id, frontend.service_id) {
+            Some(backend) => (id, backend),
+            None => random_backend(frontend_key, frontend)?,
+        },
+        None => random_backend(frontend_key, frontend)?,
+    };
+    if affinity {
+        remember_affinity(&affinity_key, backend_id, now);
+    }
+    Ok((backend_id, backend))
+}
+
+/// Uniform random over the slots, as kube-proxy's iptables mode does with
+/// `statistic --mode random`; also the fallback when an algorithm cannot decide.
+#[inline(always)]
+fn random_backend(
+    frontend_key: &ServiceKey,
+    frontend: &ServiceValue,
+) -> Result<(u32, Backend), Outcome> {
+    if lb_common::scheduler_of(frontend.flags) != lb_common::scheduler::RANDOM {
+        stats::count(outcome::SCHED_FALLBACK);
+    }
+    // SAFETY: helper without side effects.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % frontend.count as u32) as u16 + 1;
+    let backend_id =
+        sched::slot_backend(frontend_key, slot).ok_or(outcome::DROP_BACKEND_MISSING)?;
+    let backend =
+        live_backend(backend_id, frontend.service_id).ok_or(outcome::DROP_BACKEND_MISSING)?;
+    Ok((backend_id, backend))
+}
+
+#[inline(always)]
+fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    // Losing an affinity entry (map full) only costs stickiness, never the packet.
+    let _ = AFFINITY.insert(key, value, 0);
+}
+
+/// Outcomes that drop the packet; every other untranslated packet continues untouched.
+#[inline(always)]
+pub fn is_drop(o: Outcome) -> bool {
+    matches!(
+        o,
+        outcome::DROP_CT_FULL
+            | outcome::DROP_REWRITE_FAILED
+            | outcome::DROP_BACKEND_MISSING
+            | outcome::DROP_NO_LOCAL_ENDPOINT
+            | outcome::DROP_SOURCE_RANGE
+            | outcome::DROP_SNAT_EXHAUSTED
+    )
+}

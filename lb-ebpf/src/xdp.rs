@@ -1,0 +1,309 @@
+//! Traffic entering the node from outside (XDP on `--external-ifaces`): NodePort, externalIP
+//! and LoadBalancer-IP frontends in the external scope, and the replies of SNATed flows whose
+//! backend is on another node. Translated packets are forwarded from here when the route
+//! leads back out of the same interface (XDP_TX after a FIB lookup); packets for local pods
+//! or other interfaces go to the kernel's forwarding, which needs no netfilter rules.
+//!
+//! Checksums are updated incrementally and assume complete checksums, as NICs deliver them.
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{Outcome, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
+
+use crate::{
+    csum,
+    icmp::{REPLY_LEN, UnreachableBody},
+    parse::{ETH_HLEN, Flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, IP_HLEN, Ipv4Hdr},
+    svc::{self, Decision},
+};
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+/// Runs the external path; returns the XDP verdict and the outcome to count.
+#[inline(always)]
+pub fn external(ctx: &XdpContext) -> (u32, Outcome) {
+    match run(ctx) {
+        Ok(done) => done,
+        Err(o) if svc::is_drop(o) => (xdp_action::XDP_DROP, o),
+        Err(o) => (xdp_action::XDP_PASS, o),
+    }
+}
+
+/// Pointers into a parsed TCP/UDP packet; valid until the packet is resized.
+struct Packet {
+    ip: *mut Ipv4Hdr,
+    /// Start of the L4 header (ports first).
+    l4: *mut u8,
+    flow: Flow,
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + IP_HLEN > end {
+        return Err(outcome::MALFORMED);
+    }
+    // SAFETY: bounds checked above.
+    let ethertype = unsafe { ((data + 12) as *const u16).read_unaligned() };
+    if ethertype != ETH_P_IP_BE {
+        return Err(outcome::NOT_IPV4);
+    }
+    let ip = (data + ETH_HLEN) as *mut Ipv4Hdr;
+    // SAFETY: bounds checked above.
+    let hdr = unsafe { ip.read_unaligned() };
+    if hdr.ver_ihl >> 4 != 4 {
+        return Err(outcome::NOT_IPV4);
+    }
+    if hdr.ver_ihl != 0x45 {
+        return Err(outcome::IP_OPTIONS);
+    }
+    if hdr.frag_off & IP_MF_OFFSET_BE != 0 {
+        return Err(outcome::FRAGMENT);
+    }
+    let l4_min = match hdr.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return Err(outcome::OTHER_PROTOCOL),
+    };
+    let l4 = data + ETH_HLEN + IP_HLEN;
+    if l4 + l4_min > end || (u16::from_be(hdr.tot_len) as usize) < IP_HLEN + l4_min {
+        return Err(outcome::MALFORMED);
+    }
+    // SAFETY: at least `l4_min` (≥ 8) bytes of L4 header are in bounds.
+    let (ports, tcp_flags) = unsafe {
+        let ports = (l4 as *const [u16; 2]).read_unaligned();
+        let flags = if hdr.proto == PROTO_TCP {
+            *((l4 + 13) as *const u8)
+        } else {
+            0
+        };
+        (ports, flags)
+    };
+    Ok(Packet {
+        ip,
+        l4: l4 as *mut u8,
+        flow: Flow {
+            proto: hdr.proto,
+            src: hdr.src,
+            dst: hdr.dst,
+            sport: ports[0],
+            dport: ports[1],
+            tcp_flags,
+        },
+    })
+}
+
+fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
+    let pkt = parse(ctx)?;
+    let flow = pkt.flow;
+    let bytes = (ctx.data_end() - ctx.data()) as u32;
+    // Replies of SNATed flows come back to a node address.
+    if svc::is_node_ip(flow.dst)
+        && let Some(reply) = svc::external_reply(&flow, bytes)
+    {
+        if let Some(dst) = reply.dst {
+            rewrite(&pkt, Field::Dst, dst);
+        }
+        rewrite(&pkt, Field::Src, reply.src);
+        return Ok((forward(ctx, &pkt), outcome::EXTERNAL_REPLY));
+    }
+    match svc::balance(&flow, SCOPE_EXTERNAL, bytes)? {
+        Decision::Translate { dst, src, outcome } => {
+            rewrite(&pkt, Field::Dst, dst);
+            if let Some(src) = src {
+                rewrite(&pkt, Field::Src, src);
+            }
+            Ok((forward(ctx, &pkt), outcome))
+        }
+        Decision::Reject => reject(ctx, &flow),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Src,
+    Dst,
+}
+
+/// Sets the packet's source or destination address and port, updating the IPv4 and L4
+/// checksums incrementally (a zero UDP checksum means "none" and stays zero).
+#[inline(always)]
+fn rewrite(pkt: &Packet, field: Field, (addr, port): (u32, u16)) {
+    // SAFETY: `parse` checked that the IPv4 header and 8+ bytes of L4 header are in bounds.
+    unsafe {
+        let ip = &mut *pkt.ip;
+        let (old_addr, port_ptr) = match field {
+            Field::Src => (ip.src, pkt.l4 as *mut u16),
+            Field::Dst => (ip.dst, pkt.l4.add(2) as *mut u16),
+        };
+        let old_port = port_ptr.read_unaligned();
+        match field {
+            Field::Src => ip.src = addr,
+            Field::Dst => ip.dst = addr,
+        }
+        ip.csum = replace4(ip.csum, old_addr, addr);
+        let csum_ptr = if pkt.flow.proto == PROTO_TCP {
+            pkt.l4.add(16) as *mut u16
+        } else {
+            pkt.l4.add(6) as *mut u16
+        };
+        let l4_csum = csum_ptr.read_unaligned();
+        if pkt.flow.proto == PROTO_UDP && l4_csum == 0 {
+            port_ptr.write_unaligned(port);
+            return;
+        }
+        let mut sum = replace4(l4_csum, old_addr, addr);
+        sum = replace2(sum, old_port, port);
+        if pkt.flow.proto == PROTO_UDP && sum == 0 {
+            sum = 0xffff;
+        }
+        port_ptr.write_unaligned(port);
+        csum_ptr.write_unaligned(sum);
+    }
+}
+
+/// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
+#[inline(always)]
+fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u64::from(!check)
+        + u64::from(!old & 0xffff)
+        + u64::from(!old >> 16)
+        + u64::from(new & 0xffff)
+        + u64::from(new >> 16);
+    !fold(sum)
+}
+
+#[inline(always)]
+fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u64::from(!check) + u64::from(!old) + u64::from(new))
+}
+
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Sends a translated packet on: straight back out when the route leaves through the
+/// interface it came in on (TTL decremented as a router would), otherwise to the kernel.
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    // SAFETY: header bounds checked by `parse`; the packet was not resized since.
+    let ip = unsafe { &mut *pkt.ip };
+    if ip.ttl <= 1 {
+        return xdp_action::XDP_PASS; // the kernel sends time-exceeded
+    }
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = ip.src;
+    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
+    let ingress = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ingress;
+    // SAFETY: helper reads and writes `fib` only.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ingress {
+        return xdp_action::XDP_PASS;
+    }
+    // TTL is the high byte of the 16-bit word it shares with the protocol.
+    ip.ttl -= 1;
+    ip.csum = replace2(ip.csum, 0x0100u16.to_be(), 0);
+    // The verifier needs this check in view of the writes (it does not carry `parse`'s).
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    // SAFETY: in bounds, checked just above.
+    unsafe { eth.write_unaligned(macs) };
+    xdp_action::XDP_TX
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The whole ICMP port-unreachable frame.
+#[repr(C, packed)]
+struct Reply {
+    eth: [u8; ETH_HLEN],
+    ip: Ipv4Hdr,
+    body: UnreachableBody,
+}
+
+/// ICMP port unreachable from the frontend back to the client, out of the same interface.
+#[inline(always)]
+fn reject(ctx: &XdpContext, flow: &Flow) -> Result<(u32, Outcome), Outcome> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let quoted_len = IP_HLEN + 8;
+    if data + ETH_HLEN + quoted_len > end {
+        return Err(outcome::MALFORMED);
+    }
+    let mut macs = [0u8; 12];
+    let mut quoted = [0u8; IP_HLEN + 8];
+    // SAFETY: bounds checked above.
+    unsafe {
+        macs.copy_from_slice(&*(data as *const [u8; 12]));
+        quoted.copy_from_slice(&*((data + ETH_HLEN) as *const [u8; IP_HLEN + 8]));
+    }
+    let mut body = UnreachableBody {
+        icmp_type: ICMP_DEST_UNREACH,
+        code: ICMP_PORT_UNREACH,
+        csum: 0,
+        unused: 0,
+        quoted,
+    };
+    body.csum = csum::checksum(&mut body);
+    let mut ip = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: 0xc0,
+        tot_len: ((REPLY_LEN as usize - ETH_HLEN) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: PROTO_ICMP,
+        csum: 0,
+        src: flow.dst,
+        dst: flow.src,
+    };
+    ip.csum = csum::checksum(&mut ip);
+    let delta = REPLY_LEN as i32 - (end - data) as i32;
+    // SAFETY: plain helper call on our own packet; pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx.cast(), delta) } != 0 {
+        return Err(outcome::DROP_REWRITE_FAILED);
+    }
+    let Some(reply) = ptr_at::<Reply>(ctx, 0) else {
+        return Err(outcome::DROP_REWRITE_FAILED);
+    };
+    let mut eth = [0u8; ETH_HLEN];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12] = 0x08;
+    // SAFETY: in bounds, checked just above.
+    unsafe { reply.write_unaligned(Reply { eth, ip, body }) };
+    Ok((xdp_action::XDP_TX, outcome::REJECT_NO_BACKEND))
+}
