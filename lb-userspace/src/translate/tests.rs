@@ -246,3 +246,177 @@ fn service_names_are_recorded() {
     assert!(t.health_checks.is_empty());
     assert_eq!(names, vec!["shop/web:dns", "shop/web:http"]);
 }
+
+const LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.60
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: POLICY
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [203.0.113.0/24, "192.0.2.9", "2001:db8::/32"]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: lb}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- {addresses: [10.244.1.2], nodeName: n1}
+- {addresses: [10.244.1.3], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.2], nodeName: n2}
+"#;
+
+fn on_node(node: &str) -> Options {
+    Options {
+        node_name: Some(node.into()),
+        ..Options::default()
+    }
+}
+
+fn external(ip: &str, port: u16) -> Frontend {
+    Frontend {
+        scope: Scope::External,
+        ..fe(ip, port, Protocol::Tcp)
+    }
+}
+
+/// (endpoints, snat, drop_when_empty, number of source ranges) of a frontend.
+fn shape(t: &Translation, f: Frontend) -> (Vec<Endpoint>, bool, bool, usize) {
+    let s = t.desired.get(&f).unwrap_or_else(|| panic!("{f} missing"));
+    (
+        s.endpoints.clone(),
+        s.snat,
+        s.drop_when_empty,
+        s.source_ranges.len(),
+    )
+}
+
+#[test]
+fn north_south_frontends_follow_the_traffic_policies() {
+    let all = eps(&[("10.244.1.2", 8080), ("10.244.2.2", 8080)]);
+    let n1 = eps(&[("10.244.1.2", 8080)]);
+
+    // Cluster: outsiders reach every endpoint through SNAT; pods reach every endpoint.
+    let t = translate(&objects(&LB.replace("POLICY", "Cluster")), &on_node("n1"));
+    // Pods: ClusterIP, externalIP, LB IP, NodePort; outsiders: externalIP, LB IP, NodePort.
+    assert_eq!(
+        t.desired.len(),
+        7,
+        "{:#?}",
+        t.desired.keys().collect::<Vec<_>>()
+    );
+    for f in [
+        fe("10.96.0.60", 80, Protocol::Tcp),
+        fe("198.51.100.7", 80, Protocol::Tcp),
+        fe("192.0.2.10", 80, Protocol::Tcp),
+        fe("0.0.0.0", 30080, Protocol::Tcp),
+    ] {
+        assert_eq!(shape(&t, f), (all.clone(), false, false, 0), "{f}");
+    }
+    assert_eq!(
+        shape(&t, external("198.51.100.7", 80)),
+        (all.clone(), true, false, 0)
+    );
+    assert_eq!(
+        shape(&t, external("0.0.0.0", 30080)),
+        (all.clone(), true, false, 0)
+    );
+    // Source ranges guard the LoadBalancer IP only (IPv6 ranges skipped, bare IP = /32).
+    assert_eq!(
+        shape(&t, external("192.0.2.10", 80)),
+        (all.clone(), true, false, 2)
+    );
+    let ranges: Vec<String> = t.desired[&external("192.0.2.10", 80)]
+        .source_ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ranges, ["203.0.113.0/24", "192.0.2.9/32"]);
+    assert!(
+        t.health_checks.is_empty(),
+        "health checks are for Local only"
+    );
+
+    // Local on n1: outsiders reach n1's endpoint with their address kept; pods still reach all.
+    let t = translate(&objects(&LB.replace("POLICY", "Local")), &on_node("n1"));
+    assert_eq!(
+        shape(&t, external("192.0.2.10", 80)),
+        (n1.clone(), false, true, 2)
+    );
+    assert_eq!(
+        shape(&t, external("0.0.0.0", 30080)),
+        (n1.clone(), false, true, 0)
+    );
+    assert_eq!(
+        shape(&t, fe("192.0.2.10", 80, Protocol::Tcp)),
+        (all.clone(), false, false, 0)
+    );
+    assert_eq!(t.health_checks[&32000].local_endpoints, 1);
+    assert_eq!(t.health_checks[&32000].name, "lb");
+
+    // Local on a node without endpoints: outsiders are dropped, the health check says 0.
+    let t = translate(&objects(&LB.replace("POLICY", "Local")), &on_node("n3"));
+    assert_eq!(
+        shape(&t, external("0.0.0.0", 30080)),
+        (vec![], false, true, 0)
+    );
+    assert_eq!(t.health_checks[&32000].local_endpoints, 0);
+
+    // n1's only ready endpoint gone: its serving+terminating one takes over locally.
+    let yaml = LB
+        .replace("POLICY", "Local")
+        .replace("- {addresses: [10.244.1.2], nodeName: n1}\n", "");
+    let t = translate(&objects(&yaml), &on_node("n1"));
+    assert_eq!(
+        shape(&t, external("0.0.0.0", 30080)).0,
+        eps(&[("10.244.1.3", 8080)])
+    );
+    assert_eq!(
+        t.health_checks[&32000].local_endpoints, 0,
+        "terminating is not ready"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_limits_clusterip_to_this_node() {
+    let yaml = LB.replace("POLICY", "Cluster").replace(
+        "  externalTrafficPolicy",
+        "  internalTrafficPolicy: Local\n  externalTrafficPolicy",
+    );
+    let t = translate(&objects(&yaml), &on_node("n2"));
+    assert_eq!(
+        shape(&t, fe("10.96.0.60", 80, Protocol::Tcp)),
+        (eps(&[("10.244.2.2", 8080)]), false, true, 0)
+    );
+    // Not the external addresses: internalTrafficPolicy is about ClusterIP traffic.
+    assert_eq!(shape(&t, fe("192.0.2.10", 80, Protocol::Tcp)).0.len(), 2);
+}
+
+#[test]
+fn bad_source_range_is_reported_and_ignored() {
+    let yaml = LB
+        .replace("POLICY", "Cluster")
+        .replace("\"192.0.2.9\"", "\"192.0.2.300/8\"");
+    let t = translate(&objects(&yaml), &on_node("n1"));
+    assert_eq!(shape(&t, external("192.0.2.10", 80)).3, 1);
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("shop/lb") && w.contains("192.0.2.300/8")),
+        "{:?}",
+        t.warnings
+    );
+}
