@@ -3,7 +3,7 @@
 //! (aya 0.14 has no wrapper for it).
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::programs::SchedClassifier;
+use aya::programs::{ProgramFd, SchedClassifier, Xdp};
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
@@ -55,7 +55,15 @@ pub fn run(
     packet: &[u8],
     repeat: u32,
 ) -> Result<TestRunOutput, TestRunError> {
-    let fd = prog.fd()?;
+    run_fd(prog.fd()?, packet, repeat)
+}
+
+/// Runs the XDP program `prog` `repeat` times (at least once) on `packet`.
+pub fn run_xdp(prog: &Xdp, packet: &[u8], repeat: u32) -> Result<TestRunOutput, TestRunError> {
+    run_fd(prog.fd()?, packet, repeat)
+}
+
+fn run_fd(fd: &ProgramFd, packet: &[u8], repeat: u32) -> Result<TestRunOutput, TestRunError> {
     // Room for programs that grow the packet (ICMP errors are at most 70 bytes, but
     // leave generous space for future encapsulation).
     let mut out = vec![0u8; packet.len() + 512];

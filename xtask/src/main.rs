@@ -138,6 +138,8 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "datapath",
             "--test",
             "schedulers",
+            "--test",
+            "external",
         ],
         &env,
     )?;

@@ -5,11 +5,11 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Outcome, SCOPE_INTERNAL, ServiceKey,
-    ServiceValue, map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, Outcome, SCOPE_INTERNAL,
+    ServiceKey, ServiceValue, SourceRangeKey, map_names, program_names,
 };
 use xlb::{loader, prog_test_run};
 
@@ -118,6 +118,50 @@ impl Datapath {
         let prog = loader::program(&mut self.ebpf, name).expect("program");
         let out = prog_test_run::run(prog, frame, 1).expect("test run");
         (out.retval, out.packet)
+    }
+
+    /// Runs the XDP program (traffic from outside) on `frame`.
+    pub fn run_external(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog = loader::xdp_program(&mut self.ebpf).expect("program");
+        let out = prog_test_run::run_xdp(prog, frame, 1).expect("test run");
+        (out.retval as u32, out.packet)
+    }
+
+    /// Node addresses (NodePorts answer on them; the first is the SNAT source) and the SNAT
+    /// port range.
+    pub fn set_node(&mut self, addresses: &[&str], ports: (u16, u16)) {
+        {
+            let mut ips: HashMap<_, u32, u32> =
+                HashMap::try_from(self.ebpf.map_mut(map_names::NODE_IPS).expect("map"))
+                    .expect("map type");
+            for a in addresses {
+                ips.insert(ip(a), 1, 0).expect("node ip");
+            }
+        }
+        let mut config: Array<_, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("map type");
+        let node = NodeConfig {
+            snat_addr: ip(addresses[0]),
+            snat_port_min: ports.0,
+            snat_port_max: ports.1,
+        };
+        config.set(0, node, 0).expect("config");
+    }
+
+    /// Allows `cidr` ("a.b.c.d/n") for the test service's source ranges.
+    pub fn allow_source(&mut self, cidr: &str) {
+        let (addr, prefix) = cidr.split_once('/').expect("cidr");
+        let mut ranges: LpmTrie<_, SourceRangeKey, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES).expect("map"))
+                .expect("map type");
+        let key = Key::new(
+            32 + prefix.parse::<u32>().expect("prefix"),
+            SourceRangeKey {
+                service_id_be: SERVICE_ID.to_be(),
+                addr: ip(addr),
+            },
+        );
+        ranges.insert(&key, 1, 0).expect("range");
     }
 
     pub fn stat(&self, o: Outcome) -> u64 {

@@ -1,0 +1,288 @@
+//! XDP tables for traffic from outside: packet in + map state → verdict, packet out (exact
+//! bytes, checksums), counters. BPF_PROG_TEST_RUN on the real program; needs root.
+mod harness;
+
+use std::net::Ipv4Addr;
+
+use harness::*;
+use lb_common::{
+    CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_REVERSE, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, VIP_ANY_NODE_IP, outcome,
+};
+use xlb_tests::{
+    packet::{ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, view},
+    privilege::privileged,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const NODE_A: &str = "192.168.50.1";
+const NODE_B: &str = "192.168.60.1";
+const OUTSIDER: &str = "203.0.113.9";
+const BACKEND: (u32, &str, u16) = (1, "10.244.2.5", 8080);
+const LB_IP: &str = "192.0.2.10";
+
+fn addr(s: &str) -> Ipv4Addr {
+    s.parse().expect("address")
+}
+
+/// A node with two addresses, SNAT ports 61000..=61002, and NodePort 30080/TCP (+UDP).
+fn node(flags: u16, backends: &[(u32, &str, u16)]) -> Datapath {
+    let mut dp = Datapath::new();
+    dp.set_node(&[NODE_A, NODE_B], (61_000, 61_002));
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        dp.frontend(
+            VIP_ANY_NODE_IP,
+            SCOPE_EXTERNAL,
+            proto,
+            30080,
+            backends,
+            flags,
+        );
+    }
+    dp
+}
+
+#[test]
+fn nodeport_on_every_node_address_is_snated_and_replies_go_back() {
+    if !privileged("nodeport_on_every_node_address_is_snated_and_replies_go_back") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    for (i, node_ip) in [NODE_A, NODE_B].into_iter().enumerate() {
+        let client_port = 40_000 + i as u16;
+        let syn = Frame::tcp(OUTSIDER, client_port, node_ip, 30080, SYN).build();
+        let (verdict, out) = dp.run_external(&syn);
+        // No route to the backend in the test's namespace: handed to the kernel.
+        assert_eq!(verdict, XDP_PASS, "{node_ip}");
+        assert_eq!(checksum_errors(&out), Vec::<String>::new());
+        let v = view(&out);
+        assert_eq!((v.dst, v.dport), (addr(BACKEND.1), BACKEND.2), "{node_ip}");
+        // Source: the node's SNAT address (the first one), a port from the range.
+        assert_eq!(v.src, addr(NODE_A));
+        assert!((61_000..=61_002).contains(&v.sport), "{}", v.sport);
+        // Everything else is the client's packet.
+        assert_eq!(out.len(), syn.len());
+        assert_eq!(&out[..14], &syn[..14], "Ethernet header untouched on PASS");
+        assert_eq!(&out[38..50], &syn[38..50], "TCP sequence numbers and flags");
+
+        // The backend's reply, arriving from another node: back to the client, from the
+        // node address it used.
+        let reply = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, v.sport, SYN | ACK).build();
+        let (verdict, back) = dp.run_external(&reply);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(checksum_errors(&back), Vec::<String>::new());
+        let b = view(&back);
+        assert_eq!(
+            (b.src, b.sport, b.dst, b.dport),
+            (addr(node_ip), 30080, addr(OUTSIDER), client_port)
+        );
+    }
+    assert_eq!(dp.stat(outcome::EXTERNAL_NEW), 2);
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 2);
+
+    // Later packets of a flow keep backend and SNAT port.
+    let first = dp
+        .ct()
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_REVERSE && k.dport != 0)
+        .expect("reverse entry");
+    assert_eq!(
+        first.1.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT),
+        CT_FLAG_EXTERNAL | CT_FLAG_SNAT
+    );
+    let ack = Frame::tcp(OUTSIDER, 40_000, NODE_A, 30080, ACK).build();
+    let (_, out) = dp.run_external(&ack);
+    let (_, again) = dp.run_external(&ack);
+    assert_eq!(out, again);
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 2);
+}
+
+#[test]
+fn udp_nodeport_and_local_reply_through_the_pod_interface() {
+    if !privileged("udp_nodeport_and_local_reply_through_the_pod_interface") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let dgram = Frame::udp(OUTSIDER, 5000, NODE_B, 30080).build();
+    let (verdict, out) = dp.run_external(&dgram);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    let v = view(&out);
+    assert_eq!(
+        (v.dst, v.dport, v.src),
+        (addr(BACKEND.1), 8080, addr(NODE_A))
+    );
+    // A local backend's reply leaves through its pod interface (TC ingress).
+    let reply = Frame::udp(BACKEND.1, 8080, NODE_A, v.sport).build();
+    let (verdict, back) = dp.run(Hook::FromPod, &reply);
+    assert_eq!(verdict, 0, "TC_ACT_OK: routed on by the kernel");
+    assert_eq!(checksum_errors(&back), Vec::<String>::new());
+    let b = view(&back);
+    assert_eq!(
+        (b.src, b.sport, b.dst, b.dport),
+        (addr(NODE_B), 30080, addr(OUTSIDER), 5000)
+    );
+}
+
+#[test]
+fn external_ips_and_lb_ips_with_source_ranges() {
+    if !privileged("external_ips_and_lb_ips_with_source_ranges") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    dp.frontend(
+        ip(LB_IP),
+        SCOPE_EXTERNAL,
+        PROTO_TCP,
+        80,
+        &[BACKEND],
+        SVC_FLAG_SNAT | SVC_FLAG_SOURCE_RANGES,
+    );
+    dp.allow_source("203.0.113.0/24");
+    let allowed = Frame::tcp(OUTSIDER, 1234, LB_IP, 80, SYN).build();
+    let (verdict, out) = dp.run_external(&allowed);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(view(&out).dst, addr(BACKEND.1));
+
+    let denied = Frame::tcp("198.51.100.1", 1234, LB_IP, 80, SYN).build();
+    assert_eq!(dp.run_external(&denied), (XDP_DROP, denied.clone()));
+    assert_eq!(dp.stat(outcome::DROP_SOURCE_RANGE), 1);
+
+    // A pod-side frontend of the same address is not used for outsiders.
+    let other = Frame::tcp(OUTSIDER, 1234, VIP, 80, SYN).build();
+    dp.frontend(ip(VIP), SCOPE_INTERNAL, PROTO_TCP, 80, &[BACKEND], 0);
+    assert_eq!(dp.run_external(&other), (XDP_PASS, other.clone()));
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 1);
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_or_drops() {
+    if !privileged("local_policy_keeps_the_client_address_or_drops") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_DROP_EMPTY, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 7000, NODE_A, 30080, SYN).build();
+    let (verdict, out) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    let v = view(&out);
+    assert_eq!(
+        (v.src, v.sport),
+        (addr(OUTSIDER), 7000),
+        "client address kept"
+    );
+    assert_eq!((v.dst, v.dport), (addr(BACKEND.1), 8080));
+    // The local backend answers the client directly; its pod interface restores the node.
+    let reply = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7000, SYN | ACK).build();
+    let (_, back) = dp.run(Hook::FromPod, &reply);
+    let b = view(&back);
+    assert_eq!(
+        (b.src, b.sport, b.dst),
+        (addr(NODE_A), 30080, addr(OUTSIDER))
+    );
+    assert_eq!(checksum_errors(&back), Vec::<String>::new());
+
+    // No local endpoint: dropped and counted, never rejected.
+    let mut empty = node(SVC_FLAG_DROP_EMPTY, &[]);
+    assert_eq!(empty.run_external(&syn), (XDP_DROP, syn.clone()));
+    assert_eq!(empty.stat(outcome::DROP_NO_LOCAL_ENDPOINT), 1);
+}
+
+#[test]
+fn cluster_policy_without_endpoints_rejects_with_icmp() {
+    if !privileged("cluster_policy_without_endpoints_rejects_with_icmp") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[]);
+    let syn = Frame::tcp(OUTSIDER, 7001, NODE_A, 30080, SYN).build();
+    let (verdict, out) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out.len(), 70);
+    assert_eq!(&out[0..6], &syn[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let v = view(&out);
+    assert_eq!(
+        (v.src, v.dst, v.proto),
+        (addr(NODE_A), addr(OUTSIDER), PROTO_ICMP)
+    );
+    assert_eq!((out[34], out[35]), (3, 3), "port unreachable");
+    assert_eq!(&out[42..70], &syn[14..42], "quotes the offending header");
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    assert_eq!(dp.stat(outcome::REJECT_NO_BACKEND), 1);
+}
+
+#[test]
+fn snat_ports_are_claimed_once_and_exhaustion_is_counted() {
+    if !privileged("snat_ports_are_claimed_once_and_exhaustion_is_counted") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let mut ports = Vec::new();
+    for client in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+        // Same client port everywhere: only the SNAT port tells the flows apart.
+        let syn = Frame::tcp(client, 5555, NODE_A, 30080, SYN).build();
+        let (verdict, out) = dp.run_external(&syn);
+        assert_eq!(verdict, XDP_PASS, "{client}");
+        ports.push(view(&out).sport);
+    }
+    ports.sort();
+    assert_eq!(ports, [61_000, 61_001, 61_002], "three flows, three ports");
+    let fourth = Frame::tcp("203.0.113.4", 5555, NODE_A, 30080, SYN).build();
+    assert_eq!(dp.run_external(&fourth), (XDP_DROP, fourth.clone()));
+    assert_eq!(dp.stat(outcome::DROP_SNAT_EXHAUSTED), 1);
+    // Every reply maps back to its own client.
+    for (i, port) in ports.iter().enumerate() {
+        let reply = Frame::tcp(BACKEND.1, 8080, NODE_A, *port, ACK).build();
+        let (_, back) = dp.run_external(&reply);
+        assert!(view(&back).dst.to_string().starts_with("203.0.113."), "{i}");
+    }
+    let clients: std::collections::BTreeSet<Ipv4Addr> = ports
+        .iter()
+        .map(|p| {
+            view(
+                &dp.run_external(&Frame::tcp(BACKEND.1, 8080, NODE_A, *p, ACK).build())
+                    .1,
+            )
+            .dst
+        })
+        .collect();
+    assert_eq!(clients.len(), 3);
+}
+
+#[test]
+fn other_traffic_passes_untouched_and_is_counted() {
+    if !privileged("other_traffic_passes_untouched_and_is_counted") {
+        return;
+    }
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let not_node = Frame::tcp(OUTSIDER, 1, "10.1.1.1", 30080, SYN).build();
+    let other_port = Frame::tcp(OUTSIDER, 1, NODE_A, 22, SYN).build();
+    let stray_reply = Frame::tcp(BACKEND.1, 8080, NODE_A, 61_001, ACK).build();
+    for frame in [&not_node, &other_port, &stray_reply] {
+        assert_eq!(dp.run_external(frame), (XDP_PASS, frame.clone()));
+    }
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 3);
+    let mut arp = not_node.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let mut fragment = Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
+    fragment[20] |= 0x20; // more fragments
+    let mut options = Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
+    options[14] = 0x46;
+    let short = not_node[..40].to_vec();
+    let icmp = Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
+    let mut icmp = icmp;
+    icmp[23] = PROTO_ICMP;
+    for (frame, counter) in [
+        (arp, outcome::NOT_IPV4),
+        (fragment, outcome::FRAGMENT),
+        (options, outcome::IP_OPTIONS),
+        (short, outcome::MALFORMED),
+        (icmp, outcome::OTHER_PROTOCOL),
+    ] {
+        let before = dp.stat(counter);
+        assert_eq!(dp.run_external(&frame), (XDP_PASS, frame.clone()));
+        assert_eq!(dp.stat(counter), before + 1, "counter {counter}");
+    }
+}
