@@ -8,6 +8,7 @@ use crate::{
     maps::CONNTRACK,
     nat,
     parse::{self, Flow, Packet},
+    route,
     svc::{self, Decision},
 };
 
@@ -69,7 +70,7 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
 }
 
 /// A local backend's reply to a client outside: source back to the frontend, destination
-/// back to the client if the flow was SNATed; the kernel then routes it out.
+/// back to the client if the flow was SNATed; then straight out of the route's interface.
 #[inline(always)]
 fn external_reply(ctx: &TcContext, flow: &Flow) -> Option<Result<(i32, Outcome), Outcome>> {
     let reply = svc::external_reply(flow, ctx.len())?;
@@ -78,7 +79,7 @@ fn external_reply(ctx: &TcContext, flow: &Flow) -> Option<Result<(i32, Outcome),
             nat::rewrite_dst(ctx, flow, addr, port)?;
         }
         nat::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-        Ok((TC_ACT_OK, outcome::EXTERNAL_REPLY))
+        Ok((route::forward(ctx)?, outcome::EXTERNAL_REPLY))
     })())
 }
 

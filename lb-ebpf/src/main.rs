@@ -14,6 +14,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod route;
 mod sched;
 mod stats;
 mod svc;

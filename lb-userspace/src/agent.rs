@@ -46,6 +46,7 @@ pub struct AgentConfig {
     /// Empty: the external interfaces' addresses.
     pub node_ips: Vec<Ipv4Addr>,
     pub snat_ports: (u16, u16),
+    pub xdp_mode: crate::loader::XdpAttach,
 }
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
@@ -93,7 +94,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let mut source = ManifestDir::new(&config.manifests);
     let mut attacher = Attacher::new(Role::Pod, config.pod_ifaces.clone());
-    let mut external = Attacher::new(Role::External, config.external_ifaces.clone());
+    let mut external = Attacher::new(
+        Role::External(config.xdp_mode),
+        config.external_ifaces.clone(),
+    );
     let mut node = NodeAddresses::default();
     let mut health = HealthServers::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();

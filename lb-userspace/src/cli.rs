@@ -79,6 +79,10 @@ pub enum Command {
         /// range, so they never collide with the node's own connections).
         #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
         snat_ports: (u16, u16),
+        /// How XDP runs on the external interfaces: auto (native where the driver has it),
+        /// native, or generic (any device; needed on veth pairs whose peers have no NAPI).
+        #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
+        xdp_mode: crate::loader::XdpAttach,
     },
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
@@ -131,7 +135,9 @@ mod tests {
                 external_ifaces,
                 node_ips,
                 snat_ports,
+                xdp_mode,
             } => {
+                assert_eq!(xdp_mode, crate::loader::XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
                 assert_eq!(node_name, None);
                 assert_eq!(external_ifaces, "");

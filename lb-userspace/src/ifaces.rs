@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, ffi::CStr};
 
 use aya::Ebpf;
 
-use crate::loader::{self, Hook, PinLayout};
+use crate::loader::{self, Hook, PinLayout, XdpAttach};
 
 /// Interfaces of the current network namespace (via `if_nameindex`, which asks the kernel
 /// through a socket, so it is right even when /sys belongs to another namespace).
@@ -27,6 +27,20 @@ pub fn list() -> BTreeMap<String, u32> {
         libc::if_freenameindex(head);
     }
     found
+}
+
+/// Lets `iface` accept packets whose source is a node address: SNATed flows to local
+/// backends leave XDP with the node's address as source and go up the stack to the pod, which
+/// the kernel would otherwise drop as martians.
+fn accept_local_sources(iface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    match std::fs::write(&path, "1") {
+        Ok(()) => log::info!("set {path} = 1 (SNATed NodePort flows to local backends)"),
+        Err(e) => log::warn!(
+            "cannot set {path} = 1: {e}; SNATed NodePort flows to backends on this node \
+             will be dropped as martians"
+        ),
+    }
 }
 
 /// IPv4 addresses of the interfaces matching `patterns`, in interface-name order.
@@ -88,14 +102,14 @@ pub enum Role {
     /// TC on the host side of pod interfaces.
     Pod,
     /// XDP on the node's external interfaces.
-    External,
+    External(XdpAttach),
 }
 
 impl Role {
     fn hooks(self) -> &'static [Hook] {
         match self {
             Role::Pod => &Hook::POD,
-            Role::External => &Hook::EXTERNAL,
+            Role::External(_) => &Hook::EXTERNAL,
         }
     }
 }
@@ -164,7 +178,10 @@ impl Attacher {
             }
             let attached = match self.role {
                 Role::Pod => loader::attach(ebpf, name, pins),
-                Role::External => loader::attach_external(ebpf, name, pins),
+                Role::External(how) => {
+                    accept_local_sources(name);
+                    loader::attach_external(ebpf, name, pins, how)
+                }
             };
             match attached {
                 Ok(mode) => {

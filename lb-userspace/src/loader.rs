@@ -265,13 +265,24 @@ pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
         })
 }
 
+/// How the XDP program runs on external interfaces (`--xdp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (in the driver) where the driver supports it, generic otherwise.
+    Auto,
+    /// Native only: fail on drivers without XDP support.
+    Native,
+    /// Generic (after the driver builds the skb): works on every device, slower.
+    Generic,
+}
+
 /// Attaches the XDP program to external interface `iface`. A link pinned by an earlier agent
-/// is updated in place (no moment without a program); otherwise native mode is tried first,
-/// then generic mode for drivers without XDP support.
+/// is updated in place (no moment without a program); otherwise as `how` says.
 pub fn attach_external(
     ebpf: &mut Ebpf,
     iface: &str,
     pins: &PinLayout,
+    how: XdpAttach,
 ) -> Result<AttachMode, LoaderError> {
     std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
         path: pins.links_dir(),
@@ -294,6 +305,13 @@ pub fn attach_external(
         Some(link) => {
             mode = AttachMode::XdpUpdated;
             prog.attach_to_link(link).map_err(attach_err)?
+        }
+        None if how == XdpAttach::Generic => {
+            mode = AttachMode::XdpGeneric;
+            prog.attach(iface, XdpMode::Skb).map_err(attach_err)?
+        }
+        None if how == XdpAttach::Native => {
+            prog.attach(iface, XdpMode::Driver).map_err(attach_err)?
         }
         None => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => id,

@@ -32,6 +32,7 @@ fn run(cli: Cli) -> Result<()> {
             external_ifaces,
             node_ips,
             snat_ports,
+            xdp_mode,
         } => {
             let external_ifaces = IfacePatterns::parse(&external_ifaces).with_context(|| {
                 format!("--external-ifaces {external_ifaces:?} is not a valid list")
@@ -59,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
                     external_ifaces,
                     node_ips,
                     snat_ports,
+                    xdp_mode,
                 },
                 stop,
             )

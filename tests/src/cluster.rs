@@ -67,6 +67,7 @@ impl Agent {
         manifests: &Path,
         bpffs: &Path,
         log: &Path,
+        extra: &[String],
     ) -> Result<Agent> {
         let log_file = File::options().create(true).append(true).open(log)?;
         // nsenter joins only the network namespace, so /sys (bpffs) stays the host's;
@@ -80,6 +81,7 @@ impl Agent {
             .args(["--pod-ifaces", POD_IFACE_GLOB])
             .arg("--bpffs")
             .arg(bpffs)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -133,6 +135,8 @@ impl Drop for Agent {
 /// Everything a test or the demo needs. Fields drop in order: agent, servers, node, pins, files.
 pub struct Cluster {
     pub agent: Option<Agent>,
+    /// Extra `xlb agent` arguments (north-south tests: external interfaces, node name).
+    pub agent_args: Vec<String>,
     pub servers: Vec<Servers>,
     pub node: Node,
     pub pins: PinGuard,
@@ -162,6 +166,7 @@ impl Cluster {
         }
         Ok(Cluster {
             agent: None,
+            agent_args: Vec::new(),
             servers,
             node,
             pins,
@@ -200,6 +205,7 @@ impl Cluster {
             &self.manifests_dir(),
             &self.pins.bpffs,
             &self.log_path(),
+            &self.agent_args,
         )?;
         self.agent = Some(agent);
         Ok(())

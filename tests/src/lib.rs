@@ -2,6 +2,7 @@
 //! network-namespace topologies with cleanup guards for the end-to-end tests and the demo.
 
 pub mod cluster;
+pub mod lan;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

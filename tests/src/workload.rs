@@ -35,7 +35,7 @@ impl Drop for Servers {
 }
 
 /// Starts, in `pod`'s namespace, a TCP server on 8080 (sends "NAME\n", then echoes) and a
-/// UDP server on 5353 (answers "NAME").
+/// UDP server on 5353 (answers "NAME", or "NAME CLIENT-IP" to "whoami").
 pub fn serve(pod: &Pod) -> Result<Servers> {
     let stop = Arc::new(AtomicBool::new(false));
     let name = pod.name.clone();
@@ -74,8 +74,14 @@ pub fn serve(pod: &Pod) -> Result<Servers> {
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(name.as_bytes(), from);
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    // "whoami": also say which client address arrived (NAT tests).
+                    let answer = if &buf[..n] == b"whoami" {
+                        format!("{name} {}", from.ip())
+                    } else {
+                        name.clone()
+                    };
+                    let _ = udp.send_to(answer.as_bytes(), from);
                 }
             }
         }));
@@ -138,4 +144,16 @@ pub fn udp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String>
     let mut buf = [0u8; 256];
     let (n, _) = socket.recv_from(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// One UDP "whoami" from a fresh socket: (backend name, client address the backend saw).
+pub fn udp_whoami(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, String)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"whoami", addr)?;
+    let mut buf = [0u8; 256];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let (name, seen) = text.split_once(' ').unwrap_or((&text, ""));
+    Ok((name.to_string(), seen.to_string()))
 }

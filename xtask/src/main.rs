@@ -154,6 +154,8 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "e2e",
             "--test",
             "e2e_schedulers",
+            "--test",
+            "e2e_north_south",
             "--",
             "--test-threads=1",
         ],

@@ -1,0 +1,76 @@
+//! Forwarding a translated packet from TC straight to its egress interface (FIB lookup and
+//! redirect), as a router would, instead of handing it back to the stack: a reply whose
+//! source became a node address would be dropped there as a martian.
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use lb_common::{Outcome, outcome};
+
+use crate::{
+    lb::{TC_ACT_OK, TC_ACT_REDIRECT},
+    parse::{IP_CSUM_OFF, IP_OFF, Ipv4Hdr},
+};
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const TTL_OFF: usize = 8;
+
+/// Sends the (already rewritten) packet out of the interface its destination routes to.
+/// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would.
+#[inline(always)]
+pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    let ip: Ipv4Hdr = ctx.load(IP_OFF).map_err(failed)?;
+    if ip.ttl <= 1 {
+        return Ok(TC_ACT_OK); // the stack sends time-exceeded
+    }
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = ip.src;
+    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
+    // SAFETY: reading the skb's own ifindex field.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the helper reads and writes `fib` only.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Ok(TC_ACT_OK);
+    }
+    // A router decrements the TTL; TTL and protocol share one 16-bit checksum word.
+    let old_word = u16::from_be_bytes([ip.ttl, ip.proto]).to_be();
+    let new_word = u16::from_be_bytes([ip.ttl - 1, ip.proto]).to_be();
+    ctx.store(IP_OFF + TTL_OFF, &(ip.ttl - 1), 0)
+        .map_err(failed)?;
+    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_word as u64, new_word as u64, 2)
+        .map_err(failed)?;
+    let verdict = if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        ctx.store(0, &macs, 0).map_err(failed)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(fib.ifindex, 0) }
+    } else {
+        // The neighbour is not resolved yet: let the kernel resolve it and send.
+        // SAFETY: plain helper call; no explicit next hop.
+        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) }
+    };
+    if verdict as i32 == TC_ACT_REDIRECT {
+        Ok(TC_ACT_REDIRECT)
+    } else {
+        Err(outcome::DROP_REWRITE_FAILED)
+    }
+}

@@ -1,0 +1,310 @@
+//! End to end from outside: an external client and two nodes on one L2 segment, each node
+//! running the real agent with XDP on its external interface and backends of its own.
+//! Needs root (see `privilege`).
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use xlb_tests::{
+    cluster::{Cluster, wait_until},
+    lan::Lan,
+    netns::{Netns, unique_tag},
+    privilege::privileged,
+    workload::{tcp_hello, udp_whoami},
+};
+
+const T: Duration = Duration::from_secs(1);
+const NODE1: &str = "192.168.50.1";
+const NODE2: &str = "192.168.50.2";
+const CLIENT: &str = "192.168.50.100";
+const LB_IP: &str = "192.0.2.10";
+const EXTERNAL_IP: &str = "198.51.100.7";
+
+/// Services of the test, the same files on both nodes:
+/// - `web`: NodePort 30080 (TCP) / 30053 (UDP), externalTrafficPolicy Cluster, an endpoint
+///   on each node, externalIP 198.51.100.7;
+/// - `local`: LoadBalancer 192.0.2.10, externalTrafficPolicy Local, NodePort 30081/30054,
+///   healthCheckNodePort 32001, its only endpoint on node1, source range limited to the
+///   client's /32 — and a second source range that the test edits.
+fn manifests() -> String {
+    let service = |name: &str, extra: &str, ports: (u16, u16)| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  clusterIP: 10.96.0.{}\n{extra}  ports:\n\
+             \x20 - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: {}}}\n\
+             \x20 - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: {}}}\n",
+            if name == "web" { 10 } else { 20 },
+            ports.0,
+            ports.1
+        )
+    };
+    let slice = |name: &str, endpoints: &[(&str, &str)]| {
+        let mut out = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n\
+             \x20 namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+             - {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n"
+        );
+        for (ip, node) in endpoints {
+            out.push_str(&format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n"));
+        }
+        out
+    };
+    [
+        service(
+            "web",
+            &format!("  type: NodePort\n  externalIPs: [{EXTERNAL_IP}]\n"),
+            (30080, 30053),
+        ),
+        slice("web", &[("10.244.1.11", "node1"), ("10.244.2.11", "node2")]),
+        service(
+            "local",
+            &format!(
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n\
+                 \x20 loadBalancerSourceRanges: [{CLIENT}/32]\n"
+            ),
+            (30081, 30054),
+        ) + &format!("status:\n  loadBalancer:\n    ingress: [{{ip: {LB_IP}}}]\n"),
+        slice("local", &[("10.244.1.12", "node1")]),
+    ]
+    .join("---\n")
+}
+
+struct Site {
+    /// node1, node2.
+    nodes: Vec<Cluster>,
+    client: Netns,
+    _lan: Lan,
+}
+
+impl Site {
+    fn new() -> Site {
+        let tag = unique_tag();
+        let mut lan = Lan::new(&tag).expect("lan");
+        let client = Netns::new(&tag, "client").expect("client ns");
+        lan.connect(&client, "eth0", &format!("{CLIENT}/24"))
+            .expect("client on the lan");
+        // The provider's routers would send these to the nodes.
+        for (ip, via) in [(LB_IP, NODE1), (EXTERNAL_IP, NODE2)] {
+            client.ip(&["route", "add", ip, "via", via]).expect("route");
+        }
+        let mut nodes = Vec::new();
+        for (n, node_ip, pods) in [
+            (
+                1,
+                NODE1,
+                [("web1", "10.244.1.11"), ("local1", "10.244.1.12")],
+            ),
+            (
+                2,
+                NODE2,
+                [("web2", "10.244.2.11"), ("spare2", "10.244.2.12")],
+            ),
+        ] {
+            let mut c = Cluster::new(&pods).expect("node");
+            lan.connect(&c.node.ns, "ext0", &format!("{node_ip}/24"))
+                .expect("node on the lan");
+            let (other_pods, other_ip) = if n == 1 {
+                ("10.244.2.0/24", NODE2)
+            } else {
+                ("10.244.1.0/24", NODE1)
+            };
+            c.node
+                .ns
+                .ip(&["route", "add", other_pods, "via", other_ip])
+                .expect("pod route");
+            c.write_manifest("all.yaml", &manifests())
+                .expect("manifests");
+            // Generic XDP: native XDP_TX on a veth needs NAPI on its peer (a bridge port
+            // here), which NICs do not; the program is the same in both modes.
+            c.agent_args = [
+                "--external-ifaces",
+                "ext0",
+                "--xdp-mode",
+                "generic",
+                "--node-name",
+                &format!("node{n}"),
+            ]
+            .map(String::from)
+            .to_vec();
+            c.start_agent().expect("agent");
+            c.wait_attached(Duration::from_secs(10)).expect("attached");
+            wait_until(Duration::from_secs(5), || {
+                c.log().contains("attached to ext0 ")
+                    && c.programmed("0.0.0.0:30080/TCP")
+                        .is_some_and(|b| b.len() == 2)
+            })
+            .unwrap_or_else(|_| panic!("node{n} not programmed; log:\n{}", c.log()));
+            nodes.push(c);
+        }
+        Site {
+            nodes,
+            client,
+            _lan: lan,
+        }
+    }
+
+    /// `n` UDP whoami requests from the client: (backend, address it saw) → count.
+    fn whoami(&self, target: SocketAddr, n: usize) -> BTreeMap<(String, String), usize> {
+        self.client
+            .enter(move || {
+                let mut seen = BTreeMap::new();
+                for _ in 0..n {
+                    let answer = udp_whoami(target, T)
+                        .unwrap_or_else(|e| (format!("error: {e}"), String::new()));
+                    *seen.entry(answer).or_insert(0) += 1;
+                }
+                seen
+            })
+            .expect("client thread")
+    }
+
+    fn tcp(&self, target: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+        self.client
+            .enter(move || {
+                let mut seen = BTreeMap::new();
+                for _ in 0..n {
+                    let who = tcp_hello(target, T).unwrap_or_else(|e| format!("error: {e}"));
+                    *seen.entry(who).or_insert(0) += 1;
+                }
+                seen
+            })
+            .expect("client thread")
+    }
+}
+
+/// GET http://ip:port/ from the client (as a cloud load balancer's health checker would):
+/// (status code, body).
+fn http_get(client: &Netns, ip: &str, port: u16) -> (u16, String) {
+    let target = addr(ip, port);
+    client
+        .enter(move || {
+            let mut conn = std::net::TcpStream::connect_timeout(&target, T).expect("connect");
+            conn.set_read_timeout(Some(T)).expect("timeout");
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+                .expect("request");
+            let mut response = String::new();
+            let _ = conn.read_to_string(&mut response);
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (status, body)
+        })
+        .expect("client thread")
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().expect("address")
+}
+
+#[test]
+fn nodeport_cluster_reaches_both_nodes_and_backends_see_the_node() {
+    if !privileged("nodeport_cluster_reaches_both_nodes_and_backends_see_the_node") {
+        return;
+    }
+    let site = Site::new();
+    for node in [NODE1, NODE2] {
+        let seen = site.whoami(addr(node, 30053), 30);
+        let backends: Vec<&str> = seen.keys().map(|(b, _)| b.as_str()).collect();
+        assert!(
+            backends.contains(&"web1") && backends.contains(&"web2"),
+            "via {node}: {seen:?}"
+        );
+        for (backend, client_seen) in seen.keys() {
+            assert_eq!(
+                client_seen, node,
+                "{backend} via {node} sees the node's address"
+            );
+        }
+        let tcp = site.tcp(addr(node, 30080), 40);
+        assert_eq!(
+            tcp.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["web1", "web2"],
+            "TCP via {node}"
+        );
+    }
+    // externalIP (routed to node2) works the same way.
+    let tcp = site.tcp(addr(EXTERNAL_IP, 80), 40);
+    assert_eq!(
+        tcp.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["web1", "web2"]
+    );
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_and_health_checks_follow_endpoints() {
+    if !privileged("local_policy_keeps_the_client_address_and_health_checks_follow_endpoints") {
+        return;
+    }
+    let site = Site::new();
+    // node1 has the endpoint: the backend sees the client itself, through NodePort and LB IP.
+    for target in [addr(NODE1, 30054), addr(LB_IP, 53)] {
+        let seen = site.whoami(target, 10);
+        assert_eq!(
+            seen,
+            [(("local1".to_string(), CLIENT.to_string()), 10)].into(),
+            "{target}"
+        );
+    }
+    // node2 has none: it does not answer (dropped, not rejected) ...
+    let seen = site.whoami(addr(NODE2, 30054), 3);
+    assert!(
+        seen.keys().all(|(answer, _)| answer.starts_with("error")),
+        "{seen:?}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&site.nodes[1].xlb(&["stats", "--json"]).expect("stats"))
+            .expect("json");
+    assert!(
+        stats["outcomes"]["drop_no_local_endpoint"].as_u64() >= Some(3),
+        "{stats}"
+    );
+    // ... and its health check says so, while node1's says 200 with its endpoint count.
+    let (status, body) = http_get(&site.client, NODE1, 32001);
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(json["localEndpoints"], 1);
+    assert_eq!(json["service"]["name"], "local");
+    let (status, body) = http_get(&site.client, NODE2, 32001);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+}
+
+#[test]
+fn source_ranges_deny_clients_outside_them() {
+    if !privileged("source_ranges_deny_clients_outside_them") {
+        return;
+    }
+    let site = Site::new();
+    assert_eq!(site.whoami(addr(LB_IP, 53), 2).len(), 1, "allowed at first");
+    for node in &site.nodes {
+        let narrowed = manifests().replace(&format!("[{CLIENT}/32]"), "[192.168.50.200/32]");
+        node.write_manifest("all.yaml", &narrowed).expect("write");
+    }
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&site.nodes[0].xlb(&["stats", "--json"]).expect("stats"))
+            .expect("json")
+    };
+    wait_until(Duration::from_secs(5), || {
+        site.whoami(addr(LB_IP, 53), 1)
+            .keys()
+            .all(|(answer, _)| answer.starts_with("error"))
+    })
+    .expect("the client is outside the ranges now");
+    assert!(stats()["outcomes"]["drop_source_range"].as_u64() >= Some(1));
+    // The ranges guard the LoadBalancer IP only, as kube-proxy's do.
+    let seen = site.whoami(addr(NODE1, 30054), 2);
+    assert!(
+        seen.keys().all(|(answer, _)| answer == "local1"),
+        "{seen:?}"
+    );
+}
