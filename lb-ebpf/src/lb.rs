@@ -22,7 +22,7 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
-        Ok(Packet::Flow(flow)) => match external_reply(ctx, &flow) {
+        Ok(Packet::Flow(flow)) => match routed_reply(ctx, &flow) {
             Some(done) => done,
             None => dnat(ctx, &flow),
         },
@@ -60,26 +60,29 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     match svc::balance(flow, SCOPE_INTERNAL, ctx.len())? {
         Decision::Translate { dst, src, outcome } => {
             nat::rewrite_dst(ctx, flow, dst.0, dst.1)?;
-            if let Some((addr, port)) = src {
-                nat::rewrite_src(ctx, flow, addr, port)?;
-            }
-            Ok((TC_ACT_OK, outcome))
+            let Some((addr, port)) = src else {
+                return Ok((TC_ACT_OK, outcome));
+            };
+            // Hairpin: with a node address as source the stack would see a martian.
+            nat::rewrite_src(ctx, flow, addr, port)?;
+            Ok((route::forward(ctx)?, outcome))
         }
         Decision::Reject => icmp::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
     }
 }
 
-/// A local backend's reply to a client outside: source back to the frontend, destination
-/// back to the client if the flow was SNATed; then straight out of the route's interface.
+/// A local backend's reply to a client outside, or to a SNATed (hairpin) client: source
+/// back to the frontend, destination back to the client if the flow was SNATed; then
+/// straight out of the route's interface.
 #[inline(always)]
-fn external_reply(ctx: &TcContext, flow: &Flow) -> Option<Result<(i32, Outcome), Outcome>> {
-    let reply = svc::external_reply(flow, ctx.len())?;
+fn routed_reply(ctx: &TcContext, flow: &Flow) -> Option<Result<(i32, Outcome), Outcome>> {
+    let reply = svc::routed_reply(flow, ctx.len())?;
     Some((|| {
         if let Some((addr, port)) = reply.dst {
             nat::rewrite_dst(ctx, flow, addr, port)?;
         }
         nat::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-        Ok((route::forward(ctx)?, outcome::EXTERNAL_REPLY))
+        Ok((route::forward(ctx)?, reply.outcome))
     })())
 }
 

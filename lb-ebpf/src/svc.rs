@@ -138,7 +138,23 @@ pub fn balance(flow: &Flow, scope: u8, bytes: u32) -> Result<Decision, Outcome> 
     }
     let (backend_id, backend) = select_backend(&frontend_key, &frontend, flow, now)?;
     let mut nat = Nat::NONE;
-    if scope == SCOPE_EXTERNAL {
+    if scope != SCOPE_EXTERNAL && backend.ip == flow.src {
+        // Hairpin: a pod reaching itself through its service. Its kernel would drop a
+        // packet from its own address, so the source becomes the node's (kube-proxy
+        // masquerades these too) and the reply comes back through us.
+        let config = CONFIG.get(0).copied().unwrap_or_default();
+        if config.snat_addr != 0 {
+            nat = ct::claim_snat_port(
+                flow,
+                backend_id,
+                &backend,
+                frontend.service_id,
+                &config,
+                0,
+                now,
+            )?;
+        }
+    } else if scope == SCOPE_EXTERNAL {
         nat.flags = CT_FLAG_EXTERNAL;
         if frontend.flags & SVC_FLAG_SNAT != 0 {
             let config = CONFIG.get(0).copied().unwrap_or_default();
@@ -183,28 +199,37 @@ pub fn balance(flow: &Flow, scope: u8, bytes: u32) -> Result<Decision, Outcome> 
 /// An address and port, network byte order.
 pub type Addr = (u32, u16);
 
-/// How to translate the reply of a flow that entered from outside.
+/// How to translate the reply of a flow whose reply does not simply retrace a pod's path:
+/// flows from outside, and SNATed (hairpin) flows.
 pub struct Reply {
     /// The new source: the frontend the client used.
     pub src: Addr,
     /// For SNATed flows, the new destination: the client.
     pub dst: Option<Addr>,
+    pub outcome: Outcome,
 }
 
-/// The reply of a flow that entered from outside, or `None` if `flow` is no such reply.
+/// The reply of a flow from outside or of a SNATed flow, or `None` if `flow` is no such
+/// reply.
 #[inline(always)]
-pub fn external_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
+pub fn routed_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
     let entry = CONNTRACK.get_ptr_mut(ct::reverse_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = unsafe { *entry };
-    if known.flags & CT_FLAG_EXTERNAL == 0 {
+    if known.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT) == 0 {
         return None;
     }
+    let outcome = if known.flags & CT_FLAG_EXTERNAL != 0 {
+        outcome::EXTERNAL_REPLY
+    } else {
+        outcome::REVNAT
+    };
     ct::touch(entry, flow, now_ns(), bytes);
     let dst = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
     Some(Reply {
         src: (known.nat_addr, known.nat_port),
         dst,
+        outcome,
     })
 }
 

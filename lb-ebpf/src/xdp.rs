@@ -104,13 +104,13 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     // Replies of SNATed flows come back to a node address.
     if svc::is_node_ip(flow.dst)
-        && let Some(reply) = svc::external_reply(&flow, bytes)
+        && let Some(reply) = svc::routed_reply(&flow, bytes)
     {
         if let Some(dst) = reply.dst {
             rewrite(&pkt, Field::Dst, dst);
         }
         rewrite(&pkt, Field::Src, reply.src);
-        return Ok((forward(ctx, &pkt), outcome::EXTERNAL_REPLY));
+        return Ok((forward(ctx, &pkt), reply.outcome));
     }
     match svc::balance(&flow, SCOPE_EXTERNAL, bytes)? {
         Decision::Translate { dst, src, outcome } => {

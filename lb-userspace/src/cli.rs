@@ -71,8 +71,8 @@ pub enum Command {
         #[arg(long, value_name = "IF,...", default_value = "")]
         external_ifaces: String,
         /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
-        /// the external interfaces (kube-proxy's --nodeport-addresses). The first one is the
-        /// SNAT source.
+        /// the external interfaces, or of every interface but lo without them (kube-proxy's
+        /// --nodeport-addresses). The first one is the SNAT (and hairpin) source.
         #[arg(long, value_name = "IP,...", value_delimiter = ',')]
         node_ips: Vec<std::net::Ipv4Addr>,
         /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral

@@ -43,8 +43,16 @@ fn accept_local_sources(iface: &str) {
     }
 }
 
-/// IPv4 addresses of the interfaces matching `patterns`, in interface-name order.
+/// IPv4 addresses of the interfaces matching `patterns`, in interface-name order; with no
+/// patterns, of every interface but loopback (kube-proxy's default NodePort addresses).
 pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
+    let wanted = |name: &str| {
+        if patterns.is_empty() {
+            name != "lo"
+        } else {
+            patterns.matches(name)
+        }
+    };
     let mut found: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we walk read-only and free below.
@@ -62,7 +70,7 @@ pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
             let name = CStr::from_ptr(entry.ifa_name)
                 .to_string_lossy()
                 .into_owned();
-            if !patterns.matches(&name) {
+            if !wanted(&name) {
                 continue;
             }
             let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
@@ -89,6 +97,10 @@ impl IfacePatterns {
             .map(glob::Pattern::new)
             .collect::<Result<Vec<_>, _>>()
             .map(IfacePatterns)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn matches(&self, iface: &str) -> bool {

@@ -595,3 +595,41 @@ fn conntrack_tracks_tcp_state_and_rebalances_expired_flows() {
         "61 s idle: new flow"
     );
 }
+
+#[test]
+fn hairpin_pod_reaching_itself_is_snated_to_the_node() {
+    if !privileged("hairpin_pod_reaching_itself_is_snated_to_the_node") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.set_node(&["192.168.50.1"], (61_000, 61_010));
+    dp.service(PROTO_TCP, 80, &[(1, CLIENT, 8080)], 0);
+    let syn = Frame::tcp(CLIENT, 45_000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    // Forwarded by FIB lookup: redirected, or to the stack where the test has no route.
+    assert!([TC_ACT_OK, TC_ACT_REDIRECT].contains(&verdict), "{verdict}");
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    let v = view(&out);
+    assert_eq!((v.dst.to_string(), v.dport), (CLIENT.to_string(), 8080));
+    assert_eq!(
+        v.src.to_string(),
+        "192.168.50.1",
+        "source is the node, not the pod"
+    );
+    assert!((61_000..=61_010).contains(&v.sport));
+
+    // The pod's reply to the node comes back as the service's answer to itself.
+    let reply = Frame::tcp(CLIENT, 8080, "192.168.50.1", v.sport, SYN | ACK).build();
+    let (verdict, back) = dp.run(Hook::FromPod, &reply);
+    assert!([TC_ACT_OK, TC_ACT_REDIRECT].contains(&verdict), "{verdict}");
+    assert_eq!(checksum_errors(&back), Vec::<String>::new());
+    let b = view(&back);
+    assert_eq!(
+        (b.src.to_string(), b.sport, b.dst.to_string(), b.dport),
+        (VIP.to_string(), 80, CLIENT.to_string(), 45_000)
+    );
+    // Another pod of the same service keeps its own address (no SNAT).
+    let other = Frame::tcp("10.244.0.77", 45_001, VIP, 80, SYN).build();
+    let (_, out) = dp.run(Hook::FromPod, &other);
+    assert_eq!(view(&out).src.to_string(), "10.244.0.77");
+}

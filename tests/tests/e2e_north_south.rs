@@ -308,3 +308,30 @@ fn source_ranges_deny_clients_outside_them() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn hairpin_a_pod_reaching_itself_through_its_service() {
+    if !privileged("hairpin_a_pod_reaching_itself_through_its_service") {
+        return;
+    }
+    let site = Site::new();
+    // `local`'s only endpoint is local1 itself: its ClusterIP leads back to it.
+    let answers = site.nodes[0]
+        .node
+        .pod("local1")
+        .ns
+        .enter(|| {
+            let tcp = tcp_hello(addr("10.96.0.20", 80), T).unwrap_or_else(|e| format!("{e}"));
+            let udp = udp_whoami(addr("10.96.0.20", 53), T)
+                .unwrap_or_else(|e| (format!("{e}"), String::new()));
+            (tcp, udp)
+        })
+        .expect("pod thread");
+    assert_eq!(answers.0, "local1", "TCP hairpin");
+    // kube-proxy's rule: the pod sees the connection come from the node, not from itself.
+    assert_eq!(
+        answers.1,
+        ("local1".to_string(), NODE1.to_string()),
+        "UDP hairpin"
+    );
+}
