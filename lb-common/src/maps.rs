@@ -21,8 +21,11 @@ pub mod map_names {
     pub const CONFIG: &str = "XLB_CONFIG";
     /// `loadBalancerSourceRanges`: (service id, client prefix) → allowed.
     pub const SOURCE_RANGES: &str = "XLB_SRC_RANGES";
+    /// Sockets of node processes connected to a backend through a frontend: the frontend
+    /// to show them as their peer.
+    pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -36,6 +39,7 @@ pub mod map_names {
         NODE_IPS,
         CONFIG,
         SOURCE_RANGES,
+        SOCK_REVNAT,
     ];
 }
 
@@ -44,6 +48,14 @@ pub mod program_names {
     /// Traffic entering the node from outside: NodePort, externalIPs, LoadBalancer IPs, and
     /// replies of SNATed flows (XDP on `--external-ifaces`).
     pub const XDP_EXTERNAL: &str = "xlb_external";
+    /// Node processes' connect() to a frontend: the socket is connected to a backend.
+    pub const SOCK_CONNECT: &str = "xlb_sock_connect";
+    /// Node processes' unconnected UDP sends to a frontend.
+    pub const SOCK_SENDMSG: &str = "xlb_sock_sendmsg";
+    /// Node processes' UDP receives from a backend: the frontend is shown as the source.
+    pub const SOCK_RECVMSG: &str = "xlb_sock_recvmsg";
+    /// getpeername() of such sockets: the frontend, not the backend.
+    pub const SOCK_GETPEERNAME: &str = "xlb_sock_getpeername";
     /// Pod → service: DNAT, conntrack, affinity, reject (host side of pod interfaces, ingress).
     pub const TC_FROM_POD: &str = "xlb_from_pod";
     /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
@@ -65,6 +77,7 @@ pub mod map_sizes {
     pub const MAGLEV: u32 = 4_096;
     pub const NODE_IPS: u32 = 256;
     pub const SOURCE_RANGES: u32 = 16_384;
+    pub const SOCK_REVNAT: u32 = 262_144;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -212,6 +225,33 @@ pub const CT_FLAG_EXTERNAL: u16 = 4;
 /// The flow's source was rewritten to a node address (`snat_addr`/`snat_port`).
 pub const CT_FLAG_SNAT: u16 = 8;
 
+/// `SOCK_REVNAT` key: a socket and the backend it was connected or sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// `bpf_get_socket_cookie()`.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub backend: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+
+/// `SOCK_REVNAT` value: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockFrontend {
+    /// Frontend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockFrontend>() == 16);
+
 /// Node-wide datapath settings (`CONFIG` map, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -303,6 +343,8 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounter {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockFrontend {}
 }
 
 #[cfg(test)]

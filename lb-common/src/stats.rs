@@ -52,7 +52,13 @@ pub mod outcome {
     pub const EXTERNAL_ESTABLISHED: Outcome = 20;
     /// Reply of an external flow translated back towards the client.
     pub const EXTERNAL_REPLY: Outcome = 21;
-    pub const COUNT: u32 = 22;
+    /// A node process's connect()/sendmsg() to a frontend went to a backend.
+    pub const SOCK_CONNECT: Outcome = 22;
+    /// A node process's connect()/sendmsg() to a frontend without endpoints was refused.
+    pub const SOCK_REFUSED: Outcome = 23;
+    /// A node process saw the frontend as its peer (recvmsg, getpeername).
+    pub const SOCK_REVNAT: Outcome = 24;
+    pub const COUNT: u32 = 25;
 }
 
 /// Human names, indexed by outcome code (used by `xlb stats` and metrics).
@@ -79,4 +85,7 @@ pub const OUTCOME_NAMES: [&str; outcome::COUNT as usize] = [
     "external_new",
     "external_established",
     "external_reply",
+    "sock_connect",
+    "sock_refused",
+    "sock_revnat",
 ];

@@ -16,13 +16,14 @@ mod nat;
 mod parse;
 mod route;
 mod sched;
+mod sock;
 mod stats;
 mod svc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// Pod → service (ingress on the host side of a pod interface).
@@ -47,6 +48,38 @@ pub fn xlb_to_pod(ctx: TcContext) -> i32 {
 pub fn xlb_external(ctx: XdpContext) -> u32 {
     let (verdict, outcome) = xdp::external(&ctx);
     stats::count(outcome);
+    verdict
+}
+
+/// A node process connects (TCP, connected UDP) to a frontend.
+#[cgroup_sock_addr(connect4)]
+pub fn xlb_sock_connect(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::connect(&ctx))
+}
+
+/// A node process sends an unconnected UDP datagram to a frontend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xlb_sock_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::connect(&ctx))
+}
+
+/// A node process receives a UDP datagram from a backend it sent to through a frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xlb_sock_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock_verdict((sock::ALLOW, sock::revnat(&ctx)))
+}
+
+/// A node process asks for its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn xlb_sock_getpeername(ctx: SockAddrContext) -> i32 {
+    sock_verdict((sock::ALLOW, sock::revnat(&ctx)))
+}
+
+#[inline(always)]
+fn sock_verdict((verdict, outcome): (i32, Option<lb_common::Outcome>)) -> i32 {
+    if let Some(outcome) = outcome {
+        stats::count(outcome);
+    }
     verdict
 }
 

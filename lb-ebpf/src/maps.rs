@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, NodeConfig,
-    ServiceKey, ServiceValue, SourceRangeKey, TrafficCounter, map_sizes, outcome,
+    ServiceKey, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_sizes,
+    outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -70,3 +71,8 @@ pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map(name = "XLB_SRC_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, 0);
+
+/// Node processes' sockets connected through a frontend (LRU: closed sockets age out).
+#[map(name = "XLB_SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);

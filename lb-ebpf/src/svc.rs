@@ -50,9 +50,13 @@ pub fn is_node_ip(addr: u32) -> bool {
 }
 
 /// The frontend `flow` is addressed to in `scope`: its exact VIP, else a NodePort when the
-/// destination is one of this node's addresses.
+/// destination is one of this node's addresses (or, for node processes, loopback).
 #[inline(always)]
-fn find_frontend(flow: &Flow, scope: u8) -> Option<(ServiceKey, ServiceValue)> {
+pub fn find_frontend(
+    flow: &Flow,
+    scope: u8,
+    loopback_is_node: bool,
+) -> Option<(ServiceKey, ServiceValue)> {
     let key = ServiceKey {
         vip: flow.dst,
         port: flow.dport,
@@ -65,7 +69,9 @@ fn find_frontend(flow: &Flow, scope: u8) -> Option<(ServiceKey, ServiceValue)> {
     if let Some(value) = unsafe { SERVICES.get(key) } {
         return Some((key, *value));
     }
-    if !is_node_ip(flow.dst) {
+    // 127.0.0.0/8: the first address byte is the lowest in memory (network order).
+    let loopback = loopback_is_node && flow.dst & 0xff == 127;
+    if !loopback && !is_node_ip(flow.dst) {
         return None;
     }
     let key = ServiceKey {
@@ -124,7 +130,8 @@ pub fn balance(flow: &Flow, scope: u8, bytes: u32) -> Result<Decision, Outcome> 
         }
     }
 
-    let (frontend_key, frontend) = find_frontend(flow, scope).ok_or(outcome::PASS_NOT_SERVICE)?;
+    let (frontend_key, frontend) =
+        find_frontend(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
         && !source_allowed(frontend.service_id, flow.src)
     {
@@ -235,7 +242,7 @@ pub fn routed_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
 
 /// Session affinity first (if set and fresh), else the frontend's algorithm.
 #[inline(always)]
-fn select_backend(
+pub fn select_backend(
     frontend_key: &ServiceKey,
     frontend: &ServiceValue,
     flow: &Flow,

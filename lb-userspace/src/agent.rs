@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub node_ips: Vec<Ipv4Addr>,
     pub snat_ports: (u16, u16),
     pub xdp_mode: crate::loader::XdpAttach,
+    /// Where node processes live: the socket hooks attach here. `None`: not attached.
+    pub cgroup: Option<PathBuf>,
 }
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
@@ -56,6 +58,19 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
     let mut ebpf = loader::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
+    if let Some(cgroup) = &config.cgroup {
+        loader::attach_cgroup(&mut ebpf, cgroup, &pins).with_context(|| {
+            format!(
+                "attaching the socket hooks to cgroup {} (node processes' service traffic); \
+                 pass --cgroup none to go without",
+                cgroup.display()
+            )
+        })?;
+        log::info!(
+            "node processes in cgroup {} reach services",
+            cgroup.display()
+        );
+    }
     let adopt = |maps: &PinnedMaps| {
         Syncer::adopt(
             maps.service_slots(),
@@ -144,11 +159,20 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
             }
             health.update(&translation.health_checks);
+            let before = backend_ids(&syncer);
             let result = syncer.apply(&translation.desired, &mut maps);
             record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
             match result {
                 Ok(report) => {
                     need_sync = false;
+                    let removed: BTreeSet<u32> =
+                        before.difference(&backend_ids(&syncer)).copied().collect();
+                    let destroyed = maps.release_sockets(&removed);
+                    if destroyed > 0 {
+                        log::info!(
+                            "closed {destroyed} node UDP socket(s) connected to removed backends"
+                        );
+                    }
                     gc_now |= report.backends_removed > 0;
                     if !report.is_noop() {
                         log::info!(
@@ -236,4 +260,12 @@ impl NodeAddresses {
             Err(e) => log::error!("writing node addresses {addresses:?}: {e}; retrying"),
         }
     }
+}
+
+fn backend_ids(syncer: &Syncer) -> BTreeSet<u32> {
+    syncer
+        .current()
+        .values()
+        .flat_map(|p| p.backends.iter().map(|(_, id)| *id))
+        .collect()
 }

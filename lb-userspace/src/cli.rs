@@ -83,6 +83,10 @@ pub enum Command {
         /// native, or generic (any device; needed on veth pairs whose peers have no NAPI).
         #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
         xdp_mode: crate::loader::XdpAttach,
+        /// cgroup (v2) of the node processes whose connections to services are balanced
+        /// (socket hooks); `auto`: the cgroup v2 root; `none`: not attached.
+        #[arg(long, value_name = "PATH|auto|none", default_value = "auto")]
+        cgroup: String,
     },
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
@@ -136,7 +140,9 @@ mod tests {
                 node_ips,
                 snat_ports,
                 xdp_mode,
+                cgroup,
             } => {
+                assert_eq!(cgroup, "auto");
                 assert_eq!(xdp_mode, crate::loader::XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
                 assert_eq!(node_name, None);

@@ -16,6 +16,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod prog_test_run;
+pub mod sockets;
 pub mod source;
 pub mod sync;
 pub mod translate;

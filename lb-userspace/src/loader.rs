@@ -7,7 +7,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions},
         xdp::XdpLink,
@@ -51,8 +51,11 @@ pub enum LoaderError {
     PinnedMap { path: PathBuf, message: String },
 }
 
+/// Stands in for an interface name in the link pins of the socket hooks.
+pub const CGROUP_PIN_NAME: &str = "cgroup";
+
 /// Key size, value size and capacity of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 13] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 14] = {
     use lb_common::*;
     use std::mem::size_of;
     let counters = size_of::<TrafficCounter>();
@@ -106,6 +109,12 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 13] = {
             4 + size_of::<SourceRangeKey>(),
             1,
             map_sizes::SOURCE_RANGES,
+        ),
+        (
+            map_names::SOCK_REVNAT,
+            size_of::<SockKey>(),
+            size_of::<SockFrontend>(),
+            map_sizes::SOCK_REVNAT,
         ),
     ]
 };
@@ -173,6 +182,10 @@ pub enum Hook {
     FromPod,
     ToPod,
     External,
+    SockConnect,
+    SockSendmsg,
+    SockRecvmsg,
+    SockGetpeername,
 }
 
 impl Hook {
@@ -180,17 +193,28 @@ impl Hook {
     pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
     /// The hooks of an external interface.
     pub const EXTERNAL: [Hook; 1] = [Hook::External];
+    /// The socket hooks on the node processes' cgroup.
+    pub const CGROUP: [Hook; 4] = [
+        Hook::SockConnect,
+        Hook::SockSendmsg,
+        Hook::SockRecvmsg,
+        Hook::SockGetpeername,
+    ];
     fn program(self) -> &'static str {
         match self {
             Hook::FromPod => program_names::TC_FROM_POD,
             Hook::ToPod => program_names::TC_TO_POD,
             Hook::External => program_names::XDP_EXTERNAL,
+            Hook::SockConnect => program_names::SOCK_CONNECT,
+            Hook::SockSendmsg => program_names::SOCK_SENDMSG,
+            Hook::SockRecvmsg => program_names::SOCK_RECVMSG,
+            Hook::SockGetpeername => program_names::SOCK_GETPEERNAME,
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::FromPod | Hook::External => TcAttachType::Ingress,
             Hook::ToPod => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
         }
     }
     fn suffix(self) -> &'static str {
@@ -198,6 +222,10 @@ impl Hook {
             Hook::FromPod => "from_pod",
             Hook::ToPod => "to_pod",
             Hook::External => "xdp",
+            Hook::SockConnect => "sock_connect",
+            Hook::SockSendmsg => "sock_sendmsg",
+            Hook::SockRecvmsg => "sock_recvmsg",
+            Hook::SockGetpeername => "sock_getpeername",
         }
     }
 }
@@ -236,7 +264,69 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, LoaderError> {
             name: program_names::XDP_EXTERNAL,
             source: Box::new(source),
         })?;
+    for hook in Hook::CGROUP {
+        sock_program(&mut ebpf, hook.program())?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                name: hook.program(),
+                source: Box::new(source),
+            })?;
+    }
     Ok(ebpf)
+}
+
+/// A loaded cgroup sock_addr program by name.
+pub fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Attaches the socket hooks to the cgroup at `path` (node processes in it reach services
+/// through them). Links of an earlier agent are replaced only once the new ones are in
+/// place; both translate alike, so no connect() goes untranslated meanwhile.
+pub fn attach_cgroup(ebpf: &mut Ebpf, path: &Path, pins: &PinLayout) -> Result<(), LoaderError> {
+    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
+        path: pins.links_dir(),
+        message: e.to_string(),
+    })?;
+    let cgroup = std::fs::File::open(path).map_err(|e| LoaderError::Pin {
+        path: path.to_path_buf(),
+        message: format!("opening the cgroup: {e}"),
+    })?;
+    for hook in Hook::CGROUP {
+        let prog = sock_program(ebpf, hook.program())?;
+        let attach_err = |source| LoaderError::Attach {
+            program: hook.program(),
+            iface: path.display().to_string(),
+            direction: hook.suffix(),
+            source: Box::new(source),
+        };
+        let id = prog
+            // Single: bpf_link attachments always coexist with other programs (the
+            // ALLOW_MULTI flag is for the legacy attach and makes link_create fail).
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let pin = pins.link(CGROUP_PIN_NAME, hook);
+        let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
+            path: pin.clone(),
+            message: format!("{e}"),
+        })?;
+        remove_pinned_link(&pin);
+        fd_link.pin(&pin).map_err(|e| LoaderError::Pin {
+            path: pin.clone(),
+            message: error_chain(&e),
+        })?;
+    }
+    Ok(())
 }
 
 /// A loaded TC program by name.

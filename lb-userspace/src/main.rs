@@ -33,7 +33,16 @@ fn run(cli: Cli) -> Result<()> {
             node_ips,
             snat_ports,
             xdp_mode,
+            cgroup,
         } => {
+            let cgroup = match cgroup.as_str() {
+                "none" => None,
+                "auto" => Some(xlb::bpffs::cgroup2_root().context(
+                    "no cgroup v2 mount found for the socket hooks: pass --cgroup PATH or \
+                     --cgroup none",
+                )?),
+                path => Some(std::path::PathBuf::from(path)),
+            };
             let external_ifaces = IfacePatterns::parse(&external_ifaces).with_context(|| {
                 format!("--external-ifaces {external_ifaces:?} is not a valid list")
             })?;
@@ -61,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
                     node_ips,
                     snat_ports,
                     xdp_mode,
+                    cgroup,
                 },
                 stop,
             )

@@ -5,7 +5,7 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, NodeConfig, ServiceKey,
-    ServiceValue, SourceRangeKey, TrafficCounter, map_names,
+    ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_names,
 };
 
 use crate::{
@@ -45,6 +45,7 @@ pub struct PinnedMaps {
     pub node_ips: HashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -81,7 +82,32 @@ impl PinnedMaps {
             node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
             config: typed!(layout, map_names::CONFIG, Array),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
+            sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
         })
+    }
+
+    /// Destroys node processes' UDP sockets connected to one of `backend_ids` (removed
+    /// backends) and forgets them; returns how many sockets were destroyed.
+    pub fn release_sockets(&mut self, backend_ids: &std::collections::BTreeSet<u32>) -> usize {
+        if backend_ids.is_empty() {
+            return 0;
+        }
+        let stale: Vec<SockKey> = self
+            .sock_revnat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, shown)| backend_ids.contains(&shown.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        let cookies = stale.iter().map(|k| k.cookie).collect();
+        let destroyed = crate::sockets::destroy_udp(&cookies).unwrap_or_else(|e| {
+            log::warn!("destroying UDP sockets of removed backends: {e}");
+            0
+        });
+        for key in stale {
+            let _ = self.sock_revnat.remove(&key);
+        }
+        destroyed
     }
 
     /// Makes `addresses` the node's addresses (NodePorts answer on them) and writes the

@@ -55,6 +55,35 @@ impl Drop for PinGuard {
     }
 }
 
+/// A child cgroup (v2) for the node's processes, created by the test and removed on drop:
+/// the agent's socket hooks attach here, never to the root cgroup.
+pub struct CgroupGuard {
+    pub path: PathBuf,
+}
+
+impl CgroupGuard {
+    pub fn new(tag: &str) -> Result<CgroupGuard> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .context("no cgroup v2 mount for the node processes' cgroup")?;
+        let path = root.join(format!("xlb-test-{tag}"));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(CgroupGuard { path })
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        // Empty by now: the processes the test put here have exited.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
 /// A running `xlb agent` in the node's network namespace; stopped on drop.
 pub struct Agent {
     child: Child,
@@ -132,7 +161,8 @@ impl Drop for Agent {
     }
 }
 
-/// Everything a test or the demo needs. Fields drop in order: agent, servers, node, pins, files.
+/// Everything a test or the demo needs. Fields drop in order: agent, servers, node, pins,
+/// cgroup, files.
 pub struct Cluster {
     pub agent: Option<Agent>,
     /// Extra `xlb agent` arguments (north-south tests: external interfaces, node name).
@@ -140,6 +170,7 @@ pub struct Cluster {
     pub servers: Vec<Servers>,
     pub node: Node,
     pub pins: PinGuard,
+    pub cgroup: CgroupGuard,
     pub scratch: Scratch,
 }
 
@@ -159,6 +190,7 @@ impl Cluster {
             xlb,
             bpffs: PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}", node.tag)),
         };
+        let cgroup = CgroupGuard::new(&node.tag)?;
         let mut servers = Vec::new();
         for (name, ip) in pods {
             let index = node.add_pod(name, ip)?;
@@ -170,6 +202,7 @@ impl Cluster {
             servers,
             node,
             pins,
+            cgroup,
             scratch,
         })
     }
@@ -205,7 +238,14 @@ impl Cluster {
             &self.manifests_dir(),
             &self.pins.bpffs,
             &self.log_path(),
-            &self.agent_args,
+            &[
+                vec![
+                    "--cgroup".to_string(),
+                    self.cgroup.path.display().to_string(),
+                ],
+                self.agent_args.clone(),
+            ]
+            .concat(),
         )?;
         self.agent = Some(agent);
         Ok(())
@@ -223,6 +263,28 @@ impl Cluster {
     /// `xlb services --json`, parsed.
     pub fn services(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.xlb(&["services", "--json"])?)?)
+    }
+
+    /// Starts a node process (in the node's network namespace and the node cgroup) running
+    /// `python3 -c SCRIPT ARGS`, its output captured.
+    pub fn node_process(&self, script: &str, args: &[&str]) -> Result<Child> {
+        let procs = self.cgroup.path.join("cgroup.procs");
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.node.ns.path()))
+            .args([
+                "sh",
+                "-c",
+                r#"echo $$ > "$0" && shift && exec python3 -c "$@""#,
+            ])
+            .arg(&procs)
+            .arg("--")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting a node process")
     }
 
     /// GET `path` from the agent's HTTP endpoint on `port` inside the node's namespace.

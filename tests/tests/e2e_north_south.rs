@@ -335,3 +335,128 @@ fn hairpin_a_pod_reaching_itself_through_its_service() {
         "UDP hairpin"
     );
 }
+
+/// A node process's TCP client: prints the backend's greeting and the peer it believes in.
+const TCP_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+name = s.makefile().readline().strip()
+print(name, s.getpeername()[0], s.getpeername()[1])
+"#;
+
+/// A node process's connected UDP client, as DNS stub resolvers are: on an error it opens a
+/// new socket. Prints "backend peer-address" per answer, or "error".
+const UDP_CLIENT: &str = r#"
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = None
+for i in range(n):
+    try:
+        if s is None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(0.5)
+            s.connect((host, port))
+        s.send(b"whoami")
+        data, peer = s.recvfrom(64)
+        print(data.decode().split()[0], peer[0], flush=True)
+    except OSError as e:
+        print("error", e, flush=True)
+        s = None
+    time.sleep(0.1)
+"#;
+
+#[test]
+fn node_processes_reach_cluster_ips_and_node_ports() {
+    if !privileged("node_processes_reach_cluster_ips_and_node_ports") {
+        return;
+    }
+    let site = Site::new();
+    let node1 = &site.nodes[0];
+    for (ip, port) in [
+        ("10.96.0.10", "80"),
+        ("127.0.0.1", "30080"),
+        (NODE1, "30080"),
+    ] {
+        let out = node1
+            .node_process(TCP_CLIENT, &[ip, port])
+            .expect("spawn")
+            .wait_with_output()
+            .expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert!(
+            out.status.success() && matches!(fields.first(), Some(&"web1" | &"web2")),
+            "{ip}:{port}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The process sees the address it asked for as its peer, not the backend's.
+        assert_eq!(&fields[1..], [ip, port], "{ip}:{port}");
+    }
+}
+
+#[test]
+fn connected_udp_socket_moves_off_a_removed_backend() {
+    if !privileged("connected_udp_socket_moves_off_a_removed_backend") {
+        return;
+    }
+    let site = Site::new();
+    let node1 = &site.nodes[0];
+    let mut child = node1
+        .node_process(UDP_CLIENT, &["10.96.0.10", "53", "50"])
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().expect("lines").push(line);
+            }
+        })
+    };
+    wait_until(Duration::from_secs(5), || {
+        lines.lock().expect("lines").len() >= 5
+    })
+    .expect("first answers");
+    let first: Vec<String> = lines.lock().expect("lines").clone();
+    let backend = first[0].split_whitespace().next().unwrap_or("").to_string();
+    assert!(
+        first
+            .iter()
+            .all(|l| l.starts_with(&format!("{backend} 10.96.0.10"))),
+        "a connected socket stays on one backend, seen as the ClusterIP: {first:?}"
+    );
+    // Remove that backend's endpoint (the pod keeps running and would keep answering).
+    let (gone, kept) = if backend == "web1" {
+        ("10.244.1.11", "web2")
+    } else {
+        ("10.244.2.11", "web1")
+    };
+    for node in &site.nodes {
+        let without = manifests().replace(&format!("- {{addresses: [\"{gone}\"]"), "# - ");
+        node.write_manifest("all.yaml", &without).expect("write");
+    }
+    let removed_at = lines.lock().expect("lines").len();
+    let status = child.wait().expect("client exits");
+    reader.join().expect("reader");
+    assert!(status.success());
+    let after: Vec<String> = lines.lock().expect("lines")[removed_at..].to_vec();
+    // Within a few answers (the agent syncs within 100 ms), only the kept backend answers.
+    let settled: Vec<&String> = after.iter().skip(10).collect();
+    assert!(settled.len() >= 20, "{after:?}");
+    assert!(
+        settled
+            .iter()
+            .all(|l| l.starts_with(&format!("{kept} 10.96.0.10"))),
+        "after removing {backend}: {after:?}"
+    );
+    assert!(
+        node1.log().contains("closed 1 node UDP socket(s)"),
+        "{}",
+        node1.log()
+    );
+}

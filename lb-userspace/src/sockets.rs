@@ -1,0 +1,209 @@
+//! Node processes' UDP sockets connected (through a frontend) to a backend that was removed:
+//! destroyed with `SOCK_DESTROY` (sock_diag netlink), so the process gets an error and, when
+//! it connects again, a live backend — instead of sending into a deleted pod forever.
+//! (A connected UDP socket never passes the sendmsg hook again, so it cannot be re-pointed.)
+use std::{collections::BTreeSet, io, mem::size_of};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct SockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+#[repr(C)]
+struct Request {
+    header: NlMsgHdr,
+    body: ReqV2,
+}
+
+struct Netlink(i32);
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        // SAFETY: closing our own descriptor once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl Netlink {
+    fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Netlink(fd))
+    }
+
+    fn send(&self, kind: u16, flags: u16, id: SockId, seq: u32) -> io::Result<()> {
+        let request = Request {
+            header: NlMsgHdr {
+                len: size_of::<Request>() as u32,
+                kind,
+                flags: NLM_F_REQUEST | flags,
+                seq,
+                pid: 0,
+            },
+            body: ReqV2 {
+                family: libc::AF_INET as u8,
+                protocol: libc::IPPROTO_UDP as u8,
+                states: u32::MAX,
+                id,
+                ..Default::default()
+            },
+        };
+        // SAFETY: sending a fully initialised repr(C) struct of the given size.
+        let sent = unsafe {
+            libc::send(
+                self.0,
+                (&request as *const Request).cast(),
+                size_of::<Request>(),
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads messages until NLMSG_DONE or an error/ack; returns the diag messages seen and
+    /// the error code of an NLMSG_ERROR (0 = ack).
+    fn receive(&self) -> io::Result<(Vec<DiagMsg>, Option<i32>)> {
+        let mut found = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: receiving into our own buffer of the given length.
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut offset = 0usize;
+            let n = n as usize;
+            while offset + size_of::<NlMsgHdr>() <= n {
+                // SAFETY: bounds checked; read_unaligned copies the header out.
+                let header: NlMsgHdr =
+                    unsafe { std::ptr::read_unaligned(buf[offset..].as_ptr().cast()) };
+                let len = header.len as usize;
+                if len < size_of::<NlMsgHdr>() || offset + len > n {
+                    return Err(io::Error::other("truncated netlink message"));
+                }
+                let payload = &buf[offset + size_of::<NlMsgHdr>()..offset + len];
+                match header.kind {
+                    NLMSG_DONE => return Ok((found, None)),
+                    NLMSG_ERROR => {
+                        let code = payload
+                            .get(..4)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                            .unwrap_or(0);
+                        return Ok((found, Some(code)));
+                    }
+                    SOCK_DIAG_BY_FAMILY if payload.len() >= size_of::<DiagMsg>() => {
+                        // SAFETY: length checked; read_unaligned copies the message out.
+                        found.push(unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) });
+                    }
+                    _ => {}
+                }
+                offset += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+/// Destroys this network namespace's UDP sockets whose cookie is in `cookies`; returns how
+/// many were destroyed.
+pub fn destroy_udp(cookies: &BTreeSet<u64>) -> io::Result<usize> {
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    let netlink = Netlink::open()?;
+    netlink.send(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, SockId::default(), 1)?;
+    let (sockets, _) = netlink.receive()?;
+    let mut destroyed = 0;
+    for (seq, socket) in sockets.iter().enumerate() {
+        let cookie = u64::from(socket.id.cookie[0]) | (u64::from(socket.id.cookie[1]) << 32);
+        if !cookies.contains(&cookie) {
+            continue;
+        }
+        netlink.send(SOCK_DESTROY, NLM_F_ACK, socket.id, seq as u32 + 2)?;
+        match netlink.receive()? {
+            (_, Some(0)) => destroyed += 1,
+            (_, Some(code)) => log::warn!(
+                "destroying UDP socket {cookie:#x}: {}",
+                io::Error::from_raw_os_error(-code)
+            ),
+            (_, None) => {}
+        }
+    }
+    Ok(destroyed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's struct sizes (inet_diag.h): a mismatch would garble every message.
+    #[test]
+    fn netlink_structs_match_the_kernel_abi() {
+        assert_eq!(size_of::<NlMsgHdr>(), 16);
+        assert_eq!(size_of::<SockId>(), 48);
+        assert_eq!(size_of::<ReqV2>(), 56);
+        assert_eq!(size_of::<DiagMsg>(), 72);
+    }
+}
