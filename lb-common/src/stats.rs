@@ -44,7 +44,8 @@ pub mod outcome {
     pub const DROP_NO_LOCAL_ENDPOINT: Outcome = 16;
     /// Client outside the service's loadBalancerSourceRanges: dropped.
     pub const DROP_SOURCE_RANGE: Outcome = 17;
-    /// Every SNAT port tried for this backend was taken: dropped.
+    /// Every SNAT port tried for this backend was taken (or no node address is known yet):
+    /// dropped.
     pub const DROP_SNAT_EXHAUSTED: Outcome = 18;
     /// From outside, new flow: DNAT (and SNAT under externalTrafficPolicy Cluster).
     pub const EXTERNAL_NEW: Outcome = 19;

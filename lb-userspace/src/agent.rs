@@ -132,6 +132,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     );
 
     while !stop.load(Ordering::Relaxed) {
+        // Node addresses first: NodePorts and SNAT must know them before services are
+        // programmed or XDP is attached, or the first packets would miss them.
+        node.reconcile(&config, &mut maps);
         match source.rescan() {
             Ok(rescan) => {
                 if !scanned_once {
@@ -198,7 +201,6 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
         attacher.reconcile(&mut ebpf, &pins);
         external.reconcile(&mut ebpf, &pins);
-        node.reconcile(&config, &mut maps);
         std::thread::sleep(POLL);
     }
     log::info!(

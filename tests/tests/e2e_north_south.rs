@@ -365,6 +365,16 @@ for i in range(n):
     time.sleep(0.1)
 "#;
 
+/// A node process's unconnected UDP exchange: prints the answer and where it came from.
+const UDP_SENDTO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"whoami", (sys.argv[1], int(sys.argv[2])))
+data, peer = s.recvfrom(64)
+print(data.decode().split()[0], peer[0], peer[1])
+"#;
+
 #[test]
 fn node_processes_reach_cluster_ips_and_node_ports() {
     if !privileged("node_processes_reach_cluster_ips_and_node_ports") {
@@ -390,6 +400,22 @@ fn node_processes_reach_cluster_ips_and_node_ports() {
             String::from_utf8_lossy(&out.stderr)
         );
         // The process sees the address it asked for as its peer, not the backend's.
+        assert_eq!(&fields[1..], [ip, port], "{ip}:{port}");
+    }
+    // Unconnected UDP: each datagram is balanced, the answer appears to come from the VIP.
+    for (ip, port) in [("10.96.0.10", "53"), ("127.0.0.1", "30053")] {
+        let out = node1
+            .node_process(UDP_SENDTO, &[ip, port])
+            .expect("spawn")
+            .wait_with_output()
+            .expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert!(
+            matches!(fields.first(), Some(&"web1" | &"web2")),
+            "{ip}:{port}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(&fields[1..], [ip, port], "{ip}:{port}");
     }
 }

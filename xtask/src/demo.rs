@@ -1,5 +1,6 @@
 //! `cargo xtask run`: a single node in throw-away namespaces, the real agent with the example
-//! manifests, bounded TCP/UDP traffic from two client pods, live per-backend counters.
+//! manifests, bounded TCP/UDP traffic from two client pods and from a client outside the
+//! node (NodePort and LoadBalancer IP through XDP), live per-backend counters.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -14,8 +15,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use xlb_tests::{
     cluster::{Cluster, wait_until},
+    lan::Lan,
+    netns::Netns,
     workload::{tcp_hello, udp_hello},
 };
+
+const NODE_IP: &str = "192.168.50.1";
+const OUTSIDE_IP: &str = "192.168.50.100";
+const LB_IP: &str = "192.0.2.10";
 
 const PODS: [(&str, &str); 8] = [
     ("client-a", "10.244.0.2"),
@@ -42,6 +49,24 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         PODS.len()
     );
     let mut cluster = Cluster::new(&PODS)?;
+    // A client outside the cluster, on the node's external segment; the LB IP is routed to
+    // the node, as a provider's load balancer would.
+    let mut lan = Lan::new(&cluster.node.tag)?;
+    let outside = Netns::new(&cluster.node.tag, "outside")?;
+    lan.connect(&outside, "eth0", &format!("{OUTSIDE_IP}/24"))?;
+    outside.ip(&["route", "add", LB_IP, "via", NODE_IP])?;
+    lan.connect(&cluster.node.ns, "ext0", &format!("{NODE_IP}/24"))?;
+    cluster.agent_args = [
+        "--external-ifaces",
+        "ext0",
+        // veth: native XDP_TX would need NAPI on the bridge side (see the README).
+        "--xdp-mode",
+        "generic",
+        "--node-name",
+        "demo-node",
+    ]
+    .map(String::from)
+    .to_vec();
     for entry in std::fs::read_dir(root.join("examples/manifests"))? {
         let path = entry?.path();
         let name = path
@@ -68,9 +93,14 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
     let tally: Tally = Arc::default();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut clients = Vec::new();
-    for (client, targets) in [
+    let outside_targets = [
+        ("nodeport", "192.168.50.1:30080", false),
+        ("lb-ip", "192.0.2.10:80", false),
+    ];
+    for (client, ns, targets) in [
         (
             "client-a",
+            &cluster.node.pod("client-a").ns,
             [
                 ("web tcp", "10.96.0.10:80", false),
                 ("web udp", "10.96.0.10:53", true),
@@ -78,15 +108,17 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         ),
         (
             "client-b",
+            &cluster.node.pod("client-b").ns,
             [
                 ("sticky tcp", "10.96.0.20:80", false),
                 ("empty tcp", "10.96.0.30:80", false),
             ],
         ),
+        ("outside", &outside, outside_targets),
     ] {
         let stop = Arc::clone(&stop);
         let tally = Arc::clone(&tally);
-        clients.push(cluster.node.pod(client).ns.spawn(move || {
+        clients.push(ns.spawn(move || {
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 for (label, target, udp) in targets {
                     let target: SocketAddr = target.parse().expect("demo address");
@@ -129,5 +161,7 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         agent.stop()?;
     }
     drop(cluster);
+    drop(outside);
+    drop(lan);
     Ok(())
 }
