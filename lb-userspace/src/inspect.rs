@@ -152,6 +152,10 @@ pub struct FlowRow {
     pub backend: String,
     pub backend_id: u32,
     pub service_id: u32,
+    /// The node address and port the client was SNATed to, if it was.
+    pub snat: Option<String>,
+    /// The flow entered from outside the node (XDP).
+    pub external: bool,
     pub age_s: u64,
     pub idle_s: u64,
     pub packets: u64,
@@ -186,6 +190,9 @@ pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
             backend: format!("{}:{}", addr(v.nat_addr), u16::from_be(v.nat_port)),
             backend_id: v.backend_id,
             service_id: v.service_id,
+            snat: (v.flags & lb_common::CT_FLAG_SNAT != 0)
+                .then(|| format!("{}:{}", addr(v.snat_addr), u16::from_be(v.snat_port))),
+            external: v.flags & lb_common::CT_FLAG_EXTERNAL != 0,
             age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
             idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
             packets: v.packets,
@@ -199,9 +206,15 @@ pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
 pub fn conntrack_text(rows: &[FlowRow]) -> String {
     let mut out = String::new();
     for r in rows {
+        let snat = r
+            .snat
+            .as_ref()
+            .map(|s| format!(" snat={s}"))
+            .unwrap_or_default();
+        let origin = if r.external { " [external]" } else { "" };
         let _ = writeln!(
             out,
-            "{} src={} dst={} backend={} age={}s idle={}s packets={} bytes={}",
+            "{} src={} dst={} backend={}{snat} age={}s idle={}s packets={} bytes={}{origin}",
             r.protocol, r.client, r.frontend, r.backend, r.age_s, r.idle_s, r.packets, r.bytes
         );
     }
