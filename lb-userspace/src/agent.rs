@@ -24,9 +24,12 @@ use crate::{
     maps::PinnedMaps,
     metrics::{self, SharedMetrics},
     model::Scheduler,
-    source::manifests::ManifestDir,
+    source::{
+        kube::{KubeSource, Snapshot},
+        manifests::ManifestDir,
+    },
     sync::Syncer,
-    translate::{Options, translate},
+    translate::{Objects, Options, translate},
 };
 
 /// How often files and interfaces are checked: well inside the one-second promise.
@@ -34,8 +37,17 @@ const POLL: Duration = Duration::from_millis(100);
 /// How often dead conntrack entries are collected (also right after backends are removed).
 const GC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Where Services and EndpointSlices come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// `--manifests DIR`.
+    Manifests(PathBuf),
+    /// The Kubernetes API: `--kubeconfig FILE`, or in-cluster configuration.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub pod_ifaces: IfacePatterns,
     pub bpffs: PathBuf,
     pub scheduler: Scheduler,
@@ -79,9 +91,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         )
         .with_maglev_size(config.maglev_table_size)
     };
-    let options = Options {
+    let mut options = Options {
         default_scheduler: config.scheduler,
         node_name: Some(config.node_name.clone()),
+        zone: None,
     };
     let mut syncer = adopt(&maps);
     if !syncer.current().is_empty() {
@@ -107,7 +120,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             config.metrics_addr
         ),
     }
-    let mut source = ManifestDir::new(&config.manifests);
+    let mut source = Source::start(&config.source, &config.node_name)?;
+    let mut latest: Option<Objects> = None;
     let mut attacher = Attacher::new(Role::Pod, config.pod_ifaces.clone());
     let mut external = Attacher::new(
         Role::External(config.xdp_mode),
@@ -116,17 +130,15 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut node = NodeAddresses::default();
     let mut health = HealthServers::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
-    let mut dir_error_logged = false;
-    let mut scanned_once = false;
-    // No sync before the directory was read once: an unreadable directory at start must not
-    // wipe the state adopted from the pins.
+    // No sync before the source was read once: an unreadable directory or an unreachable
+    // API server at start must not wipe the state adopted from the pins.
     let mut need_sync = false;
     let mut last_gc = Instant::now();
     let mut gc_now = true;
     log::info!(
-        "watching {} for Service/EndpointSlice manifests; default scheduler {}, Maglev \
-         table size {}",
-        config.manifests.display(),
+        "watching {} for Services and EndpointSlices; default scheduler {}, Maglev table \
+         size {}",
+        source.describe(&config.source),
         config.scheduler,
         config.maglev_table_size
     );
@@ -135,27 +147,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         // Node addresses first: NodePorts and SNAT must know them before services are
         // programmed or XDP is attached, or the first packets would miss them.
         node.reconcile(&config, &mut maps);
-        match source.rescan() {
-            Ok(rescan) => {
-                if !scanned_once {
-                    scanned_once = true;
-                    need_sync = true;
-                }
-                dir_error_logged = false;
-                for err in &rescan.errors {
-                    log::error!("{err}; keeping the last good objects of this file");
-                }
-                need_sync |= rescan.changed;
-            }
-            Err(err) if !dir_error_logged => {
-                log::error!("{err}; keeping the current state");
-                dir_error_logged = true;
-            }
-            Err(_) => {}
+        if let Some(update) = source.poll() {
+            latest = Some(update.objects);
+            options.zone = update.zone;
+            need_sync = true;
         }
-        if need_sync {
+        if need_sync && let Some(objects) = &latest {
             let started = Instant::now();
-            let translation = translate(&source.objects(), &options);
+            let translation = translate(objects, &options);
             for w in translation.warnings {
                 if warned.insert(w.clone()) {
                     log::warn!("{w}");
@@ -270,4 +269,74 @@ fn backend_ids(syncer: &Syncer) -> BTreeSet<u32> {
         .values()
         .flat_map(|p| p.backends.iter().map(|(_, id)| *id))
         .collect()
+}
+
+/// The running source of objects.
+enum Source {
+    Manifests {
+        dir: ManifestDir,
+        scanned: bool,
+        error_logged: bool,
+    },
+    Kube(Box<KubeSource>),
+}
+
+impl Source {
+    fn start(config: &SourceConfig, node_name: &str) -> Result<Source> {
+        Ok(match config {
+            SourceConfig::Manifests(path) => Source::Manifests {
+                dir: ManifestDir::new(path),
+                scanned: false,
+                error_logged: false,
+            },
+            SourceConfig::Kube { kubeconfig } => Source::Kube(Box::new(
+                KubeSource::start(kubeconfig.clone(), node_name)
+                    .context("connecting to the Kubernetes API")?,
+            )),
+        })
+    }
+
+    fn describe(&self, config: &SourceConfig) -> String {
+        match config {
+            SourceConfig::Manifests(path) => format!("manifests in {}", path.display()),
+            SourceConfig::Kube {
+                kubeconfig: Some(path),
+            } => {
+                format!("the Kubernetes API ({})", path.display())
+            }
+            SourceConfig::Kube { kubeconfig: None } => "the Kubernetes API (in-cluster)".into(),
+        }
+    }
+
+    /// New objects when a sync is due: the first complete read, then every change.
+    fn poll(&mut self) -> Option<Snapshot> {
+        match self {
+            Source::Manifests {
+                dir,
+                scanned,
+                error_logged,
+            } => match dir.rescan() {
+                Ok(rescan) => {
+                    *error_logged = false;
+                    for err in &rescan.errors {
+                        log::error!("{err}; keeping the last good objects of this file");
+                    }
+                    let due = rescan.changed || !*scanned;
+                    *scanned = true;
+                    due.then(|| Snapshot {
+                        objects: dir.objects(),
+                        zone: None,
+                    })
+                }
+                Err(err) => {
+                    if !*error_logged {
+                        log::error!("{err}; keeping the current state");
+                        *error_logged = true;
+                    }
+                    None
+                }
+            },
+            Source::Kube(kube) => kube.poll(),
+        }
+    }
 }

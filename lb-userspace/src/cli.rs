@@ -40,54 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
-    Agent {
-        /// Read Service and EndpointSlice objects from the YAML/JSON files in DIR (re-read on
-        /// change). The Kubernetes API source is not available yet, so this is required.
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
-        /// Host-side pod interfaces to attach to: comma-separated globs.
-        #[arg(long, value_name = "GLOB,...", default_value = "veth*")]
-        pod_ifaces: String,
-        /// Where maps and links are pinned (a bpffs is mounted on its parent if needed).
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
-        /// Load-balancing algorithm of services without an `xlb.io/scheduler` annotation:
-        /// random, round-robin, least-conn, source-hash or maglev.
-        #[arg(long, value_name = "NAME", default_value = "random")]
-        scheduler: Scheduler,
-        /// Entries in each Maglev lookup table: a prime; more entries spread more evenly.
-        #[arg(long, value_name = "PRIME", default_value_t = lb_common::MAGLEV_DEFAULT_SIZE,
-              value_parser = maglev_size)]
-        maglev_table_size: u32,
-        /// Where Prometheus metrics are served (`/metrics`), as kube-proxy's default.
-        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10249")]
-        metrics_addr: std::net::SocketAddr,
-        /// This node's name, for traffic policies (endpoints' `nodeName`); default
-        /// $NODE_NAME, then the host name.
-        #[arg(long, value_name = "NAME")]
-        node_name: Option<String>,
-        /// Interfaces where traffic from outside arrives (XDP): comma-separated names or
-        /// globs. None: no NodePort/externalIP/LoadBalancer traffic from outside.
-        #[arg(long, value_name = "IF,...", default_value = "")]
-        external_ifaces: String,
-        /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
-        /// the external interfaces, or of every interface but lo without them (kube-proxy's
-        /// --nodeport-addresses). The first one is the SNAT (and hairpin) source.
-        #[arg(long, value_name = "IP,...", value_delimiter = ',')]
-        node_ips: Vec<std::net::Ipv4Addr>,
-        /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral
-        /// range, so they never collide with the node's own connections).
-        #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
-        snat_ports: (u16, u16),
-        /// How XDP runs on the external interfaces: auto (native where the driver has it),
-        /// native, or generic (any device; needed on veth pairs whose peers have no NAPI).
-        #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
-        xdp_mode: crate::loader::XdpAttach,
-        /// cgroup (v2) of the node processes whose connections to services are balanced
-        /// (socket hooks); `auto`: the cgroup v2 root; `none`: not attached.
-        #[arg(long, value_name = "PATH|auto|none", default_value = "auto")]
-        cgroup: String,
-    },
+    Agent(Box<AgentArgs>),
     /// Frontends, backends and their counters (like `ipvsadm -Ln --stats`).
     Services(ReadArgs),
     /// NATed flows (like `conntrack -L`).
@@ -99,6 +52,60 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+}
+
+/// `xlb agent` flags.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Read Service and EndpointSlice objects from the YAML/JSON files in DIR (re-read on
+    /// change) instead of watching the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig (default: in-cluster configuration).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Host-side pod interfaces to attach to: comma-separated globs.
+    #[arg(long, value_name = "GLOB,...", default_value = "veth*")]
+    pub pod_ifaces: String,
+    /// Where maps and links are pinned (a bpffs is mounted on its parent if needed).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Load-balancing algorithm of services without an `xlb.io/scheduler` annotation:
+    /// random, round-robin, least-conn, source-hash or maglev.
+    #[arg(long, value_name = "NAME", default_value = "random")]
+    pub scheduler: Scheduler,
+    /// Entries in each Maglev lookup table: a prime; more entries spread more evenly.
+    #[arg(long, value_name = "PRIME", default_value_t = lb_common::MAGLEV_DEFAULT_SIZE,
+          value_parser = maglev_size)]
+    pub maglev_table_size: u32,
+    /// Where Prometheus metrics are served (`/metrics`), as kube-proxy's default.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10249")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// This node's name, for traffic policies (endpoints' `nodeName`); default
+    /// $NODE_NAME, then the host name.
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Interfaces where traffic from outside arrives (XDP): comma-separated names or
+    /// globs. None: no NodePort/externalIP/LoadBalancer traffic from outside.
+    #[arg(long, value_name = "IF,...", default_value = "")]
+    pub external_ifaces: String,
+    /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
+    /// the external interfaces, or of every interface but lo without them (kube-proxy's
+    /// --nodeport-addresses). The first one is the SNAT (and hairpin) source.
+    #[arg(long, value_name = "IP,...", value_delimiter = ',')]
+    pub node_ips: Vec<std::net::Ipv4Addr>,
+    /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral
+    /// range, so they never collide with the node's own connections).
+    #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
+    pub snat_ports: (u16, u16),
+    /// How XDP runs on the external interfaces: auto (native where the driver has it),
+    /// native, or generic (any device; needed on veth pairs whose peers have no NAPI).
+    #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
+    pub xdp_mode: crate::loader::XdpAttach,
+    /// cgroup (v2) of the node processes whose connections to services are balanced
+    /// (socket hooks); `auto`: the cgroup v2 root; `none`: not attached.
+    #[arg(long, value_name = "PATH|auto|none", default_value = "auto")]
+    pub cgroup: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,20 +135,22 @@ mod tests {
         ])
         .expect("valid");
         match cli.command {
-            Command::Agent {
-                manifests,
-                pod_ifaces,
-                bpffs,
-                scheduler,
-                maglev_table_size,
-                metrics_addr,
-                node_name,
-                external_ifaces,
-                node_ips,
-                snat_ports,
-                xdp_mode,
-                cgroup,
-            } => {
+            Command::Agent(args) => {
+                let AgentArgs {
+                    manifests,
+                    kubeconfig,
+                    pod_ifaces,
+                    bpffs,
+                    scheduler,
+                    maglev_table_size,
+                    metrics_addr,
+                    node_name,
+                    external_ifaces,
+                    node_ips,
+                    snat_ports,
+                    xdp_mode,
+                    cgroup,
+                } = *args;
                 assert_eq!(cgroup, "auto");
                 assert_eq!(xdp_mode, crate::loader::XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
@@ -149,7 +158,8 @@ mod tests {
                 assert_eq!(external_ifaces, "");
                 assert!(node_ips.is_empty());
                 assert_eq!(snat_ports, (61000, 65535));
-                assert_eq!(manifests, PathBuf::from("/etc/xlb"));
+                assert_eq!(manifests, Some(PathBuf::from("/etc/xlb")));
+                assert_eq!(kubeconfig, None);
                 assert_eq!(pod_ifaces, "veth*,cali*");
                 assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));
                 assert_eq!(scheduler, Scheduler::Random);
@@ -172,8 +182,13 @@ mod tests {
     }
 
     #[test]
-    fn agent_requires_manifests_and_rejects_unknown_flags() {
-        assert!(Cli::try_parse_from(["xlb", "agent"]).is_err());
+    fn agent_sources_and_unknown_flags() {
+        // Without --manifests: the Kubernetes API (in-cluster, or --kubeconfig).
+        assert!(Cli::try_parse_from(["xlb", "agent"]).is_ok());
+        assert!(Cli::try_parse_from(["xlb", "agent", "--kubeconfig", "k"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--kubeconfig", "k"]).is_err()
+        );
         assert!(Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--bogus"]).is_err());
     }
 
@@ -188,11 +203,10 @@ mod tests {
             .expect("valid")
             .command
         {
-            Command::Agent {
-                scheduler,
-                maglev_table_size,
-                ..
-            } => assert_eq!((scheduler, maglev_table_size), (Scheduler::Maglev, 251)),
+            Command::Agent(args) => assert_eq!(
+                (args.scheduler, args.maglev_table_size),
+                (Scheduler::Maglev, 251)
+            ),
             other => panic!("parsed as {other:?}"),
         }
         let err = agent(&["--scheduler", "wlc"])
@@ -224,13 +238,14 @@ mod tests {
         ])
         .expect("valid");
         match cli.command {
-            Command::Agent {
-                external_ifaces,
-                node_ips,
-                snat_ports,
-                node_name,
-                ..
-            } => {
+            Command::Agent(args) => {
+                let AgentArgs {
+                    external_ifaces,
+                    node_ips,
+                    snat_ports,
+                    node_name,
+                    ..
+                } = *args;
                 assert_eq!(external_ifaces, "eth0,bond*");
                 assert_eq!(node_ips.len(), 2);
                 assert_eq!(snat_ports, (40000, 40100));

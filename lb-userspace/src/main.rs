@@ -3,8 +3,8 @@ use std::sync::{Arc, atomic::AtomicBool};
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use xlb::{
-    agent::{self, AgentConfig},
-    cli::{Cli, Command, ReadArgs},
+    agent::{self, AgentConfig, SourceConfig},
+    cli::{AgentArgs, Cli, Command, ReadArgs},
     ifaces::IfacePatterns,
     inspect,
     loader::{self, PinLayout},
@@ -21,20 +21,22 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Agent {
-            manifests,
-            pod_ifaces,
-            bpffs,
-            scheduler,
-            maglev_table_size,
-            metrics_addr,
-            node_name,
-            external_ifaces,
-            node_ips,
-            snat_ports,
-            xdp_mode,
-            cgroup,
-        } => {
+        Command::Agent(args) => {
+            let AgentArgs {
+                manifests,
+                kubeconfig,
+                pod_ifaces,
+                bpffs,
+                scheduler,
+                maglev_table_size,
+                metrics_addr,
+                node_name,
+                external_ifaces,
+                node_ips,
+                snat_ports,
+                xdp_mode,
+                cgroup,
+            } = *args;
             let cgroup = match cgroup.as_str() {
                 "none" => None,
                 "auto" => Some(xlb::bpffs::cgroup2_root().context(
@@ -59,7 +61,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             agent::run(
                 AgentConfig {
-                    manifests,
+                    source: match manifests {
+                        Some(dir) => SourceConfig::Manifests(dir),
+                        None => SourceConfig::Kube { kubeconfig },
+                    },
                     pod_ifaces,
                     bpffs,
                     scheduler,

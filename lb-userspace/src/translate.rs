@@ -26,7 +26,14 @@ pub struct Options {
     /// This node's name, matched against endpoints' `nodeName` for Local traffic policies.
     /// `None`: no endpoint is local.
     pub node_name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone`, for topology-aware routing hints.
+    pub zone: Option<String>,
 }
+
+/// Services opt into topology-aware routing with this annotation (value `Auto`) ...
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// ... or its older name.
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 
 /// All objects from a source.
 #[derive(Clone, Debug, Default)]
@@ -239,7 +246,12 @@ fn translate_service(
             ));
             continue;
         };
-        let all = usable_endpoints(service_slices, port_name, proto, None);
+        let mut all = usable_endpoints(service_slices, port_name, proto, None);
+        if uses_topology(service)
+            && let Some(zone) = options.zone.as_deref()
+        {
+            all = zone_endpoints(service_slices, &all, zone);
+        }
         let local = || usable_endpoints(service_slices, port_name, proto, Some(node));
         let base = FrontendSpec {
             service: format!("{ns}/{name}:{port_name}"),
@@ -310,6 +322,48 @@ fn translate_service(
                 external.clone(),
             );
         }
+    }
+}
+
+/// Whether the service asked for topology-aware routing (annotation or trafficDistribution).
+fn uses_topology(service: &Service) -> bool {
+    let annotated = service.metadata.annotations.as_ref().is_some_and(|a| {
+        [TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_HINTS_ANNOTATION]
+            .iter()
+            .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
+    });
+    let distribution = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        .is_some();
+    annotated || distribution
+}
+
+/// kube-proxy's topology filter: the endpoints hinted for `zone`, if every endpoint carries
+/// hints and at least one is for this zone; otherwise all of them (hints missing or stale).
+fn zone_endpoints(slices: &[&EndpointSlice], usable: &[Endpoint], zone: &str) -> Vec<Endpoint> {
+    let mut for_zone = Vec::new();
+    for endpoint in usable {
+        let hinted = slices.iter().flat_map(|s| &s.endpoints).find(|e| {
+            e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) == Some(endpoint.ip)
+        });
+        let zones: Vec<&str> = hinted
+            .and_then(|e| e.hints.as_ref())
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.as_str()).collect())
+            .unwrap_or_default();
+        if zones.is_empty() {
+            return usable.to_vec();
+        }
+        if zones.contains(&zone) {
+            for_zone.push(*endpoint);
+        }
+    }
+    if for_zone.is_empty() {
+        usable.to_vec()
+    } else {
+        for_zone
     }
 }
 

@@ -1,2 +1,3 @@
 //! Where Services and EndpointSlices come from.
+pub mod kube;
 pub mod manifests;

@@ -1,0 +1,222 @@
+//! The Kubernetes API source against a fake API server speaking list/watch: kube-rs and the
+//! translation unchanged, real HTTP on 127.0.0.1, no privileges needed.
+mod fake_apiserver;
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use fake_apiserver::{FakeApi, Kind};
+use xlb::{
+    model::{Endpoint, Frontend, Protocol},
+    source::kube::{KubeSource, Snapshot},
+    translate::{Options, translate},
+};
+
+const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+spec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, protocol: TCP}]\n";
+
+fn slice(endpoints: &[(&str, &str, &str)]) -> String {
+    let mut out = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+         namespace: shop\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\n\
+         ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n",
+    );
+    for (ip, condition, zone_hint) in endpoints {
+        let conditions = match *condition {
+            "terminating" => "{ready: false, serving: true, terminating: true}",
+            _ => "{ready: true, serving: true, terminating: false}",
+        };
+        let hints = if zone_hint.is_empty() {
+            String::new()
+        } else {
+            format!(", hints: {{forZones: [{{name: {zone_hint}}}]}}")
+        };
+        out.push_str(&format!(
+            "- {{addresses: [\"{ip}\"], conditions: {conditions}{hints}}}\n"
+        ));
+    }
+    out
+}
+
+struct Watching {
+    api: FakeApi,
+    source: KubeSource,
+    latest: Snapshot,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(objects: &[&str]) -> Watching {
+    let api = FakeApi::start();
+    for o in objects {
+        api.apply(o);
+    }
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("xlb-kube-{}-{}", std::process::id(), api.port)));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let source = KubeSource::start(Some(kubeconfig), "node1").expect("source starts");
+    Watching {
+        api,
+        source,
+        latest: Snapshot::default(),
+        _dir: dir,
+    }
+}
+
+impl Watching {
+    /// Polls until `want` holds for the endpoints of 10.96.0.10:80 (or 10 s pass).
+    fn wait_for(&mut self, what: &str, want: impl Fn(Option<&Vec<Endpoint>>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(snapshot) = self.source.poll() {
+                self.latest = snapshot;
+            }
+            let options = Options {
+                zone: self.latest.zone.clone(),
+                node_name: Some("node1".into()),
+                ..Options::default()
+            };
+            let t = translate(&self.latest.objects, &options);
+            let frontend = Frontend::internal(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp);
+            let endpoints = t.desired.get(&frontend).map(|s| s.endpoints.clone());
+            if want(endpoints.as_ref()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: endpoints still {endpoints:?}; requests: {:#?}",
+                self.api.requests()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn ips(endpoints: Option<&Vec<Endpoint>>) -> Vec<String> {
+    endpoints
+        .map(|e| e.iter().map(|e| e.ip.to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn initial_list_then_adds_modifications_and_deletes() {
+    let one = slice(&[("10.244.1.2", "ready", "")]);
+    let mut w = start(&[WEB, &one]);
+    w.wait_for("initial list", |e| ips(e) == ["10.244.1.2"]);
+    w.api.apply(&slice(&[
+        ("10.244.1.2", "ready", ""),
+        ("10.244.2.3", "ready", ""),
+    ]));
+    w.wait_for("modified slice", |e| ips(e) == ["10.244.1.2", "10.244.2.3"]);
+    w.api.delete(Kind::Service, "shop", "web");
+    w.wait_for("service deleted", |e| e.is_none());
+    w.api.apply(WEB);
+    w.wait_for("service added back", |e| ips(e).len() == 2);
+    // The watches were streams, not polling: a handful of lists, then watches.
+    let requests = w.api.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("watch=true")),
+        "{requests:#?}"
+    );
+    assert!(requests.len() < 20, "no busy relisting: {requests:#?}");
+}
+
+#[test]
+fn relists_after_410_gone() {
+    let mut w = start(&[WEB, &slice(&[("10.244.1.2", "ready", "")])]);
+    w.wait_for("initial list", |e| ips(e) == ["10.244.1.2"]);
+    let lists_before = w
+        .api
+        .requests()
+        .iter()
+        .filter(|r| !r.contains("watch="))
+        .count();
+    // History compacted, and a change the old watch can no longer deliver.
+    w.api.expire_history();
+    w.api.apply(&slice(&[("10.244.3.4", "ready", "")]));
+    w.wait_for("state after relist", |e| ips(e) == ["10.244.3.4"]);
+    let lists_after = w
+        .api
+        .requests()
+        .iter()
+        .filter(|r| !r.contains("watch="))
+        .count();
+    assert!(
+        lists_after > lists_before,
+        "relisted: {:#?}",
+        w.api.requests()
+    );
+}
+
+#[test]
+fn survives_an_api_outage_and_catches_up() {
+    let mut w = start(&[WEB, &slice(&[("10.244.1.2", "ready", "")])]);
+    w.wait_for("initial list", |e| ips(e) == ["10.244.1.2"]);
+    w.api.set_down(true);
+    w.api.apply(&slice(&[
+        ("10.244.1.2", "ready", ""),
+        ("10.244.9.9", "ready", ""),
+    ]));
+    // Meanwhile the last known state stands, and the client backs off instead of spinning.
+    let requests_at_start = w.api.requests().len();
+    std::thread::sleep(Duration::from_secs(2));
+    w.wait_for("state kept while down", |e| ips(e) == ["10.244.1.2"]);
+    assert!(w.source.errors() > 0, "the outage was noticed");
+    w.api.set_down(false);
+    w.wait_for("caught up", |e| ips(e) == ["10.244.1.2", "10.244.9.9"]);
+    let during = w.api.requests().len() - requests_at_start;
+    assert!(during < 30, "{during} requests around a 2 s outage");
+}
+
+#[test]
+fn topology_hints_and_terminating_fallback() {
+    let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels: \
+                {topology.kubernetes.io/zone: zone-a}\n";
+    let other = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node2\n  labels: \
+                 {topology.kubernetes.io/zone: zone-b}\n";
+    let hinted = WEB.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+    );
+    let zoned = slice(&[
+        ("10.244.1.2", "ready", "zone-a"),
+        ("10.244.2.3", "ready", "zone-b"),
+    ]);
+    let mut w = start(&[node, other, &hinted, &zoned]);
+    // Only this node's Node is watched: its zone, zone-a, picks the hinted endpoint.
+    w.wait_for("zone-a endpoints", |e| ips(e) == ["10.244.1.2"]);
+    assert_eq!(w.latest.zone.as_deref(), Some("zone-a"));
+    // An endpoint without hints: kube-proxy ignores hints altogether.
+    w.api.apply(&slice(&[
+        ("10.244.1.2", "ready", "zone-a"),
+        ("10.244.2.3", "ready", "zone-b"),
+        ("10.244.4.4", "ready", ""),
+    ]));
+    w.wait_for("hints ignored", |e| ips(e).len() == 3);
+    // Nothing ready: serving+terminating endpoints take over.
+    w.api.apply(&slice(&[
+        ("10.244.5.5", "terminating", ""),
+        ("10.244.6.6", "terminating", ""),
+    ]));
+    w.wait_for("terminating fallback", |e| {
+        ips(e) == ["10.244.5.5", "10.244.6.6"]
+    });
+    assert!(
+        w.api
+            .requests()
+            .iter()
+            .any(|r| r.contains("fieldSelector=metadata.name")),
+        "{:#?}",
+        w.api.requests()
+    );
+}
