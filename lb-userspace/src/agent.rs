@@ -53,6 +53,7 @@ pub struct AgentConfig {
     pub scheduler: Scheduler,
     pub maglev_table_size: u32,
     pub metrics_addr: std::net::SocketAddr,
+    pub healthz_addr: std::net::SocketAddr,
     pub node_name: String,
     pub external_ifaces: IfacePatterns,
     /// Empty: the external interfaces' addresses.
@@ -120,7 +121,16 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             config.metrics_addr
         ),
     }
+    match metrics::serve_healthz(config.healthz_addr, Arc::clone(&metrics), Arc::clone(&stop)) {
+        Ok(()) => log::info!("serving health on http://{}/healthz", config.healthz_addr),
+        Err(e) => log::error!(
+            "cannot serve /healthz on {}: {e}; running without (choose another \
+             --healthz-addr)",
+            config.healthz_addr
+        ),
+    }
     let mut source = Source::start(&config.source, &config.node_name)?;
+    let mut changed_at: Option<Instant> = None;
     let mut latest: Option<Objects> = None;
     let mut attacher = Attacher::new(Role::Pod, config.pod_ifaces.clone());
     let mut external = Attacher::new(
@@ -147,10 +157,17 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         // Node addresses first: NodePorts and SNAT must know them before services are
         // programmed or XDP is attached, or the first packets would miss them.
         node.reconcile(&config, &mut maps);
+        if let Ok(mut m) = metrics.lock() {
+            m.health.last_loop = Instant::now();
+        }
         if let Some(update) = source.poll() {
             latest = Some(update.objects);
             options.zone = update.zone;
             need_sync = true;
+            changed_at.get_or_insert_with(Instant::now);
+            if let Ok(mut m) = metrics.lock() {
+                m.health.pending_since.get_or_insert_with(Instant::now);
+            }
         }
         if need_sync && let Some(objects) = &latest {
             let started = Instant::now();
@@ -164,6 +181,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             let before = backend_ids(&syncer);
             let result = syncer.apply(&translation.desired, &mut maps);
             record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
+            if result.is_ok()
+                && let (Some(at), Ok(mut m)) = (changed_at.take(), metrics.lock())
+            {
+                m.last_change_to_programmed_s = at.elapsed().as_secs_f64();
+                m.health.pending_since = None;
+                m.health.last_synced = Some(std::time::SystemTime::now());
+            }
             match result {
                 Ok(report) => {
                     need_sync = false;

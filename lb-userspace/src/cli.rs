@@ -81,6 +81,9 @@ pub struct AgentArgs {
     /// Where Prometheus metrics are served (`/metrics`), as kube-proxy's default.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10249")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Where `/healthz` is served (kube-proxy's format and default port).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: std::net::SocketAddr,
     /// This node's name, for traffic policies (endpoints' `nodeName`); default
     /// $NODE_NAME, then the host name.
     #[arg(long, value_name = "NAME")]
@@ -144,6 +147,7 @@ mod tests {
                     scheduler,
                     maglev_table_size,
                     metrics_addr,
+                    healthz_addr,
                     node_name,
                     external_ifaces,
                     node_ips,
@@ -154,6 +158,7 @@ mod tests {
                 assert_eq!(cgroup, "auto");
                 assert_eq!(xdp_mode, crate::loader::XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
+                assert_eq!(healthz_addr.port(), 10256);
                 assert_eq!(node_name, None);
                 assert_eq!(external_ifaces, "");
                 assert!(node_ips.is_empty());

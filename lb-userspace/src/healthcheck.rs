@@ -3,16 +3,17 @@
 //! local endpoints: 200 with the local endpoint count, or 503 when there are none.
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
-use crate::model::HealthCheck;
+use crate::{
+    http::{self, Response},
+    model::HealthCheck,
+};
 
 /// The status line and JSON body kube-proxy's service health server sends.
 pub fn response(check: &HealthCheck) -> (&'static str, String) {
@@ -92,42 +93,23 @@ impl Drop for HealthServers {
 }
 
 fn start(port: u16, check: HealthCheck) -> std::io::Result<Server> {
-    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-    listener.set_nonblocking(true)?;
     let state = Arc::new(Mutex::new(check));
     let stop = Arc::new(AtomicBool::new(false));
-    let (thread_state, thread_stop) = (Arc::clone(&state), Arc::clone(&stop));
-    std::thread::spawn(move || {
-        while !thread_stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    let check = thread_state.lock().map(|s| s.clone());
-                    if let Ok(check) = check {
-                        let _ = answer(conn, &check);
-                    }
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    });
+    let served = Arc::clone(&state);
+    // Any path answers, as kube-proxy's does.
+    http::serve(
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        Arc::clone(&stop),
+        move |_| {
+            let check = served
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            let (status, body) = response(&check);
+            Response::new(status, "application/json", body)
+        },
+    )?;
     Ok(Server { state, stop })
-}
-
-fn answer(mut conn: TcpStream, check: &HealthCheck) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-    // Any path answers, as kube-proxy's does; the request line is read so the client's
-    // request is consumed before we close.
-    let mut request_line = String::new();
-    BufReader::new(&conn).read_line(&mut request_line)?;
-    let (status, body) = response(check);
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: \
-         nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ pub mod bpffs;
 pub mod cli;
 pub mod conntrack_gc;
 pub mod healthcheck;
+pub mod healthz;
+pub mod http;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;

@@ -3,17 +3,13 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+    sync::{Arc, Mutex, atomic::AtomicBool},
 };
 
 use crate::{
+    http::{self, Response},
     inspect::{self, ServiceRow, StatsReport},
     loader::PinLayout,
     maps::PinnedMaps,
@@ -34,6 +30,10 @@ pub struct AgentMetrics {
     /// Cumulative counts per bucket of `SYNC_BUCKETS`, plus the sum of durations.
     pub sync_buckets: [u64; SYNC_BUCKETS.len()],
     pub sync_seconds_sum: f64,
+    /// For /healthz.
+    pub health: crate::healthz::Health,
+    /// Seconds from noticing a change in the source to the datapath programmed, last sync.
+    pub last_change_to_programmed_s: f64,
 }
 
 impl AgentMetrics {
@@ -114,6 +114,17 @@ pub fn render(agent: &AgentMetrics, services: &[ServiceRow], stats: &StatsReport
         agent.sync_seconds_sum
     );
     let _ = writeln!(out, "xlb_sync_duration_seconds_count {}", agent.syncs);
+    header(
+        &mut out,
+        "xlb_change_to_programmed_seconds",
+        "gauge",
+        "From noticing the last object change to the datapath programmed.",
+    );
+    let _ = writeln!(
+        out,
+        "xlb_change_to_programmed_seconds {}",
+        agent.last_change_to_programmed_s
+    );
 
     header(
         &mut out,
@@ -236,60 +247,42 @@ pub fn render(agent: &AgentMetrics, services: &[ServiceRow], stats: &StatsReport
     out
 }
 
+/// Serves `/healthz` on `addr` until `stop`, in kube-proxy's format.
+pub fn serve_healthz(
+    addr: SocketAddr,
+    agent: SharedMetrics,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    http::serve(addr, stop, move |path| match path {
+        "/healthz" | "/livez" => {
+            let health = agent.lock().map(|m| m.health).unwrap_or_default();
+            let (status, body) =
+                health.response(std::time::Instant::now(), std::time::SystemTime::now());
+            Response::new(status, "application/json", body)
+        }
+        _ => Response::new("404 Not Found", "text/plain", "try /healthz\n".into()),
+    })
+}
+
 /// Serves `/metrics` on `addr` until `stop`; one scrape at a time is plenty for Prometheus.
 pub fn serve(
     addr: SocketAddr,
     pins: PathBuf,
     agent: SharedMetrics,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(std::thread::spawn(move || {
-        let layout = PinLayout::new(pins);
-        while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    if let Err(e) = answer(conn, &layout, &agent) {
-                        log::debug!("metrics request failed: {e}");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    log::warn!("metrics listener on {addr}: {e}");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            }
-        }
-    }))
-}
-
-fn answer(mut conn: TcpStream, layout: &PinLayout, agent: &SharedMetrics) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut request_line = String::new();
-    BufReader::new(&conn).read_line(&mut request_line)?;
-    let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match path {
-        "/metrics" => match PinnedMaps::open(layout) {
+) -> std::io::Result<()> {
+    let layout = PinLayout::new(pins);
+    http::serve(addr, stop, move |path| match path {
+        "/metrics" => match PinnedMaps::open(&layout) {
             Ok(maps) => {
                 let snapshot = agent.lock().map(|m| m.clone()).unwrap_or_default();
                 let body = render(&snapshot, &inspect::services(&maps), &inspect::stats(&maps));
-                ("200 OK", body)
+                Response::new("200 OK", "text/plain; version=0.0.4", body)
             }
-            Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+            Err(e) => Response::new("503 Service Unavailable", "text/plain", format!("{e}\n")),
         },
-        _ => ("404 Not Found", "try /metrics\n".to_string()),
-    };
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )
+        _ => Response::new("404 Not Found", "text/plain", "try /metrics\n".into()),
+    })
 }
 
 #[cfg(test)]
