@@ -47,6 +47,8 @@ pub enum Command {
     Conntrack(ReadArgs),
     /// Outcome counters and map fill levels.
     Stats(ReadArgs),
+    /// What the datapath would do with a packet, and why (from the live maps).
+    Explain(ExplainArgs),
     /// Detach the programs and remove every pin under --bpffs.
     Cleanup {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
@@ -109,6 +111,52 @@ pub struct AgentArgs {
     /// (socket hooks); `auto`: the cgroup v2 root; `none`: not attached.
     #[arg(long, value_name = "PATH|auto|none", default_value = "auto")]
     pub cgroup: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The client: IP, or IP:PORT to look up its tracked flow and exact Maglev pick.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = ip_port_opt)]
+    pub src: (std::net::Ipv4Addr, Option<u16>),
+    /// The destination: a ClusterIP, externalIP, LoadBalancer IP or node address, and port.
+    #[arg(long, value_name = "IP:PORT", value_parser = ip_port)]
+    pub dst: (std::net::Ipv4Addr, u16),
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: ProtoArg,
+    /// Where the packet comes from.
+    #[arg(long, value_enum, default_value = "pod")]
+    pub from: crate::explain::Origin,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+fn ip_port_opt(value: &str) -> Result<(std::net::Ipv4Addr, Option<u16>), String> {
+    match value.split_once(':') {
+        Some(_) => ip_port(value).map(|(ip, port)| (ip, Some(port))),
+        None => value
+            .parse()
+            .map(|ip| (ip, None))
+            .map_err(|_| format!("{value:?} is not an IPv4 address")),
+    }
+}
+
+fn ip_port(value: &str) -> Result<(std::net::Ipv4Addr, u16), String> {
+    let (ip, port) = value
+        .split_once(':')
+        .ok_or_else(|| format!("{value:?}: expected IP:PORT"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number"))?;
+    Ok((ip, port))
 }
 
 #[derive(Debug, clap::Args)]

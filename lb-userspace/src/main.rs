@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use xlb::{
     agent::{self, AgentConfig, SourceConfig},
-    cli::{AgentArgs, Cli, Command, ReadArgs},
+    cli::{AgentArgs, Cli, Command, ProtoArg, ReadArgs},
     ifaces::IfacePatterns,
     inspect,
     loader::{self, PinLayout},
@@ -91,6 +91,21 @@ fn run(cli: Cli) -> Result<()> {
             render(args.json, &inspect::conntrack(maps), |r| {
                 inspect::conntrack_text(r)
             })
+        }),
+        Command::Explain(args) => read(&args.read, |maps| {
+            let query = xlb::explain::Query {
+                src: args.src.0,
+                sport: args.src.1,
+                dst: args.dst.0,
+                dport: args.dst.1,
+                proto: match args.proto {
+                    ProtoArg::Tcp => xlb::model::Protocol::Tcp,
+                    ProtoArg::Udp => xlb::model::Protocol::Udp,
+                },
+                origin: args.from,
+            };
+            let explanation = xlb::explain::decide(&query, &xlb::explain::snapshot(maps, &query));
+            render(args.read.json, &explanation, xlb::explain::text)
         }),
         Command::Stats(args) => read(&args, |maps| {
             render(args.json, &inspect::stats(maps), inspect::stats_text)

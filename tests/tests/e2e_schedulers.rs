@@ -12,7 +12,7 @@ use xlb_tests::{
     manifests::{service, slice, with_scheduler},
     netns::Netns,
     privilege::privileged,
-    workload::tcp_hello,
+    workload::{tcp_connect, tcp_hello},
 };
 
 const VIP: &str = "10.96.0.10";
@@ -128,6 +128,42 @@ fn annotation_changes_the_spread_of_real_connections() {
         assert_eq!(counts.len(), 1, "{client}: one backend: {counts:?}");
         assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
     }
+
+    // `xlb explain` names, from the maps alone, the backend each client actually reached.
+    let backend_of = |name: &str| format!("10.244.0.1{}:8080", &name[2..]);
+    for (client, ip) in [("client1", "10.244.0.2"), ("client2", "10.244.0.3")] {
+        let answered = connections(&c.node.pod(client).ns, 1).remove(0);
+        let explained: serde_json::Value = serde_json::from_str(
+            &c.xlb(&["explain", "--src", ip, "--dst", "10.96.0.10:80", "--json"])
+                .expect("explain"),
+        )
+        .expect("json");
+        assert_eq!(
+            explained["backend"],
+            backend_of(&answered),
+            "{client}: {explained}"
+        );
+    }
+    // ... and follows a live flow through conntrack.
+    let (stream, port, answered) = c
+        .node
+        .pod("client3")
+        .ns
+        .enter(|| {
+            let (stream, name) = tcp_connect(addr(80), T).expect("connect");
+            let port = stream.local_addr().expect("local").port();
+            (stream, port, name)
+        })
+        .expect("client thread");
+    let src = format!("10.244.0.4:{port}");
+    let explained = c
+        .xlb(&["explain", "--src", &src, "--dst", "10.96.0.10:80"])
+        .expect("explain");
+    assert!(
+        explained.contains("tracked flow") && explained.contains(&backend_of(&answered)),
+        "{explained}"
+    );
+    drop(stream);
 
     // An unknown name is refused, with the service named, and the node default applies.
     c.write_manifest(

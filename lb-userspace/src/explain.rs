@@ -1,0 +1,536 @@
+//! `xlb explain`: what the datapath would do with a packet, and why, from the live maps.
+//! The decision itself (`decide`) is pure over a snapshot of the relevant map entries, so
+//! it is table-tested; `snapshot` reads those entries from the pinned maps.
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use lb_common::{
+    CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CtKey, CtValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, VIP_ANY_NODE_IP, client_hash, ct_lifetime_ns, flow_hash, scheduler,
+    scheduler_of,
+};
+use serde::Serialize;
+
+use crate::{maps::PinnedMaps, model::Protocol};
+
+/// Where the packet comes from: decides the hook and the frontend scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A pod on this node (TC on its interface).
+    Pod,
+    /// Outside the node, through an external interface (XDP).
+    Outside,
+    /// A process on the node (socket hooks).
+    Node,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Query {
+    pub src: Ipv4Addr,
+    pub sport: Option<u16>,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    pub proto: Protocol,
+    pub origin: Origin,
+}
+
+/// The map entries a decision reads.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The forward conntrack entry of the exact 5-tuple, if a source port was given.
+    pub tracked: Option<CtValue>,
+    pub frontend: Option<(ServiceKey, ServiceValue)>,
+    /// Slot i+1: (backend id, address, port, open flows).
+    pub backends: Vec<(u32, Ipv4Addr, u16, u64)>,
+    pub source_allowed: bool,
+    /// Affinity entry of the client: (backend id, seconds since last use).
+    pub affinity: Option<(u32, u64)>,
+    pub round_robin_next: Option<u64>,
+    /// The Maglev table of the frontend.
+    pub maglev: Option<Vec<u32>>,
+    pub node_ips: Vec<Ipv4Addr>,
+    pub snat_addr: Option<Ipv4Addr>,
+    pub now_ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// What happens, in one line.
+    pub verdict: String,
+    /// Backends a new flow could go to ("addr:port").
+    pub candidates: Vec<String>,
+    /// The backend chosen, when the decision is certain.
+    pub backend: Option<String>,
+    /// Every step, in the order the datapath takes them.
+    pub steps: Vec<String>,
+}
+
+fn addr(v: u32) -> Ipv4Addr {
+    v.to_ne_bytes().into()
+}
+
+fn ne(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The decision, as the programs would take it.
+pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
+    let mut steps = Vec::new();
+    let endpoint = |id: u32| {
+        s.backends
+            .iter()
+            .find(|b| b.0 == id)
+            .map(|b| format!("{}:{}", b.1, b.2))
+    };
+    let scope = if q.origin == Origin::Outside {
+        SCOPE_EXTERNAL
+    } else {
+        SCOPE_INTERNAL
+    };
+    if let Some(ct) = &s.tracked {
+        let idle = s.now_ns.saturating_sub(ct.last_seen_ns);
+        let expired = idle > ct_lifetime_ns(q.proto.number(), ct.flags);
+        let live = endpoint(ct.backend_id);
+        let state = if ct.flags & CT_FLAG_CLOSING != 0 {
+            "closing"
+        } else {
+            "open"
+        };
+        match (expired, live) {
+            (false, Some(backend)) => {
+                steps.push(format!(
+                    "conntrack: known flow ({state}, idle {}s) to backend {backend}{}",
+                    idle / 1_000_000_000,
+                    if ct.flags & CT_FLAG_SNAT != 0 {
+                        format!(
+                            ", SNATed to {}:{}",
+                            addr(ct.snat_addr),
+                            u16::from_be(ct.snat_port)
+                        )
+                    } else {
+                        String::new()
+                    }
+                ));
+                return Explanation {
+                    verdict: format!("DNAT to {backend} (tracked flow)"),
+                    candidates: vec![backend.clone()],
+                    backend: Some(backend),
+                    steps,
+                };
+            }
+            (true, _) => steps.push("conntrack: entry expired; balanced as a new flow".into()),
+            (false, None) => {
+                steps.push("conntrack: its backend was removed; balanced as a new flow".into())
+            }
+        }
+    } else if q.sport.is_some() {
+        steps.push("conntrack: no entry for this 5-tuple (a new flow)".into());
+    }
+    let Some((key, front)) = s.frontend else {
+        let nodeport =
+            s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
+        steps.push(format!(
+            "no frontend {}:{}/{} for {:?} traffic{}",
+            q.dst,
+            q.dport,
+            q.proto,
+            q.origin,
+            if nodeport {
+                " (and no NodePort on this node address)"
+            } else {
+                ""
+            }
+        ));
+        return Explanation {
+            verdict: "not a service: passed untouched".into(),
+            candidates: vec![],
+            backend: None,
+            steps,
+        };
+    };
+    let shown = if key.vip == VIP_ANY_NODE_IP {
+        format!("NodePort *:{}/{}", u16::from_be(key.port), q.proto)
+    } else {
+        format!("{}:{}/{}", addr(key.vip), u16::from_be(key.port), q.proto)
+    };
+    let code = scheduler_of(front.flags);
+    let algorithm = scheduler::NAMES
+        .get(code as usize)
+        .copied()
+        .unwrap_or("unknown");
+    steps.push(format!(
+        "frontend {shown} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
+        if scope == SCOPE_EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        },
+        front.service_id,
+        front.count
+    ));
+    if front.flags & SVC_FLAG_SOURCE_RANGES != 0 && q.origin != Origin::Node {
+        if !s.source_allowed {
+            steps.push(format!("loadBalancerSourceRanges: {} is outside", q.src));
+            return Explanation {
+                verdict: "dropped: client outside loadBalancerSourceRanges".into(),
+                candidates: vec![],
+                backend: None,
+                steps,
+            };
+        }
+        steps.push(format!("loadBalancerSourceRanges: {} is inside", q.src));
+    }
+    if front.count == 0 {
+        let verdict = if front.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            steps.push("Local traffic policy and no endpoint on this node".into());
+            "dropped: no local endpoint"
+        } else if q.origin == Origin::Node {
+            steps.push("no usable endpoint".into());
+            "connect() refused (ECONNREFUSED)"
+        } else {
+            steps.push("no usable endpoint".into());
+            "rejected: ICMP port unreachable"
+        };
+        return Explanation {
+            verdict: verdict.into(),
+            candidates: vec![],
+            backend: None,
+            steps,
+        };
+    }
+    if front.flags & SVC_FLAG_DROP_EMPTY != 0 {
+        steps.push("Local traffic policy: candidates are this node's endpoints only".into());
+    }
+    let candidates: Vec<String> = s
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.1, b.2))
+        .collect();
+    let count = s.backends.len().max(1) as u64;
+    let mut chosen: Option<String> = None;
+    if front.flags & SVC_FLAG_AFFINITY != 0
+        && let Some((id, idle_s)) = s.affinity
+    {
+        if idle_s < u64::from(front.affinity_timeout_s) && endpoint(id).is_some() {
+            chosen = endpoint(id);
+            steps.push(format!(
+                "session affinity: client pinned to {} (used {idle_s}s ago)",
+                chosen.clone().unwrap_or_default()
+            ));
+        } else {
+            steps.push("session affinity: pin expired or its backend is gone".into());
+        }
+    }
+    if chosen.is_none() {
+        let slot = |i: u64| {
+            s.backends
+                .get(i as usize)
+                .map(|b| format!("{}:{}", b.1, b.2))
+        };
+        match code {
+            scheduler::ROUND_ROBIN => {
+                let turn = s.round_robin_next.unwrap_or(0);
+                chosen = slot(turn % count);
+                steps.push(format!(
+                    "round-robin: next turn is slot {}",
+                    turn % count + 1
+                ));
+            }
+            scheduler::SOURCE_HASH => {
+                chosen = slot(u64::from(client_hash(ne(q.src))) % count);
+                steps.push(format!("source-hash of {}", q.src));
+            }
+            scheduler::LEAST_CONN => {
+                let least = s.backends.iter().min_by_key(|b| b.3);
+                chosen = least.map(|b| format!("{}:{}", b.1, b.2));
+                let counts: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}:{}={}", b.1, b.2, b.3))
+                    .collect();
+                steps.push(format!("least-conn over open flows: {}", counts.join(", ")));
+            }
+            scheduler::MAGLEV => match (&s.maglev, q.sport) {
+                (Some(table), Some(sport)) if !table.is_empty() => {
+                    let hash = flow_hash(
+                        ne(q.src),
+                        ne(q.dst),
+                        sport.to_be(),
+                        q.dport.to_be(),
+                        q.proto.number(),
+                    );
+                    let id = table[(hash % table.len() as u32) as usize];
+                    chosen = endpoint(id);
+                    steps.push(format!(
+                        "maglev: entry {} of {} for this 5-tuple",
+                        hash % table.len() as u32,
+                        table.len()
+                    ));
+                }
+                (Some(_), None) => steps.push(
+                    "maglev: the pick depends on the source port (give --src IP:PORT)".into(),
+                ),
+                _ => steps.push("maglev: no table yet; random fallback".into()),
+            },
+            _ => steps.push(format!("random: any of {count} with equal chance")),
+        }
+    }
+    let snat = match q.origin {
+        Origin::Outside if front.flags & SVC_FLAG_SNAT != 0 => s
+            .snat_addr
+            .map(|a| format!("source SNATed to {a} (externalTrafficPolicy Cluster)")),
+        Origin::Outside => Some("client address kept (externalTrafficPolicy Local)".into()),
+        Origin::Pod
+            if chosen
+                .as_deref()
+                .is_some_and(|c| c.starts_with(&format!("{}:", q.src))) =>
+        {
+            s.snat_addr
+                .map(|a| format!("hairpin: the pod reaches itself, source SNATed to {a}"))
+        }
+        Origin::Node => Some("socket connected straight to the backend (no per-packet NAT)".into()),
+        Origin::Pod => None,
+    };
+    if let Some(snat) = snat {
+        steps.push(snat);
+    }
+    let verdict = match &chosen {
+        Some(b) => format!("DNAT to {b}"),
+        None => format!("DNAT to one of {} backend(s)", candidates.len()),
+    };
+    Explanation {
+        verdict,
+        candidates,
+        backend: chosen,
+        steps,
+    }
+}
+
+/// Reads the entries `decide` needs from the pinned maps.
+pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
+    let mut s = Snapshot {
+        now_ns: crate::inspect::monotonic_ns(),
+        ..Default::default()
+    };
+    s.node_ips = maps
+        .node_ips
+        .keys()
+        .filter_map(Result::ok)
+        .map(addr)
+        .collect();
+    s.snat_addr = maps
+        .config
+        .get(&0, 0)
+        .ok()
+        .filter(|c| c.snat_addr != 0)
+        .map(|c| addr(c.snat_addr));
+    if let Some(sport) = q.sport {
+        let key = CtKey {
+            src: ne(q.src),
+            dst: ne(q.dst),
+            sport: sport.to_be(),
+            dport: q.dport.to_be(),
+            proto: q.proto.number(),
+            dir: CT_FORWARD,
+            _pad: [0; 2],
+        };
+        s.tracked = maps.conntrack.get(&key, 0).ok();
+        if let Some(ct) = &s.tracked
+            && (ct.flags & CT_FLAG_EXTERNAL != 0) != (q.origin == Origin::Outside)
+        {
+            s.tracked = None; // another hook's flow
+        }
+    }
+    let scope = if q.origin == Origin::Outside {
+        SCOPE_EXTERNAL
+    } else {
+        SCOPE_INTERNAL
+    };
+    let exact = ServiceKey {
+        vip: ne(q.dst),
+        port: q.dport.to_be(),
+        slot: 0,
+        proto: q.proto.number(),
+        scope,
+        _pad: [0; 2],
+    };
+    let node_address =
+        s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
+    s.frontend = maps
+        .services
+        .get(&exact, 0)
+        .ok()
+        .map(|v| (exact, v))
+        .or_else(|| {
+            let any = ServiceKey {
+                vip: VIP_ANY_NODE_IP,
+                ..exact
+            };
+            node_address
+                .then(|| maps.services.get(&any, 0).ok().map(|v| (any, v)))
+                .flatten()
+        });
+    let Some((key, front)) = s.frontend else {
+        return s;
+    };
+    for slot in 1..=front.count {
+        let Ok(v) = maps.services.get(&ServiceKey { slot, ..key }, 0) else {
+            continue;
+        };
+        if let Ok(b) = maps.backends.get(&v.backend_id, 0) {
+            let open = maps.connections.get(&v.backend_id, 0).unwrap_or(0);
+            s.backends
+                .push((v.backend_id, addr(b.ip), u16::from_be(b.port), open));
+        }
+    }
+    s.source_allowed = {
+        let range_key = aya::maps::lpm_trie::Key::new(
+            64,
+            lb_common::SourceRangeKey {
+                service_id_be: front.service_id.to_be(),
+                addr: ne(q.src),
+            },
+        );
+        maps.source_ranges.get(&range_key, 0).is_ok()
+    };
+    let affinity_key = lb_common::AffinityKey {
+        client: ne(q.src),
+        service_id: front.service_id,
+    };
+    s.affinity = maps.affinity.get(&affinity_key, 0).ok().map(|a| {
+        (
+            a.backend_id,
+            s.now_ns.saturating_sub(a.last_used_ns) / 1_000_000_000,
+        )
+    });
+    s.round_robin_next = maps.round_robin.get(&front.service_id, 0).ok();
+    s.maglev = maps.maglev_table(front.service_id);
+    s
+}
+
+pub fn text(e: &Explanation) -> String {
+    let mut out = format!("{}\n", e.verdict);
+    for (i, step) in e.steps.iter().enumerate() {
+        let _ = writeln!(out, "  {}. {step}", i + 1);
+    }
+    if !e.candidates.is_empty() {
+        let _ = writeln!(out, "  candidates: {}", e.candidates.join(", "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{SVC_FLAG_AFFINITY, with_scheduler};
+
+    use super::*;
+
+    fn query(origin: Origin) -> Query {
+        Query {
+            src: Ipv4Addr::new(10, 244, 0, 2),
+            sport: Some(40000),
+            dst: Ipv4Addr::new(10, 96, 0, 10),
+            dport: 80,
+            proto: Protocol::Tcp,
+            origin,
+        }
+    }
+
+    fn snap(flags: u16, count: u16) -> Snapshot {
+        let key = ServiceKey {
+            vip: ne(Ipv4Addr::new(10, 96, 0, 10)),
+            port: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        Snapshot {
+            frontend: Some((
+                key,
+                ServiceValue {
+                    service_id: 7,
+                    count,
+                    flags,
+                    affinity_timeout_s: 60,
+                    ..Default::default()
+                },
+            )),
+            backends: (0..count)
+                .map(|i| {
+                    (
+                        i as u32 + 1,
+                        Ipv4Addr::new(10, 244, 1, i as u8 + 1),
+                        8080,
+                        i as u64,
+                    )
+                })
+                .collect(),
+            snat_addr: Some(Ipv4Addr::new(192, 168, 50, 1)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decisions_follow_the_datapath_rules() {
+        let q = query(Origin::Pod);
+        // Tracked flow wins.
+        let mut s = snap(0, 2);
+        s.tracked = Some(CtValue {
+            backend_id: 2,
+            last_seen_ns: 0,
+            ..Default::default()
+        });
+        assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.2:8080"));
+        // Round-robin names the next slot; least-conn the least loaded.
+        let mut s = snap(with_scheduler(0, scheduler::ROUND_ROBIN), 3);
+        s.round_robin_next = Some(4);
+        assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.2:8080"));
+        let s = snap(with_scheduler(0, scheduler::LEAST_CONN), 3);
+        assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.1:8080"));
+        // Source-hash: the same rule as the datapath.
+        let s = snap(with_scheduler(0, scheduler::SOURCE_HASH), 3);
+        let want = client_hash(ne(q.src)) % 3 + 1;
+        assert_eq!(
+            decide(&q, &s).backend,
+            Some(format!("10.244.1.{want}:8080"))
+        );
+        // Affinity pins; random only lists candidates.
+        let mut s = snap(SVC_FLAG_AFFINITY, 3);
+        s.affinity = Some((3, 5));
+        assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.3:8080"));
+        let e = decide(&q, &snap(0, 3));
+        assert_eq!((e.backend, e.candidates.len()), (None, 3));
+    }
+
+    #[test]
+    fn refusals_drops_and_passes_are_explained() {
+        assert!(
+            decide(&query(Origin::Pod), &snap(0, 0))
+                .verdict
+                .contains("ICMP")
+        );
+        assert!(
+            decide(&query(Origin::Node), &snap(0, 0))
+                .verdict
+                .contains("ECONNREFUSED")
+        );
+        let local = snap(SVC_FLAG_DROP_EMPTY, 0);
+        assert!(
+            decide(&query(Origin::Outside), &local)
+                .verdict
+                .contains("no local endpoint")
+        );
+        let ranged = snap(SVC_FLAG_SOURCE_RANGES | SVC_FLAG_SNAT, 2);
+        let e = decide(&query(Origin::Outside), &ranged);
+        assert!(e.verdict.contains("loadBalancerSourceRanges"), "{e:?}");
+        let e = decide(&query(Origin::Pod), &Snapshot::default());
+        assert!(e.verdict.contains("not a service"));
+        let mut allowed = ranged;
+        allowed.source_allowed = true;
+        let e = decide(&query(Origin::Outside), &allowed);
+        assert!(
+            e.steps.iter().any(|s| s.contains("SNATed to 192.168.50.1")),
+            "{e:?}"
+        );
+    }
+}
