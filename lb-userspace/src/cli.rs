@@ -49,10 +49,15 @@ pub enum Command {
     Stats(ReadArgs),
     /// What the datapath would do with a packet, and why (from the live maps).
     Explain(ExplainArgs),
-    /// Detach the programs and remove every pin under --bpffs.
+    /// Detach the programs and remove every pin under --bpffs; with --kube-proxy-rules,
+    /// remove kube-proxy's leftover iptables chains and nftables tables instead.
     Cleanup {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Remove kube-proxy's KUBE-* iptables chains (kubelet's are kept) and its nftables
+        /// tables from this node, after replacing kube-proxy with xlb.
+        #[arg(long)]
+        kube_proxy_rules: bool,
     },
 }
 

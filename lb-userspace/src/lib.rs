@@ -13,6 +13,7 @@ pub mod healthz;
 pub mod http;
 pub mod ifaces;
 pub mod inspect;
+pub mod kube_proxy_rules;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

@@ -110,7 +110,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stats(args) => read(&args, |maps| {
             render(args.json, &inspect::stats(maps), inspect::stats_text)
         }),
-        Command::Cleanup { bpffs } => {
+        Command::Cleanup {
+            kube_proxy_rules: true,
+            ..
+        } => {
+            let removed =
+                xlb::kube_proxy_rules::cleanup().context("removing kube-proxy's rules")?;
+            if removed.is_empty() {
+                println!("no kube-proxy rules found");
+            }
+            for line in removed {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Cleanup { bpffs, .. } => {
             let removed = loader::cleanup(&PinLayout::new(&bpffs));
             println!("removed {} pin(s) under {}", removed.len(), bpffs.display());
             Ok(())

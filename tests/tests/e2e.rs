@@ -540,3 +540,64 @@ fn unreadable_manifests_dir_at_restart_keeps_the_pinned_state() {
     })
     .expect("follows the directory again");
 }
+
+#[test]
+fn cleanup_removes_kube_proxy_leftovers_and_nothing_else() {
+    if !privileged("cleanup_removes_kube_proxy_leftovers_and_nothing_else") {
+        return;
+    }
+    let tag = xlb_tests::netns::unique_tag();
+    let node = Netns::new(&tag, "node").expect("node ns");
+    // What kube-proxy (iptables and nftables modes) leaves on a node, next to a rule of the
+    // operator's own and kubelet's chain.
+    let rules = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ABC - [0:0]\n\
+                 :KUBE-SEP-XYZ - [0:0]\n:OWN - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n\
+                 -A PREROUTING -j OWN\n-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp --dport 80 -j KUBE-SVC-ABC\n\
+                 -A KUBE-SVC-ABC -j KUBE-SEP-XYZ\n\
+                 -A KUBE-SEP-XYZ -p tcp -j DNAT --to-destination 10.244.1.2:8080\n\
+                 -A OWN -p tcp --dport 8080 -j REDIRECT --to-ports 80\nCOMMIT\n\
+                 *filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+    let netns = format!("--net={}", node.path());
+    let shell = |script: &str| {
+        let out = std::process::Command::new("nsenter")
+            .args([netns.as_str(), "sh", "-c", script])
+            .output()
+            .expect("nsenter");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    shell(&format!(
+        "printf '{}' | iptables-restore",
+        rules.replace('\n', "\\n")
+    ));
+    shell("nft add table ip kube-proxy && nft add chain ip kube-proxy services");
+    let xlb = xlb_tests::cluster::xlb_binary();
+    let report = shell(&format!("{} cleanup --kube-proxy-rules", xlb.display()));
+    assert!(
+        report.contains("iptables-save: removed") && report.contains("table ip kube-proxy"),
+        "{report}"
+    );
+    let left = shell("iptables-save");
+    assert!(
+        !left.contains("KUBE-SERVICES") && !left.contains("KUBE-SVC-"),
+        "{left}"
+    );
+    assert!(
+        left.contains("-A PREROUTING -j OWN") && left.contains("REDIRECT --to-ports 80"),
+        "{left}"
+    );
+    assert!(
+        left.contains("-A INPUT -j KUBE-FIREWALL"),
+        "kubelet's chain stays: {left}"
+    );
+    assert!(!shell("nft list tables").contains("kube-proxy"));
+    // Running it again finds nothing.
+    assert!(
+        shell(&format!("{} cleanup --kube-proxy-rules", xlb.display()))
+            .contains("no kube-proxy rules")
+    );
+}

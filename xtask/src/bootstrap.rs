@@ -49,8 +49,9 @@ pub fn ensure_build_tools() -> Result<()> {
     Ok(())
 }
 
-/// What the privileged layers call out to: `ip` (iproute2), `nsenter` (util-linux) and
-/// `bpftool` (to forge an incompatible pinned map).
+/// What the privileged layers call out to: `ip` (iproute2), `nsenter` (util-linux),
+/// `bpftool` (to forge an incompatible pinned map), `iptables`/`nft` (kube-proxy leftovers
+/// for `xlb cleanup --kube-proxy-rules`) and `python3` (node-process clients).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
     if !succeeds("bpftool", &["version"]) {
@@ -61,6 +62,15 @@ pub fn ensure_test_tools() -> Result<()> {
     }
     if !succeeds("nsenter", &["--version"]) {
         missing.push("util-linux");
+    }
+    if !succeeds("iptables-save", &["--version"]) {
+        missing.push("iptables");
+    }
+    if !succeeds("nft", &["--version"]) {
+        missing.push("nftables");
+    }
+    if !succeeds("python3", &["--version"]) {
+        missing.push("python3");
     }
     apt_install(&missing)
 }

@@ -65,6 +65,44 @@ fn main() -> Result<()> {
     }
 }
 
+/// Validates the deploy and example manifests with `kubernetes-validate` (strict: unknown
+/// fields are errors), installed from PyPI into target/ on first use.
+fn validate_manifests(root: &Path) -> Result<()> {
+    let tools = root.join("target/pytools");
+    if !tools.join("kubernetes_validate").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg("--root-user-action=ignore")
+            .args(["--target", &tools.to_string_lossy(), "kubernetes-validate==1.37.0"])
+            .status()
+            .context("running pip (python3 -m pip) to install kubernetes-validate")?;
+        if !status.success() {
+            bail!("installing kubernetes-validate from PyPI failed ({status})");
+        }
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["deploy", "examples/manifests"] {
+        for entry in std::fs::read_dir(root.join(dir))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let status = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.34.0"])
+        .args(&files)
+        .env("PYTHONPATH", &tools)
+        .status()
+        .context("running kubernetes-validate")?;
+    if !status.success() {
+        bail!("manifests do not match the Kubernetes 1.34 schema (see above)");
+    }
+    println!("{} manifest file(s) valid", files.len());
+    Ok(())
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -111,6 +149,8 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
     bootstrap::ensure_build_tools()?;
     println!("== layer 1: unit tests (unprivileged)");
     cargo(root, &["test", "--workspace"], &[])?;
+    println!("== layer 1: manifests against the Kubernetes 1.34 OpenAPI schema");
+    validate_manifests(root)?;
     if unit_only {
         println!("SKIPPED layers 2 (datapath) and 3 (end-to-end): --unit-only");
         return Ok(());
