@@ -71,9 +71,19 @@ fn validate_manifests(root: &Path) -> Result<()> {
     let tools = root.join("target/pytools");
     if !tools.join("kubernetes_validate").exists() {
         let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .arg("--root-user-action=ignore")
-            .args(["--target", &tools.to_string_lossy(), "kubernetes-validate==1.37.0"])
+            .args([
+                "--target",
+                &tools.to_string_lossy(),
+                "kubernetes-validate==1.37.0",
+            ])
             .status()
             .context("running pip (python3 -m pip) to install kubernetes-validate")?;
         if !status.success() {
@@ -91,7 +101,14 @@ fn validate_manifests(root: &Path) -> Result<()> {
     }
     files.sort();
     let status = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.34.0"])
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            "1.34.0",
+        ])
         .args(&files)
         .env("PYTHONPATH", &tools)
         .status()
