@@ -152,7 +152,9 @@ fn translate_service(
                     vips.push(v4)
                 }
             }
-            Ok(std::net::IpAddr::V6(_)) => {} // IPv6 is not supported yet
+            Ok(std::net::IpAddr::V6(_)) => out.warnings.push(format!(
+                "service {ns}/{name}: IPv6 address {ip} skipped (IPv6 is not supported yet)"
+            )),
             Err(_) => out
                 .warnings
                 .push(format!("service {ns}/{name}: invalid IP {ip:?} ignored")),

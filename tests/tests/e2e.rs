@@ -402,6 +402,32 @@ fn long_tcp_stream_survives_agent_restart_and_crash() {
         }
     };
     talk(&mut stream, 10);
+    // UDP traffic all along, from one socket (one tracked flow): every request answered,
+    // always by the same backend.
+    let stop_udp = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let udp = {
+        let stop = std::sync::Arc::clone(&stop_udp);
+        c.node
+            .pod("client")
+            .ns
+            .spawn(move || {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket.set_read_timeout(Some(T)).expect("timeout");
+                let (mut sent, mut answers) = (0, BTreeMap::<String, usize>::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    socket.send_to(b"hi", addr(WEB_VIP, 53)).expect("send");
+                    sent += 1;
+                    let mut buf = [0u8; 64];
+                    if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                        let who = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        *answers.entry(who).or_insert(0) += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (sent, answers)
+            })
+            .expect("udp client")
+    };
 
     // Graceful restart: the datapath keeps running while no agent is there.
     c.agent.take().expect("agent").stop().expect("clean stop");
@@ -423,6 +449,27 @@ fn long_tcp_stream_survives_agent_restart_and_crash() {
     })
     .expect("adopted again");
     talk(&mut stream, 20);
+
+    // The agent is healthy again and its metrics see the adopted state.
+    wait_until(Duration::from_secs(5), || {
+        c.http_get(10256, "/healthz")
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200") && r.contains("\"nodeEligible\":true"))
+    })
+    .expect("healthy after the restart");
+    let metrics = c.metrics().expect("metrics");
+    assert!(
+        metrics.contains("xlb_frontends_programmed 2")
+            && metrics.contains("xlb_backends_programmed 6"),
+        "{metrics}"
+    );
+    stop_udp.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, answers) = udp.join().expect("udp thread");
+    let answered: usize = answers.values().sum();
+    assert_eq!(answers.len(), 1, "one UDP flow, one backend: {answers:?}");
+    assert!(
+        answered * 100 >= sent * 99,
+        "{answered} of {sent} UDP requests answered across restart and kill -9"
+    );
 
     // The stream's flow is still tracked to the same backend, and new connections work again.
     let flows: serde_json::Value =

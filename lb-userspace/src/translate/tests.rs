@@ -420,3 +420,24 @@ fn bad_source_range_is_reported_and_ignored() {
         t.warnings
     );
 }
+
+#[test]
+fn ipv6_addresses_are_skipped_with_a_warning() {
+    let yaml = WEB.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']\n",
+    );
+    let t = translate(&objects(&yaml), &Options::default());
+    assert!(
+        t.desired
+            .keys()
+            .all(|f| f.ip == Ipv4Addr::new(10, 96, 0, 10))
+    );
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("shop/web") && w.contains("fd00::10")),
+        "{:?}",
+        t.warnings
+    );
+}
