@@ -7,6 +7,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cli;
 pub mod conntrack_gc;
+pub mod events;
 pub mod explain;
 pub mod healthcheck;
 pub mod healthz;

@@ -60,12 +60,17 @@ fn run(cli: Cli) -> Result<()> {
                 signal_hook::flag::register(signal, Arc::clone(&stop))
                     .context("installing signal handlers")?;
             }
-            agent::run(
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Kube { kubeconfig },
+            };
+            let event_target = match &source {
+                SourceConfig::Kube { kubeconfig } => Some((kubeconfig.clone(), node_name.clone())),
+                SourceConfig::Manifests(_) => None,
+            };
+            let result = agent::run(
                 AgentConfig {
-                    source: match manifests {
-                        Some(dir) => SourceConfig::Manifests(dir),
-                        None => SourceConfig::Kube { kubeconfig },
-                    },
+                    source,
                     pod_ifaces,
                     bpffs,
                     scheduler,
@@ -80,7 +85,12 @@ fn run(cli: Cli) -> Result<()> {
                     cgroup,
                 },
                 stop,
-            )
+            );
+            // Tell the cluster too: `kubectl describe node` shows why xlb is not serving.
+            if let (Err(err), Some((kubeconfig, node))) = (&result, event_target) {
+                xlb::events::report_fatal(kubeconfig, &node, "XlbAgentFailed", &format!("{err:#}"));
+            }
+            result
         }
         Command::Services(args) => read(&args, |maps| {
             render(args.json, &inspect::services(maps), |r| {

@@ -220,3 +220,45 @@ fn topology_hints_and_terminating_fallback() {
         w.api.requests()
     );
 }
+
+#[test]
+fn a_fatal_agent_error_is_recorded_as_an_event_on_the_node() {
+    let api = FakeApi::start();
+    let dir = TempDir(std::env::temp_dir().join(format!("xlb-event-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    // A pin directory that cannot exist: the agent fails before touching the datapath.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["agent", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--node-name",
+            "node7",
+            "--bpffs",
+            "/dev/null/xlb",
+            "--cgroup",
+            "none",
+        ])
+        .output()
+        .expect("run xlb");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot create pin directory /dev/null"),
+        "{stderr}"
+    );
+    let events = api.events();
+    assert_eq!(events.len(), 1, "{events:?} / {stderr}");
+    let event = &events[0];
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "XlbAgentFailed");
+    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["regarding"]["name"], "node7");
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("cannot create pin directory /dev/null")),
+        "{event}"
+    );
+}

@@ -87,7 +87,7 @@ impl KubeSource {
             .enable_all()
             .build()
             .map_err(KubeSourceError::Thread)?;
-        let config = runtime.block_on(config(kubeconfig))?;
+        let config = runtime.block_on(client_config(kubeconfig))?;
         let (services, services_writer) = reflector::store::<Service>();
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
         let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -205,7 +205,8 @@ impl Drop for KubeSource {
     }
 }
 
-async fn config(kubeconfig: Option<PathBuf>) -> Result<Config, KubeSourceError> {
+/// The client configuration: `kubeconfig`, or the pod's in-cluster configuration.
+pub async fn client_config(kubeconfig: Option<PathBuf>) -> Result<Config, KubeSourceError> {
     match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(&path).map_err(|e| KubeSourceError::Kubeconfig {

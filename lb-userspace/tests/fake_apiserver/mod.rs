@@ -69,6 +69,8 @@ struct State {
     /// Bumped to cut every open watch stream.
     epoch: u64,
     requests: Vec<String>,
+    /// Bodies of Events created (POST .../events).
+    events: Vec<Value>,
 }
 
 pub struct FakeApi {
@@ -186,6 +188,11 @@ impl FakeApi {
         changed.notify_all();
     }
 
+    /// Events posted so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.0.lock().expect("state").events.clone()
+    }
+
     /// Request lines served so far ("GET /api/v1/services?..." ...).
     pub fn requests(&self) -> Vec<String> {
         self.state.0.lock().expect("state").requests.clone()
@@ -228,6 +235,7 @@ fn serve(
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
+        let mut content_length = 0usize;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).unwrap_or(0) == 0 {
@@ -236,6 +244,15 @@ fn serve(
             if header == "\r\n" || header == "\n" {
                 break;
             }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
         }
         if down.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             return;
@@ -252,6 +269,15 @@ fn serve(
             .requests
             .push(request_line.trim().to_string());
         let (path, params) = query(&target);
+        if request_line.starts_with("POST") && path.ends_with("/events") {
+            let mut event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            event["metadata"]["resourceVersion"] = json!("1");
+            state.0.lock().expect("state").events.push(event.clone());
+            if respond(&mut writer, "201 Created", &event.to_string()).is_err() {
+                return;
+            }
+            continue;
+        }
         let Some(kind) = Kind::from_path(&path) else {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "NotFound", "code": 404})
