@@ -262,3 +262,114 @@ fn a_fatal_agent_error_is_recorded_as_an_event_on_the_node() {
         "{event}"
     );
 }
+
+/// Root and asked for (`cargo xtask test` asks): the agent loads its programs.
+fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let asked = std::env::var_os("XLB_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
+    if !(root && asked) {
+        eprintln!("SKIPPED {test}: needs root and XLB_PRIVILEGED_TESTS=1 (cargo xtask test)");
+    }
+    root && asked
+}
+
+/// Removes the agent's pins, and stops it, on drop.
+struct AgentGuard {
+    child: std::process::Child,
+    bpffs: std::path::PathBuf,
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+            .arg("cleanup")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+fn programmed(bpffs: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["services", "--json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .expect("xlb services");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut backends: Vec<String> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["address"].as_str().map(String::from))
+        .collect();
+    backends.sort();
+    backends
+}
+
+/// The real agent, watching the fake API server, programs the maps and follows changes.
+/// Nothing is attached anywhere (no interface matches, no cgroup), nothing is sent.
+#[test]
+fn the_agent_programs_the_datapath_from_the_api() {
+    if !privileged("the_agent_programs_the_datapath_from_the_api") {
+        return;
+    }
+    let api = FakeApi::start();
+    api.apply(WEB);
+    api.apply(&slice(&[("10.244.1.2", "ready", "")]));
+    let dir = TempDir(std::env::temp_dir().join(format!("xlb-agent-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/xlb-kube-{}", std::process::id()));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["agent", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--node-name",
+            "node1",
+            "--pod-ifaces",
+            "xlb-none-*",
+            "--cgroup",
+            "none",
+        ])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--healthz-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let _agent = AgentGuard {
+        child,
+        bpffs: bpffs.clone(),
+    };
+    let wait = |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while programmed(&bpffs) != want {
+            assert!(
+                Instant::now() < deadline,
+                "still {:?}, want {want:?}",
+                programmed(&bpffs)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait(&["10.244.1.2:8080"]);
+    api.apply(&slice(&[
+        ("10.244.1.2", "ready", ""),
+        ("10.244.2.3", "ready", ""),
+    ]));
+    wait(&["10.244.1.2:8080", "10.244.2.3:8080"]);
+    api.delete(Kind::Service, "shop", "web");
+    wait(&[]);
+}

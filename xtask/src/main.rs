@@ -218,5 +218,18 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
         ],
         &env,
     )?;
+    // The real agent against the fake API server (loads programs, attaches nothing).
+    cargo(
+        root,
+        &[
+            "test",
+            "--package",
+            "lb-userspace",
+            "--test",
+            "kube_watch",
+            "the_agent_programs_the_datapath_from_the_api",
+        ],
+        &env,
+    )?;
     Ok(())
 }
