@@ -64,9 +64,10 @@ pub mod program_names {
 
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).
 pub mod map_sizes {
-    /// Frontend slots plus backend slots of every service port.
-    pub const SERVICES: u32 = 262_144;
-    pub const BACKENDS: u32 = 262_144;
+    /// Frontend slots plus backend slots of every service port: 100k services with 10
+    /// endpoints each fit. Not preallocated (`BPF_F_NO_PREALLOC`): memory follows use.
+    pub const SERVICES: u32 = 2_097_152;
+    pub const BACKENDS: u32 = 1_048_576;
     pub const CONNTRACK: u32 = 524_288;
     pub const AFFINITY: u32 = 65_536;
     pub const SERVICE_STATS: u32 = 65_536;

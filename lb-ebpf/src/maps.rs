@@ -1,6 +1,7 @@
 //! Map definitions. Maps are not pinned by the object: the agent pins them under `--bpffs`
 //! (and reuses existing pins on restart), while tests load private, unpinned copies.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -13,10 +14,11 @@ use lb_common::{
 
 #[map(name = "XLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(map_sizes::SERVICES, 0);
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "XLB_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(map_sizes::BACKENDS, 0);
+pub static BACKENDS: HashMap<u32, Backend> =
+    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "XLB_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =

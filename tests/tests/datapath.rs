@@ -497,7 +497,7 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         "{text}"
     );
     assert!(
-        text.contains("(4, 8, 16)") && text.contains("(4, 12, 262144)"),
+        text.contains("(4, 8, 16)") && text.contains("(4, 12, 1048576)"),
         "{text}"
     );
 
