@@ -144,3 +144,11 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// What `cargo xtask bench` calls out to besides the test tools: `rsvg-convert` (PNG plots).
+pub fn ensure_bench_tools() -> Result<()> {
+    if succeeds("rsvg-convert", &["--version"]) {
+        return Ok(());
+    }
+    apt_install(&["librsvg2-bin"])
+}

@@ -34,6 +34,12 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// Benchmarks: xlb against kube-proxy's iptables and nftables rulesets (root).
+    Bench {
+        /// Every scenario at the smallest scale (under two minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,6 +47,13 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Test { unit_only } => test(&root, unit_only),
+        Task::Bench { quick } => {
+            bootstrap::ensure_build_tools()?;
+            require_root("the benchmark loads eBPF programs and builds namespaces")?;
+            bootstrap::ensure_test_tools()?;
+            bootstrap::ensure_bench_tools()?;
+            bench(&root, quick, &root.join("bench/results"))
+        }
         Task::Run {
             seconds,
             agent_args,
@@ -118,6 +131,27 @@ fn validate_manifests(root: &Path) -> Result<()> {
     }
     println!("{} manifest file(s) valid", files.len());
     Ok(())
+}
+
+/// Runs the benchmark (release build) writing into `out`.
+fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
+    let xlb = build_xlb(root)?;
+    let out = out.to_string_lossy().to_string();
+    let xlb = xlb.to_string_lossy().to_string();
+    let mut args = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "xlb-bench",
+        "--",
+        "--out",
+        &out,
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    cargo(root, &args, &[("XLB_BIN", xlb.as_str())])
 }
 
 fn workspace_root() -> PathBuf {
@@ -218,6 +252,9 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
         ],
         &env,
     )?;
+    println!("== bench --quick: every benchmark scenario at the smallest scale");
+    bootstrap::ensure_bench_tools()?;
+    bench(root, true, &root.join("target/bench-quick"))?;
     // The real agent against the fake API server (loads programs, attaches nothing).
     cargo(
         root,

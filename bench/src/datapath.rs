@@ -1,0 +1,222 @@
+//! Per-packet cost of the programs, in the kernel's own measure (BPF_PROG_TEST_RUN's
+//! duration), at a given number of services with 10 endpoints each. Every call runs one
+//! fresh packet (repeat = 1): the kernel reuses a packet across repetitions, so a DNATed
+//! packet would otherwise come back as a different one.
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap},
+};
+use lb_common::{
+    Backend, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, ServiceKey, ServiceValue,
+    VIP_ANY_NODE_IP, map_names, program_names,
+};
+use serde::Serialize;
+use xlb::{loader, prog_test_run};
+use xlb_tests::packet::{ACK, Frame, SYN};
+
+pub const ENDPOINTS: u32 = 10;
+const NODE_IP: &str = "192.168.50.1";
+const NODE_PORT: u16 = 30080;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PacketCost {
+    pub scenario: &'static str,
+    pub services: u32,
+    /// Median and 90th percentile of the per-packet program time, ns.
+    pub median_ns: u64,
+    pub p90_ns: u64,
+    pub samples: usize,
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    // 10.96.0.0/12 holds a million services.
+    Ipv4Addr::from(0x0a60_0000 + i)
+}
+
+fn backend_ip(service: u32, e: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0af4_0000 + service * ENDPOINTS + e)
+}
+
+fn ne(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Fills the maps with `services` ClusterIPs (TCP 80 → 8080) of 10 endpoints, plus one
+/// NodePort (external scope, SNAT) with 10 endpoints.
+fn populate(ebpf: &mut Ebpf, services: u32) -> Result<()> {
+    {
+        let mut backends: HashMap<_, u32, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?;
+        for s in 0..=services {
+            for e in 0..ENDPOINTS {
+                let id = s * ENDPOINTS + e + 1;
+                let b = Backend {
+                    ip: ne(backend_ip(s, e)),
+                    port: 8080u16.to_be(),
+                    proto: 6,
+                    _pad: 0,
+                    service_id: s + 1,
+                };
+                backends.insert(id, b, 0)?;
+            }
+        }
+    }
+    let mut slots: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(ebpf.map_mut(map_names::SERVICES).context("map")?)?;
+    for s in 0..=services {
+        // Service `services` is the NodePort.
+        let (vip, port, scope, flags) = if s == services {
+            (VIP_ANY_NODE_IP, NODE_PORT, SCOPE_EXTERNAL, SVC_FLAG_SNAT)
+        } else {
+            (ne(vip(s)), 80, SCOPE_INTERNAL, 0)
+        };
+        let key = |slot| ServiceKey {
+            vip,
+            port: port.to_be(),
+            slot,
+            proto: 6,
+            scope,
+            _pad: [0; 2],
+        };
+        for e in 0..ENDPOINTS {
+            let v = ServiceValue {
+                backend_id: s * ENDPOINTS + e + 1,
+                ..Default::default()
+            };
+            slots.insert(key(e as u16 + 1), v, 0)?;
+        }
+        let front = ServiceValue {
+            backend_id: 0,
+            service_id: s + 1,
+            count: ENDPOINTS as u16,
+            flags,
+            affinity_timeout_s: 0,
+        };
+        slots.insert(key(0), front, 0)?;
+    }
+    let mut ips: HashMap<_, u32, u32> =
+        HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS).context("map")?)?;
+    ips.insert(ne(NODE_IP.parse()?), 1, 0)?;
+    let mut config: Array<_, NodeConfig> =
+        Array::try_from(ebpf.map_mut(map_names::CONFIG).context("map")?)?;
+    config.set(
+        0,
+        NodeConfig {
+            snat_addr: ne(NODE_IP.parse()?),
+            snat_port_min: 1024,
+            snat_port_max: 65535,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Hook {
+    FromPod,
+    ToPod,
+    External,
+}
+
+fn run(ebpf: &mut Ebpf, hook: Hook, frame: &[u8]) -> Result<(i32, u64)> {
+    let out = match hook {
+        Hook::FromPod => {
+            prog_test_run::run(loader::program(ebpf, program_names::TC_FROM_POD)?, frame, 1)?
+        }
+        Hook::ToPod => {
+            prog_test_run::run(loader::program(ebpf, program_names::TC_TO_POD)?, frame, 1)?
+        }
+        Hook::External => prog_test_run::run_xdp(loader::xdp_program(ebpf)?, frame, 1)?,
+    };
+    Ok((out.retval, u64::from(out.duration_ns)))
+}
+
+fn summarize(scenario: &'static str, services: u32, mut ns: Vec<u64>) -> PacketCost {
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize];
+    PacketCost {
+        scenario,
+        services,
+        median_ns: at(0.5),
+        p90_ns: at(0.9),
+        samples: ns.len(),
+    }
+}
+
+/// Measures every scenario at `services` services, `samples` packets each.
+pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
+    let mut ebpf = loader::load(None).context("loading the datapath")?;
+    populate(&mut ebpf, services)?;
+    let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();
+    let target = |i: u32| vip((i.wrapping_mul(2_654_435_761)) % services).to_string();
+    let mut results = Vec::new();
+
+    // New TCP flows to ClusterIPs spread over all services.
+    let mut ns = Vec::new();
+    for i in 0..samples {
+        let syn = Frame::tcp(
+            &client(i),
+            10_000 + (i / 60_000) as u16,
+            &target(i),
+            80,
+            SYN,
+        );
+        ns.push(run(&mut ebpf, Hook::FromPod, &syn.build())?.1);
+    }
+    results.push(summarize("clusterip_new_flow", services, ns));
+
+    // Packets of established flows (those just created), and their replies.
+    let (mut est, mut reply) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let (c, port, t) = (client(i), 10_000 + (i / 60_000) as u16, target(i));
+        let ack = Frame::tcp(&c, port, &t, 80, ACK).build();
+        let (_, cost) = run(&mut ebpf, Hook::FromPod, &ack)?;
+        est.push(cost);
+        // The reply comes from whichever backend was chosen: read it from the ACK's DNAT.
+        let out = prog_test_run::run(
+            loader::program(&mut ebpf, program_names::TC_FROM_POD)?,
+            &ack,
+            1,
+        )?;
+        let v = xlb_tests::packet::view(&out.packet);
+        let back = Frame::tcp(&v.dst.to_string(), 8080, &c, port, ACK).build();
+        reply.push(run(&mut ebpf, Hook::ToPod, &back)?.1);
+    }
+    results.push(summarize("clusterip_established", services, est));
+    results.push(summarize("reply_revnat", services, reply));
+
+    // NodePort from outside with SNAT: new flows, then established.
+    let outsider = |i: u32| Ipv4Addr::from(0xcb00_7100 + (i % 60_000) + 1).to_string();
+    let (mut new, mut est) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let port = 20_000 + (i / 60_000) as u16;
+        let syn = Frame::tcp(&outsider(i), port, NODE_IP, NODE_PORT, SYN).build();
+        new.push(run(&mut ebpf, Hook::External, &syn)?.1);
+        let ack = Frame::tcp(&outsider(i), port, NODE_IP, NODE_PORT, ACK).build();
+        est.push(run(&mut ebpf, Hook::External, &ack)?.1);
+    }
+    results.push(summarize("nodeport_snat_new_flow", services, new));
+    results.push(summarize("nodeport_snat_established", services, est));
+
+    // The floor: a non-IP frame leaves the program at once. Every number above includes
+    // this much of test-run and timer overhead.
+    let mut floor = Vec::new();
+    let mut arp = Frame::tcp(&client(0), 1, "10.250.0.1", 80, ACK).build();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    for _ in 0..samples {
+        floor.push(run(&mut ebpf, Hook::FromPod, &arp)?.1);
+    }
+    results.push(summarize("floor_non_ip", services, floor));
+
+    // Traffic to no service at all (pod to pod): what everything else pays.
+    let mut pass = Vec::new();
+    for i in 0..samples {
+        let frame = Frame::tcp(&client(i), 30_000, "10.250.0.1", 80, ACK).build();
+        pass.push(run(&mut ebpf, Hook::FromPod, &frame)?.1);
+    }
+    results.push(summarize("passthrough", services, pass));
+    Ok(results)
+}

@@ -1,0 +1,351 @@
+//! `cargo xtask bench`: xlb's per-packet cost (BPF_PROG_TEST_RUN) and control-plane costs
+//! against kube-proxy's iptables and nftables rulesets, in one run on one machine. Writes
+//! `bench/results/<date>.json`, a Markdown table and SVG (+ PNG if rsvg-convert is there).
+mod control;
+mod datapath;
+mod plot;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "xlb-bench")]
+struct Args {
+    /// Every scenario at the smallest scale only (what `cargo xtask test` runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The xlb binary (for the agent memory measurement).
+    #[arg(long, env = "XLB_BIN")]
+    xlb: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    date: String,
+    machine: Machine,
+    command: String,
+    packet: Vec<datapath::PacketCost>,
+    program: Vec<control::ProgramCost>,
+    /// Kernel memory of xlb's maps with the largest service count, bytes.
+    map_memory_bytes: u64,
+    agent: Option<AgentMemory>,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    kernel: String,
+    cpus: usize,
+    cpu_model: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AgentMemory {
+    services: u32,
+    endpoints: u32,
+    max_rss_kib: u64,
+    /// From start to the first sync of every service (manifests parsed, maps written).
+    cold_start_ms: f64,
+}
+
+fn machine() -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    Machine {
+        kernel,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+    }
+}
+
+fn today() -> String {
+    let out = Command::new("date").arg("+%Y-%m-%d").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown-date".into())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark loads eBPF programs and creates namespaces: run it as root");
+    }
+    let started = Instant::now();
+    let scales: &[u32] = if args.quick {
+        &[1]
+    } else {
+        &[1, 1_000, 10_000, 100_000]
+    };
+    let samples = if args.quick { 2_000 } else { 20_000 };
+    let mut packet = Vec::new();
+    let mut program = Vec::new();
+    let mut map_memory_bytes = 0;
+    for &services in scales {
+        eprintln!("== {services} service(s), 10 endpoints each");
+        packet.extend(datapath::measure(services, samples)?);
+        let changes = if args.quick { 20 } else { 200 };
+        let (xlb, memory) = control::xlb(services, changes)?;
+        map_memory_bytes = memory;
+        program.push(xlb);
+        // kube-proxy's nftables ruleset at 100k services takes many minutes to load.
+        if services <= 10_000 {
+            program.extend(control::kube_proxy(services)?);
+        }
+    }
+    let agent_scale = if args.quick { 100 } else { 10_000 };
+    let agent = match &args.xlb {
+        Some(xlb) => Some(agent_memory(xlb, agent_scale)?),
+        None => {
+            eprintln!("no --xlb / XLB_BIN: skipping the agent memory measurement");
+            None
+        }
+    };
+    let results = Results {
+        date: today(),
+        machine: machine(),
+        command: format!(
+            "cargo xtask bench{}",
+            if args.quick { " --quick" } else { "" }
+        ),
+        packet,
+        program,
+        map_memory_bytes,
+        agent,
+    };
+    write(&args.out, &results, args.quick)?;
+    eprintln!("bench finished in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Runs the real agent on `services` generated Services (10 endpoints each) and reports its
+/// peak memory once everything is programmed. Nothing is attached (no interface matches).
+fn agent_memory(xlb: &Path, services: u32) -> Result<AgentMemory> {
+    let dir = std::env::temp_dir().join(format!("xlb-bench-agent-{}", std::process::id()));
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let mut yaml = String::new();
+    for s in 0..services {
+        let vip = std::net::Ipv4Addr::from(0x0a60_0000 + s);
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: bench}}\n\
+             spec: {{clusterIP: {vip}, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{s}-1\n\
+             \x20 namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{s}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for e in 0..datapath::ENDPOINTS {
+            let ip = std::net::Ipv4Addr::from(0x0af4_0000 + s * datapath::ENDPOINTS + e);
+            let _ = writeln!(yaml, "- {{addresses: [\"{ip}\"]}}");
+        }
+        yaml.push_str("---\n");
+    }
+    std::fs::write(manifests.join("all.yaml"), yaml)?;
+    let bpffs = PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-bench-agent-{}",
+        std::process::id()
+    ));
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    let started = Instant::now();
+    let mut child = Command::new(xlb)
+        .args(["agent", "--manifests"])
+        .arg(&manifests)
+        .args(["--pod-ifaces", "xlb-none-*", "--cgroup", "none"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--healthz-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .env("RUST_LOG", "info")
+        .stderr(log.try_clone()?)
+        .stdout(log)
+        .spawn()
+        .context("starting the agent")?;
+    let synced = format!("synced {services} frontend(s)");
+    let outcome = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains(&synced) {
+            break Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(300) || child.try_wait()?.is_some() {
+            break Err(anyhow::anyhow!(
+                "agent did not sync {services} services:\n{text}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = Command::new(xlb)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output();
+    let _ = std::fs::remove_dir_all(&bpffs);
+    let _ = std::fs::remove_dir_all(&dir);
+    let took = outcome?;
+    let max_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok(AgentMemory {
+        services,
+        endpoints: services * datapath::ENDPOINTS,
+        max_rss_kib,
+        cold_start_ms: took.as_secs_f64() * 1e3,
+    })
+}
+
+fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let stem = if quick {
+        format!("{}-quick", r.date)
+    } else {
+        r.date.clone()
+    };
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(r)?,
+    )?;
+    let mut md = format!(
+        "# xlb benchmark {}\n\nMachine: {} ({} CPUs), kernel {}. Command: `{}`.\n\n\
+         ## Per-packet cost in the programs (BPF_PROG_TEST_RUN, ns)\n\n\
+         | scenario | services | median | p90 |\n|---|---:|---:|---:|\n",
+        r.date, r.machine.cpu_model, r.machine.cpus, r.machine.kernel, r.command
+    );
+    for p in &r.packet {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            p.scenario, p.services, p.median_ns, p.p90_ns
+        );
+    }
+    md.push_str(
+        "\n## Programming N services (10 endpoints each), ms\n\n\
+         | system | services | cold start | one change p50 | one change p99 | rules/entries |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+    for p in &r.program {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {} | {} | {} |",
+            p.system,
+            p.services,
+            p.cold_ms,
+            ms(p.change_p50_ms),
+            ms(p.change_p99_ms),
+            p.objects
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nxlb map memory at the largest scale: {:.1} MiB.",
+        r.map_memory_bytes as f64 / 1_048_576.0
+    );
+    if let Some(a) = &r.agent {
+        let _ = writeln!(
+            md,
+            "Agent at {} services / {} endpoints (manifests source): peak RSS {:.1} MiB, \
+             start to all programmed {:.0} ms.",
+            a.services,
+            a.endpoints,
+            a.max_rss_kib as f64 / 1024.0,
+            a.cold_start_ms
+        );
+    }
+    md.push_str(&format!(
+        "\n![ns per packet]({stem}-packet.svg)\n![programming time]({stem}-program.svg)\n"
+    ));
+    std::fs::write(dir.join(format!("{stem}.md")), &md)?;
+
+    let mut scenarios: Vec<&str> = r.packet.iter().map(|p| p.scenario).collect();
+    scenarios.dedup();
+    let packet_series: Vec<plot::Series> = scenarios
+        .iter()
+        .map(|s| plot::Series {
+            name: s.to_string(),
+            points: r
+                .packet
+                .iter()
+                .filter(|p| p.scenario == *s)
+                .map(|p| (f64::from(p.services), p.median_ns.max(1) as f64))
+                .collect(),
+        })
+        .collect();
+    let mut systems: Vec<&str> = r.program.iter().map(|p| p.system).collect();
+    systems.sort();
+    systems.dedup();
+    let program_series: Vec<plot::Series> = systems
+        .iter()
+        .map(|s| plot::Series {
+            name: s.to_string(),
+            points: r
+                .program
+                .iter()
+                .filter(|p| p.system == *s)
+                .map(|p| (f64::from(p.services), p.cold_ms.max(0.001)))
+                .collect(),
+        })
+        .collect();
+    for (name, svg) in [
+        (
+            "packet",
+            plot::chart(
+                "xlb per-packet cost (median, BPF_PROG_TEST_RUN)",
+                "services (10 endpoints each)",
+                "ns per packet",
+                &packet_series,
+            ),
+        ),
+        (
+            "program",
+            plot::chart(
+                "Programming N services from cold",
+                "services (10 endpoints each)",
+                "ms",
+                &program_series,
+            ),
+        ),
+    ] {
+        let svg_path = dir.join(format!("{stem}-{name}.svg"));
+        std::fs::write(&svg_path, svg)?;
+        let png = dir.join(format!("{stem}-{name}.png"));
+        match Command::new("rsvg-convert")
+            .arg("-o")
+            .arg(&png)
+            .arg(&svg_path)
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            _ => eprintln!("rsvg-convert unavailable: {name} plot written as SVG only"),
+        }
+    }
+    eprintln!("results: {}", dir.join(format!("{stem}.md")).display());
+    Ok(())
+}
