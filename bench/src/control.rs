@@ -145,7 +145,7 @@ fn map_memory(layout: &PinLayout) -> u64 {
 
 /// kube-proxy's iptables-mode ruleset for N services (nat table), as it writes it with
 /// iptables-restore: KUBE-SERVICES → KUBE-SVC-* (statistic random) → KUBE-SEP-* (DNAT).
-pub fn iptables_ruleset(services: u32) -> (String, usize) {
+pub fn iptables_ruleset(services: u32, proto: &str) -> (String, usize) {
     let mut chains = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
@@ -165,7 +165,7 @@ pub fn iptables_ruleset(services: u32) -> (String, usize) {
         let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/svc-{s}:http cluster IP\" -m tcp --dport 80 -j {svc}",
+            "-A KUBE-SERVICES -d {}/32 -p {proto} -m comment --comment \"bench/svc-{s}:http cluster IP\" -m {proto} --dport 80 -j {svc}",
             vip(s)
         );
         count += 1;
@@ -194,7 +194,7 @@ pub fn iptables_ruleset(services: u32) -> (String, usize) {
             );
             let _ = writeln!(
                 rules,
-                "-A {sep} -p tcp -m comment --comment \"bench/svc-{s}:http\" -m tcp -j DNAT --to-destination {}:8080",
+                "-A {sep} -p {proto} -m comment --comment \"bench/svc-{s}:http\" -m {proto} -j DNAT --to-destination {}:8080",
                 endpoint(s, e)
             );
             count += 3;
@@ -205,13 +205,13 @@ pub fn iptables_ruleset(services: u32) -> (String, usize) {
 
 /// kube-proxy's nftables-mode ruleset for N services: a verdict map from (IP, proto, port)
 /// to per-service chains that pick an endpoint chain with numgen.
-pub fn nft_ruleset(services: u32) -> (String, usize) {
+pub fn nft_ruleset(services: u32, proto: &str) -> (String, usize) {
     let mut out = String::from(
         "table ip kube-proxy {\n  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {\n",
     );
     let mut count = 0;
     for s in 0..services {
-        let _ = writeln!(out, "      {} . tcp . 80 : goto service-{s},", vip(s));
+        let _ = writeln!(out, "      {} . {proto} . 80 : goto service-{s},", vip(s));
     }
     out.push_str("    }\n  }\n  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
     for s in 0..services {
@@ -226,7 +226,7 @@ pub fn nft_ruleset(services: u32) -> (String, usize) {
         for e in 0..ENDPOINTS {
             let _ = writeln!(
                 out,
-                "  chain endpoint-{} {{\n    ip saddr {} mark set mark | 0x4000\n    meta l4proto tcp dnat to {}:8080\n  }}",
+                "  chain endpoint-{} {{\n    ip saddr {} mark set mark | 0x4000\n    meta l4proto {proto} dnat to {}:8080\n  }}",
                 s * ENDPOINTS + e,
                 endpoint(s, e),
                 endpoint(s, e)
@@ -284,7 +284,7 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<()> {
 /// Cold-start times of kube-proxy's rulesets for N services, in a fresh namespace each.
 pub fn kube_proxy(services: u32) -> Result<Vec<ProgramCost>> {
     let mut results = Vec::new();
-    let (rules, count) = iptables_ruleset(services);
+    let (rules, count) = iptables_ruleset(services, "tcp");
     {
         let ns = Namespace::new()?;
         let started = Instant::now();
@@ -302,7 +302,7 @@ pub fn kube_proxy(services: u32) -> Result<Vec<ProgramCost>> {
             objects: count,
         });
     }
-    let (rules, count) = nft_ruleset(services);
+    let (rules, count) = nft_ruleset(services, "tcp");
     {
         let ns = Namespace::new()?;
         let started = Instant::now();

@@ -44,9 +44,9 @@ fn ne(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// Fills the maps with `services` ClusterIPs (TCP 80 → 8080) of 10 endpoints, plus one
-/// NodePort (external scope, SNAT) with 10 endpoints.
-fn populate(ebpf: &mut Ebpf, services: u32) -> Result<()> {
+/// Fills the maps with `services` ClusterIPs (port 80 → 8080 of protocol `proto`) of 10
+/// endpoints, plus one NodePort (external scope, SNAT) with 10 endpoints.
+pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
     {
         let mut backends: HashMap<_, u32, Backend> =
             HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?;
@@ -56,7 +56,7 @@ fn populate(ebpf: &mut Ebpf, services: u32) -> Result<()> {
                 let b = Backend {
                     ip: ne(backend_ip(s, e)),
                     port: 8080u16.to_be(),
-                    proto: 6,
+                    proto,
                     _pad: 0,
                     service_id: s + 1,
                 };
@@ -77,7 +77,7 @@ fn populate(ebpf: &mut Ebpf, services: u32) -> Result<()> {
             vip,
             port: port.to_be(),
             slot,
-            proto: 6,
+            proto,
             scope,
             _pad: [0; 2],
         };
@@ -149,7 +149,7 @@ fn summarize(scenario: &'static str, services: u32, mut ns: Vec<u64>) -> PacketC
 /// Measures every scenario at `services` services, `samples` packets each.
 pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
     let mut ebpf = loader::load(None).context("loading the datapath")?;
-    populate(&mut ebpf, services)?;
+    populate(&mut ebpf, services, 6)?;
     let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();
     let target = |i: u32| vip((i.wrapping_mul(2_654_435_761)) % services).to_string();
     let mut results = Vec::new();

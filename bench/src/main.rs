@@ -3,6 +3,7 @@
 //! `bench/results/<date>.json`, a Markdown table and SVG (+ PNG if rsvg-convert is there).
 mod control;
 mod datapath;
+mod forward;
 mod plot;
 
 use std::{
@@ -37,6 +38,7 @@ struct Results {
     command: String,
     packet: Vec<datapath::PacketCost>,
     program: Vec<control::ProgramCost>,
+    forwarding: Vec<forward::Forwarding>,
     /// Kernel memory of xlb's maps with the largest service count, bytes.
     map_memory_bytes: u64,
     agent: Option<AgentMemory>,
@@ -110,6 +112,16 @@ fn main() -> Result<()> {
             program.extend(control::kube_proxy(services)?);
         }
     }
+    let mut forwarding = Vec::new();
+    let (fwd_scales, count): (&[u32], u64) = if args.quick {
+        (&[1], 20_000)
+    } else {
+        (&[1, 10_000], 500_000)
+    };
+    for &services in fwd_scales {
+        eprintln!("== packet rate through namespaces, {services} service(s)");
+        forwarding.extend(forward::measure(services, count)?);
+    }
     let agent_scale = if args.quick { 100 } else { 10_000 };
     let agent = match &args.xlb {
         Some(xlb) => Some(agent_memory(xlb, agent_scale)?),
@@ -127,6 +139,7 @@ fn main() -> Result<()> {
         ),
         packet,
         program,
+        forwarding,
         map_memory_bytes,
         agent,
     };
@@ -261,6 +274,20 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
             ms(p.change_p50_ms),
             ms(p.change_p99_ms),
             p.objects
+        );
+    }
+    md.push_str(
+        "\n## Packet rate through namespaces: client pod → node → backend pod\n\n\
+         Delivered packets per second at the backend's interface, trafgen UDP from one client; \
+         CPU is the whole machine's per delivered packet.\n\n\
+         | mode | services | flows | sent | delivered | pps | CPU µs/packet |\n\
+         |---|---:|---|---:|---:|---:|---:|\n",
+    );
+    for f in &r.forwarding {
+        let _ = writeln!(
+            md,
+            "| {:?} | {} | {} | {} | {} | {:.0} | {:.2} |",
+            f.mode, f.services, f.flows, f.sent, f.delivered, f.pps, f.cpu_us_per_packet
         );
     }
     let _ = writeln!(

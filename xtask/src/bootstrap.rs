@@ -145,10 +145,15 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask bench` calls out to besides the test tools: `rsvg-convert` (PNG plots).
+/// What `cargo xtask bench` calls out to besides the test tools: `rsvg-convert` (PNG plots)
+/// and `trafgen` (netsniff-ng: the packet generator of the namespace benchmark).
 pub fn ensure_bench_tools() -> Result<()> {
-    if succeeds("rsvg-convert", &["--version"]) {
-        return Ok(());
+    let mut missing = Vec::new();
+    if !succeeds("rsvg-convert", &["--version"]) {
+        missing.push("librsvg2-bin");
     }
-    apt_install(&["librsvg2-bin"])
+    if !succeeds("trafgen", &["--version"]) {
+        missing.push("netsniff-ng");
+    }
+    apt_install(&missing)
 }

@@ -1,0 +1,344 @@
+//! Packets per second through a real namespace topology — client pod → node → backend pod —
+//! counted where they arrive (the backend's interface), for xlb (TC on the client's
+//! interface), kube-proxy's iptables and nftables rulesets, and plain routing to the pod
+//! address (no service at all). trafgen sends a bounded count of UDP packets; `new` gives
+//! every packet a new source port (a new flow), `established` keeps one 5-tuple. The
+//! services are UDP here: a TCP flow would need a real handshake for netfilter's conntrack.
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use xlb::loader::{self, PinLayout};
+use xlb_tests::netns::{Netns, unique_tag};
+
+use crate::{control, datapath};
+
+const CLIENT: &str = "10.250.0.2";
+const GATEWAY: &str = "169.254.1.1";
+const NODE_MAC: &str = "ee:ee:ee:ee:ee:ee";
+const BACKEND_GW: &str = "169.254.2.2";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Xlb,
+    Iptables,
+    Nftables,
+    Routing,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Forwarding {
+    pub mode: Mode,
+    pub flows: &'static str,
+    pub services: u32,
+    pub sent: u64,
+    pub delivered: u64,
+    /// Delivered packets per second.
+    pub pps: f64,
+    /// CPU time of the whole machine per delivered packet, µs.
+    pub cpu_us_per_packet: f64,
+}
+
+/// client ns — veth — node ns — veth — backend ns; removed on drop (namespaces own links).
+struct Topology {
+    client: Netns,
+    node: Netns,
+    backend: Netns,
+    client_host_iface: String,
+}
+
+fn ip(ns: &Netns, args: &[&str]) -> Result<()> {
+    ns.ip(args)
+}
+
+impl Topology {
+    fn new() -> Result<Topology> {
+        let tag = unique_tag();
+        let (client, node, backend) = (
+            Netns::new(&tag, "bclient")?,
+            Netns::new(&tag, "bnode")?,
+            Netns::new(&tag, "bbackend")?,
+        );
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let host_c: String = format!("bc{tag}").chars().take(15).collect();
+        let host_b: String = format!("bb{tag}").chars().take(15).collect();
+        ip(
+            &node,
+            &[
+                "link",
+                "add",
+                &host_c,
+                "address",
+                NODE_MAC,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                client.name(),
+            ],
+        )?;
+        ip(
+            &node,
+            &[
+                "link",
+                "add",
+                &host_b,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                backend.name(),
+            ],
+        )?;
+        ip(
+            &client,
+            &["addr", "add", &format!("{CLIENT}/32"), "dev", "eth0"],
+        )?;
+        ip(&client, &["link", "set", "eth0", "up"])?;
+        ip(
+            &client,
+            &["route", "add", GATEWAY, "dev", "eth0", "scope", "link"],
+        )?;
+        ip(&client, &["route", "add", "default", "via", GATEWAY])?;
+        ip(
+            &client,
+            &[
+                "neigh",
+                "add",
+                GATEWAY,
+                "lladdr",
+                NODE_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip(&backend, &["link", "set", "eth0", "up"])?;
+        // Every endpoint address (10.244.0.0/14) lives behind the backend's interface.
+        let backend_mac = mac_of(&backend, "eth0")?;
+        ip(&node, &["link", "set", &host_c, "up"])?;
+        ip(&node, &["link", "set", &host_b, "up"])?;
+        ip(
+            &node,
+            &["route", "add", &format!("{CLIENT}/32"), "dev", &host_c],
+        )?;
+        ip(
+            &node,
+            &["route", "add", BACKEND_GW, "dev", &host_b, "scope", "link"],
+        )?;
+        ip(&node, &["route", "add", "10.244.0.0/14", "via", BACKEND_GW])?;
+        ip(
+            &node,
+            &[
+                "neigh",
+                "add",
+                BACKEND_GW,
+                "lladdr",
+                &backend_mac,
+                "dev",
+                &host_b,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(Topology {
+            client,
+            node,
+            backend,
+            client_host_iface: host_c,
+        })
+    }
+}
+
+fn mac_of(ns: &Netns, iface: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-n", ns.name(), "-j", "link", "show", iface])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["address"]
+        .as_str()
+        .map(String::from)
+        .context("interface MAC")
+}
+
+fn rx_packets(ns: &Netns, iface: &str) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["-n", ns.name(), "-s", "-j", "link", "show", iface])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("rx counter")
+}
+
+/// Busy jiffies of all CPUs (user+nice+system+irq+softirq).
+fn busy_jiffies() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .next()
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .enumerate()
+                .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6))
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// UDP (its conntrack has no handshake to fake): every packet from a random source port (a
+/// new flow each), or all from one port (one established flow after the first packet).
+fn trafgen_config(dst: Ipv4Addr, dport: u16, new_flows: bool, dst_mac: &str) -> String {
+    let sport = if new_flows { "drnd()" } else { "40000" };
+    format!(
+        "{{\n  eth(da={dst_mac}, sa=02:00:00:00:00:01),\n  ipv4(saddr={CLIENT}, daddr={dst}, ttl=64),\n  udp(sp={sport}, dp={dport}),\n  \"xlb-bench-payload\"\n}}\n"
+    )
+}
+
+/// Sends `count` packets and measures what arrives at the backend.
+fn blast(
+    t: &Topology,
+    dst: Ipv4Addr,
+    dport: u16,
+    new_flows: bool,
+    count: u64,
+) -> Result<(u64, f64, f64)> {
+    let conf = std::env::temp_dir().join(format!("xlb-trafgen-{}.cfg", std::process::id()));
+    std::fs::write(&conf, trafgen_config(dst, dport, new_flows, NODE_MAC))?;
+    let before = rx_packets(&t.backend, "eth0")?;
+    let cpu_before = busy_jiffies();
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            t.client.name(),
+            "trafgen",
+            "-o",
+            "eth0",
+            "-q",
+            "-n",
+        ])
+        .arg(count.to_string())
+        .arg("-i")
+        .arg(&conf)
+        .output()
+        .context("running trafgen")?;
+    // Let queued packets drain before counting.
+    std::thread::sleep(Duration::from_millis(200));
+    let elapsed = started.elapsed().as_secs_f64() - 0.2;
+    let _ = std::fs::remove_file(&conf);
+    if !out.status.success() {
+        bail!("trafgen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let delivered = rx_packets(&t.backend, "eth0")? - before;
+    let ticks = (busy_jiffies() - cpu_before) as f64;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_us = if delivered > 0 {
+        ticks / hz * 1e6 / delivered as f64
+    } else {
+        f64::NAN
+    };
+    Ok((delivered, delivered as f64 / elapsed.max(1e-6), cpu_us))
+}
+
+fn in_ns(ns: &Netns, program: &str, args: &[&str], input: Option<&str>) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), program])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{program}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Removes the bench's pins (and so its links) on drop.
+struct Pins(std::path::PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        loader::cleanup(&PinLayout::new(&self.0));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every mode at `services` services, new flows and established, `count` packets each.
+pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
+    let mut results = Vec::new();
+    let target = services / 2;
+    let vip = Ipv4Addr::from(0x0a60_0000 + target);
+    let endpoint = Ipv4Addr::from(0x0af4_0000 + target * datapath::ENDPOINTS);
+    for mode in [Mode::Routing, Mode::Xlb, Mode::Iptables, Mode::Nftables] {
+        let t = Topology::new()?;
+        let _pins = match mode {
+            Mode::Xlb => {
+                let pins = Pins(std::path::PathBuf::from(format!(
+                    "/sys/fs/bpf/xlb-bench-fwd-{}",
+                    std::process::id()
+                )));
+                xlb::bpffs::ensure_pin_dir(&pins.0)?;
+                let layout = PinLayout::new(&pins.0);
+                std::fs::create_dir_all(layout.maps_dir())?;
+                let iface = t.client_host_iface.clone();
+                let path = pins.0.clone();
+                t.node.enter(move || -> Result<()> {
+                    let layout = PinLayout::new(&path);
+                    let mut ebpf = loader::load(Some(&layout))?;
+                    datapath::populate(&mut ebpf, services, 17)?;
+                    loader::attach(&mut ebpf, &iface, &layout)?;
+                    Ok(())
+                })??;
+                Some(pins)
+            }
+            Mode::Iptables => {
+                let (rules, _) = control::iptables_ruleset(services, "udp");
+                in_ns(&t.node, "iptables-restore", &[], Some(&rules))?;
+                None
+            }
+            Mode::Nftables => {
+                let (rules, _) = control::nft_ruleset(services, "udp");
+                in_ns(&t.node, "nft", &["-f", "-"], Some(&rules))?;
+                None
+            }
+            Mode::Routing => None,
+        };
+        let (dst, dport) = if mode == Mode::Routing {
+            (endpoint, 8080)
+        } else {
+            (vip, 80)
+        };
+        for (flows, new) in [("new", true), ("established", false)] {
+            let (delivered, pps, cpu) = blast(&t, dst, dport, new, count)?;
+            results.push(Forwarding {
+                mode,
+                flows,
+                services,
+                sent: count,
+                delivered,
+                pps,
+                cpu_us_per_packet: cpu,
+            });
+        }
+    }
+    Ok(results)
+}
