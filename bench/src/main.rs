@@ -307,7 +307,8 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
         );
     }
     md.push_str(&format!(
-        "\n![ns per packet]({stem}-packet.svg)\n![programming time]({stem}-program.svg)\n"
+        "\n![ns per packet]({stem}-packet.svg)\n![programming time]({stem}-program.svg)\n\
+         ![packet rate]({stem}-pps.svg)\n"
     ));
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
 
@@ -340,7 +341,35 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
                 .collect(),
         })
         .collect();
+    let mut modes: Vec<String> = r
+        .forwarding
+        .iter()
+        .map(|f| format!("{:?} {}", f.mode, f.flows))
+        .collect();
+    modes.sort();
+    modes.dedup();
+    let pps_series: Vec<plot::Series> = modes
+        .iter()
+        .map(|m| plot::Series {
+            name: m.to_lowercase(),
+            points: r
+                .forwarding
+                .iter()
+                .filter(|f| format!("{:?} {}", f.mode, f.flows) == *m)
+                .map(|f| (f64::from(f.services), f.pps.max(1.0)))
+                .collect(),
+        })
+        .collect();
     for (name, svg) in [
+        (
+            "pps",
+            plot::chart(
+                "Delivered packets/s, client pod → node → backend pod",
+                "services (10 endpoints each)",
+                "packets per second",
+                &pps_series,
+            ),
+        ),
         (
             "packet",
             plot::chart(
