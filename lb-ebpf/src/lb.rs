@@ -60,11 +60,12 @@ fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     match svc::balance(flow, SCOPE_INTERNAL, ctx.len())? {
         Decision::Translate { dst, src, outcome } => {
             nat::rewrite_dst(ctx, flow, dst.0, dst.1)?;
-            let Some((addr, port)) = src else {
-                return Ok((TC_ACT_OK, outcome));
-            };
-            // Hairpin: with a node address as source the stack would see a martian.
-            nat::rewrite_src(ctx, flow, addr, port)?;
+            if let Some((addr, port)) = src {
+                // Hairpin: with a node address as source the stack would see a martian.
+                nat::rewrite_src(ctx, flow, addr, port)?;
+            }
+            // Straight to the backend's interface (FIB lookup + redirect), skipping the
+            // stack's routing and netfilter, as Cilium's BPF host routing does.
             Ok((route::forward(ctx)?, outcome))
         }
         Decision::Reject => icmp::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),

@@ -13,7 +13,12 @@ use lb_common::{
 };
 use xlb::{loader, prog_test_run};
 
-use xlb_tests::packet::checksum_errors;
+use std::os::fd::AsRawFd as _;
+
+use xlb_tests::{
+    netns::{Netns, unique_tag},
+    packet::checksum_errors,
+};
 
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_REDIRECT: i32 = 7;
@@ -30,6 +35,7 @@ pub fn ip(s: &str) -> u32 {
 /// A freshly loaded object with private (unpinned) maps: every test starts from empty maps.
 pub struct Datapath {
     pub ebpf: Ebpf,
+    _netns: Netns,
 }
 
 #[derive(Clone, Copy)]
@@ -39,9 +45,18 @@ pub enum Hook {
 }
 
 impl Datapath {
+    /// Loads the object, and moves the calling test's thread into an empty network
+    /// namespace of its own: the programs' FIB lookups then find no route whatever the
+    /// machine's routing, so verdicts do not depend on the host.
     pub fn new() -> Datapath {
+        let netns = Netns::new(&unique_tag(), "dp").expect("test namespace");
+        let file = std::fs::File::open(netns.path()).expect("open namespace");
+        // SAFETY: setns on an open netns fd only moves this (test) thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         Datapath {
             ebpf: loader::load(None).expect("eBPF object loads and passes the verifier"),
+            _netns: netns,
         }
     }
 
