@@ -83,14 +83,10 @@ pub struct UnreachableBody {
 
 pub const REPLY_LEN: u32 = (ETH_HLEN + IP_HLEN + core::mem::size_of::<UnreachableBody>()) as u32;
 
-/// Turns the packet into an ICMP port unreachable from the VIP back to the client and sends
-/// it out of the interface it came from (towards the client pod).
+/// The IPv4 header and ICMP body of a port unreachable from the frontend (`flow`'s
+/// destination) back to its client, quoting the offending packet's first 28 bytes.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
-    let failed = |_| outcome::DROP_REWRITE_FAILED;
-    let macs: [u8; 12] = ctx.load(0).map_err(failed)?;
-    let quoted: [u8; IP_HLEN + 8] = ctx.load(IP_OFF).map_err(failed)?;
-
+pub fn unreachable(flow: &Flow, quoted: [u8; IP_HLEN + 8]) -> (Ipv4Hdr, UnreachableBody) {
     let mut body = UnreachableBody {
         icmp_type: ICMP_DEST_UNREACH,
         code: ICMP_PORT_UNREACH,
@@ -112,6 +108,17 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
         dst: flow.src,
     };
     ip.csum = csum::checksum(&mut ip);
+    (ip, body)
+}
+
+/// Turns the packet into an ICMP port unreachable from the VIP back to the client and sends
+/// it out of the interface it came from (towards the client pod).
+#[inline(always)]
+pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    let macs: [u8; 12] = ctx.load(0).map_err(failed)?;
+    let quoted: [u8; IP_HLEN + 8] = ctx.load(IP_OFF).map_err(failed)?;
+    let (ip, body) = unreachable(flow, quoted);
 
     // SAFETY: plain helper call on our own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN, 0) } != 0 {

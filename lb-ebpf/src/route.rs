@@ -18,6 +18,21 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const TTL_OFF: usize = 8;
 
+/// FIB lookup parameters for `ip`'s packet arriving on `ifindex` (shared with XDP).
+#[inline(always)]
+pub fn fib_params(ip: &Ipv4Hdr, ifindex: u32) -> FibParams {
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = ip.src;
+    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
+    fib.ifindex = ifindex;
+    fib
+}
+
 /// Sends the (already rewritten) packet out of the interface its destination routes to.
 /// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would.
 #[inline(always)]
@@ -27,16 +42,8 @@ pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
     if ip.ttl <= 1 {
         return Ok(TC_ACT_OK); // the stack sends time-exceeded
     }
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = ip.src;
-    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
     // SAFETY: reading the skb's own ifindex field.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut fib = fib_params(&ip, unsafe { (*ctx.skb.skb).ifindex });
     // SAFETY: the helper reads and writes `fib` only.
     let rc = unsafe {
         bpf_fib_lookup(

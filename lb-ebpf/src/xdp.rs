@@ -10,18 +10,17 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Outcome, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
+use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
-    csum,
-    icmp::{REPLY_LEN, UnreachableBody},
-    parse::{ETH_HLEN, Flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, IP_HLEN, Ipv4Hdr},
+    icmp::{self, REPLY_LEN, UnreachableBody},
+    parse::{ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
+    route,
     svc::{self, Decision},
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
-const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 
 /// Runs the external path; returns the XDP verdict and the outcome to count.
@@ -200,16 +199,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
     if ip.ttl <= 1 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = ip.src;
-    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
     let ingress = ctx.ingress_ifindex() as u32;
-    fib.ifindex = ingress;
+    let mut fib = route::fib_params(ip, ingress);
     // SAFETY: helper reads and writes `fib` only.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -270,27 +261,7 @@ fn reject(ctx: &XdpContext, flow: &Flow) -> Result<(u32, Outcome), Outcome> {
         macs.copy_from_slice(&*(data as *const [u8; 12]));
         quoted.copy_from_slice(&*((data + ETH_HLEN) as *const [u8; IP_HLEN + 8]));
     }
-    let mut body = UnreachableBody {
-        icmp_type: ICMP_DEST_UNREACH,
-        code: ICMP_PORT_UNREACH,
-        csum: 0,
-        unused: 0,
-        quoted,
-    };
-    body.csum = csum::checksum(&mut body);
-    let mut ip = Ipv4Hdr {
-        ver_ihl: 0x45,
-        tos: 0xc0,
-        tot_len: ((REPLY_LEN as usize - ETH_HLEN) as u16).to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: 64,
-        proto: PROTO_ICMP,
-        csum: 0,
-        src: flow.dst,
-        dst: flow.src,
-    };
-    ip.csum = csum::checksum(&mut ip);
+    let (ip, body) = icmp::unreachable(flow, quoted);
     let delta = REPLY_LEN as i32 - (end - data) as i32;
     // SAFETY: plain helper call on our own packet; pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx.cast(), delta) } != 0 {

@@ -280,6 +280,14 @@ pub fn sock_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    typed_program(ebpf, name)
+}
+
+/// A program of the object by name, as its type.
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(LoaderError::MissingProgram(name))?
         .try_into()
@@ -289,14 +297,36 @@ pub fn sock_program<'a>(
         })
 }
 
+fn ensure_links_dir(pins: &PinLayout) -> Result<(), LoaderError> {
+    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
+        path: pins.links_dir(),
+        message: e.to_string(),
+    })
+}
+
+/// Pins `link` at `path`; a link an earlier agent pinned there is detached only now, after
+/// the new one is attached, so the hook is never empty.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), LoaderError>
+where
+    L: TryInto<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    remove_pinned_link(path);
+    fd_link.pin(path).map(drop).map_err(|e| LoaderError::Pin {
+        path: path.to_path_buf(),
+        message: error_chain(&e),
+    })
+}
+
 /// Attaches the socket hooks to the cgroup at `path` (node processes in it reach services
 /// through them). Links of an earlier agent are replaced only once the new ones are in
 /// place; both translate alike, so no connect() goes untranslated meanwhile.
 pub fn attach_cgroup(ebpf: &mut Ebpf, path: &Path, pins: &PinLayout) -> Result<(), LoaderError> {
-    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
-        path: pins.links_dir(),
-        message: e.to_string(),
-    })?;
+    ensure_links_dir(pins)?;
     let cgroup = std::fs::File::open(path).map_err(|e| LoaderError::Pin {
         path: path.to_path_buf(),
         message: format!("opening the cgroup: {e}"),
@@ -315,16 +345,7 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, path: &Path, pins: &PinLayout) -> Result<(
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
-        let pin = pins.link(CGROUP_PIN_NAME, hook);
-        let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
-            path: pin.clone(),
-            message: format!("{e}"),
-        })?;
-        remove_pinned_link(&pin);
-        fd_link.pin(&pin).map_err(|e| LoaderError::Pin {
-            path: pin.clone(),
-            message: error_chain(&e),
-        })?;
+        pin_link(link, &pins.link(CGROUP_PIN_NAME, hook))?;
     }
     Ok(())
 }
@@ -334,25 +355,12 @@ pub fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoaderError> {
-    ebpf.program_mut(name)
-        .ok_or(LoaderError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            name,
-            source: Box::new(source),
-        })
+    typed_program(ebpf, name)
 }
 
 /// The loaded XDP program.
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
-    let name = program_names::XDP_EXTERNAL;
-    ebpf.program_mut(name)
-        .ok_or(LoaderError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            name,
-            source: Box::new(source),
-        })
+    typed_program(ebpf, program_names::XDP_EXTERNAL)
 }
 
 /// How the XDP program runs on external interfaces (`--xdp-mode`).
@@ -374,10 +382,7 @@ pub fn attach_external(
     pins: &PinLayout,
     how: XdpAttach,
 ) -> Result<AttachMode, LoaderError> {
-    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
-        path: pins.links_dir(),
-        message: e.to_string(),
-    })?;
+    ensure_links_dir(pins)?;
     let path = pins.link(iface, Hook::External);
     let prog = xdp_program(ebpf)?;
     let attach_err = |source| LoaderError::Attach {
@@ -416,25 +421,14 @@ pub fn attach_external(
         },
     };
     let link = prog.take_link(id).map_err(attach_err)?;
-    let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
-        path: path.clone(),
-        message: format!("{e}"),
-    })?;
-    let _ = std::fs::remove_file(&path);
-    fd_link.pin(&path).map_err(|e| LoaderError::Pin {
-        path: path.clone(),
-        message: error_chain(&e),
-    })?;
+    pin_link(link, &path)?;
     Ok(mode)
 }
 
 /// Attaches both hooks to `iface`, replacing pinned links of an earlier agent only after the
 /// new ones are in place, so there is no moment without a program.
 pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMode, LoaderError> {
-    std::fs::create_dir_all(pins.links_dir()).map_err(|e| LoaderError::Pin {
-        path: pins.links_dir(),
-        message: e.to_string(),
-    })?;
+    ensure_links_dir(pins)?;
     let mut mode = AttachMode::Tcx;
     for hook in Hook::POD {
         let prog = program(ebpf, hook.program())?;
@@ -471,16 +465,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
             }
         };
         let link = prog.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link.try_into().map_err(|e| LoaderError::Pin {
-            path: pins.link(iface, hook),
-            message: format!("{e}"),
-        })?;
-        let path = pins.link(iface, hook);
-        remove_pinned_link(&path);
-        fd_link.pin(&path).map_err(|e| LoaderError::Pin {
-            path: path.clone(),
-            message: error_chain(&e),
-        })?;
+        pin_link(link, &pins.link(iface, hook))?;
     }
     Ok(mode)
 }
