@@ -171,10 +171,13 @@ impl FakeApi {
         changed.notify_all();
     }
 
-    /// Compacts history: open watches get `410 Gone` and must relist.
+    /// Compacts history: open watches get `410 Gone` and must relist. History moves on first
+    /// (another object's change, as in a busy cluster), so every resourceVersion a client
+    /// holds is older than what is kept, whatever bookmarks it saw.
     pub fn expire_history(&self) {
         let (lock, changed) = &*self.state;
         let mut state = lock.lock().expect("state");
+        state.rv += 1;
         state.compacted_below = state.rv + 1;
         state.epoch += 1;
         changed.notify_all();
