@@ -1,15 +1,9 @@
 //! Control plane: time to program N services from cold and one change among N, for xlb
 //! (sync into real pinned maps) and for kube-proxy's own datapaths (`iptables-restore` of its
 //! iptables-mode ruleset, `nft -f` of its nftables-mode ruleset, in a namespace of ours).
-use std::{
-    fmt::Write as _,
-    net::Ipv4Addr,
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 use xlb::{
     loader::{self, PinLayout},
@@ -255,29 +249,7 @@ impl Drop for Namespace {
 }
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    xlb::command::run(program, args, input)?;
     Ok(())
 }
 

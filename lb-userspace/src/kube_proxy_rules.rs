@@ -1,10 +1,7 @@
 //! `xlb cleanup --kube-proxy-rules`: removes what kube-proxy leaves behind when it is
 //! replaced — its iptables chains (and every rule jumping to them) and its nftables tables —
 //! while keeping everything else, kubelet's own KUBE-* chains included.
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
+use crate::command::{CommandError, run};
 
 /// Chains kube-proxy's iptables mode creates (kube-proxy's own `--cleanup` list).
 const OWNED: [&str; 8] = [
@@ -80,36 +77,8 @@ pub fn strip(save: &str) -> (String, usize) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
-    #[error("running {program}: {message} (is the iptables package installed?)")]
-    Run { program: String, message: String },
-}
-
-fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, CleanupError> {
-    let err = |message: String| CleanupError::Run {
-        program: format!("{program} {}", args.join(" ")),
-        message,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| err(e.to_string()))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
-    if !out.status.success() {
-        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    #[error("{0} (is the iptables package installed?)")]
+    Run(#[from] CommandError),
 }
 
 /// Removes kube-proxy's rules from this network namespace (IPv4 and IPv6 iptables, and the
@@ -126,7 +95,7 @@ pub fn cleanup() -> Result<Vec<String>, CleanupError> {
                 log::debug!("{e}; skipping IPv6");
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let (stripped, removed) = strip(&current);
         if removed > 0 {

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cli;
+pub mod command;
 pub mod conntrack_gc;
 pub mod events;
 pub mod explain;

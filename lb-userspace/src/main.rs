@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use xlb::{
     agent::{self, AgentConfig, SourceConfig},
-    cli::{AgentArgs, Cli, Command, ProtoArg, ReadArgs},
+    cli::{Cli, Command, ProtoArg, ReadArgs},
     ifaces::IfacePatterns,
     inspect,
     loader::{self, PinLayout},
@@ -22,23 +22,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Agent(args) => {
-            let AgentArgs {
-                manifests,
-                kubeconfig,
-                pod_ifaces,
-                bpffs,
-                scheduler,
-                maglev_table_size,
-                metrics_addr,
-                healthz_addr,
-                node_name,
-                external_ifaces,
-                node_ips,
-                snat_ports,
-                xdp_mode,
-                cgroup,
-            } = *args;
-            let cgroup = match cgroup.as_str() {
+            let args = *args;
+            let cgroup = match args.cgroup.as_str() {
                 "none" => None,
                 "auto" => Some(xlb::bpffs::cgroup2_root().context(
                     "no cgroup v2 mount found for the socket hooks: pass --cgroup PATH or \
@@ -46,23 +31,34 @@ fn run(cli: Cli) -> Result<()> {
                 )?),
                 path => Some(std::path::PathBuf::from(path)),
             };
-            let external_ifaces = IfacePatterns::parse(&external_ifaces).with_context(|| {
-                format!("--external-ifaces {external_ifaces:?} is not a valid list")
-            })?;
-            let node_name = node_name
+            let external_ifaces =
+                IfacePatterns::parse(&args.external_ifaces).with_context(|| {
+                    format!(
+                        "--external-ifaces {:?} is not a valid list",
+                        args.external_ifaces
+                    )
+                })?;
+            let node_name = args
+                .node_name
                 .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
                 .or_else(hostname)
                 .context("no --node-name, no $NODE_NAME and no host name: pass --node-name")?;
-            let pod_ifaces = IfacePatterns::parse(&pod_ifaces)
-                .with_context(|| format!("--pod-ifaces {pod_ifaces:?} is not a valid glob list"))?;
+            let pod_ifaces = IfacePatterns::parse(&args.pod_ifaces).with_context(|| {
+                format!(
+                    "--pod-ifaces {:?} is not a valid glob list",
+                    args.pod_ifaces
+                )
+            })?;
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, Arc::clone(&stop))
                     .context("installing signal handlers")?;
             }
-            let source = match manifests {
+            let source = match args.manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::Kube { kubeconfig },
+                None => SourceConfig::Kube {
+                    kubeconfig: args.kubeconfig,
+                },
             };
             let event_target = match &source {
                 SourceConfig::Kube { kubeconfig } => Some((kubeconfig.clone(), node_name.clone())),
@@ -72,16 +68,16 @@ fn run(cli: Cli) -> Result<()> {
                 AgentConfig {
                     source,
                     pod_ifaces,
-                    bpffs,
-                    scheduler,
-                    maglev_table_size,
-                    metrics_addr,
-                    healthz_addr,
+                    bpffs: args.bpffs,
+                    scheduler: args.scheduler,
+                    maglev_table_size: args.maglev_table_size,
+                    metrics_addr: args.metrics_addr,
+                    healthz_addr: args.healthz_addr,
                     node_name,
                     external_ifaces,
-                    node_ips,
-                    snat_ports,
-                    xdp_mode,
+                    node_ips: args.node_ips,
+                    snat_ports: args.snat_ports,
+                    xdp_mode: args.xdp_mode,
                     cgroup,
                 },
                 stop,
