@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use lb_common::program_names;
 use serde::Serialize;
 use xlb::loader::{self, PinLayout};
 use xlb_tests::netns::{Netns, unique_tag};
@@ -42,6 +43,17 @@ pub struct Forwarding {
     pub pps: f64,
     /// CPU time of the whole machine per delivered packet, µs.
     pub cpu_us_per_packet: f64,
+    /// xlb only: the from-pod program's own time per packet in this run, from the kernel's
+    /// BPF run-time statistics (`kernel.bpf_stats_enabled`), ns.
+    pub program_ns_per_packet: Option<f64>,
+}
+
+/// Run time and run count of the loaded program with id `id`.
+fn program_runs(id: u32) -> Option<(u64, u64)> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .map(|p| (p.run_time().as_nanos() as u64, p.run_count()))
 }
 
 /// client ns — veth — node ns — veth — backend ns; removed on drop (namespaces own links).
@@ -50,6 +62,7 @@ struct Topology {
     node: Netns,
     backend: Netns,
     client_host_iface: String,
+    backend_host_iface: String,
 }
 
 fn ip(ns: &Netns, args: &[&str]) -> Result<()> {
@@ -156,6 +169,7 @@ impl Topology {
             node,
             backend,
             client_host_iface: host_c,
+            backend_host_iface: host_b,
         })
     }
 }
@@ -169,16 +183,6 @@ fn mac_of(ns: &Netns, iface: &str) -> Result<String> {
         .as_str()
         .map(String::from)
         .context("interface MAC")
-}
-
-fn rx_packets(ns: &Netns, iface: &str) -> Result<u64> {
-    let out = Command::new("ip")
-        .args(["-n", ns.name(), "-s", "-j", "link", "show", iface])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .context("rx counter")
 }
 
 /// Busy jiffies of all CPUs (user+nice+system+irq+softirq).
@@ -217,7 +221,7 @@ fn blast(
 ) -> Result<(u64, f64, f64)> {
     let conf = std::env::temp_dir().join(format!("xlb-trafgen-{}.cfg", std::process::id()));
     std::fs::write(&conf, trafgen_config(dst, dport, new_flows, NODE_MAC))?;
-    let before = rx_packets(&t.backend, "eth0")?;
+    let (before, _) = t.backend.link_packets("eth0")?;
     let cpu_before = busy_jiffies();
     let started = Instant::now();
     let out = Command::new("ip")
@@ -243,7 +247,7 @@ fn blast(
     if !out.status.success() {
         bail!("trafgen: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let delivered = rx_packets(&t.backend, "eth0")? - before;
+    let delivered = t.backend.link_packets("eth0")?.0 - before;
     let ticks = (busy_jiffies() - cpu_before) as f64;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -282,6 +286,9 @@ impl Drop for Pins {
     }
 }
 
+/// The largest service count whose kube-proxy rulesets the bench loads.
+pub const KUBE_PROXY_MAX: u32 = 10_000;
+
 /// Every mode at `services` services, new flows and established, `count` packets each.
 pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
     let mut results = Vec::new();
@@ -289,7 +296,14 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
     let vip = Ipv4Addr::from(0x0a60_0000 + target);
     let endpoint = Ipv4Addr::from(0x0af4_0000 + target * datapath::ENDPOINTS);
     for mode in [Mode::Routing, Mode::Xlb, Mode::Iptables, Mode::Nftables] {
+        if matches!(mode, Mode::Iptables | Mode::Nftables) && services > KUBE_PROXY_MAX {
+            eprintln!(
+                "   {mode:?} skipped above {KUBE_PROXY_MAX} services (loading its ruleset takes many minutes)"
+            );
+            continue;
+        }
         let t = Topology::new()?;
+        let mut from_pod_id = None;
         let _pins = match mode {
             Mode::Xlb => {
                 let pins = Pins(std::path::PathBuf::from(format!(
@@ -299,15 +313,21 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                 xlb::bpffs::ensure_pin_dir(&pins.0)?;
                 let layout = PinLayout::new(&pins.0);
                 std::fs::create_dir_all(layout.maps_dir())?;
-                let iface = t.client_host_iface.clone();
+                // Both are pod interfaces, as the agent would see them: the backend's one
+                // receives translated packets with bpf_redirect_peer.
+                let ifaces = [t.client_host_iface.clone(), t.backend_host_iface.clone()];
                 let path = pins.0.clone();
-                t.node.enter(move || -> Result<()> {
+                let id = t.node.enter(move || -> Result<u32> {
                     let layout = PinLayout::new(&path);
                     let mut ebpf = loader::load(Some(&layout))?;
                     datapath::populate(&mut ebpf, services, 17)?;
-                    loader::attach(&mut ebpf, &iface, &layout)?;
-                    Ok(())
+                    for iface in &ifaces {
+                        loader::attach(&mut ebpf, iface, &layout)?;
+                    }
+                    let from_pod = loader::program(&mut ebpf, program_names::TC_FROM_POD)?;
+                    Ok(from_pod.info()?.id())
                 })??;
+                from_pod_id = Some(id);
                 Some(pins)
             }
             Mode::Iptables => {
@@ -327,8 +347,20 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
         } else {
             (vip, 80)
         };
+        // Counts run time only while this descriptor is open.
+        let _stats = from_pod_id
+            .map(|_| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+            .transpose()
+            .context("enabling BPF run-time statistics")?;
         for (flows, new) in [("new", true), ("established", false)] {
+            let runs_before = from_pod_id.and_then(program_runs);
             let (delivered, pps, cpu) = blast(&t, dst, dport, new, count)?;
+            let program_ns_per_packet = match (runs_before, from_pod_id.and_then(program_runs)) {
+                (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
+                    Some((t1 - t0) as f64 / (n1 - n0) as f64)
+                }
+                _ => None,
+            };
             results.push(Forwarding {
                 mode,
                 flows,
@@ -337,6 +369,7 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                 delivered,
                 pps,
                 cpu_us_per_packet: cpu,
+                program_ns_per_packet,
             });
         }
     }

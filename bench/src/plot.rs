@@ -11,8 +11,15 @@ const COLORS: [&str; 10] = [
     "#7f7f7f", "#bcbd22",
 ];
 
+/// Decades covering `values` (positive, finite ones; 1..10 if there are none, e.g. when a
+/// part of the bench was not run).
 fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if lo > hi {
+        return (1.0, 10.0);
+    }
     let lo = 10f64.powf(lo.max(1e-9).log10().floor());
     let hi = 10f64.powf(hi.max(lo * 10.0).log10().ceil());
     (lo, hi)
@@ -100,4 +107,23 @@ pub fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> St
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_of_no_points_or_one_point_are_drawn() {
+        let empty = chart("t", "x", "y", &[]);
+        assert!(empty.ends_with("</svg>\n"));
+        let one = Series {
+            name: "only".into(),
+            points: vec![(1.0, 500.0)],
+        };
+        let svg = chart("t", "x", "y", &[one]);
+        assert!(svg.contains("<circle"), "{svg}");
+        // x: 1..10, y: 100..1000, one grid line per decade.
+        assert_eq!(svg.matches("stroke=\"#ddd\"").count(), 4, "{svg}");
+    }
 }

@@ -24,8 +24,11 @@ pub mod map_names {
     /// Sockets of node processes connected to a backend through a frontend: the frontend
     /// to show them as their peer.
     pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
+    /// Host ends of pod veths the agent attached to (ifindex → 1): translated packets for
+    /// them go straight into the pod with `bpf_redirect_peer`.
+    pub const POD_IFACES: &str = "XLB_POD_IFACES";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -40,6 +43,7 @@ pub mod map_names {
         CONFIG,
         SOURCE_RANGES,
         SOCK_REVNAT,
+        POD_IFACES,
     ];
 }
 
@@ -79,6 +83,7 @@ pub mod map_sizes {
     pub const NODE_IPS: u32 = 256;
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const SOCK_REVNAT: u32 = 262_144;
+    pub const POD_IFACES: u32 = 16_384;
 }
 
 pub const PROTO_TCP: u8 = 6;

@@ -78,3 +78,9 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
 #[map(name = "XLB_SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> =
     LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);
+
+/// Host ends of pod interfaces (ifindex → 1): forwarding into these uses
+/// `bpf_redirect_peer`, which hands the packet to the pod's end without a second pass
+/// through the node's backlog queue.
+#[map(name = "XLB_POD_IFACES")]
+pub static POD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(map_sizes::POD_IFACES, 0);

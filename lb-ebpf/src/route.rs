@@ -3,13 +3,14 @@
 //! source became a node address would be dropped there as a martian.
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use lb_common::{Outcome, outcome};
 
 use crate::{
     lb::{TC_ACT_OK, TC_ACT_REDIRECT},
+    maps::POD_IFACES,
     parse::{IP_CSUM_OFF, IP_OFF, Ipv4Hdr},
 };
 
@@ -68,8 +69,17 @@ pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
         macs[..6].copy_from_slice(&fib.dmac);
         macs[6..].copy_from_slice(&fib.smac);
         ctx.store(0, &macs, 0).map_err(failed)?;
-        // SAFETY: plain helper call.
-        unsafe { bpf_redirect(fib.ifindex, 0) }
+        // SAFETY: the map value is not used, only its presence.
+        if unsafe { POD_IFACES.get(fib.ifindex) }.is_some() {
+            // Into a local pod: the veth's peer receives it directly (ingress of the pod's
+            // end), skipping the veth transmit and the backlog queue a plain redirect takes
+            // (Cilium's BPF host routing). We run at TC ingress, as the helper requires.
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect_peer(fib.ifindex, 0) }
+        } else {
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect(fib.ifindex, 0) }
+        }
     } else {
         // The neighbour is not resolved yet: let the kernel resolve it and send.
         // SAFETY: plain helper call; no explicit next hop.

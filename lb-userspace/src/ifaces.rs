@@ -140,6 +140,15 @@ pub struct Attacher {
 }
 
 impl Attacher {
+    fn forget_pod_iface(&self, ebpf: &mut Ebpf, name: &str, index: u32) {
+        if self.role != Role::Pod {
+            return;
+        }
+        if let Err(e) = loader::mark_pod_iface(ebpf, name, index, false) {
+            log::warn!("{e}");
+        }
+    }
+
     pub fn new(role: Role, patterns: IfacePatterns) -> Self {
         Self {
             role,
@@ -170,7 +179,9 @@ impl Attacher {
         let hooks = self.role.hooks();
         for name in gone {
             loader::detach(&name, pins, hooks);
-            self.attached.remove(&name);
+            if let Some(index) = self.attached.remove(&name) {
+                self.forget_pod_iface(ebpf, &name, index);
+            }
             log::info!("detached from {name} (interface gone)");
         }
         if !self.swept_stale_pins {
@@ -178,6 +189,15 @@ impl Attacher {
                 if !present.contains_key(&name) {
                     loader::detach(&name, pins, hooks);
                     log::info!("removed stale pinned links of {name}");
+                }
+            }
+            // An ifindex left by an earlier agent may now name another device, into which
+            // bpf_redirect_peer would drop: keep only interfaces that match now (re-marked
+            // when attached below).
+            let current: Vec<u32> = present.values().copied().collect();
+            for index in loader::marked_pod_ifaces(ebpf) {
+                if self.role == Role::Pod && !current.contains(&index) {
+                    self.forget_pod_iface(ebpf, "(stale)", index);
                 }
             }
             self.swept_stale_pins = true;

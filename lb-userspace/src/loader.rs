@@ -49,13 +49,20 @@ pub enum LoaderError {
     },
     #[error("reading pinned map {path}: {message}")]
     PinnedMap { path: PathBuf, message: String },
+    #[error("recording {iface} (ifindex {ifindex}) in map {map}: {message}")]
+    PodIface {
+        iface: String,
+        ifindex: u32,
+        map: &'static str,
+        message: String,
+    },
 }
 
 /// Stands in for an interface name in the link pins of the socket hooks.
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size and capacity of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 14] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 15] = {
     use lb_common::*;
     use std::mem::size_of;
     let counters = size_of::<TrafficCounter>();
@@ -116,6 +123,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 14] = {
             size_of::<SockFrontend>(),
             map_sizes::SOCK_REVNAT,
         ),
+        (map_names::POD_IFACES, 4, 4, map_sizes::POD_IFACES),
     ]
 };
 
@@ -467,6 +475,10 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pins: &PinLayout) -> Result<AttachMo
         let link = prog.take_link(link_id).map_err(attach_err)?;
         pin_link(link, &pins.link(iface, hook))?;
     }
+    let c_name = std::ffi::CString::new(iface).unwrap_or_default();
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    mark_pod_iface(ebpf, iface, ifindex, true)?;
     Ok(mode)
 }
 
@@ -506,6 +518,44 @@ pub fn detach(iface: &str, pins: &PinLayout, hooks: &[Hook]) {
     for hook in hooks {
         remove_pinned_link(&pins.link(iface, *hook));
     }
+}
+
+/// Records (or, with `pod` false, forgets) `ifindex` as the host end of a pod interface:
+/// the datapath forwards translated packets into those with `bpf_redirect_peer`.
+pub fn mark_pod_iface(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    ifindex: u32,
+    pod: bool,
+) -> Result<(), LoaderError> {
+    let fail = |message: String| LoaderError::PodIface {
+        iface: iface.to_string(),
+        ifindex,
+        map: map_names::POD_IFACES,
+        message,
+    };
+    let map = ebpf
+        .map_mut(map_names::POD_IFACES)
+        .ok_or_else(|| fail("map missing from the eBPF object".into()))?;
+    let mut map: aya::maps::HashMap<_, u32, u32> =
+        aya::maps::HashMap::try_from(map).map_err(|e| fail(e.to_string()))?;
+    let done = if pod {
+        map.insert(ifindex, 1, 0)
+    } else {
+        match map.remove(&ifindex) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    };
+    done.map_err(|e| fail(e.to_string()))
+}
+
+/// Every ifindex recorded by [`mark_pod_iface`] (by this agent or an earlier one).
+pub fn marked_pod_ifaces(ebpf: &Ebpf) -> Vec<u32> {
+    ebpf.map(map_names::POD_IFACES)
+        .and_then(|m| aya::maps::HashMap::<_, u32, u32>::try_from(m).ok())
+        .map(|m| m.keys().filter_map(Result::ok).collect())
+        .unwrap_or_default()
 }
 
 /// Interfaces with pinned links of `hooks`, by name (from the pin file names).

@@ -77,6 +77,19 @@ impl Netns {
         run("ip", &full).map(|_| ())
     }
 
+    /// The (received, transmitted) packet counters of `iface` in this namespace.
+    pub fn link_packets(&self, iface: &str) -> Result<(u64, u64)> {
+        let out = run("ip", &["-n", &self.name, "-s", "-j", "link", "show", iface])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("`ip -s -j link show {iface}` in {}", self.name))?;
+        let count = |dir: &str| {
+            v[0]["stats64"][dir]["packets"]
+                .as_u64()
+                .with_context(|| format!("{dir} packets of {iface} in {}", self.name))
+        };
+        Ok((count("rx")?, count("tx")?))
+    }
+
     /// Sets a sysctl inside the namespace (/proc/sys/net is per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

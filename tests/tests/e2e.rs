@@ -127,6 +127,45 @@ fn clusterip_spreads_over_ready_backends_only() {
 }
 
 #[test]
+fn translated_packets_enter_local_backends_without_the_node_stack() {
+    if !privileged("translated_packets_enter_local_backends_without_the_node_stack") {
+        return;
+    }
+    let c = web_cluster(None);
+    let backends = ["be1", "be2", "be3"];
+    let counters = || -> Vec<(u64, u64)> {
+        backends
+            .iter()
+            .map(|name| {
+                let pod = c.node.pod(name);
+                let (_, host_tx) = c.node.ns.link_packets(&pod.host_iface).expect("host end");
+                let (pod_rx, _) = pod.ns.link_packets("eth0").expect("pod end");
+                (host_tx, pod_rx)
+            })
+            .collect()
+    };
+    let before = counters();
+    let n = 300;
+    let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 53), n, true);
+    assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
+    assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
+    let after = counters();
+    let (mut host_tx, mut pod_rx) = (0, 0);
+    for (b, a) in before.iter().zip(&after) {
+        host_tx += a.0 - b.0;
+        pod_rx += a.1 - b.1;
+    }
+    // bpf_redirect_peer hands requests to the pod's end of the veth: it counts them, the
+    // node's end never transmits them. Only a backend's first packet (neighbour not yet
+    // resolved: bpf_redirect_neigh) and the neighbour probes themselves pass the node's end.
+    assert!(pod_rx >= n as u64, "pods received {pod_rx} of {n}");
+    assert!(
+        host_tx <= 3 * backends.len() as u64,
+        "the node's ends transmitted {host_tx} packets for {n} requests"
+    );
+}
+
+#[test]
 fn session_affinity_pins_a_client_to_one_backend() {
     if !privileged("session_affinity_pins_a_client_to_one_backend") {
         return;
