@@ -1,10 +1,20 @@
 //! Per-packet cost of the programs, in the kernel's own measure (BPF_PROG_TEST_RUN's
-//! duration), at a given number of services with 10 endpoints each. Every call runs one
-//! fresh packet (repeat = 1): the kernel reuses a packet across repetitions, so a DNATed
-//! packet would otherwise come back as a different one.
+//! duration), at a given number of services with 10 endpoints each, in a namespace of the
+//! bench's own whose routes make the programs' FIB lookups succeed (as on a node).
+//!
+//! Two methods:
+//! - *warm*: one call runs the same packet `WARM_REPEAT` times (the kernel's repetitions);
+//!   the result is the median over calls of the per-packet average. The kernel hands a
+//!   translated packet to the next repetition, so every backend address of the measured
+//!   service also gets a "mirror" frontend leading back to the service: each repetition is
+//!   another established-flow translation, alternating between the two tuples. The TTL
+//!   starts at 255 (forwarding decrements it).
+//! - *cold*: one fresh packet per call, each to another service: new flows (which cannot
+//!   repeat) and the spread over many services, cache misses and call overhead included
+//!   (the `floor_non_ip` row is that overhead).
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap},
@@ -15,15 +25,28 @@ use lb_common::{
 };
 use serde::Serialize;
 use xlb::{loader, prog_test_run};
-use xlb_tests::packet::{ACK, Frame, SYN};
+use xlb_tests::{
+    netns::{Netns, unique_tag},
+    packet::{ACK, Frame, SYN},
+};
 
 pub const ENDPOINTS: u32 = 10;
 const NODE_IP: &str = "192.168.50.1";
 const NODE_PORT: u16 = 30080;
 
+/// TC_ACT_REDIRECT: the packet was forwarded by FIB lookup and redirect.
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// Repetitions per warm call: below the TTL of 255 the translated packets start with.
+const WARM_REPEAT: u32 = 250;
+/// Mirror frontends and their backends get ids above every generated one.
+const MIRROR_ID_BASE: u32 = 2_000_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PacketCost {
     pub scenario: &'static str,
+    /// "warm" (repetitions of one packet) or "cold" (one packet per call).
+    pub method: &'static str,
     pub services: u32,
     /// Median and 90th percentile of the per-packet program time, ns.
     pub median_ns: u64,
@@ -134,11 +157,21 @@ fn run(ebpf: &mut Ebpf, hook: Hook, frame: &[u8]) -> Result<(i32, u64)> {
     Ok((out.retval, u64::from(out.duration_ns)))
 }
 
-fn summarize(scenario: &'static str, services: u32, mut ns: Vec<u64>) -> PacketCost {
+fn summarize(scenario: &'static str, services: u32, ns: Vec<u64>) -> PacketCost {
+    summarize_as(scenario, "cold", services, ns)
+}
+
+fn summarize_as(
+    scenario: &'static str,
+    method: &'static str,
+    services: u32,
+    mut ns: Vec<u64>,
+) -> PacketCost {
     ns.sort_unstable();
     let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize];
     PacketCost {
         scenario,
+        method,
         services,
         median_ns: at(0.5),
         p90_ns: at(0.9),
@@ -146,10 +179,131 @@ fn summarize(scenario: &'static str, services: u32, mut ns: Vec<u64>) -> PacketC
     }
 }
 
-/// Measures every scenario at `services` services, `samples` packets each.
+/// Lets the packets of the warm runs come back: every backend address of service `target`
+/// (port 8080) is also a frontend whose one backend is the service's VIP:80.
+fn add_mirrors(ebpf: &mut Ebpf, target: u32) -> Result<()> {
+    for e in 0..ENDPOINTS {
+        let (service_id, backend_id) = (MIRROR_ID_BASE + e, MIRROR_ID_BASE + e);
+        let mut backends: HashMap<_, u32, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?;
+        let back = Backend {
+            ip: ne(vip(target)),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+            service_id,
+        };
+        backends.insert(backend_id, back, 0)?;
+        let mut slots: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(ebpf.map_mut(map_names::SERVICES).context("map")?)?;
+        let key = |slot| ServiceKey {
+            vip: ne(backend_ip(target, e)),
+            port: 8080u16.to_be(),
+            slot,
+            proto: 6,
+            scope: SCOPE_INTERNAL,
+            _pad: [0; 2],
+        };
+        let slot = ServiceValue {
+            backend_id,
+            ..Default::default()
+        };
+        slots.insert(key(1), slot, 0)?;
+        let front = ServiceValue {
+            backend_id: 0,
+            service_id,
+            count: 1,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        slots.insert(key(0), front, 0)?;
+    }
+    Ok(())
+}
+
+/// `frame` with TTL 255 (and its IPv4 checksum redone).
+fn with_max_ttl(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[22] = 255;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = xlb_tests::packet::checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+/// Median over `calls` calls of the per-packet time of `WARM_REPEAT` repetitions.
+fn warm(ebpf: &mut Ebpf, hook: Hook, frame: &[u8], calls: u32) -> Result<Vec<u64>> {
+    let prog = match hook {
+        Hook::FromPod => program_names::TC_FROM_POD,
+        Hook::ToPod => program_names::TC_TO_POD,
+        Hook::External => bail!("XDP packets cannot be bounced back: measured cold only"),
+    };
+    let mut ns = Vec::new();
+    for _ in 0..calls {
+        let out = prog_test_run::run(loader::program(ebpf, prog)?, frame, WARM_REPEAT)?;
+        ns.push(u64::from(out.duration_ns));
+    }
+    Ok(ns)
+}
+
+/// The bench's node: forwarding on, every 10.0.0.0/8 address routed out of a veth whose
+/// peer lives in a second namespace, the neighbour known, the veth marked as a pod
+/// interface (so forwarding takes the same bpf_redirect_peer branch as on a node).
+struct Node {
+    ns: Netns,
+    _peer: Netns,
+}
+
+impl Node {
+    fn new() -> Result<Node> {
+        let tag = unique_tag();
+        let (ns, peer) = (Netns::new(&tag, "bdp")?, Netns::new(&tag, "bdpeer")?);
+        ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+        ns.ip(&[
+            "link",
+            "add",
+            "bd0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            peer.name(),
+        ])?;
+        ns.ip(&["link", "set", "bd0", "up"])?;
+        peer.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "169.254.3.3", "dev", "bd0", "scope", "link"])?;
+        ns.ip(&["route", "add", "10.0.0.0/8", "via", "169.254.3.3"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            "169.254.3.3",
+            "lladdr",
+            "02:00:00:00:03:03",
+            "dev",
+            "bd0",
+            "nud",
+            "permanent",
+        ])?;
+        Ok(Node { ns, _peer: peer })
+    }
+}
+
+/// Measures every scenario at `services` services, `samples` packets each (cold) and
+/// `samples / 100` calls of `WARM_REPEAT` repetitions (warm).
 pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
+    let node = Node::new()?;
+    node.ns.enter(move || measure_here(services, samples))?
+}
+
+fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
     let mut ebpf = loader::load(None).context("loading the datapath")?;
     populate(&mut ebpf, services, 6)?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let bd0 = unsafe { libc::if_nametoindex(c"bd0".as_ptr()) };
+    loader::mark_pod_iface(&mut ebpf, "bd0", bd0, true)?;
+    let target_service = services / 2;
+    add_mirrors(&mut ebpf, target_service)?;
     let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();
     let target = |i: u32| vip((i.wrapping_mul(2_654_435_761)) % services).to_string();
     let mut results = Vec::new();
@@ -218,5 +372,36 @@ pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
         pass.push(run(&mut ebpf, Hook::FromPod, &frame)?.1);
     }
     results.push(summarize("passthrough", services, pass));
+
+    // Warm: an established flow to the middle service, bounced through its mirror.
+    let calls = (samples / 100).max(20);
+    let client_ip = "10.240.255.1";
+    let ack = with_max_ttl(
+        Frame::tcp(client_ip, 55_555, &vip(target_service).to_string(), 80, ACK).build(),
+    );
+    // Three passes: the flow and its mirror start, then the flow is established.
+    let primed = prog_test_run::run(
+        loader::program(&mut ebpf, program_names::TC_FROM_POD)?,
+        &ack,
+        3,
+    )?;
+    let backend = xlb_tests::packet::view(&primed.packet).dst;
+    if primed.retval != TC_ACT_REDIRECT {
+        bail!(
+            "the warm established flow was not forwarded (verdict {}): FIB lookup failed?",
+            primed.retval
+        );
+    }
+    let est = warm(&mut ebpf, Hook::FromPod, &ack, calls)?;
+    results.push(summarize_as("clusterip_established", "warm", services, est));
+    let reply =
+        with_max_ttl(Frame::tcp(&backend.to_string(), 8080, client_ip, 55_555, ACK).build());
+    let rev = warm(&mut ebpf, Hook::ToPod, &reply, calls)?;
+    results.push(summarize_as("reply_revnat", "warm", services, rev));
+    let other = Frame::tcp(client_ip, 30_000, "10.250.0.1", 80, ACK).build();
+    let pass = warm(&mut ebpf, Hook::FromPod, &other, calls)?;
+    results.push(summarize_as("passthrough", "warm", services, pass));
+    let pass = warm(&mut ebpf, Hook::FromPod, &arp, calls)?;
+    results.push(summarize_as("floor_non_ip", "warm", services, pass));
     Ok(results)
 }

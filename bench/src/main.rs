@@ -275,14 +275,21 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
     let mut md = format!(
         "# xlb benchmark {}\n\nMachine: {} ({} CPUs), kernel {}. Command: `{}`.\n\n\
          ## Per-packet cost in the programs (BPF_PROG_TEST_RUN, ns)\n\n\
-         | scenario | services | median | p90 |\n|---|---:|---:|---:|\n",
+         *warm*: one packet repeated 250 times per call (the kernel's repetitions; translated \
+         packets come back through a mirror frontend, so each repetition is a translation), \
+         median over calls of the per-packet average. *cold*: one fresh packet per call, each \
+         to another service, call overhead (`floor_non_ip`) and cache misses included; new \
+         flows can only be measured this way.\n\n\
+         | scenario | method | services | median | p90 |\n|---|---|---:|---:|---:|\n",
         r.date, r.machine.cpu_model, r.machine.cpus, r.machine.kernel, r.command
     );
-    for p in &r.packet {
+    let mut packet_rows: Vec<&datapath::PacketCost> = r.packet.iter().collect();
+    packet_rows.sort_by_key(|p| (p.method, p.scenario, p.services));
+    for p in packet_rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} |",
-            p.scenario, p.services, p.median_ns, p.p90_ns
+            "| {} | {} | {} | {} | {} |",
+            p.scenario, p.method, p.services, p.median_ns, p.p90_ns
         );
     }
     md.push_str(
@@ -343,16 +350,18 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
     ));
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
 
-    let mut scenarios: Vec<&str> = r.packet.iter().map(|p| p.scenario).collect();
+    let mut scenarios: Vec<(&str, &str)> =
+        r.packet.iter().map(|p| (p.scenario, p.method)).collect();
+    scenarios.sort();
     scenarios.dedup();
     let packet_series: Vec<plot::Series> = scenarios
         .iter()
-        .map(|s| plot::Series {
-            name: s.to_string(),
+        .map(|&(scenario, method)| plot::Series {
+            name: format!("{scenario} ({method})"),
             points: r
                 .packet
                 .iter()
-                .filter(|p| p.scenario == *s)
+                .filter(|p| p.scenario == scenario && p.method == method)
                 .map(|p| (f64::from(p.services), p.median_ns.max(1) as f64))
                 .collect(),
         })

@@ -27,7 +27,7 @@ fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// A chart of `series` with log x and log y axes.
 pub fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 440.0, 80.0, 220.0, 40.0, 60.0);
+    let (w, h, left, right, top, bottom) = (860.0, 440.0, 80.0, 300.0, 40.0, 60.0);
     let all = || series.iter().flat_map(|s| s.points.iter().copied());
     let (x0, x1) = log_range(all().map(|p| p.0));
     let (y0, y1) = log_range(all().map(|p| p.1));

@@ -74,7 +74,9 @@ pub mod map_sizes {
     pub const BACKENDS: u32 = 1_048_576;
     pub const CONNTRACK: u32 = 524_288;
     pub const AFFINITY: u32 = 65_536;
-    pub const SERVICE_STATS: u32 = 65_536;
+    /// Counter arrays, indexed by service id and backend id (preallocated per CPU: 3 MiB
+    /// and 6 MiB per CPU).
+    pub const SERVICE_STATS: u32 = 131_072;
     pub const BACKEND_STATS: u32 = 262_144;
     pub const ROUND_ROBIN: u32 = 65_536;
     pub const CONNECTIONS: u32 = 262_144;

@@ -238,7 +238,7 @@ pub fn tcp_flags_update(flow: &Flow, flags: u16) -> u16 {
 /// True if the entry outlived its lifetime: the flow is over, a new one may reuse the tuple.
 #[inline(always)]
 pub fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
-    now.wrapping_sub(entry.last_seen_ns) > ct_lifetime_ns(proto, entry.flags)
+    now.saturating_sub(entry.last_seen_ns) > ct_lifetime_ns(proto, entry.flags)
 }
 
 /// Bumps an entry's last-seen time, TCP state and counters; returns the new flags.

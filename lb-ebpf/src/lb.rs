@@ -22,10 +22,7 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
-        Ok(Packet::Flow(flow)) => match routed_reply(ctx, &flow) {
-            Some(done) => done,
-            None => dnat(ctx, &flow),
-        },
+        Ok(Packet::Flow(flow)) => pod_flow(ctx, &flow),
         Ok(Packet::IcmpError { outer, inner }) => icmp_error(ctx, &outer, &inner, InnerEnd::Source),
         Err(outcome) => Err(outcome),
     };
@@ -56,8 +53,25 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
     }
 }
 
-fn dnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
-    match svc::balance(flow, SCOPE_INTERNAL, ctx.len())? {
+/// A pod's packet: of a tracked flow (looked up first: most packets are), a reply to route
+/// back, or a new flow to a service.
+#[inline(always)]
+fn pod_flow(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
+    let now = svc::now_ns();
+    let decision = match svc::follow(flow, SCOPE_INTERNAL, ctx.len(), now) {
+        Some(decision) => decision?,
+        None => {
+            if let Some(done) = routed_reply(ctx, flow) {
+                return done;
+            }
+            svc::balance_new(flow, SCOPE_INTERNAL, ctx.len(), now)?
+        }
+    };
+    dnat(ctx, flow, decision)
+}
+
+fn dnat(ctx: &TcContext, flow: &Flow, decision: Decision) -> Result<(i32, Outcome), Outcome> {
+    match decision {
         Decision::Translate { dst, src, outcome } => {
             nat::rewrite_dst(ctx, flow, dst.0, dst.1)?;
             if let Some((addr, port)) = src {

@@ -4,7 +4,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, NodeConfig,
@@ -31,13 +31,16 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "XLB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(outcome::COUNT, 0);
 
+/// Traffic per service id, then per backend id: arrays indexed by id (the agent hands out
+/// the lowest free id and zeroes a slot when its id is freed), so counting costs no hash
+/// lookup. Ids beyond the capacity are not counted.
 #[map(name = "XLB_SVC_STATS")]
-pub static SERVICE_STATS: PerCpuHashMap<u32, TrafficCounter> =
-    PerCpuHashMap::with_max_entries(map_sizes::SERVICE_STATS, 0);
+pub static SERVICE_STATS: PerCpuArray<TrafficCounter> =
+    PerCpuArray::with_max_entries(map_sizes::SERVICE_STATS, 0);
 
 #[map(name = "XLB_BE_STATS")]
-pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounter> =
-    PerCpuHashMap::with_max_entries(map_sizes::BACKEND_STATS, 0);
+pub static BACKEND_STATS: PerCpuArray<TrafficCounter> =
+    PerCpuArray::with_max_entries(map_sizes::BACKEND_STATS, 0);
 
 /// Service id → round-robin cursor (shared by all CPUs, advanced atomically). LRU so that
 /// cursors of deleted services age out even if the agent's removal is missed.

@@ -1,5 +1,5 @@
 //! Outcome and traffic counters.
-use aya_ebpf::maps::PerCpuHashMap;
+use aya_ebpf::maps::PerCpuArray;
 use lb_common::{Outcome, TrafficCounter};
 
 use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
@@ -21,23 +21,13 @@ pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u32, new_flow: boo
 }
 
 #[inline(always)]
-fn add(map: &PerCpuHashMap<u32, TrafficCounter>, id: u32, bytes: u32, new_flow: bool) {
-    let flows = u64::from(new_flow);
-    match map.get_ptr_mut(id) {
-        // SAFETY: per-CPU value, only this CPU writes it.
-        Some(counter) => unsafe {
+fn add(map: &PerCpuArray<TrafficCounter>, id: u32, bytes: u32, new_flow: bool) {
+    if let Some(counter) = map.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe {
             (*counter).packets += 1;
             (*counter).bytes += u64::from(bytes);
-            (*counter).flows += flows;
-        },
-        None => {
-            let first = TrafficCounter {
-                packets: 1,
-                bytes: u64::from(bytes),
-                flows,
-            };
-            // A full map only loses counters, never traffic.
-            let _ = map.insert(id, first, 0);
+            (*counter).flows += u64::from(new_flow);
         }
     }
 }

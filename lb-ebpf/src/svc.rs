@@ -1,7 +1,7 @@
 //! Service balancing shared by every hook: find the frontend, follow a tracked flow or pick
 //! a backend for a new one, record it. The hooks only parse and rewrite packets.
 use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     maps::lpm_trie::Key,
 };
 use lb_common::{
@@ -29,11 +29,18 @@ pub enum Decision {
     Reject,
 }
 
+/// CLOCK_MONOTONIC, coarse (up to one tick behind): flow lifetimes and affinity timeouts are
+/// seconds, and the coarse clock skips the TSC read the precise one costs on every packet.
+/// A time stamp written by userspace (precise clock) may be slightly ahead of it: ages are
+/// taken with `saturating_sub`, so such a stamp counts as fresh, not as ancient.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
+
+/// How often (in a flow's life) a forward packet makes sure the reply's entry still exists.
+const REVERSE_CHECK_NS: u64 = 100_000_000;
 
 /// A backend that still belongs to `service_id` (ids are never shared between services).
 #[inline(always)]
@@ -94,42 +101,51 @@ fn source_allowed(service_id: u32, client: u32) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// Balances `flow` arriving in `scope`: the tracked backend of a known flow, or a new choice.
-/// `Err` carries the outcome of packets that are not translated (passed or dropped).
+/// The tracked backend of a known, live flow (`None`: not tracked, expired, or its backend
+/// left: balance it as a new flow). Hooks check this first: most packets belong to one.
 #[inline(always)]
-pub fn balance(flow: &Flow, scope: u8, bytes: u32) -> Result<Decision, Outcome> {
-    let now = now_ns();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(ct::forward_key(flow)) {
-        // SAFETY: copy of a map value from this run's lookup.
-        let known = unsafe { *entry };
-        // A flow whose backend left the service, or whose entry outlived its lifetime (the
-        // tuple is being reused), is balanced again as a new flow.
-        let expired = ct::expired(&known, flow.proto, now);
-        if !expired && let Some(backend) = live_backend(known.backend_id, known.service_id) {
-            let flags = ct::touch(entry, flow, now, bytes);
-            if flags & CT_FLAG_CLOSING != 0 && known.flags & CT_FLAG_CLOSING == 0 {
-                sched::flow_closed(known.backend_id);
-            }
-            ct::ensure_reverse(flow, &known, &backend, now)?;
-            stats::count_traffic(known.service_id, known.backend_id, bytes, false);
-            let src =
-                (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
-            let outcome = if scope == SCOPE_EXTERNAL {
-                outcome::EXTERNAL_ESTABLISHED
-            } else {
-                outcome::DNAT_ESTABLISHED
-            };
-            return Ok(Decision::Translate {
-                dst: (backend.ip, backend.port),
-                src,
-                outcome,
-            });
-        }
-        if expired && known.flags & CT_FLAG_CLOSING == 0 {
+pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Decision, Outcome>> {
+    let entry = CONNTRACK.get_ptr_mut(ct::forward_key(flow))?;
+    // SAFETY: copy of a map value from this run's lookup.
+    let known = unsafe { *entry };
+    // A flow whose backend left the service, or whose entry outlived its lifetime (the
+    // tuple is being reused), is balanced again as a new flow.
+    let expired = ct::expired(&known, flow.proto, now);
+    if !expired && let Some(backend) = live_backend(known.backend_id, known.service_id) {
+        let flags = ct::touch(entry, flow, now, bytes);
+        if flags & CT_FLAG_CLOSING != 0 && known.flags & CT_FLAG_CLOSING == 0 {
             sched::flow_closed(known.backend_id);
         }
+        // The reply's entry is re-created if the LRU evicted it; checking on every packet
+        // would cost a lookup each, so only once per REVERSE_CHECK_NS of a flow's life.
+        if now.saturating_sub(known.last_seen_ns) > REVERSE_CHECK_NS
+            && let Err(o) = ct::ensure_reverse(flow, &known, &backend, now)
+        {
+            return Some(Err(o));
+        }
+        stats::count_traffic(known.service_id, known.backend_id, bytes, false);
+        let src = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
+        let outcome = if scope == SCOPE_EXTERNAL {
+            outcome::EXTERNAL_ESTABLISHED
+        } else {
+            outcome::DNAT_ESTABLISHED
+        };
+        return Some(Ok(Decision::Translate {
+            dst: (backend.ip, backend.port),
+            src,
+            outcome,
+        }));
     }
+    if expired && known.flags & CT_FLAG_CLOSING == 0 {
+        sched::flow_closed(known.backend_id);
+    }
+    None
+}
 
+/// Picks a backend for a flow that is not (or no longer) tracked and records the flow.
+/// `Err` carries the outcome of packets that are not translated (passed or dropped).
+#[inline(always)]
+pub fn balance_new(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Result<Decision, Outcome> {
     let (frontend_key, frontend) =
         find_frontend(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
@@ -257,7 +273,7 @@ pub fn select_backend(
         // SAFETY: value copied out immediately.
         if let Some(pinned) = unsafe { AFFINITY.get(affinity_key) }.copied() {
             let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
-            if now.wrapping_sub(pinned.last_used_ns) < timeout_ns
+            if now.saturating_sub(pinned.last_used_ns) < timeout_ns
                 && let Some(backend) = live_backend(pinned.backend_id, frontend.service_id)
             {
                 remember_affinity(&affinity_key, pinned.backend_id, now);

@@ -101,17 +101,25 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = parse(ctx)?;
     let flow = pkt.flow;
     let bytes = (ctx.data_end() - ctx.data()) as u32;
-    // Replies of SNATed flows come back to a node address.
-    if svc::is_node_ip(flow.dst)
-        && let Some(reply) = svc::routed_reply(&flow, bytes)
-    {
-        if let Some(dst) = reply.dst {
-            rewrite(&pkt, Field::Dst, dst);
+    let now = svc::now_ns();
+    // Most packets belong to a tracked flow: look that up first.
+    let decision = match svc::follow(&flow, SCOPE_EXTERNAL, bytes, now) {
+        Some(decision) => decision?,
+        None => {
+            // Replies of SNATed flows come back to a node address.
+            if svc::is_node_ip(flow.dst)
+                && let Some(reply) = svc::routed_reply(&flow, bytes)
+            {
+                if let Some(dst) = reply.dst {
+                    rewrite(&pkt, Field::Dst, dst);
+                }
+                rewrite(&pkt, Field::Src, reply.src);
+                return Ok((forward(ctx, &pkt), reply.outcome));
+            }
+            svc::balance_new(&flow, SCOPE_EXTERNAL, bytes, now)?
         }
-        rewrite(&pkt, Field::Src, reply.src);
-        return Ok((forward(ctx, &pkt), reply.outcome));
-    }
-    match svc::balance(&flow, SCOPE_EXTERNAL, bytes)? {
+    };
+    match decision {
         Decision::Translate { dst, src, outcome } => {
             rewrite(&pkt, Field::Dst, dst);
             if let Some(src) = src {

@@ -55,7 +55,7 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
     let mut rows = Vec::new();
     for (frontend, slots) in slots {
         let Some(front) = slots.get(&0) else { continue };
-        let counter = |map: &aya::maps::PerCpuHashMap<_, u32, _>, id: u32| {
+        let counter = |map: &aya::maps::PerCpuArray<_, _>, id: u32| {
             map.get(&id, 0).map(|v| sum_counter(&v)).unwrap_or_default()
         };
         let svc = counter(&maps.service_stats, front.service_id);
@@ -271,16 +271,6 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
             map_names::AFFINITY,
             maps.affinity.keys().count(),
             map_sizes::AFFINITY,
-        ),
-        fill(
-            map_names::SERVICE_STATS,
-            maps.service_stats.keys().count(),
-            map_sizes::SERVICE_STATS,
-        ),
-        fill(
-            map_names::BACKEND_STATS,
-            maps.backend_stats.keys().count(),
-            map_sizes::BACKEND_STATS,
         ),
         fill(
             map_names::ROUND_ROBIN,

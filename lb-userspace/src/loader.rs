@@ -6,6 +6,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapType,
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -36,16 +37,15 @@ pub enum LoaderError {
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error(
-        "pinned map {path} has (key size, value size, capacity) {found:?} but this xlb \
-         expects {expected:?} \
+        "pinned map {path} is {found} but this xlb expects {expected} \
          (left by another xlb version?): stop that agent and run `xlb cleanup --bpffs {root}` \
          (this drops established-flow state) before starting this one"
     )]
     IncompatiblePin {
         path: PathBuf,
         root: String,
-        found: (u32, u32, u32),
-        expected: (u32, u32, u32),
+        found: String,
+        expected: String,
     },
     #[error("reading pinned map {path}: {message}")]
     PinnedMap { path: PathBuf, message: String },
@@ -61,8 +61,9 @@ pub enum LoaderError {
 /// Stands in for an interface name in the link pins of the socket hooks.
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
-/// Key size, value size and capacity of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 15] = {
+/// Key size, value size, capacity and type of every map, as the eBPF object defines them.
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 15] = {
+    use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
     let counters = size_of::<TrafficCounter>();
@@ -72,58 +73,78 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 15] = {
             size_of::<ServiceKey>(),
             size_of::<ServiceValue>(),
             map_sizes::SERVICES,
+            Hash,
         ),
         (
             map_names::BACKENDS,
             4,
             size_of::<Backend>(),
             map_sizes::BACKENDS,
+            Hash,
         ),
         (
             map_names::CONNTRACK,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
             map_sizes::CONNTRACK,
+            LruHash,
         ),
         (
             map_names::AFFINITY,
             size_of::<AffinityKey>(),
             size_of::<AffinityValue>(),
             map_sizes::AFFINITY,
+            LruHash,
         ),
-        (map_names::STATS, 4, 8, outcome::COUNT),
+        (map_names::STATS, 4, 8, outcome::COUNT, PerCpuArray),
         (
             map_names::SERVICE_STATS,
             4,
             counters,
             map_sizes::SERVICE_STATS,
+            PerCpuArray,
         ),
         (
             map_names::BACKEND_STATS,
             4,
             counters,
             map_sizes::BACKEND_STATS,
+            PerCpuArray,
         ),
-        (map_names::ROUND_ROBIN, 4, 8, map_sizes::ROUND_ROBIN),
-        (map_names::CONNECTIONS, 4, 8, map_sizes::CONNECTIONS),
+        (
+            map_names::ROUND_ROBIN,
+            4,
+            8,
+            map_sizes::ROUND_ROBIN,
+            LruHash,
+        ),
+        (
+            map_names::CONNECTIONS,
+            4,
+            8,
+            map_sizes::CONNECTIONS,
+            LruHash,
+        ),
         // Map-in-map: the value is an inner map's id.
-        (map_names::MAGLEV, 4, 4, map_sizes::MAGLEV),
-        (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS),
-        (map_names::CONFIG, 4, size_of::<NodeConfig>(), 1),
+        (map_names::MAGLEV, 4, 4, map_sizes::MAGLEV, HashOfMaps),
+        (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS, Hash),
+        (map_names::CONFIG, 4, size_of::<NodeConfig>(), 1, Array),
         // LPM trie keys carry a 4-byte prefix length before the data.
         (
             map_names::SOURCE_RANGES,
             4 + size_of::<SourceRangeKey>(),
             1,
             map_sizes::SOURCE_RANGES,
+            LpmTrie,
         ),
         (
             map_names::SOCK_REVNAT,
             size_of::<SockKey>(),
             size_of::<SockFrontend>(),
             map_sizes::SOCK_REVNAT,
+            LruHash,
         ),
-        (map_names::POD_IFACES, 4, 4, map_sizes::POD_IFACES),
+        (map_names::POD_IFACES, 4, 4, map_sizes::POD_IFACES, Hash),
     ]
 };
 
@@ -131,7 +152,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 15] = {
 /// programs unchecked, and the datapath would read garbage (or, for a smaller array, lose
 /// counters without a word).
 pub fn check_pinned_layouts(pins: &PinLayout) -> Result<(), LoaderError> {
-    for (name, key, value, capacity) in MAP_LAYOUTS {
+    for (name, key, value, capacity, map_type) in MAP_LAYOUTS {
         let path = pins.map(name);
         if !path.exists() {
             continue;
@@ -142,8 +163,18 @@ pub fn check_pinned_layouts(pins: &PinLayout) -> Result<(), LoaderError> {
                 path: path.clone(),
                 message: error_chain(&e),
             })?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let expected = (key as u32, value as u32, capacity);
+        let describe = |key, value, capacity, map_type: Result<MapType, _>| {
+            let map_type =
+                map_type.map_or_else(|_| "unknown type".to_string(), |t| format!("{t:?}"));
+            format!("{map_type}, key {key} B, value {value} B, {capacity} entries")
+        };
+        let found = describe(
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_type(),
+        );
+        let expected = describe(key as u32, value as u32, capacity, Ok(map_type));
         if found != expected {
             return Err(LoaderError::IncompatiblePin {
                 path,

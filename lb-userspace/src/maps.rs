@@ -1,6 +1,6 @@
 //! The pinned BPF maps, opened by path: used by the agent to sync and by the read commands.
 use aya::maps::{
-    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::Key,
 };
 use lb_common::{
@@ -37,8 +37,8 @@ pub struct PinnedMaps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub service_stats: PerCpuHashMap<MapData, u32, TrafficCounter>,
-    pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounter>,
+    pub service_stats: PerCpuArray<MapData, TrafficCounter>,
+    pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
     pub round_robin: HashMap<MapData, u32, u64>,
     pub connections: HashMap<MapData, u32, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
@@ -74,8 +74,8 @@ impl PinnedMaps {
             conntrack: typed!(layout, map_names::CONNTRACK, HashMap),
             affinity: typed!(layout, map_names::AFFINITY, HashMap),
             stats: typed!(layout, map_names::STATS, PerCpuArray),
-            service_stats: typed!(layout, map_names::SERVICE_STATS, PerCpuHashMap),
-            backend_stats: typed!(layout, map_names::BACKEND_STATS, PerCpuHashMap),
+            service_stats: typed!(layout, map_names::SERVICE_STATS, PerCpuArray),
+            backend_stats: typed!(layout, map_names::BACKEND_STATS, PerCpuArray),
             round_robin: typed!(layout, map_names::ROUND_ROBIN, HashMap),
             connections: typed!(layout, map_names::CONNECTIONS, HashMap),
             maglev: typed!(layout, map_names::MAGLEV, HashOfMaps),
@@ -271,12 +271,20 @@ impl MapStore for PinnedMaps {
             .map_err(|e| store_err("delete", map_names::SOURCE_RANGES, e))
     }
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>) {
+        // The counter arrays keep their slots: zero them, or the id's next owner would
+        // inherit the counts.
+        let zero = |map: &mut PerCpuArray<MapData, TrafficCounter>, id: u32| {
+            let cpus = aya::util::nr_cpus().unwrap_or(1);
+            if let Ok(values) = PerCpuValues::try_from(vec![TrafficCounter::default(); cpus]) {
+                let _ = map.set(id, values, 0);
+            }
+        };
         if let Some(id) = service_id {
-            let _ = self.service_stats.remove(&id);
+            zero(&mut self.service_stats, id);
             let _ = self.round_robin.remove(&id);
         }
         if let Some(id) = backend_id {
-            let _ = self.backend_stats.remove(&id);
+            zero(&mut self.backend_stats, id);
             let _ = self.connections.remove(&id);
         }
     }

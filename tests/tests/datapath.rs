@@ -497,7 +497,8 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         "{text}"
     );
     assert!(
-        text.contains("(4, 8, 16)") && text.contains("(4, 12, 1048576)"),
+        text.contains("key 4 B, value 8 B, 16 entries")
+            && text.contains("key 4 B, value 12 B, 1048576 entries"),
         "{text}"
     );
 
@@ -511,7 +512,23 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
     let text = loader::load(Some(&layout))
         .expect_err("pin of another capacity")
         .to_string();
-    assert!(text.contains("(4, 12, 16)"), "{text}");
+    assert!(text.contains("key 4 B, value 12 B, 16 entries"), "{text}");
+
+    // Same sizes and capacity but another map type (say, counters moved from a hash to an
+    // array) is refused too: the programs would index it as the other type.
+    std::fs::remove_file(&path).expect("unpin");
+    let mut args = vec![
+        "map", "create", &path_str, "type", "array", "key", "4", "value",
+    ];
+    args.extend(["12", "entries", "1048576", "name", "XLB_BACKENDS"]);
+    xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
+    let text = loader::load(Some(&layout))
+        .expect_err("pin of another type")
+        .to_string();
+    assert!(
+        text.contains("is Array, key 4 B") && text.contains("expects Hash, key 4 B"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@ mod harness;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray};
 use harness::*;
 use lb_common::{
     BPF_F_INNER_MAP, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash, map_names, outcome,
@@ -56,8 +56,8 @@ impl Datapath {
     }
 
     fn new_flows_of(&self, backend_id: u32) -> u64 {
-        let stats: PerCpuHashMap<_, u32, TrafficCounter> =
-            PerCpuHashMap::try_from(self.ebpf.map(map_names::BACKEND_STATS).expect("map"))
+        let stats: PerCpuArray<_, TrafficCounter> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::BACKEND_STATS).expect("map"))
                 .expect("map type");
         stats
             .get(&backend_id, 0)
