@@ -1,6 +1,6 @@
 //! Kubernetes Services and EndpointSlices → desired frontends, following kube-proxy's rules.
 //! Pure: no I/O, no BPF; every rule is table-tested below.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -38,8 +38,10 @@ pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-awar
 /// All objects from a source.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// Shared, not copied: the kube source's reflector stores hand out `Arc`s, and the
+    /// manifests source keeps every file's objects while a snapshot of all of them is in use.
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -82,7 +84,7 @@ pub fn translate(objects: &Objects, options: &Options) -> Translation {
             .push(slice);
     }
 
-    let mut services: Vec<&Service> = objects.services.iter().collect();
+    let mut services: Vec<&Service> = objects.services.iter().map(|s| &**s).collect();
     // Deterministic winner when two services claim the same frontend: first by namespace/name.
     services.sort_by(|a, b| {
         (namespace(&a.metadata.namespace), &a.metadata.name)

@@ -135,7 +135,21 @@ fn validate_manifests(root: &Path) -> Result<()> {
 
 /// Runs the benchmark (release build) writing into `out`.
 fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
-    let xlb = build_xlb(root)?;
+    // The agent's memory is measured on the binary that ships (deploy/Containerfile builds
+    // it in release): a debug build maps several times more of its own file.
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "lb-userspace",
+            "--bin",
+            "xlb",
+        ],
+        &[],
+    )?;
+    let xlb = root.join("target/release/xlb");
     let out = out.to_string_lossy().to_string();
     let xlb = xlb.to_string_lossy().to_string();
     let mut args = vec![

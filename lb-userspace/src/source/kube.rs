@@ -30,6 +30,7 @@ use kube::{
     },
 };
 
+use super::compact::Compact;
 use crate::translate::Objects;
 
 /// The zone label kube-proxy reads from its Node for topology hints.
@@ -166,9 +167,6 @@ impl KubeSource {
             return None;
         }
         self.seen_generation = generation;
-        fn own<K: Clone>(items: Vec<Arc<K>>) -> Vec<K> {
-            items.into_iter().map(|o| (*o).clone()).collect()
-        }
         let zone = self.shared.nodes.state().first().and_then(|node| {
             node.metadata
                 .labels
@@ -177,8 +175,8 @@ impl KubeSource {
         });
         Some(Snapshot {
             objects: Objects {
-                services: own(self.shared.services.state()),
-                slices: own(self.shared.slices.state()),
+                services: self.shared.services.state(),
+                slices: self.shared.slices.state(),
             },
             zone,
         })
@@ -233,6 +231,7 @@ async fn watch<K>(
     listed: fn(&Shared) -> &AtomicBool,
 ) where
     K: kube::Resource<DynamicType = ()>
+        + Compact
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -241,7 +240,12 @@ async fn watch<K>(
         + 'static,
 {
     let kind = K::kind(&()).to_string();
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff().reflect(writer));
+    let mut events = std::pin::pin!(
+        watcher(api, config)
+            .default_backoff()
+            .modify(K::compact)
+            .reflect(writer)
+    );
     let mut failing = false;
     while let Some(event) = events.next().await {
         match event {

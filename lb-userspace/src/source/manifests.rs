@@ -5,12 +5,20 @@ use std::{
     fmt,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::de::DeserializeOwned;
 
+use super::compact::Compact;
 use crate::translate::Objects;
+
+/// An object as it is kept: compacted and shared.
+fn compacted<T: Compact>(mut object: T) -> Arc<T> {
+    object.compact();
+    Arc::new(object)
+}
 
 /// A file that could not be used, with where in it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,12 +119,12 @@ fn parse_yaml_document(
         serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?;
     let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str);
     match kind_of(field("apiVersion"), field("kind")) {
-        Kind::Service => objects
-            .services
-            .push(serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?),
-        Kind::EndpointSlice => objects
-            .slices
-            .push(serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?),
+        Kind::Service => objects.services.push(compacted(
+            serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?,
+        )),
+        Kind::EndpointSlice => objects.slices.push(compacted(
+            serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?,
+        )),
         Kind::List => {
             let items = value.get("items").and_then(serde_yaml::Value::as_sequence);
             for (i, item) in items.into_iter().flatten().enumerate() {
@@ -151,10 +159,10 @@ fn parse_json(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
     match kind_of(field("apiVersion"), field("kind")) {
         Kind::Service => objects
             .services
-            .push(serde_json::from_str(text).map_err(json_error)?),
+            .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
         Kind::EndpointSlice => objects
             .slices
-            .push(serde_json::from_str(text).map_err(json_error)?),
+            .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
         Kind::List => {
             let items = value.get("items").and_then(serde_json::Value::as_array);
             for (i, item) in items.into_iter().flatten().enumerate() {
@@ -193,10 +201,10 @@ fn add_list_item(
     match kind_of(field("apiVersion"), field("kind")) {
         Kind::Service => objects
             .services
-            .push(typed::<Service>(item, index, line, path)?),
+            .push(compacted(typed::<Service>(item, index, line, path)?)),
         Kind::EndpointSlice => objects
             .slices
-            .push(typed::<EndpointSlice>(item, index, line, path)?),
+            .push(compacted(typed::<EndpointSlice>(item, index, line, path)?)),
         Kind::List | Kind::Other => {}
     }
     Ok(())
