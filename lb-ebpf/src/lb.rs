@@ -61,10 +61,21 @@ fn pod_flow(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
     let decision = match svc::follow(flow, SCOPE_INTERNAL, ctx.len(), now) {
         Some(decision) => decision?,
         None => {
-            if let Some(done) = routed_reply(ctx, flow) {
-                return done;
+            let frontend = svc::find_frontend(flow, SCOPE_INTERNAL, false);
+            match frontend {
+                // Routed replies go to a client outside or to the node's SNAT address, not
+                // to a frontend on another address: a new flow skips that (missing) lookup.
+                Some(found) if !svc::is_node_ip(flow.dst) => {
+                    svc::new_flow(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
+                }
+                _ => {
+                    if let Some(done) = routed_reply(ctx, flow) {
+                        return done;
+                    }
+                    let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
+                    svc::new_flow(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
+                }
             }
-            svc::balance_new(flow, SCOPE_INTERNAL, ctx.len(), now)?
         }
     };
     dnat(ctx, flow, decision)

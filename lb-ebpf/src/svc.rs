@@ -146,8 +146,19 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
 /// `Err` carries the outcome of packets that are not translated (passed or dropped).
 #[inline(always)]
 pub fn balance_new(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Result<Decision, Outcome> {
-    let (frontend_key, frontend) =
-        find_frontend(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
+    let found = find_frontend(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
+    new_flow(flow, scope, found, bytes, now)
+}
+
+/// Picks a backend of `frontend` (found for `flow`) and records the flow.
+#[inline(always)]
+pub fn new_flow(
+    flow: &Flow,
+    scope: u8,
+    (frontend_key, frontend): (ServiceKey, ServiceValue),
+    bytes: u32,
+    now: u64,
+) -> Result<Decision, Outcome> {
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
         && !source_allowed(frontend.service_id, flow.src)
     {

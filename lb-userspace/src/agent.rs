@@ -29,13 +29,16 @@ use crate::{
         manifests::ManifestDir,
     },
     sync::Syncer,
-    translate::{Objects, Options, translate},
+    translate::{Objects, Options, Translator},
+    wake::Wake,
 };
 
 /// How often files and interfaces are checked: well inside the one-second promise.
 const POLL: Duration = Duration::from_millis(100);
 /// How often dead conntrack entries are collected (also right after backends are removed).
 const GC_INTERVAL: Duration = Duration::from_secs(5);
+/// Earliest conntrack GC after one that ran, when backends were removed meanwhile.
+const GC_AFTER_REMOVAL: Duration = Duration::from_secs(1);
 
 /// Where Services and EndpointSlices come from.
 #[derive(Debug, Clone)]
@@ -129,7 +132,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
             config.healthz_addr
         ),
     }
-    let mut source = Source::start(&config.source, &config.node_name)?;
+    let wake = Wake::default();
+    let mut translator = Translator::default();
+    let mut source = Source::start(&config.source, &config.node_name, &wake)?;
     let mut changed_at: Option<Instant> = None;
     let mut latest: Option<Objects> = None;
     let mut attacher = Attacher::new(Role::Pod, config.pod_ifaces.clone());
@@ -143,8 +148,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // No sync before the source was read once: an unreadable directory or an unreachable
     // API server at start must not wipe the state adopted from the pins.
     let mut need_sync = false;
-    let mut last_gc = Instant::now();
-    let mut gc_now = true;
+    let gc = ConntrackGc::start(&pins, Arc::clone(&stop))?;
     log::info!(
         "watching {} for Services and EndpointSlices; default scheduler {}, Maglev table \
          size {}",
@@ -171,14 +175,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
         if need_sync && let Some(objects) = &latest {
             let started = Instant::now();
-            let translation = translate(objects, &options);
-            for w in translation.warnings {
+            let translation = translator.translate(objects, &options);
+            for w in &translation.warnings {
                 if warned.insert(w.clone()) {
                     log::warn!("{w}");
                 }
             }
             health.update(&translation.health_checks);
-            let before = backend_ids(&syncer);
             let result = syncer.apply(&translation.desired, &mut maps);
             record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
             if result.is_ok()
@@ -192,14 +195,21 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 Ok(report) => {
                     need_sync = false;
                     let removed: BTreeSet<u32> =
-                        before.difference(&backend_ids(&syncer)).copied().collect();
-                    let destroyed = maps.release_sockets(&removed);
+                        syncer.take_removed_backends().into_iter().collect();
+                    // Only node processes (the socket hooks) have sockets to let go of.
+                    let destroyed = if config.cgroup.is_some() {
+                        maps.release_sockets(&removed)
+                    } else {
+                        0
+                    };
                     if destroyed > 0 {
                         log::info!(
                             "closed {destroyed} node UDP socket(s) connected to removed backends"
                         );
                     }
-                    gc_now |= report.backends_removed > 0;
+                    if report.backends_removed > 0 {
+                        gc.soon();
+                    }
                     if !report.is_noop() {
                         log::info!(
                             "synced {} frontend(s) in {:?}: {report:?}",
@@ -214,18 +224,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
             }
         }
-        if gc_now || last_gc.elapsed() >= GC_INTERVAL {
-            let removed = maps.collect_garbage(crate::inspect::monotonic_ns());
-            if removed > 0 {
-                log::debug!("conntrack gc: removed {removed} dead entries");
-            }
-            last_gc = Instant::now();
-            gc_now = false;
-        }
         attacher.reconcile(&mut ebpf, &pins);
         external.reconcile(&mut ebpf, &pins);
-        std::thread::sleep(POLL);
+        // Sources wake us at once when something changed; the tick does the rest (node
+        // addresses, interfaces, GC) and covers a source that cannot notify.
+        wake.wait(POLL);
     }
+    gc.stop();
     log::info!(
         "stopping; programs and maps stay pinned under {} so traffic keeps flowing \
          (`xlb cleanup --bpffs {}` removes them)",
@@ -233,6 +238,67 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         pins.root.display()
     );
     Ok(())
+}
+
+/// Conntrack and affinity garbage collection on a thread of its own: a walk over the whole
+/// table must not hold up programming a change. Runs every `GC_INTERVAL`, and at most
+/// `GC_AFTER_REMOVAL` after being asked (backends were removed).
+struct ConntrackGc {
+    wake: Wake,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConntrackGc {
+    fn start(pins: &PinLayout, stop: Arc<AtomicBool>) -> Result<ConntrackGc> {
+        let mut maps = PinnedMaps::open(pins)?;
+        let wake = Wake::default();
+        let (thread_wake, thread_stop) = (wake.clone(), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || {
+                // Flows younger than the live-set grace are spared by a collection; one
+                // asked for gets a second pass after a rest, which takes those too.
+                let mut second_pass = false;
+                while !thread_stop.load(Ordering::Relaxed) {
+                    let removed = maps.collect_garbage(crate::inspect::monotonic_ns());
+                    if removed > 0 {
+                        log::debug!("conntrack gc: removed {removed} dead entries");
+                    }
+                    // A burst of removals costs one walk a second at most: requests made
+                    // meanwhile stay pending and end the wait below at once.
+                    let rested = Instant::now();
+                    while rested.elapsed() < GC_AFTER_REMOVAL
+                        && !thread_stop.load(Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if std::mem::take(&mut second_pass) {
+                        continue;
+                    }
+                    second_pass = thread_wake.wait(GC_INTERVAL - GC_AFTER_REMOVAL);
+                }
+            })
+            .context("starting the conntrack GC thread")?;
+        Ok(ConntrackGc {
+            wake,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a collection soon (removed backends' flows and affinities).
+    fn soon(&self) {
+        self.wake.notify();
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake.notify();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Publishes what a sync did to the metrics endpoint.
@@ -287,14 +353,6 @@ impl NodeAddresses {
     }
 }
 
-fn backend_ids(syncer: &Syncer) -> BTreeSet<u32> {
-    syncer
-        .current()
-        .values()
-        .flat_map(|p| p.backends.iter().map(|(_, id)| *id))
-        .collect()
-}
-
 /// The running source of objects.
 enum Source {
     Manifests {
@@ -306,15 +364,23 @@ enum Source {
 }
 
 impl Source {
-    fn start(config: &SourceConfig, node_name: &str) -> Result<Source> {
+    fn start(config: &SourceConfig, node_name: &str, wake: &Wake) -> Result<Source> {
         Ok(match config {
-            SourceConfig::Manifests(path) => Source::Manifests {
-                dir: ManifestDir::new(path),
-                scanned: false,
-                error_logged: false,
-            },
+            SourceConfig::Manifests(path) => {
+                if let Err(e) = crate::wake::watch_dir(path, wake.clone()) {
+                    log::warn!(
+                        "cannot watch {} for changes ({e}); reading it every {POLL:?} instead",
+                        path.display()
+                    );
+                }
+                Source::Manifests {
+                    dir: ManifestDir::new(path),
+                    scanned: false,
+                    error_logged: false,
+                }
+            }
             SourceConfig::Kube { kubeconfig } => Source::Kube(Box::new(
-                KubeSource::start(kubeconfig.clone(), node_name)
+                KubeSource::start(kubeconfig.clone(), node_name, wake.clone())
                     .context("connecting to the Kubernetes API")?,
             )),
         })

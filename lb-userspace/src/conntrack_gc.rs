@@ -7,7 +7,13 @@ use lb_common::{
     AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtValue, ct_lifetime_ns,
 };
 
+/// A backend added after the live set was read is missing from it: flows and affinities
+/// younger than this (by their own stamp, the datapath's coarse clock) are never taken for
+/// ones of a removed backend. The GC runs next to the syncer, not in step with it.
+pub const LIVE_SET_GRACE_NS: u64 = 1_000_000_000;
+
 /// Entries to delete: idle past their lifetime, or pointing at a backend that is gone.
+/// `now_ns` is when `live_backends` was read.
 pub fn stale_flows(
     entries: impl IntoIterator<Item = (CtKey, CtValue)>,
     live_backends: &BTreeSet<u32>,
@@ -17,7 +23,8 @@ pub fn stale_flows(
         .into_iter()
         .filter(|(key, value)| {
             now_ns.saturating_sub(value.last_seen_ns) > ct_lifetime_ns(key.proto, value.flags)
-                || !live_backends.contains(&value.backend_id)
+                || (!live_backends.contains(&value.backend_id)
+                    && value.created_ns.saturating_add(LIVE_SET_GRACE_NS) < now_ns)
         })
         .map(|(key, _)| key)
         .collect()
@@ -48,10 +55,14 @@ pub fn open_flows(
 pub fn stale_affinities(
     entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
     live_backends: &BTreeSet<u32>,
+    now_ns: u64,
 ) -> Vec<AffinityKey> {
     entries
         .into_iter()
-        .filter(|(_, value)| !live_backends.contains(&value.backend_id))
+        .filter(|(_, value)| {
+            !live_backends.contains(&value.backend_id)
+                && value.last_used_ns.saturating_add(LIVE_SET_GRACE_NS) < now_ns
+        })
         .map(|(key, _)| key)
         .collect()
 }
@@ -105,6 +116,13 @@ mod tests {
                 now,
             ), // closed
             flow(6, PROTO_TCP, CT_FLAG_ESTABLISHED, 9, 0, now),    // backend removed
+            {
+                // Backend missing from the live set, but the flow is younger than the set
+                // (the backend may have been added since): kept.
+                let mut young = flow(8, PROTO_TCP, CT_FLAG_ESTABLISHED, 9, 0, now);
+                young.1.created_ns = now - S / 2;
+                young
+            },
         ];
         let stale: Vec<u32> = stale_flows(entries, &live, now)
             .iter()
@@ -128,7 +146,10 @@ mod tests {
                 },
             )
         };
-        let stale = stale_affinities([entry(10, 1), entry(11, 2)], &live);
+        let now = 100 * S;
+        let mut young = entry(12, 2);
+        young.1.last_used_ns = now - S / 2;
+        let stale = stale_affinities([entry(10, 1), entry(11, 2), young], &live, now);
         assert_eq!(stale.iter().map(|k| k.client).collect::<Vec<_>>(), [11]);
     }
 

@@ -26,6 +26,7 @@ pub mod sockets;
 pub mod source;
 pub mod sync;
 pub mod translate;
+pub mod wake;
 
 /// The compiled eBPF object (all programs and map definitions).
 pub fn ebpf_object() -> &'static [u8] {

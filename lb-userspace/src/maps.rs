@@ -158,6 +158,7 @@ impl PinnedMaps {
     }
 
     /// Deletes dead conntrack and affinity entries (see `conntrack_gc`); returns how many.
+    /// `now_ns`: CLOCK_MONOTONIC, read before this call.
     pub fn collect_garbage(&mut self, now_ns: u64) -> usize {
         let live: std::collections::BTreeSet<u32> =
             self.backends.keys().filter_map(Result::ok).collect();
@@ -167,7 +168,7 @@ impl PinnedMaps {
         for key in crate::conntrack_gc::stale_flows(flows, &live, now_ns) {
             removed += usize::from(self.conntrack.remove(&key).is_ok());
         }
-        for key in crate::conntrack_gc::stale_affinities(affinities, &live) {
+        for key in crate::conntrack_gc::stale_affinities(affinities, &live, now_ns) {
             removed += usize::from(self.affinity.remove(&key).is_ok());
         }
         // Least-conn's counts, recounted from the flows that remain: corrects what the

@@ -68,6 +68,28 @@ pub struct Programmed {
     pub source_ranges: Vec<Ipv4Net>,
 }
 
+/// Whether the maps already hold `spec` as `old` records it (`endpoints` are `spec`'s after
+/// truncation): same backends in the same slots, same frontend value, same source ranges,
+/// and a Maglev table only if, and as, wanted. A Maglev table adopted with unknown content
+/// (empty) is rewritten.
+fn unchanged(old: &Programmed, spec: &FrontendSpec, endpoints: &[Endpoint]) -> bool {
+    let wants_table = spec.scheduler == Scheduler::Maglev && !endpoints.is_empty();
+    old.slot_count == endpoints.len()
+        && old.backends.len() == endpoints.len()
+        && old
+            .backends
+            .iter()
+            .zip(endpoints)
+            .all(|((e, _), want)| e == want)
+        && old.frontend_value == frontend_value(old.service_id, endpoints.len(), spec)
+        && old.source_ranges == spec.source_ranges
+        && old.service == spec.service
+        && match &old.maglev {
+            None => !wants_table,
+            Some(table) => wants_table && !table.is_empty(),
+        }
+}
+
 /// Counts of what a sync changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
@@ -122,6 +144,8 @@ pub struct Syncer {
     orphans: Vec<u32>,
     /// Adopted Maglev tables of frontends that do not use Maglev; removed by the next apply.
     orphan_tables: Vec<u32>,
+    /// Backend ids freed since the last [`Syncer::take_removed_backends`].
+    removed_backends: Vec<u32>,
     maglev_size: u32,
 }
 
@@ -133,6 +157,7 @@ impl Default for Syncer {
             backend_ids: IdAllocator::default(),
             orphans: Vec::new(),
             orphan_tables: Vec::new(),
+            removed_backends: Vec::new(),
             maglev_size: MAGLEV_DEFAULT_SIZE,
         }
     }
@@ -285,6 +310,12 @@ impl Syncer {
         &self.current
     }
 
+    /// Backend ids removed from the maps since the last call (their flows and sockets are
+    /// to be let go).
+    pub fn take_removed_backends(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.removed_backends)
+    }
+
     /// Applies `desired` to `store`. On error the tracked state may be ahead of the maps for
     /// the failing frontend; callers re-adopt from the maps before retrying.
     pub fn apply(
@@ -307,6 +338,7 @@ impl Syncer {
             }
             store.forget_counters(None, Some(id));
             self.backend_ids.free(id);
+            self.removed_backends.push(id);
         }
         for service_id in std::mem::take(&mut self.orphan_tables) {
             if let Err(source) = store.remove_maglev(service_id) {
@@ -367,6 +399,7 @@ impl Syncer {
             store.remove_backend(*id).map_err(wrap)?;
             store.forget_counters(None, Some(*id));
             self.backend_ids.free(*id);
+            self.removed_backends.push(*id);
         }
         store.forget_counters(Some(old.service_id), None);
         self.service_ids.free(old.service_id);
@@ -385,13 +418,21 @@ impl Syncer {
             service: spec.service.clone(),
             source,
         };
-        let old = self.current.get(frontend).cloned();
         let endpoints = if spec.endpoints.len() > MAX_BACKENDS as usize {
             report.truncated += 1;
             &spec.endpoints[..MAX_BACKENDS as usize]
         } else {
             &spec.endpoints[..]
         };
+        if self
+            .current
+            .get(frontend)
+            .is_some_and(|old| unchanged(old, spec, endpoints))
+        {
+            // Nothing to write: the common case when one service among thousands changed.
+            return Ok(());
+        }
+        let old = self.current.get(frontend).cloned();
         let service_id = match &old {
             Some(old) => old.service_id,
             None => self.service_ids.allocate("service")?,
@@ -487,6 +528,7 @@ impl Syncer {
                 store.remove_backend(*id).map_err(wrap)?;
                 store.forget_counters(None, Some(*id));
                 self.backend_ids.free(*id);
+                self.removed_backends.push(*id);
                 report.backends_removed += 1;
             }
         }

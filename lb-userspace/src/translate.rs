@@ -1,6 +1,10 @@
 //! Kubernetes Services and EndpointSlices → desired frontends, following kube-proxy's rules.
 //! Pure: no I/O, no BPF; every rule is table-tested below.
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -19,7 +23,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SCHEDULER_ANNOTATION: &str = "xlb.io/scheduler";
 
 /// Node-wide settings the translation depends on.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
     /// Algorithm of services without a (valid) `xlb.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
@@ -67,38 +71,287 @@ fn protocol(p: &Option<String>) -> Option<Protocol> {
 
 /// Translates every Service port into frontends with their usable endpoints.
 pub fn translate(objects: &Objects, options: &Options) -> Translation {
-    let mut out = Translation::default();
-    // EndpointSlices grouped by (namespace, service name).
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &objects.slices {
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            continue;
-        };
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        slices
-            .entry((namespace(&slice.metadata.namespace), service.as_str()))
-            .or_default()
-            .push(slice);
-    }
-
-    let mut services: Vec<&Service> = objects.services.iter().map(|s| &**s).collect();
-    // Deterministic winner when two services claim the same frontend: first by namespace/name.
-    services.sort_by(|a, b| {
-        (namespace(&a.metadata.namespace), &a.metadata.name)
-            .cmp(&(namespace(&b.metadata.namespace), &b.metadata.name))
-    });
-    for service in services {
-        translate_service(service, &slices, options, &mut out);
-    }
-    out
+    let mut translator = Translator::default();
+    translator.translate(objects, options);
+    translator.merged
 }
 
+/// A Service by (namespace, name): the order in which Services win a frontend they share.
+/// Shared: one allocation however many maps name the Service.
+type ServiceName = Arc<(String, String)>;
+
+/// Translation that remembers each Service's result, keyed by the identity of the objects
+/// it came from: the sources hand out the same `Arc` for an object that did not change, so
+/// when one Service among 10 000 changes, it alone is translated again and only its
+/// frontends are merged anew.
+#[derive(Default)]
+pub struct Translator {
+    options: Option<Options>,
+    /// Each Service's own translation, by the address of its object (kept alive here, so
+    /// the address names this object only).
+    cache: HashMap<usize, Cached>,
+    /// The object each Service name was translated from, in Service order.
+    names: BTreeMap<ServiceName, usize>,
+    /// The Services claiming each frontend; the first one has it.
+    claims: HashMap<Frontend, Claims>,
+    /// Every EndpointSlice by the address of its object (kept alive here), with the Service
+    /// it belongs to (`None`: no service label, or not IPv4).
+    slices: HashMap<usize, (Arc<EndpointSlice>, Option<ServiceName>)>,
+    /// The slices of each Service name.
+    slices_of: HashMap<ServiceName, Vec<usize>>,
+    /// Everything merged.
+    merged: Translation,
+}
+
+struct Cached {
+    name: ServiceName,
+    /// Held, not only compared: a freed object's address could be reused by a new one.
+    _service: Arc<Service>,
+    result: Fragment,
+}
+
+/// One Service's translation, kept small: a Service has a few frontends, and a map per
+/// Service would cost a whole tree node each.
+struct Fragment {
+    desired: Vec<(Frontend, FrontendSpec)>,
+    health_checks: Vec<(u16, HealthCheck)>,
+    warnings: Vec<String>,
+}
+
+impl Fragment {
+    fn new(t: Translation) -> Fragment {
+        Fragment {
+            desired: t.desired.into_iter().collect(),
+            health_checks: t.health_checks.into_iter().collect(),
+            warnings: t.warnings,
+        }
+    }
+
+    fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.desired.iter().map(|(f, _)| f)
+    }
+
+    fn spec(&self, frontend: &Frontend) -> Option<&FrontendSpec> {
+        self.desired
+            .iter()
+            .find(|(f, _)| f == frontend)
+            .map(|(_, s)| s)
+    }
+}
+
+/// The Services claiming one frontend, in Service order (usually just one).
+#[derive(Default)]
+struct Claims(Vec<ServiceName>);
+
+impl Claims {
+    fn insert(&mut self, name: ServiceName) {
+        if let Err(at) = self.0.binary_search(&name) {
+            self.0.insert(at, name);
+        }
+    }
+
+    fn remove(&mut self, name: &ServiceName) {
+        self.0.retain(|n| n != name);
+    }
+
+    fn first(&self) -> Option<&ServiceName> {
+        self.0.first()
+    }
+}
+
+fn address<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+impl Translator {
+    pub fn translate(&mut self, objects: &Objects, options: &Options) -> &Translation {
+        if self.options.as_ref() != Some(options) {
+            *self = Translator {
+                options: Some(options.clone()),
+                ..Translator::default()
+            };
+        }
+        // Slices new or gone since the last call make their Services due again.
+        let mut dirty: HashSet<ServiceName> = HashSet::new();
+        let mut seen_slices: HashSet<usize> = HashSet::with_capacity(objects.slices.len());
+        for slice in &objects.slices {
+            let object = address(slice);
+            seen_slices.insert(object);
+            if self.slices.contains_key(&object) {
+                continue;
+            }
+            let owner = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .filter(|_| slice.address_type == "IPv4")
+                .map(|service| {
+                    Arc::new((
+                        namespace(&slice.metadata.namespace).to_string(),
+                        service.clone(),
+                    ))
+                });
+            if let Some(owner) = &owner {
+                self.slices_of
+                    .entry(owner.clone())
+                    .or_default()
+                    .push(object);
+                dirty.insert(owner.clone());
+            }
+            self.slices.insert(object, (Arc::clone(slice), owner));
+        }
+        if self.slices.len() > seen_slices.len() {
+            let gone: Vec<usize> = self
+                .slices
+                .keys()
+                .filter(|a| !seen_slices.contains(a))
+                .copied()
+                .collect();
+            for object in gone {
+                if let Some((_, Some(owner))) = self.slices.remove(&object) {
+                    if let Some(list) = self.slices_of.get_mut(&owner) {
+                        list.retain(|a| *a != object);
+                        if list.is_empty() {
+                            self.slices_of.remove(&owner);
+                        }
+                    }
+                    dirty.insert(owner);
+                }
+            }
+        }
+        let mut seen: HashSet<usize> = HashSet::with_capacity(objects.services.len());
+        let mut duplicates = Vec::new();
+        // Frontends whose owner may have changed.
+        let mut affected: BTreeSet<Frontend> = BTreeSet::new();
+        for service in &objects.services {
+            let object = address(service);
+            if let Some(cached) = self.cache.get(&object)
+                && (dirty.is_empty() || !dirty.contains(&cached.name))
+            {
+                seen.insert(object);
+                continue;
+            }
+            let ns = namespace(&service.metadata.namespace);
+            let name = service.metadata.name.as_deref().unwrap_or("");
+            let key: ServiceName = Arc::new((ns.to_string(), name.to_string()));
+            if let Some(&previous) = self.names.get(&key)
+                && previous != object
+                && seen.contains(&previous)
+            {
+                duplicates.push(format!(
+                    "service {ns}/{name} is defined twice; the second definition is ignored"
+                ));
+                continue;
+            }
+            seen.insert(object);
+            let mut result = Translation::default();
+            let own: Vec<&EndpointSlice> = self
+                .slices_of
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|a| self.slices.get(a).map(|(slice, _)| &**slice))
+                .collect();
+            translate_service(service, &own, options, &mut result);
+            if let Some(previous) = self.names.insert(key.clone(), object)
+                && let Some(old) = self.cache.remove(&previous)
+            {
+                self.release(&old, &mut affected);
+            }
+            let result = Fragment::new(result);
+            for frontend in result.frontends() {
+                self.claims
+                    .entry(*frontend)
+                    .or_default()
+                    .insert(key.clone());
+                affected.insert(*frontend);
+            }
+            let cached = Cached {
+                name: key,
+                _service: Arc::clone(service),
+                result,
+            };
+            self.cache.insert(object, cached);
+        }
+        // Services that are gone.
+        let gone: Vec<usize> = self
+            .cache
+            .keys()
+            .filter(|a| !seen.contains(a))
+            .copied()
+            .collect();
+        for object in gone {
+            if let Some(old) = self.cache.remove(&object) {
+                self.names.remove(&old.name);
+                self.release(&old, &mut affected);
+            }
+        }
+        for frontend in affected {
+            let owner = self.claims.get(&frontend).and_then(|c| c.first());
+            let spec = owner
+                .and_then(|name| self.names.get(name))
+                .and_then(|object| self.cache.get(object))
+                .and_then(|c| c.result.spec(&frontend));
+            match spec {
+                Some(spec) => {
+                    self.merged.desired.insert(frontend, spec.clone());
+                }
+                None => {
+                    self.merged.desired.remove(&frontend);
+                }
+            }
+        }
+        // Health checks and warnings are few: gathered anew, in Service order.
+        self.merged.health_checks.clear();
+        self.merged.warnings = duplicates;
+        for object in self.names.values() {
+            let Some(cached) = self.cache.get(object) else {
+                continue;
+            };
+            for (port, check) in &cached.result.health_checks {
+                self.merged.health_checks.insert(*port, check.clone());
+            }
+            self.merged
+                .warnings
+                .extend(cached.result.warnings.iter().cloned());
+        }
+        let mut conflicts: Vec<String> = Vec::new();
+        for (frontend, claims) in self.claims.iter().filter(|(_, c)| c.0.len() > 1) {
+            let Some(owner) = self.merged.desired.get(frontend) else {
+                continue;
+            };
+            for claimant in claims.0.iter().skip(1) {
+                let (ns, name) = &**claimant;
+                conflicts.push(format!(
+                    "service {ns}/{name}: {frontend} already used by {}, skipped",
+                    owner.service
+                ));
+            }
+        }
+        conflicts.sort();
+        self.merged.warnings.extend(conflicts);
+        &self.merged
+    }
+
+    /// Drops the claims of an earlier translation `old` on its frontends.
+    fn release(&mut self, old: &Cached, affected: &mut BTreeSet<Frontend>) {
+        for frontend in old.result.frontends() {
+            if let Some(claims) = self.claims.get_mut(frontend) {
+                claims.remove(&old.name);
+                if claims.0.is_empty() {
+                    self.claims.remove(frontend);
+                }
+            }
+            affected.insert(*frontend);
+        }
+    }
+}
+
+/// One Service's frontends, translated as if it were alone (`merge` settles conflicts).
 fn translate_service(
     service: &Service,
-    slices: &BTreeMap<(&str, &str), Vec<&EndpointSlice>>,
+    service_slices: &[&EndpointSlice],
     options: &Options,
     out: &mut Translation,
 ) {
@@ -206,7 +459,6 @@ fn translate_service(
         .copied()
         .filter(|ip| lb_ips_v4.contains(ip))
         .collect();
-    let service_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
     let node = options.node_name.as_deref();
     if external_local
         && type_ == "LoadBalancer"

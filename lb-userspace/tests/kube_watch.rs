@@ -64,7 +64,8 @@ fn start(objects: &[&str]) -> Watching {
     std::fs::create_dir_all(&dir.0).expect("dir");
     let kubeconfig = dir.0.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    let source = KubeSource::start(Some(kubeconfig), "node1").expect("source starts");
+    let source = KubeSource::start(Some(kubeconfig), "node1", xlb::wake::Wake::default())
+        .expect("source starts");
     Watching {
         api,
         source,

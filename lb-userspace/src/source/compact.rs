@@ -2,26 +2,50 @@
 //! state), so they keep only what translation reads: server bookkeeping and the parts of
 //! endpoints xlb never looks at are dropped, and vectors give back the room deserializing
 //! left over (a slice of 10 endpoints otherwise holds 16 endpoint slots of 352 bytes).
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 pub trait Compact {
     fn compact(&mut self);
 }
 
+/// `kubectl apply` keeps a copy of the whole object in this annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+fn compact_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 impl Compact for Service {
     fn compact(&mut self) {
-        self.metadata.managed_fields = None;
-        self.metadata.owner_references = None;
+        compact_metadata(&mut self.metadata);
+        if let Some(spec) = &mut self.spec {
+            // Deserializing grows vectors four at a time: one port holds room for four.
+            if let Some(ports) = &mut spec.ports {
+                ports.shrink_to_fit();
+            }
+            if let Some(ips) = &mut spec.cluster_ips {
+                ips.shrink_to_fit();
+            }
+        }
     }
 }
 
 impl Compact for EndpointSlice {
     fn compact(&mut self) {
-        self.metadata.managed_fields = None;
-        self.metadata.owner_references = None;
+        compact_metadata(&mut self.metadata);
+        if let Some(ports) = &mut self.ports {
+            ports.shrink_to_fit();
+        }
         for endpoint in &mut self.endpoints {
             endpoint.target_ref = None;
             endpoint.deprecated_topology = None;
@@ -34,7 +58,7 @@ impl Compact for EndpointSlice {
 
 impl Compact for Node {
     fn compact(&mut self) {
-        self.metadata.managed_fields = None;
+        compact_metadata(&mut self.metadata);
         // Only the labels (topology zone) are read; a node's status lists every image it
         // holds, often tens of kilobytes.
         self.status = None;
@@ -51,7 +75,8 @@ mod tests {
         let mut slice: EndpointSlice = serde_yaml::from_str(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}, \
-             managedFields: [{manager: kube-controller-manager}]}\n\
+             managedFields: [{manager: kube-controller-manager}], \
+             annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', keep: me}}\n\
              addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
              endpoints:\n\
              - {addresses: [10.244.0.1], conditions: {ready: true}, nodeName: n1, zone: a, \
@@ -63,6 +88,8 @@ mod tests {
         slice.compact();
         assert_eq!(slice.endpoints.capacity(), 3);
         assert!(slice.metadata.managed_fields.is_none());
+        let annotations = slice.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["keep"]);
         let first = &slice.endpoints[0];
         assert!(first.target_ref.is_none() && first.hostname.is_none());
         assert_eq!(first.addresses, ["10.244.0.1"]);

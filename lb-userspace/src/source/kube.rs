@@ -31,7 +31,7 @@ use kube::{
 };
 
 use super::compact::Compact;
-use crate::translate::Objects;
+use crate::{translate::Objects, wake::Wake};
 
 /// The zone label kube-proxy reads from its Node for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -52,6 +52,8 @@ pub enum KubeSourceError {
 
 /// What the watches know, shared with the runtime thread.
 struct Shared {
+    /// Tells the agent loop that `generation` moved.
+    wake: Wake,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
@@ -83,7 +85,12 @@ pub struct KubeSource {
 impl KubeSource {
     /// Connects (in-cluster unless `kubeconfig` is given) and starts watching. Returns at
     /// once; [`KubeSource::poll`] says when the first lists are in.
-    pub fn start(kubeconfig: Option<PathBuf>, node_name: &str) -> Result<Self, KubeSourceError> {
+    /// `wake` is notified on every change.
+    pub fn start(
+        kubeconfig: Option<PathBuf>,
+        node_name: &str,
+        wake: Wake,
+    ) -> Result<Self, KubeSourceError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -97,6 +104,7 @@ impl KubeSource {
             slices,
             nodes,
             generation: AtomicU64::new(0),
+            wake,
             errors: AtomicU64::new(0),
             services_listed: AtomicBool::new(false),
             slices_listed: AtomicBool::new(false),
@@ -258,6 +266,7 @@ async fn watch<K>(
                     failing = false;
                 }
                 shared.generation.fetch_add(1, Ordering::Release);
+                shared.wake.notify();
             }
             Err(e) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);

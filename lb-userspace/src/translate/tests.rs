@@ -441,3 +441,92 @@ fn ipv6_addresses_are_skipped_with_a_warning() {
         t.warnings
     );
 }
+
+#[test]
+fn a_remembering_translator_gives_what_a_fresh_translation_gives() {
+    // Every table case, one after another and twice each, through one translator: whatever
+    // it remembers from the case before must not leak into the next.
+    let mut translator = Translator::default();
+    for case in cases().iter().chain(cases().iter()) {
+        let objects = objects(&case.yaml);
+        let options = Options::default();
+        assert_eq!(
+            translator.translate(&objects, &options).clone(),
+            translate(&objects, &options),
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn only_changed_services_are_translated_again() {
+    let first = objects(&format!(
+        "{WEB}{}",
+        slice("web-1", "- {addresses: [10.244.1.2]}")
+    ));
+    let mut translator = Translator::default();
+    let options = Options::default();
+    let before = translator.translate(&first, &options).clone();
+    // The same Service object, a new slice: the new endpoint shows up.
+    let changed = objects(&slice("web-1", "- {addresses: [10.244.9.9]}"));
+    let second = Objects {
+        services: first.services.clone(),
+        slices: changed.slices.clone(),
+    };
+    let after = translator.translate(&second, &options).clone();
+    assert_eq!(after, translate(&second, &options));
+    assert_ne!(after, before);
+    let http = fe("10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(after.desired[&http].endpoints, eps(&[("10.244.9.9", 8080)]));
+    // Other options (here the zone) translate everything again.
+    let zoned = Options {
+        zone: Some("a".into()),
+        ..Options::default()
+    };
+    assert_eq!(
+        translator.translate(&second, &zoned).clone(),
+        translate(&second, &zoned)
+    );
+}
+
+#[test]
+fn a_shared_frontend_passes_to_the_next_service_when_its_owner_goes() {
+    let svc = |name: &str, ep: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{clusterIP: 10.96.0.77, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{ep}]}}]\n"
+        )
+    };
+    let both = objects(&format!(
+        "{}{}",
+        svc("a", "10.244.0.1"),
+        svc("b", "10.244.0.2")
+    ));
+    let only_b = Objects {
+        services: both.services[1..].to_vec(),
+        slices: both.slices[1..].to_vec(),
+    };
+    let http = fe("10.96.0.77", 80, Protocol::Tcp);
+    let options = Options::default();
+    let mut translator = Translator::default();
+    for (objects, owner) in [
+        (&both, "10.244.0.1"),
+        (&only_b, "10.244.0.2"),
+        (&both, "10.244.0.1"),
+    ] {
+        let got = translator.translate(objects, &options).clone();
+        assert_eq!(got, translate(objects, &options));
+        assert_eq!(got.desired[&http].endpoints, eps(&[(owner, 8080)]));
+    }
+    let warnings = &translate(&both, &options).warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("shop/b") && w.contains("already used by shop/a")),
+        "{warnings:?}"
+    );
+}
