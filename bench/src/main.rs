@@ -249,8 +249,8 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
             "Agent at {} services / {} endpoints (manifests source, release build): peak RSS \
              {:.1} MiB, start to all programmed {:.0} ms. One Service's endpoint changed in its \
              manifest → programmed in the maps, while another Service changes {} times a \
-             second ({} changes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (the agent checks \
-             its sources every 100 ms, then translates and syncs everything).",
+             second ({} changes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (inotify wakes \
+             the agent, which translates the changed Services and syncs their frontends).",
             a.services,
             a.endpoints,
             a.max_rss_kib as f64 / 1024.0,

@@ -134,6 +134,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let wake = Wake::default();
     let mut translator = Translator::default();
+    // The first sync (after adopting pinned state) and one after an error compare
+    // everything; later ones only what changed.
+    let mut full_sync = true;
     let mut source = Source::start(&config.source, &config.node_name, &wake)?;
     let mut changed_at: Option<Instant> = None;
     let mut latest: Option<Objects> = None;
@@ -175,15 +178,24 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
         if need_sync && let Some(objects) = &latest {
             let started = Instant::now();
-            let translation = translator.translate(objects, &options);
+            translator.translate(objects, &options);
+            let changed = translator.take_changed();
+            let translation = translator.current();
             for w in &translation.warnings {
                 if warned.insert(w.clone()) {
                     log::warn!("{w}");
                 }
             }
             health.update(&translation.health_checks);
-            let result = syncer.apply(&translation.desired, &mut maps);
-            record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
+            // Only what the translator changed, once a full sync went through: the maps
+            // hold the rest already.
+            let result = if full_sync {
+                syncer.apply(&translation.desired, &mut maps)
+            } else {
+                syncer.apply_changes(&translation.desired, &changed, &mut maps)
+            };
+            full_sync = result.is_err();
+            record_sync(&metrics, &mut syncer, started.elapsed(), result.is_ok());
             if result.is_ok()
                 && let (Some(at), Ok(mut m)) = (changed_at.take(), metrics.lock())
             {
@@ -302,7 +314,7 @@ impl ConntrackGc {
 }
 
 /// Publishes what a sync did to the metrics endpoint.
-fn record_sync(metrics: &SharedMetrics, syncer: &Syncer, took: Duration, ok: bool) {
+fn record_sync(metrics: &SharedMetrics, syncer: &mut Syncer, took: Duration, ok: bool) {
     let Ok(mut m) = metrics.lock() else { return };
     if !ok {
         m.sync_errors += 1;
@@ -311,11 +323,13 @@ fn record_sync(metrics: &SharedMetrics, syncer: &Syncer, took: Duration, ok: boo
     m.observe_sync(took.as_secs_f64());
     m.frontends = syncer.current().len();
     m.backends = syncer.current().values().map(|p| p.backends.len()).sum();
-    m.service_names = syncer
-        .current()
-        .iter()
-        .map(|(f, p)| (f.to_string(), p.service.clone()))
-        .collect();
+    if syncer.take_names_changed() {
+        m.service_names = syncer
+            .current()
+            .iter()
+            .map(|(f, p)| (f.to_string(), p.service.clone()))
+            .collect();
+    }
 }
 
 /// Keeps `XLB_NODE_IPS` and the SNAT settings equal to the node's addresses (given, or

@@ -146,6 +146,8 @@ pub struct Syncer {
     orphan_tables: Vec<u32>,
     /// Backend ids freed since the last [`Syncer::take_removed_backends`].
     removed_backends: Vec<u32>,
+    /// See [`Syncer::take_names_changed`].
+    names_changed: bool,
     maglev_size: u32,
 }
 
@@ -158,6 +160,7 @@ impl Default for Syncer {
             orphans: Vec::new(),
             orphan_tables: Vec::new(),
             removed_backends: Vec::new(),
+            names_changed: true,
             maglev_size: MAGLEV_DEFAULT_SIZE,
         }
     }
@@ -324,6 +327,55 @@ impl Syncer {
         store: &mut impl MapStore,
     ) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
+        self.remove_orphans(store)?;
+        let gone: Vec<Frontend> = self
+            .current
+            .keys()
+            .filter(|f| !desired.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in gone {
+            if let Some(old) = self.current.remove(&frontend) {
+                self.remove_frontend(&frontend, &old, store)?;
+                report.frontends_removed += 1;
+                report.backends_removed += old.backends.len();
+            }
+        }
+        for (frontend, spec) in desired {
+            self.apply_frontend(frontend, spec, store, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// Like [`Syncer::apply`], but only for `changed` frontends: the caller knows every
+    /// other one is programmed as `desired` has it (the translator's record of what it
+    /// changed since the last successful sync).
+    pub fn apply_changes(
+        &mut self,
+        desired: &DesiredState,
+        changed: &[Frontend],
+        store: &mut impl MapStore,
+    ) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        self.remove_orphans(store)?;
+        for frontend in changed {
+            if let Some(spec) = desired.get(frontend) {
+                self.apply_frontend(frontend, spec, store, &mut report)?;
+            } else if let Some(old) = self.current.remove(frontend) {
+                self.remove_frontend(frontend, &old, store)?;
+                report.frontends_removed += 1;
+                report.backends_removed += old.backends.len();
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether the set of frontends or their services' names changed since the last call.
+    pub fn take_names_changed(&mut self) -> bool {
+        std::mem::take(&mut self.names_changed)
+    }
+
+    fn remove_orphans(&mut self, store: &mut impl MapStore) -> Result<(), SyncError> {
         // Unreferenced backends first: nothing can reach them, and their ids must not be
         // handed out again while they still exist.
         for id in std::mem::take(&mut self.orphans) {
@@ -350,23 +402,7 @@ impl Syncer {
                 });
             }
         }
-        let gone: Vec<Frontend> = self
-            .current
-            .keys()
-            .filter(|f| !desired.contains_key(f))
-            .copied()
-            .collect();
-        for frontend in gone {
-            if let Some(old) = self.current.remove(&frontend) {
-                self.remove_frontend(&frontend, &old, store)?;
-                report.frontends_removed += 1;
-                report.backends_removed += old.backends.len();
-            }
-        }
-        for (frontend, spec) in desired {
-            self.apply_frontend(frontend, spec, store, &mut report)?;
-        }
-        Ok(report)
+        Ok(())
     }
 
     fn remove_frontend(
@@ -403,6 +439,7 @@ impl Syncer {
         }
         store.forget_counters(Some(old.service_id), None);
         self.service_ids.free(old.service_id);
+        self.names_changed = true;
         Ok(())
     }
 
@@ -433,6 +470,9 @@ impl Syncer {
             return Ok(());
         }
         let old = self.current.get(frontend).cloned();
+        if old.as_ref().is_none_or(|o| o.service != spec.service) {
+            self.names_changed = true;
+        }
         let service_id = match &old {
             Some(old) => old.service_id,
             None => self.service_ids.allocate("service")?,
@@ -743,6 +783,37 @@ mod tests {
             assert_eq!(maps.slots.len(), slots, "no stale slots");
             let backends: usize = want.values().map(|s| s.endpoints.len()).sum();
             assert_eq!(maps.backends.len(), backends, "no stale backends");
+        }
+    }
+
+    #[test]
+    fn syncing_only_the_changed_frontends_ends_where_a_full_sync_ends() {
+        let steps: Vec<DesiredState> = vec![
+            desired(&[(1, &[1, 2, 3]), (2, &[4]), (3, &[9])]),
+            desired(&[(1, &[2, 3, 5, 6]), (2, &[4]), (3, &[9])]),
+            desired(&[(1, &[6]), (2, &[]), (3, &[9])]),
+            desired(&[(2, &[7, 8]), (3, &[9])]),
+            desired(&[]),
+        ];
+        let (mut full_maps, mut full) = (FakeMaps::default(), Syncer::new());
+        let (mut part_maps, mut part) = (FakeMaps::default(), Syncer::new());
+        let mut before = DesiredState::new();
+        for want in steps {
+            // What a translator reports: frontends added, removed or changed.
+            let changed: Vec<Frontend> = want
+                .keys()
+                .chain(before.keys())
+                .filter(|f| want.get(f) != before.get(f))
+                .copied()
+                .collect();
+            let a = full.apply(&want, &mut full_maps).expect("full");
+            let b = part
+                .apply_changes(&want, &changed, &mut part_maps)
+                .expect("changed only");
+            assert_eq!(a, b);
+            assert_eq!(full_maps.slots, part_maps.slots);
+            assert_eq!(full_maps.backends, part_maps.backends);
+            before = want;
         }
     }
 

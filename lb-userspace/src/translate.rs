@@ -89,19 +89,45 @@ pub struct Translator {
     options: Option<Options>,
     /// Each Service's own translation, by the address of its object (kept alive here, so
     /// the address names this object only).
-    cache: HashMap<usize, Cached>,
+    cache: ByAddress<Cached>,
     /// The object each Service name was translated from, in Service order.
     names: BTreeMap<ServiceName, usize>,
     /// The Services claiming each frontend; the first one has it.
     claims: HashMap<Frontend, Claims>,
     /// Every EndpointSlice by the address of its object (kept alive here), with the Service
     /// it belongs to (`None`: no service label, or not IPv4).
-    slices: HashMap<usize, (Arc<EndpointSlice>, Option<ServiceName>)>,
+    slices: ByAddress<(Arc<EndpointSlice>, Option<ServiceName>)>,
     /// The slices of each Service name.
     slices_of: HashMap<ServiceName, Vec<usize>>,
     /// Everything merged.
     merged: Translation,
+    /// Frontends whose spec may differ from the last call's (see [`Translator::take_changed`]).
+    changed: Vec<Frontend>,
 }
+
+/// Hashes object addresses (aligned, unique while the object lives, not chosen by
+/// users): a multiply is enough, and cheaper than the default SipHash on every lookup.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = ((n as u64) >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(32)
+    }
+}
+
+type ByAddress<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddressHasher>>;
+type AddressSet = HashSet<usize, std::hash::BuildHasherDefault<AddressHasher>>;
 
 struct Cached {
     name: ServiceName,
@@ -166,14 +192,19 @@ fn address<T>(object: &Arc<T>) -> usize {
 impl Translator {
     pub fn translate(&mut self, objects: &Objects, options: &Options) -> &Translation {
         if self.options.as_ref() != Some(options) {
+            // Start over; every frontend known so far may change or go.
+            let mut changed = std::mem::take(&mut self.changed);
+            changed.extend(self.merged.desired.keys().copied());
             *self = Translator {
                 options: Some(options.clone()),
+                changed,
                 ..Translator::default()
             };
         }
         // Slices new or gone since the last call make their Services due again.
         let mut dirty: HashSet<ServiceName> = HashSet::new();
-        let mut seen_slices: HashSet<usize> = HashSet::with_capacity(objects.slices.len());
+        let mut seen_slices = AddressSet::default();
+        seen_slices.reserve(objects.slices.len());
         for slice in &objects.slices {
             let object = address(slice);
             seen_slices.insert(object);
@@ -220,7 +251,8 @@ impl Translator {
                 }
             }
         }
-        let mut seen: HashSet<usize> = HashSet::with_capacity(objects.services.len());
+        let mut seen = AddressSet::default();
+        seen.reserve(objects.services.len());
         let mut duplicates = Vec::new();
         // Frontends whose owner may have changed.
         let mut affected: BTreeSet<Frontend> = BTreeSet::new();
@@ -287,6 +319,7 @@ impl Translator {
                 self.release(&old, &mut affected);
             }
         }
+        self.changed.extend(affected.iter().copied());
         for frontend in affected {
             let owner = self.claims.get(&frontend).and_then(|c| c.first());
             let spec = owner
@@ -332,6 +365,20 @@ impl Translator {
         conflicts.sort();
         self.merged.warnings.extend(conflicts);
         &self.merged
+    }
+
+    /// The last result.
+    pub fn current(&self) -> &Translation {
+        &self.merged
+    }
+
+    /// Frontends that may have changed since the last call (added, removed or changed),
+    /// for a sync of just those. After options changed, every frontend is in it.
+    pub fn take_changed(&mut self) -> Vec<Frontend> {
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.sort_unstable();
+        changed.dedup();
+        changed
     }
 
     /// Drops the claims of an earlier translation `old` on its frontends.

@@ -479,6 +479,17 @@ fn only_changed_services_are_translated_again() {
     assert_ne!(after, before);
     let http = fe("10.96.0.10", 80, Protocol::Tcp);
     assert_eq!(after.desired[&http].endpoints, eps(&[("10.244.9.9", 8080)]));
+    // Both ports' frontends changed (the new slice carries both); nothing else was there.
+    let dns = fe("10.96.0.10", 53, Protocol::Udp);
+    let mut changed = vec![http, dns];
+    changed.sort();
+    assert_eq!(translator.take_changed(), changed);
+    translator.translate(&second, &options);
+    assert_eq!(
+        translator.take_changed(),
+        [],
+        "same objects: nothing changed"
+    );
     // Other options (here the zone) translate everything again.
     let zoned = Options {
         zone: Some("a".into()),
