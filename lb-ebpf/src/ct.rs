@@ -92,10 +92,9 @@ pub fn create(
     if nat.snat() {
         return Ok(());
     }
-    let (key, value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
-    CONNTRACK
-        .insert(key, value, 0)
-        .map_err(|_| outcome::DROP_CT_FULL)
+    let (key, mut value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
+    clear_counters(&mut value);
+    insert(&key, &value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
 /// The reply direction of `client`'s flow once translated to `backend`: backend → client,
@@ -117,6 +116,27 @@ fn reply_flow(client: &Flow, backend: &Backend, nat: &Nat) -> Flow {
     }
 }
 
+/// Inserts by reference: handing the entry over by value made a copy, and LLVM turned the
+/// copy of its zeroed counters into a memset call.
+#[inline(always)]
+fn insert(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), ()> {
+    CONNTRACK.insert(key, value, flags).map_err(|_| ())
+}
+
+/// Zeroes a new entry's counters in place, right before it is inserted. Zero words written
+/// with the rest of the entry become, once LLVM merges them, a call to a byte-at-a-time
+/// memset (no inline expansion on this target): volatile writes stay two stores.
+#[inline(always)]
+fn clear_counters(value: &mut CtValue) {
+    // SAFETY: plain writes to fields of a local.
+    unsafe {
+        core::ptr::write_volatile(&raw mut value.packets, 0);
+        core::ptr::write_volatile(&raw mut value.bytes, 0);
+    }
+}
+
+/// The reply side's entry of `client`'s flow; its counters are placeholders until
+/// `clear_counters`.
 #[inline(always)]
 fn reverse_entry(
     client: &Flow,
@@ -142,8 +162,9 @@ fn reverse_entry(
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
+        // Placeholders: see `clear_counters`.
+        packets: u64::MAX,
+        bytes: u64::MAX,
     };
     (reverse_key(&reply_flow(client, backend, &nat)), value)
 }
@@ -162,7 +183,7 @@ pub fn ensure_reverse(
         snat_addr: known.snat_addr,
         snat_port: known.snat_port,
     };
-    let (key, value) = reverse_entry(
+    let (key, mut value) = reverse_entry(
         client,
         known.backend_id,
         backend,
@@ -173,9 +194,8 @@ pub fn ensure_reverse(
     if CONNTRACK.get_ptr(key).is_some() {
         return Ok(());
     }
-    CONNTRACK
-        .insert(key, value, 0)
-        .map_err(|_| outcome::DROP_CT_FULL)
+    clear_counters(&mut value);
+    insert(&key, &value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
 /// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it by
@@ -205,14 +225,15 @@ pub fn claim_snat_port(
             snat_addr: config.snat_addr,
             snat_port: port.to_be(),
         };
-        let (key, value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
-        if CONNTRACK.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+        let (key, mut value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
+        clear_counters(&mut value);
+        if insert(&key, &value, BPF_NOEXIST as u64).is_ok() {
             return Ok(nat);
         }
         // SAFETY: copy of a map value.
         let stale =
             unsafe { CONNTRACK.get(key) }.is_some_and(|held| expired(held, client.proto, now));
-        if stale && CONNTRACK.insert(key, value, 0).is_ok() {
+        if stale && insert(&key, &value, 0).is_ok() {
             return Ok(nat);
         }
     }

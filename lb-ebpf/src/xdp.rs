@@ -208,12 +208,13 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut fib = route::fib_params(ip, ingress);
+    let mut storage = core::mem::MaybeUninit::uninit();
+    let fib = route::fib_params(&mut storage, ip, ingress);
     // SAFETY: helper reads and writes `fib` only.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
-            &mut fib,
+            &mut *fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
