@@ -258,18 +258,7 @@ impl Node {
         let tag = unique_tag();
         let (ns, peer) = (Netns::new(&tag, "bdp")?, Netns::new(&tag, "bdpeer")?);
         ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
-        ns.ip(&[
-            "link",
-            "add",
-            "bd0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            peer.name(),
-        ])?;
+        ns.add_veth("bd0", None, &peer)?;
         ns.ip(&["link", "set", "bd0", "up"])?;
         peer.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "169.254.3.3", "dev", "bd0", "scope", "link"])?;

@@ -80,38 +80,8 @@ impl Topology {
         node.sysctl("net.ipv4.ip_forward", "1")?;
         let host_c: String = format!("bc{tag}").chars().take(15).collect();
         let host_b: String = format!("bb{tag}").chars().take(15).collect();
-        ip(
-            &node,
-            &[
-                "link",
-                "add",
-                &host_c,
-                "address",
-                NODE_MAC,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                client.name(),
-            ],
-        )?;
-        ip(
-            &node,
-            &[
-                "link",
-                "add",
-                &host_b,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                backend.name(),
-            ],
-        )?;
+        node.add_veth(&host_c, Some(NODE_MAC), &client)?;
+        node.add_veth(&host_b, None, &backend)?;
         ip(
             &client,
             &["addr", "add", &format!("{CLIENT}/32"), "dev", "eth0"],

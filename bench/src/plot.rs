@@ -6,9 +6,10 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLORS: [&str; 10] = [
+/// Enough for every series of one chart (the per-packet one has 11).
+const COLORS: [&str; 14] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#e377c2",
-    "#7f7f7f", "#bcbd22",
+    "#7f7f7f", "#bcbd22", "#000000", "#aec7e8", "#98df8a", "#ff9896",
 ];
 
 /// Decades covering `values` (positive, finite ones; 1..10 if there are none, e.g. when a

@@ -77,6 +77,17 @@ impl Netns {
         run("ip", &full).map(|_| ())
     }
 
+    /// Creates a veth pair: `host` in this namespace (with MAC `mac` if given), `eth0` in
+    /// `peer` (a pod's end, or a backend's).
+    pub fn add_veth(&self, host: &str, mac: Option<&str>, peer: &Netns) -> Result<()> {
+        let mut args = vec!["link", "add", host];
+        if let Some(mac) = mac {
+            args.extend(["address", mac]);
+        }
+        args.extend(["type", "veth", "peer", "name", "eth0", "netns", peer.name()]);
+        self.ip(&args)
+    }
+
     /// The (received, transmitted) packet counters of `iface` in this namespace.
     pub fn link_packets(&self, iface: &str) -> Result<(u64, u64)> {
         let out = run("ip", &["-n", &self.name, "-s", "-j", "link", "show", iface])?;

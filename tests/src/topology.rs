@@ -48,20 +48,7 @@ impl Node {
         let ns = Netns::new(&self.tag, name)?;
         let host_iface = format!("{POD_IFACE_PREFIX}{index}{}", &self.tag);
         let host_iface: String = host_iface.chars().take(15).collect();
-        self.ns.ip(&[
-            "link",
-            "add",
-            &host_iface,
-            "address",
-            HOST_SIDE_MAC,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        self.ns.add_veth(&host_iface, Some(HOST_SIDE_MAC), &ns)?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
