@@ -126,10 +126,8 @@ fn main() -> Result<()> {
             let (xlb, memory) = control::xlb(services, changes)?;
             map_memory_bytes = memory;
             program.push(xlb);
-            // kube-proxy's nftables ruleset at 100k services takes many minutes to load.
-            if services <= forward::KUBE_PROXY_MAX {
-                program.extend(control::kube_proxy(services)?);
-            }
+            // Every scale: a load that takes too long is stopped and reported as such.
+            program.extend(control::kube_proxy(services)?);
         }
     }
     let mut forwarding = Vec::new();
@@ -211,10 +209,12 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
     for p in &r.program {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {}{:.1}{} | {} | {} | {} |",
             p.system,
             p.services,
+            if p.stopped { "> " } else { "" },
             p.cold_ms,
+            if p.stopped { " (stopped)" } else { "" },
             ms(p.change_p50_ms),
             ms(p.change_p99_ms),
             p.objects
@@ -294,7 +294,7 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
             points: r
                 .program
                 .iter()
-                .filter(|p| p.system == *s)
+                .filter(|p| p.system == *s && !p.stopped)
                 .map(|p| (f64::from(p.services), p.cold_ms.max(0.001)))
                 .collect(),
         })
