@@ -39,7 +39,8 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// How often (in a flow's life) a forward packet makes sure the reply's entry still exists.
+/// The window in which a flow's forward packets make sure, once, that the reply's entry
+/// still exists.
 const REVERSE_CHECK_NS: u64 = 100_000_000;
 
 /// A backend that still belongs to `service_id` (ids are never shared between services).
@@ -117,8 +118,9 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
             sched::flow_closed(known.backend_id);
         }
         // The reply's entry is re-created if the LRU evicted it; checking on every packet
-        // would cost a lookup each, so only once per REVERSE_CHECK_NS of a flow's life.
-        if now.saturating_sub(known.last_seen_ns) > REVERSE_CHECK_NS
+        // would cost a lookup each, so only on the first packet of each REVERSE_CHECK_NS
+        // window (a busy flow is still checked every window, an idle one on its return).
+        if now / REVERSE_CHECK_NS != known.last_seen_ns / REVERSE_CHECK_NS
             && let Err(o) = ct::ensure_reverse(flow, &known, &backend, now)
         {
             return Some(Err(o));

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use aya::maps::HashMap;
 use harness::*;
 use lb_common::{
-    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, Outcome,
+    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, Outcome,
     SVC_FLAG_AFFINITY, map_names, outcome,
 };
 use xlb::{inspect::monotonic_ns, loader};
@@ -649,4 +649,65 @@ fn hairpin_pod_reaching_itself_is_snated_to_the_node() {
     let other = Frame::tcp("10.244.0.77", 45_001, VIP, 80, SYN).build();
     let (_, out) = dp.run(Hook::FromPod, &other);
     assert_eq!(view(&out).src.to_string(), "10.244.0.77");
+}
+
+#[test]
+fn an_evicted_reply_entry_comes_back_with_the_flows_next_window() {
+    if !privileged("an_evicted_reply_entry_comes_back_with_the_flows_next_window") {
+        return;
+    }
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], 0);
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 41000, VIP, 80, SYN).build(),
+    );
+    let drop_reverse = |dp: &mut Datapath| {
+        let reverse: Vec<CtKey> = dp
+            .ct()
+            .into_iter()
+            .filter(|(k, _)| k.dir == CT_REVERSE)
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(reverse.len(), 1, "one reply entry");
+        let mut ct: HashMap<_, CtKey, lb_common::CtValue> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
+                .expect("map type");
+        ct.remove(&reverse[0]).expect("evict");
+    };
+    let reverse_count = |dp: &Datapath| dp.ct().iter().filter(|(k, _)| k.dir == CT_REVERSE).count();
+    // As if the LRU took the reply side alone. A busy flow (a packet every 10 ms, never
+    // idle) puts it back within a window or two...
+    drop_reverse(&mut dp);
+    for _ in 0..30 {
+        dp.run(
+            Hook::FromPod,
+            &Frame::tcp(CLIENT, 41000, VIP, 80, ACK).build(),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(reverse_count(&dp), 1, "reply entry restored while busy");
+    // ...and so does one coming back after a pause.
+    drop_reverse(&mut dp);
+    dp.age_conntrack(1);
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 41000, VIP, 80, ACK).build(),
+    );
+    assert_eq!(reverse_count(&dp), 1, "reply entry restored");
+    // Within one window the check is done once, not per packet. (Two packets microseconds
+    // apart can still straddle a window boundary: a few tries make that irrelevant.)
+    let throttled = (0..3).any(|_| {
+        dp.run(
+            Hook::FromPod,
+            &Frame::tcp(CLIENT, 41000, VIP, 80, ACK).build(),
+        );
+        drop_reverse(&mut dp);
+        dp.run(
+            Hook::FromPod,
+            &Frame::tcp(CLIENT, 41000, VIP, 80, ACK).build(),
+        );
+        reverse_count(&dp) == 0
+    });
+    assert!(throttled, "looked up again in the same window");
 }
