@@ -335,11 +335,7 @@ impl Syncer {
             .copied()
             .collect();
         for frontend in gone {
-            if let Some(old) = self.current.remove(&frontend) {
-                self.remove_frontend(&frontend, &old, store)?;
-                report.frontends_removed += 1;
-                report.backends_removed += old.backends.len();
-            }
+            self.drop_frontend(&frontend, store, &mut report)?;
         }
         for (frontend, spec) in desired {
             self.apply_frontend(frontend, spec, store, &mut report)?;
@@ -359,12 +355,9 @@ impl Syncer {
         let mut report = SyncReport::default();
         self.remove_orphans(store)?;
         for frontend in changed {
-            if let Some(spec) = desired.get(frontend) {
-                self.apply_frontend(frontend, spec, store, &mut report)?;
-            } else if let Some(old) = self.current.remove(frontend) {
-                self.remove_frontend(frontend, &old, store)?;
-                report.frontends_removed += 1;
-                report.backends_removed += old.backends.len();
+            match desired.get(frontend) {
+                Some(spec) => self.apply_frontend(frontend, spec, store, &mut report)?,
+                None => self.drop_frontend(frontend, store, &mut report)?,
             }
         }
         Ok(report)
@@ -401,6 +394,21 @@ impl Syncer {
                     source,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Removes `frontend` if it is programmed, counting it in `report`.
+    fn drop_frontend(
+        &mut self,
+        frontend: &Frontend,
+        store: &mut impl MapStore,
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError> {
+        if let Some(old) = self.current.remove(frontend) {
+            self.remove_frontend(frontend, &old, store)?;
+            report.frontends_removed += 1;
+            report.backends_removed += old.backends.len();
         }
         Ok(())
     }
