@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_common::{SCOPE_INTERNAL, ServiceKey};
 use serde::Serialize;
-use xlb::{loader::PinLayout, maps::PinnedMaps};
+use xlb::datapath::{maps::PinnedMaps, pins::PinLayout};
 
 use crate::datapath::ENDPOINTS;
 

@@ -13,8 +13,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use xlb::{
-    loader::{self, PinLayout},
-    maps::PinnedMaps,
+    datapath::{
+        load,
+        maps::PinnedMaps,
+        pins::{self, PinLayout},
+    },
     model::{DesiredState, Endpoint, Frontend, FrontendSpec, Protocol, Scheduler},
     sync::Syncer,
 };
@@ -87,7 +90,7 @@ fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
 struct Pins(PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
-        loader::cleanup(&PinLayout::new(&self.0));
+        pins::cleanup(&PinLayout::new(&self.0));
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -98,10 +101,10 @@ pub fn xlb(services: u32, changes: u32) -> Result<(ProgramCost, u64)> {
         "/sys/fs/bpf/xlb-bench-{}",
         std::process::id()
     )));
-    xlb::bpffs::ensure_pin_dir(&pins.0)?;
+    xlb::datapath::bpffs::ensure_pin_dir(&pins.0)?;
     let layout = PinLayout::new(&pins.0);
     std::fs::create_dir_all(layout.maps_dir())?;
-    let _ebpf = loader::load(Some(&layout)).context("loading the datapath")?;
+    let _ebpf = load::load(Some(&layout)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&layout)?;
     let mut syncer = Syncer::new();
     let want = desired(services, None);

@@ -15,17 +15,12 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap},
-};
-use lb_common::{
-    Backend, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, ServiceKey, ServiceValue,
-    VIP_ANY_NODE_IP, map_names, program_names,
-};
+use aya::Ebpf;
+use lb_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, VIP_ANY_NODE_IP, program_names};
 use serde::Serialize;
-use xlb::{loader, prog_test_run};
+use xlb::datapath::{attach, load};
 use xlb_tests::{
+    datapath::{FrontendEntry, TC_ACT_REDIRECT, TestRunOutput, put_frontend, put_node, test_run},
     netns::{Netns, unique_tag},
     packet::{ACK, Frame, SYN},
 };
@@ -33,9 +28,6 @@ use xlb_tests::{
 pub const ENDPOINTS: u32 = 10;
 const NODE_IP: &str = "192.168.50.1";
 const NODE_PORT: u16 = 30080;
-
-/// TC_ACT_REDIRECT: the packet was forwarded by FIB lookup and redirect.
-const TC_ACT_REDIRECT: i32 = 7;
 
 /// Repetitions per warm call: below the TTL of 255 the translated packets start with.
 const WARM_REPEAT: u32 = 250;
@@ -70,25 +62,6 @@ fn ne(ip: Ipv4Addr) -> u32 {
 /// Fills the maps with `services` ClusterIPs (port 80 → 8080 of protocol `proto`) of 10
 /// endpoints, plus one NodePort (external scope, SNAT) with 10 endpoints.
 pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
-    {
-        let mut backends: HashMap<_, u32, Backend> =
-            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?;
-        for s in 0..=services {
-            for e in 0..ENDPOINTS {
-                let id = s * ENDPOINTS + e + 1;
-                let b = Backend {
-                    ip: ne(backend_ip(s, e)),
-                    port: 8080u16.to_be(),
-                    proto,
-                    _pad: 0,
-                    service_id: s + 1,
-                };
-                backends.insert(id, b, 0)?;
-            }
-        }
-    }
-    let mut slots: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(ebpf.map_mut(map_names::SERVICES).context("map")?)?;
     for s in 0..=services {
         // Service `services` is the NodePort.
         let (vip, port, scope, flags) = if s == services {
@@ -96,44 +69,22 @@ pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
         } else {
             (ne(vip(s)), 80, SCOPE_INTERNAL, 0)
         };
-        let key = |slot| ServiceKey {
+        let backends: Vec<(u32, u32, u16)> = (0..ENDPOINTS)
+            .map(|e| (s * ENDPOINTS + e + 1, ne(backend_ip(s, e)), 8080))
+            .collect();
+        let frontend = FrontendEntry {
             vip,
-            port: port.to_be(),
-            slot,
+            port,
             proto,
             scope,
-            _pad: [0; 2],
-        };
-        for e in 0..ENDPOINTS {
-            let v = ServiceValue {
-                backend_id: s * ENDPOINTS + e + 1,
-                ..Default::default()
-            };
-            slots.insert(key(e as u16 + 1), v, 0)?;
-        }
-        let front = ServiceValue {
-            backend_id: 0,
             service_id: s + 1,
-            count: ENDPOINTS as u16,
             flags,
             affinity_timeout_s: 0,
         };
-        slots.insert(key(0), front, 0)?;
+        put_frontend(ebpf, frontend, &backends);
     }
-    let mut ips: HashMap<_, u32, u32> =
-        HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS).context("map")?)?;
-    ips.insert(ne(NODE_IP.parse()?), 1, 0)?;
-    let mut config: Array<_, NodeConfig> =
-        Array::try_from(ebpf.map_mut(map_names::CONFIG).context("map")?)?;
-    config.set(
-        0,
-        NodeConfig {
-            snat_addr: ne(NODE_IP.parse()?),
-            snat_port_min: 1024,
-            snat_port_max: 65535,
-        },
-        0,
-    )?;
+    let node = ne(NODE_IP.parse()?);
+    put_node(ebpf, &[node], (1024, 65535));
     Ok(())
 }
 
@@ -145,16 +96,24 @@ enum Hook {
 }
 
 fn run(ebpf: &mut Ebpf, hook: Hook, frame: &[u8]) -> Result<(i32, u64)> {
-    let out = match hook {
-        Hook::FromPod => {
-            prog_test_run::run(loader::program(ebpf, program_names::TC_FROM_POD)?, frame, 1)?
-        }
-        Hook::ToPod => {
-            prog_test_run::run(loader::program(ebpf, program_names::TC_TO_POD)?, frame, 1)?
-        }
-        Hook::External => prog_test_run::run_xdp(loader::xdp_program(ebpf)?, frame, 1)?,
-    };
-    Ok((out.retval, u64::from(out.duration_ns)))
+    let out = run_repeated(ebpf, hook, frame, 1)?;
+    Ok((out.retval, out.duration_ns))
+}
+
+fn run_repeated(ebpf: &mut Ebpf, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunOutput> {
+    Ok(match hook {
+        Hook::FromPod => test_run(
+            load::program(ebpf, program_names::TC_FROM_POD)?,
+            frame,
+            repeat,
+        )?,
+        Hook::ToPod => test_run(
+            load::program(ebpf, program_names::TC_TO_POD)?,
+            frame,
+            repeat,
+        )?,
+        Hook::External => test_run(load::xdp_program(ebpf)?, frame, repeat)?,
+    })
 }
 
 fn summarize(scenario: &'static str, services: u32, ns: Vec<u64>) -> PacketCost {
@@ -183,40 +142,17 @@ fn summarize_as(
 /// (port 8080) is also a frontend whose one backend is the service's VIP:80.
 fn add_mirrors(ebpf: &mut Ebpf, target: u32) -> Result<()> {
     for e in 0..ENDPOINTS {
-        let (service_id, backend_id) = (MIRROR_ID_BASE + e, MIRROR_ID_BASE + e);
-        let mut backends: HashMap<_, u32, Backend> =
-            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?;
-        let back = Backend {
-            ip: ne(vip(target)),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
-            service_id,
-        };
-        backends.insert(backend_id, back, 0)?;
-        let mut slots: HashMap<_, ServiceKey, ServiceValue> =
-            HashMap::try_from(ebpf.map_mut(map_names::SERVICES).context("map")?)?;
-        let key = |slot| ServiceKey {
+        let id = MIRROR_ID_BASE + e;
+        let frontend = FrontendEntry {
             vip: ne(backend_ip(target, e)),
-            port: 8080u16.to_be(),
-            slot,
+            port: 8080,
             proto: 6,
             scope: SCOPE_INTERNAL,
-            _pad: [0; 2],
-        };
-        let slot = ServiceValue {
-            backend_id,
-            ..Default::default()
-        };
-        slots.insert(key(1), slot, 0)?;
-        let front = ServiceValue {
-            backend_id: 0,
-            service_id,
-            count: 1,
+            service_id: id,
             flags: 0,
             affinity_timeout_s: 0,
         };
-        slots.insert(key(0), front, 0)?;
+        put_frontend(ebpf, frontend, &[(id, ne(vip(target)), 80)]);
     }
     Ok(())
 }
@@ -232,15 +168,12 @@ fn with_max_ttl(mut frame: Vec<u8>) -> Vec<u8> {
 
 /// Median over `calls` calls of the per-packet time of `WARM_REPEAT` repetitions.
 fn warm(ebpf: &mut Ebpf, hook: Hook, frame: &[u8], calls: u32) -> Result<Vec<u64>> {
-    let prog = match hook {
-        Hook::FromPod => program_names::TC_FROM_POD,
-        Hook::ToPod => program_names::TC_TO_POD,
-        Hook::External => bail!("XDP packets cannot be bounced back: measured cold only"),
-    };
+    if let Hook::External = hook {
+        bail!("XDP packets cannot be bounced back: measured cold only");
+    }
     let mut ns = Vec::new();
     for _ in 0..calls {
-        let out = prog_test_run::run(loader::program(ebpf, prog)?, frame, WARM_REPEAT)?;
-        ns.push(u64::from(out.duration_ns));
+        ns.push(run_repeated(ebpf, hook, frame, WARM_REPEAT)?.duration_ns);
     }
     Ok(ns)
 }
@@ -286,11 +219,10 @@ pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
 }
 
 fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
-    let mut ebpf = loader::load(None).context("loading the datapath")?;
+    let mut ebpf = load::load(None).context("loading the datapath")?;
     populate(&mut ebpf, services, 6)?;
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    let bd0 = unsafe { libc::if_nametoindex(c"bd0".as_ptr()) };
-    loader::mark_pod_iface(&mut ebpf, "bd0", bd0, true)?;
+    let bd0 = nix::net::if_::if_nametoindex("bd0").context("ifindex of bd0")?;
+    attach::mark_pod_iface(&mut ebpf, "bd0", bd0, true)?;
     let target_service = services / 2;
     add_mirrors(&mut ebpf, target_service)?;
     let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();
@@ -319,11 +251,7 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
         let (_, cost) = run(&mut ebpf, Hook::FromPod, &ack)?;
         est.push(cost);
         // The reply comes from whichever backend was chosen: read it from the ACK's DNAT.
-        let out = prog_test_run::run(
-            loader::program(&mut ebpf, program_names::TC_FROM_POD)?,
-            &ack,
-            1,
-        )?;
+        let out = run_repeated(&mut ebpf, Hook::FromPod, &ack, 1)?;
         let v = xlb_tests::packet::view(&out.packet);
         let back = Frame::tcp(&v.dst.to_string(), 8080, &c, port, ACK).build();
         reply.push(run(&mut ebpf, Hook::ToPod, &back)?.1);
@@ -369,11 +297,7 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
         Frame::tcp(client_ip, 55_555, &vip(target_service).to_string(), 80, ACK).build(),
     );
     // Three passes: the flow and its mirror start, then the flow is established.
-    let primed = prog_test_run::run(
-        loader::program(&mut ebpf, program_names::TC_FROM_POD)?,
-        &ack,
-        3,
-    )?;
+    let primed = run_repeated(&mut ebpf, Hook::FromPod, &ack, 3)?;
     let backend = xlb_tests::packet::view(&primed.packet).dst;
     if primed.retval != TC_ACT_REDIRECT {
         bail!(

@@ -13,7 +13,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_common::program_names;
 use serde::Serialize;
-use xlb::loader::{self, PinLayout};
+use xlb::datapath::{
+    attach, load,
+    pins::{self, PinLayout},
+};
 use xlb_tests::netns::{Netns, unique_tag};
 
 use crate::{control, datapath};
@@ -269,7 +272,7 @@ fn in_ns(ns: &Netns, program: &str, args: &[&str], input: Option<&str>) -> Resul
 struct Pins(std::path::PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
-        loader::cleanup(&PinLayout::new(&self.0));
+        pins::cleanup(&PinLayout::new(&self.0));
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -298,7 +301,7 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                     "/sys/fs/bpf/xlb-bench-fwd-{}",
                     std::process::id()
                 )));
-                xlb::bpffs::ensure_pin_dir(&pins.0)?;
+                xlb::datapath::bpffs::ensure_pin_dir(&pins.0)?;
                 let layout = PinLayout::new(&pins.0);
                 std::fs::create_dir_all(layout.maps_dir())?;
                 // Both are pod interfaces, as the agent would see them: the backend's one
@@ -307,12 +310,12 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                 let path = pins.0.clone();
                 let id = t.node.enter(move || -> Result<u32> {
                     let layout = PinLayout::new(&path);
-                    let mut ebpf = loader::load(Some(&layout))?;
+                    let mut ebpf = load::load(Some(&layout))?;
                     datapath::populate(&mut ebpf, services, 17)?;
                     for iface in &ifaces {
-                        loader::attach(&mut ebpf, iface, &layout)?;
+                        attach::attach(&mut ebpf, iface, &layout)?;
                     }
-                    let from_pod = loader::program(&mut ebpf, program_names::TC_FROM_POD)?;
+                    let from_pod = load::program(&mut ebpf, program_names::TC_FROM_POD)?;
                     Ok(from_pod.info()?.id())
                 })??;
                 from_pod_id = Some(id);

@@ -429,11 +429,24 @@ mod tests {
     }
 
     #[test]
-    fn outcome_names_cover_every_code() {
-        assert_eq!(crate::OUTCOME_NAMES.len(), crate::outcome::COUNT as usize);
-        assert_eq!(
-            crate::OUTCOME_NAMES[crate::outcome::REVNAT as usize],
-            "revnat"
-        );
+    fn outcome_table_names_and_kinds_agree() {
+        use crate::{OUTCOMES, OutcomeKind, is_drop, outcome, outcome_name};
+        assert_eq!(OUTCOMES.len(), outcome::COUNT as usize);
+        assert_eq!(outcome_name(outcome::REVNAT), "revnat");
+        assert_eq!(outcome_name(outcome::COUNT), "unknown");
+        for info in OUTCOMES {
+            // A drop is recognisable from its name alone, and is_drop agrees with the table.
+            assert_eq!(
+                info.name.starts_with("drop_"),
+                info.kind == OutcomeKind::Drop,
+                "{info:?}"
+            );
+            assert_eq!(
+                is_drop(info.code),
+                info.kind == OutcomeKind::Drop,
+                "{info:?}"
+            );
+        }
+        assert!(!is_drop(outcome::COUNT) && !is_drop(u32::MAX));
     }
 }

@@ -8,12 +8,12 @@ use lb_common::{Outcome, PROTO_ICMP, outcome};
 
 use crate::{
     csum,
-    lb::TC_ACT_REDIRECT,
     nat::replace_ip_addr,
     parse::{
         ETH_HLEN, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, INNER_IP_OFF,
         INNER_L4_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_OFF, IP_SRC_OFF, Ipv4Hdr, L4_OFF,
     },
+    verdict::TC_ACT_REDIRECT,
 };
 
 /// Which end of the embedded packet the NAT applies to.

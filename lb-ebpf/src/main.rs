@@ -10,15 +10,16 @@ mod atomic;
 mod csum;
 mod ct;
 mod icmp;
-mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod pod;
 mod route;
 mod sched;
 mod sock;
 mod stats;
 mod svc;
+mod verdict;
 mod xdp;
 
 use aya_ebpf::{
@@ -29,7 +30,7 @@ use aya_ebpf::{
 /// Pod → service (ingress on the host side of a pod interface).
 #[classifier]
 pub fn xlb_from_pod(ctx: TcContext) -> i32 {
-    let (verdict, outcome) = lb::from_pod(&ctx);
+    let (verdict, outcome) = pod::from_pod(&ctx);
     stats::count(outcome);
     verdict
 }
@@ -37,7 +38,7 @@ pub fn xlb_from_pod(ctx: TcContext) -> i32 {
 /// Service → pod (egress on the host side of a pod interface): reverse NAT.
 #[classifier]
 pub fn xlb_to_pod(ctx: TcContext) -> i32 {
-    let (verdict, outcome) = lb::to_pod(&ctx);
+    let (verdict, outcome) = pod::to_pod(&ctx);
     stats::count(outcome);
     verdict
 }

@@ -11,9 +11,9 @@ use core::mem::MaybeUninit;
 use lb_common::{Outcome, outcome};
 
 use crate::{
-    lb::{TC_ACT_OK, TC_ACT_REDIRECT},
     maps::POD_IFACES,
     parse::{IP_CSUM_OFF, IP_OFF, Ipv4Hdr},
+    verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
 const AF_INET: u8 = 2;

@@ -338,17 +338,3 @@ fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
     // Losing an affinity entry (map full) only costs stickiness, never the packet.
     let _ = AFFINITY.insert(key, value, 0);
 }
-
-/// Outcomes that drop the packet; every other untranslated packet continues untouched.
-#[inline(always)]
-pub fn is_drop(o: Outcome) -> bool {
-    matches!(
-        o,
-        outcome::DROP_CT_FULL
-            | outcome::DROP_REWRITE_FAILED
-            | outcome::DROP_BACKEND_MISSING
-            | outcome::DROP_NO_LOCAL_ENDPOINT
-            | outcome::DROP_SOURCE_RANGE
-            | outcome::DROP_SNAT_EXHAUSTED
-    )
-}

@@ -28,7 +28,7 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 pub fn external(ctx: &XdpContext) -> (u32, Outcome) {
     match run(ctx) {
         Ok(done) => done,
-        Err(o) if svc::is_drop(o) => (xdp_action::XDP_DROP, o),
+        Err(o) if lb_common::is_drop(o) => (xdp_action::XDP_DROP, o),
         Err(o) => (xdp_action::XDP_PASS, o),
     }
 }

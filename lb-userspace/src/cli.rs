@@ -3,7 +3,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::model::Scheduler;
+use crate::{
+    datapath::{attach::XdpAttach, ifaces::IfacePatterns},
+    model::Scheduler,
+};
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
 
@@ -27,7 +30,7 @@ fn maglev_size(value: &str) -> Result<u32, String> {
     let size: u32 = value
         .parse()
         .map_err(|_| format!("{value:?} is not a number"))?;
-    crate::maglev::check_size(size).map_err(|e| e.to_string())
+    crate::sync::maglev::check_size(size).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Parser)]
@@ -73,7 +76,7 @@ pub struct AgentArgs {
     pub kubeconfig: Option<PathBuf>,
     /// Host-side pod interfaces to attach to: comma-separated globs.
     #[arg(long, value_name = "GLOB,...", default_value = "veth*")]
-    pub pod_ifaces: String,
+    pub pod_ifaces: IfacePatterns,
     /// Where maps and links are pinned (a bpffs is mounted on its parent if needed).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -98,7 +101,7 @@ pub struct AgentArgs {
     /// Interfaces where traffic from outside arrives (XDP): comma-separated names or
     /// globs. None: no NodePort/externalIP/LoadBalancer traffic from outside.
     #[arg(long, value_name = "IF,...", default_value = "")]
-    pub external_ifaces: String,
+    pub external_ifaces: IfacePatterns,
     /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
     /// the external interfaces, or of every interface but lo without them (kube-proxy's
     /// --nodeport-addresses). The first one is the SNAT (and hairpin) source.
@@ -111,11 +114,34 @@ pub struct AgentArgs {
     /// How XDP runs on the external interfaces: auto (native where the driver has it),
     /// native, or generic (any device; needed on veth pairs whose peers have no NAPI).
     #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
-    pub xdp_mode: crate::loader::XdpAttach,
+    pub xdp_mode: XdpAttach,
     /// cgroup (v2) of the node processes whose connections to services are balanced
     /// (socket hooks); `auto`: the cgroup v2 root; `none`: not attached.
     #[arg(long, value_name = "PATH|auto|none", default_value = "auto")]
-    pub cgroup: String,
+    pub cgroup: CgroupArg,
+}
+
+/// `--cgroup`: where the socket hooks attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupArg {
+    /// The cgroup v2 root: every process of the node, pods included.
+    Auto,
+    /// No socket hooks.
+    None,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for CgroupArg {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        Ok(match value {
+            "auto" => CgroupArg::Auto,
+            "none" => CgroupArg::None,
+            "" => return Err("expected a cgroup path, auto or none".into()),
+            path => CgroupArg::Path(PathBuf::from(path)),
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,7 +156,7 @@ pub struct ExplainArgs {
     pub proto: ProtoArg,
     /// Where the packet comes from.
     #[arg(long, value_enum, default_value = "pod")]
-    pub from: crate::explain::Origin,
+    pub from: crate::report::explain::Origin,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -208,17 +234,18 @@ mod tests {
                     xdp_mode,
                     cgroup,
                 } = *args;
-                assert_eq!(cgroup, "auto");
-                assert_eq!(xdp_mode, crate::loader::XdpAttach::Auto);
+                assert_eq!(cgroup, CgroupArg::Auto);
+                assert_eq!(xdp_mode, XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
                 assert_eq!(healthz_addr.port(), 10256);
                 assert_eq!(node_name, None);
-                assert_eq!(external_ifaces, "");
+                assert!(external_ifaces.is_empty());
                 assert!(node_ips.is_empty());
                 assert_eq!(snat_ports, (61000, 65535));
                 assert_eq!(manifests, Some(PathBuf::from("/etc/xlb")));
                 assert_eq!(kubeconfig, None);
-                assert_eq!(pod_ifaces, "veth*,cali*");
+                assert!(pod_ifaces.matches("veth0") && pod_ifaces.matches("cali1"));
+                assert!(!pod_ifaces.matches("eth0"));
                 assert_eq!(bpffs, PathBuf::from("/sys/fs/bpf/t"));
                 assert_eq!(scheduler, Scheduler::Random);
                 assert_eq!(maglev_table_size, 16_381);
@@ -304,7 +331,8 @@ mod tests {
                     node_name,
                     ..
                 } = *args;
-                assert_eq!(external_ifaces, "eth0,bond*");
+                assert!(external_ifaces.matches("eth0") && external_ifaces.matches("bond1"));
+                assert!(!external_ifaces.matches("eth1"));
                 assert_eq!(node_ips.len(), 2);
                 assert_eq!(snat_ports, (40000, 40100));
                 assert_eq!(node_name.as_deref(), Some("worker-1"));
@@ -322,5 +350,10 @@ mod tests {
             Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--node-ips", "fd00::1"])
                 .is_err()
         );
+        let err = Cli::try_parse_from(["xlb", "agent", "--pod-ifaces", "veth[", "--cgroup", "x"])
+            .expect_err("bad glob")
+            .to_string();
+        assert!(err.contains("--pod-ifaces"), "{err}");
+        assert!(Cli::try_parse_from(["xlb", "agent", "--cgroup", ""]).is_err());
     }
 }

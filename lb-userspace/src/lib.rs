@@ -1,32 +1,23 @@
 //! xlb: Kubernetes Services and EndpointSlices to eBPF maps.
 //!
-//! Data flow: `source` (manifests) → `translate` (pure) → `sync` (diff into `maps`), with
-//! `loader` and `ifaces` keeping the programs loaded, pinned and attached.
+//! The path of a Service object: `source` (Kubernetes API or a manifests directory) →
+//! `translate` (pure: objects to the desired frontends of `model`) → `sync` (writes the
+//! difference into the pinned maps of `datapath`). `agent` runs that loop and keeps the
+//! programs attached; `serve` answers metrics, `/healthz` and health-check node ports;
+//! `report` builds the read commands' output from the pinned maps; `kube_proxy` removes the
+//! rules kube-proxy leaves behind.
 
 pub mod agent;
-pub mod bpffs;
 pub mod cli;
 pub mod command;
-pub mod conntrack_gc;
-pub mod events;
-pub mod explain;
-pub mod healthcheck;
-pub mod healthz;
-pub mod http;
-pub mod ifaces;
-pub mod inspect;
-pub mod kube_proxy_rules;
-pub mod loader;
-pub mod maglev;
-pub mod maps;
-pub mod metrics;
+pub mod datapath;
+pub mod kube_proxy;
 pub mod model;
-pub mod prog_test_run;
-pub mod sockets;
+pub mod report;
+pub mod serve;
 pub mod source;
 pub mod sync;
 pub mod translate;
-pub mod wake;
 
 /// The compiled eBPF object (all programs and map definitions).
 pub fn ebpf_object() -> &'static [u8] {

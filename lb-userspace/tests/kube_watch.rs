@@ -64,7 +64,7 @@ fn start(objects: &[&str]) -> Watching {
     std::fs::create_dir_all(&dir.0).expect("dir");
     let kubeconfig = dir.0.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    let source = KubeSource::start(Some(kubeconfig), "node1", xlb::wake::Wake::default())
+    let source = KubeSource::start(Some(kubeconfig), "node1", xlb::agent::wake::Wake::default())
         .expect("source starts");
     Watching {
         api,
@@ -264,15 +264,15 @@ fn a_fatal_agent_error_is_recorded_as_an_event_on_the_node() {
     );
 }
 
-/// Root and asked for (`cargo xtask test` asks): the agent loads its programs.
-fn privileged(test: &str) -> bool {
+/// The privileged test loads programs: it is `#[ignore]`d, and `cargo xtask test` runs it
+/// as root with `--include-ignored`. Asked for without root, it fails with the reason.
+fn require_privileges() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let asked = std::env::var_os("XLB_PRIVILEGED_TESTS").is_some_and(|v| v == "1");
-    if !(root && asked) {
-        eprintln!("SKIPPED {test}: needs root and XLB_PRIVILEGED_TESTS=1 (cargo xtask test)");
-    }
-    root && asked
+    assert!(
+        root,
+        "this test loads eBPF programs: run it as root (`sudo cargo xtask test`)"
+    );
 }
 
 /// Removes the agent's pins, and stops it, on drop.
@@ -315,10 +315,9 @@ fn programmed(bpffs: &std::path::Path) -> Vec<String> {
 /// The real agent, watching the fake API server, programs the maps and follows changes.
 /// Nothing is attached anywhere (no interface matches, no cgroup), nothing is sent.
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn the_agent_programs_the_datapath_from_the_api() {
-    if !privileged("the_agent_programs_the_datapath_from_the_api") {
-        return;
-    }
+    require_privileges();
     let api = FakeApi::start();
     api.apply(WEB);
     api.apply(&slice(&[("10.244.1.2", "ready", "")]));

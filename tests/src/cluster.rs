@@ -15,11 +15,16 @@ use crate::{
     workload::{Servers, serve},
 };
 
-/// The `xlb` binary: `$XLB_BIN` (set by `cargo xtask test`) or the workspace's debug build.
+/// The `xlb` binary: `$XLB_BIN` (set by `cargo xtask test`) or the workspace's debug build
+/// (in the build directory cargo reports, which `CARGO_TARGET_DIR` may move).
 pub fn xlb_binary() -> PathBuf {
     std::env::var_os("XLB_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb"))
+        .unwrap_or_else(|| {
+            crate::workspace::Workspace::current()
+                .map(|ws| ws.binary("debug", "xlb"))
+                .unwrap_or_else(|e| panic!("finding the xlb binary: {e:#}; set XLB_BIN"))
+        })
 }
 
 /// A directory under /tmp removed on drop.

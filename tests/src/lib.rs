@@ -1,7 +1,10 @@
-//! Test support for xlb: packet builders and checksum verification for the datapath tests,
-//! network-namespace topologies with cleanup guards for the end-to-end tests and the demo.
+//! Test support for xlb: the datapath harness (feature `datapath`) with packet builders and
+//! checksum verification for the datapath tests and the bench, network-namespace topologies
+//! with cleanup guards for the end-to-end tests and the demo.
 
 pub mod cluster;
+#[cfg(feature = "datapath")]
+pub mod datapath;
 pub mod lan;
 pub mod manifests;
 pub mod netns;
@@ -9,3 +12,4 @@ pub mod packet;
 pub mod privilege;
 pub mod topology;
 pub mod workload;
+pub mod workspace;

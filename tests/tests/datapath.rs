@@ -1,29 +1,29 @@
 //! Datapath tables: packet in + map state → verdict, packet out (exact bytes), counters.
 //! Runs the real programs through BPF_PROG_TEST_RUN; needs root (see `privilege`).
-mod harness;
-
 use std::net::Ipv4Addr;
 
 use aya::maps::HashMap;
-use harness::*;
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, Outcome,
     SVC_FLAG_AFFINITY, map_names, outcome,
 };
-use xlb::{inspect::monotonic_ns, loader};
+use xlb::datapath::{
+    clock::{before, monotonic_ns},
+    load, pins,
+};
+use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{
         ACK, FIN, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, icmp_error,
         ipv4_frame, view,
     },
-    privilege::privileged,
+    privilege::require_privileges,
 };
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn tcp_syn_established_and_reply() {
-    if !privileged("tcp_syn_established_and_reply") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(
         PROTO_TCP,
@@ -86,10 +86,9 @@ fn tcp_syn_established_and_reply() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn udp_with_and_without_checksum() {
-    if !privileged("udp_with_and_without_checksum") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
     let frame = Frame::udp(CLIENT, 5000, VIP, 53).build();
@@ -123,10 +122,9 @@ fn udp_with_and_without_checksum() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn non_service_traffic_passes_untouched() {
-    if !privileged("non_service_traffic_passes_untouched") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
     let cases = [
@@ -143,10 +141,9 @@ fn non_service_traffic_passes_untouched() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn no_endpoints_rejects_with_icmp_port_unreachable() {
-    if !privileged("no_endpoints_rejects_with_icmp_port_unreachable") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_TCP, 80, &[], 0);
     let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
@@ -190,10 +187,9 @@ fn no_endpoints_rejects_with_icmp_port_unreachable() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn session_affinity_pins_expires_and_skips_deleted_backends() {
-    if !privileged("session_affinity_pins_expires_and_skips_deleted_backends") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     let backends = [
         (1, "10.244.1.1", 80),
@@ -239,7 +235,11 @@ fn session_affinity_pins_expires_and_skips_deleted_backends() {
     // ...an expired one (timeout 10 s) is not: only slot backends 1 and 9 can be picked, so
     // make the slots hold backend 1 only.
     dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], SVC_FLAG_AFFINITY);
-    dp.set_affinity(CLIENT, 9, monotonic_ns() - 11_000_000_000);
+    dp.set_affinity(
+        CLIENT,
+        9,
+        before(monotonic_ns(), std::time::Duration::from_secs(11)),
+    );
     let (_, out) = dp.run(
         Hook::FromPod,
         &Frame::tcp(CLIENT, 31001, VIP, 80, SYN).build(),
@@ -264,10 +264,9 @@ fn session_affinity_pins_expires_and_skips_deleted_backends() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn flow_to_deleted_backend_is_rebalanced() {
-    if !privileged("flow_to_deleted_backend_is_rebalanced") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.1", 53)], 0);
     let frame = Frame::udp(CLIENT, 5000, VIP, 53).build();
@@ -284,10 +283,9 @@ fn flow_to_deleted_backend_is_rebalanced() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn icmp_errors_about_nated_flows_are_translated() {
-    if !privileged("icmp_errors_about_nated_flows_are_translated") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
     let request = Frame::udp(CLIENT, 5000, VIP, 53).build();
@@ -340,10 +338,9 @@ fn icmp_errors_about_nated_flows_are_translated() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn odd_packets_pass_untouched_and_are_counted() {
-    if !privileged("odd_packets_pass_untouched_and_are_counted") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
     dp.service(PROTO_UDP, 80, &[(2, "10.244.1.2", 8080)], 0);
@@ -431,19 +428,18 @@ struct PinDir(std::path::PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        loader::cleanup(&loader::PinLayout::new(&self.0));
+        pins::cleanup(&pins::PinLayout::new(&self.0));
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn pinned_maps_are_reused_and_incompatible_pins_refused() {
-    if !privileged("pinned_maps_are_reused_and_incompatible_pins_refused") {
-        return;
-    }
+    require_privileges();
     let dir = PinDir(format!("/sys/fs/bpf/xlb-test-layout-{}", std::process::id()).into());
-    xlb::bpffs::ensure_pin_dir(&dir.0).expect("bpffs");
-    let layout = loader::PinLayout::new(&dir.0);
+    xlb::datapath::bpffs::ensure_pin_dir(&dir.0).expect("bpffs");
+    let layout = pins::PinLayout::new(&dir.0);
     std::fs::create_dir_all(layout.maps_dir()).expect("maps dir");
 
     let backend = Backend {
@@ -454,14 +450,14 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         service_id: 1,
     };
     {
-        let mut ebpf = loader::load(Some(&layout)).expect("first load pins maps");
+        let mut ebpf = load::load(Some(&layout)).expect("first load pins maps");
         let mut be: HashMap<_, u32, Backend> =
             HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
         be.insert(42, backend, 0).expect("insert");
     }
     {
         // An agent restart: the same maps, with their content, are handed to the programs.
-        let ebpf = loader::load(Some(&layout)).expect("second load reuses pins");
+        let ebpf = load::load(Some(&layout)).expect("second load reuses pins");
         let be: HashMap<_, u32, Backend> =
             HashMap::try_from(ebpf.map(map_names::BACKENDS).expect("map")).expect("type");
         assert_eq!(be.get(&42, 0).expect("entry survived"), backend);
@@ -490,7 +486,7 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         ],
     )
     .expect("bpftool map create");
-    let err = loader::load(Some(&layout)).expect_err("incompatible pin");
+    let err = load::load(Some(&layout)).expect_err("incompatible pin");
     let text = err.to_string();
     assert!(
         text.contains(&path_str) && text.contains("xlb cleanup"),
@@ -509,7 +505,7 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
     ];
     args.extend(["12", "entries", "16", "name", "XLB_BACKENDS"]);
     xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
-    let text = loader::load(Some(&layout))
+    let text = load::load(Some(&layout))
         .expect_err("pin of another capacity")
         .to_string();
     assert!(text.contains("key 4 B, value 12 B, 16 entries"), "{text}");
@@ -522,7 +518,7 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
     ];
     args.extend(["12", "entries", "1048576", "name", "XLB_BACKENDS"]);
     xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
-    let text = loader::load(Some(&layout))
+    let text = load::load(Some(&layout))
         .expect_err("pin of another type")
         .to_string();
     assert!(
@@ -532,10 +528,9 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn conntrack_tracks_tcp_state_and_rebalances_expired_flows() {
-    if !privileged("conntrack_tracks_tcp_state_and_rebalances_expired_flows") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], 0);
     let flags_of = |dp: &Datapath, dir| {
@@ -614,10 +609,9 @@ fn conntrack_tracks_tcp_state_and_rebalances_expired_flows() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn hairpin_pod_reaching_itself_is_snated_to_the_node() {
-    if !privileged("hairpin_pod_reaching_itself_is_snated_to_the_node") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.set_node(&["192.168.50.1"], (61_000, 61_010));
     dp.service(PROTO_TCP, 80, &[(1, CLIENT, 8080)], 0);
@@ -652,10 +646,9 @@ fn hairpin_pod_reaching_itself_is_snated_to_the_node() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn an_evicted_reply_entry_comes_back_with_the_flows_next_window() {
-    if !privileged("an_evicted_reply_entry_comes_back_with_the_flows_next_window") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 80)], 0);
     dp.run(

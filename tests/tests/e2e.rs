@@ -10,7 +10,7 @@ use xlb_tests::{
     cluster::{Cluster, wait_until},
     manifests::{service, slice},
     netns::{Netns, leftover},
-    privilege::privileged,
+    privilege::require_privileges,
     workload::{tcp_connect, tcp_hello, udp_hello},
 };
 
@@ -77,10 +77,9 @@ fn spread(ns: &Netns, target: SocketAddr, n: usize, udp: bool) -> BTreeMap<Strin
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn clusterip_spreads_over_ready_backends_only() {
-    if !privileged("clusterip_spreads_over_ready_backends_only") {
-        return;
-    }
+    require_privileges();
     let c = web_cluster(None);
     let client = &c.node.pod("client").ns;
     for (udp, target) in [(false, addr(WEB_VIP, 80)), (true, addr(WEB_VIP, 53))] {
@@ -127,10 +126,9 @@ fn clusterip_spreads_over_ready_backends_only() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn translated_packets_enter_local_backends_without_the_node_stack() {
-    if !privileged("translated_packets_enter_local_backends_without_the_node_stack") {
-        return;
-    }
+    require_privileges();
     let c = web_cluster(None);
     let backends = ["be1", "be2", "be3"];
     let counters = || -> Vec<(u64, u64)> {
@@ -166,10 +164,9 @@ fn translated_packets_enter_local_backends_without_the_node_stack() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn session_affinity_pins_a_client_to_one_backend() {
-    if !privileged("session_affinity_pins_a_client_to_one_backend") {
-        return;
-    }
+    require_privileges();
     let c = web_cluster(Some(600));
     let client = &c.node.pod("client").ns;
     let counts = spread(client, addr(WEB_VIP, 80), 40, false);
@@ -182,10 +179,9 @@ fn session_affinity_pins_a_client_to_one_backend() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn service_without_endpoints_refuses_connections_fast() {
-    if !privileged("service_without_endpoints_refuses_connections_fast") {
-        return;
-    }
+    require_privileges();
     let mut c = Cluster::new(&[("client", "10.244.0.2")]).expect("topology");
     c.write_manifest("api.yaml", &service("api", API_VIP, None))
         .expect("write");
@@ -232,10 +228,9 @@ fn service_without_endpoints_refuses_connections_fast() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn manifest_edits_take_effect_within_a_second() {
-    if !privileged("manifest_edits_take_effect_within_a_second") {
-        return;
-    }
+    require_privileges();
     let mut c = Cluster::new(&[
         ("client", "10.244.0.2"),
         ("be1", "10.244.0.11"),
@@ -420,10 +415,9 @@ fn exchange(stream: &mut std::net::TcpStream, round: u32) {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn long_tcp_stream_survives_agent_restart_and_crash() {
-    if !privileged("long_tcp_stream_survives_agent_restart_and_crash") {
-        return;
-    }
+    require_privileges();
     let mut c = web_cluster(None);
     let (mut stream, backend) = c
         .node
@@ -529,10 +523,9 @@ fn long_tcp_stream_survives_agent_restart_and_crash() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn nothing_is_left_behind() {
-    if !privileged("nothing_is_left_behind") {
-        return;
-    }
+    require_privileges();
     let (tag, bpffs, scratch, pid) = {
         let c = web_cluster(None);
         let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 10, false);
@@ -558,10 +551,9 @@ fn nothing_is_left_behind() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn pod_interfaces_are_attached_and_detached_as_they_come_and_go() {
-    if !privileged("pod_interfaces_are_attached_and_detached_as_they_come_and_go") {
-        return;
-    }
+    require_privileges();
     let mut c = web_cluster(None);
     // A pod created after the agent started can use the service at once.
     let index = c.node.add_pod("late", "10.244.0.99").expect("late pod");
@@ -595,10 +587,9 @@ fn pod_interfaces_are_attached_and_detached_as_they_come_and_go() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn unreadable_manifests_dir_at_restart_keeps_the_pinned_state() {
-    if !privileged("unreadable_manifests_dir_at_restart_keeps_the_pinned_state") {
-        return;
-    }
+    require_privileges();
     let mut c = web_cluster(None);
     c.agent.take().expect("agent").stop().expect("stop");
     // The directory is gone when the agent comes back (e.g. a volume not mounted yet).
@@ -628,10 +619,9 @@ fn unreadable_manifests_dir_at_restart_keeps_the_pinned_state() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn cleanup_removes_kube_proxy_leftovers_and_nothing_else() {
-    if !privileged("cleanup_removes_kube_proxy_leftovers_and_nothing_else") {
-        return;
-    }
+    require_privileges();
     let tag = xlb_tests::netns::unique_tag();
     let node = Netns::new(&tag, "node").expect("node ns");
     // What kube-proxy (iptables and nftables modes) leaves on a node, next to a rule of the

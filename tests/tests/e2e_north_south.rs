@@ -12,7 +12,7 @@ use xlb_tests::{
     cluster::{Cluster, wait_until},
     lan::Lan,
     netns::{Netns, unique_tag},
-    privilege::privileged,
+    privilege::require_privileges,
     workload::{tcp_hello, udp_whoami},
 };
 
@@ -207,10 +207,9 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn nodeport_cluster_reaches_both_nodes_and_backends_see_the_node() {
-    if !privileged("nodeport_cluster_reaches_both_nodes_and_backends_see_the_node") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     for node in [NODE1, NODE2] {
         let seen = site.whoami(addr(node, 30053), 30);
@@ -241,10 +240,9 @@ fn nodeport_cluster_reaches_both_nodes_and_backends_see_the_node() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn local_policy_keeps_the_client_address_and_health_checks_follow_endpoints() {
-    if !privileged("local_policy_keeps_the_client_address_and_health_checks_follow_endpoints") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     // node1 has the endpoint: the backend sees the client itself, through NodePort and LB IP.
     for target in [addr(NODE1, 30054), addr(LB_IP, 53)] {
@@ -280,10 +278,9 @@ fn local_policy_keeps_the_client_address_and_health_checks_follow_endpoints() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn source_ranges_deny_clients_outside_them() {
-    if !privileged("source_ranges_deny_clients_outside_them") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     assert_eq!(site.whoami(addr(LB_IP, 53), 2).len(), 1, "allowed at first");
     for node in &site.nodes {
@@ -310,10 +307,9 @@ fn source_ranges_deny_clients_outside_them() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn hairpin_a_pod_reaching_itself_through_its_service() {
-    if !privileged("hairpin_a_pod_reaching_itself_through_its_service") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     // `local`'s only endpoint is local1 itself: its ClusterIP leads back to it.
     let answers = site.nodes[0]
@@ -376,10 +372,9 @@ print(data.decode().split()[0], peer[0], peer[1])
 "#;
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn node_processes_reach_cluster_ips_and_node_ports() {
-    if !privileged("node_processes_reach_cluster_ips_and_node_ports") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     let node1 = &site.nodes[0];
     for (ip, port) in [
@@ -421,10 +416,9 @@ fn node_processes_reach_cluster_ips_and_node_ports() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn connected_udp_socket_moves_off_a_removed_backend() {
-    if !privileged("connected_udp_socket_moves_off_a_removed_backend") {
-        return;
-    }
+    require_privileges();
     let site = Site::new();
     let node1 = &site.nodes[0];
     let mut child = node1

@@ -6,12 +6,12 @@ use std::{
     time::Duration,
 };
 
-use xlb::{loader::PinLayout, maps::PinnedMaps};
+use xlb::datapath::{maps::PinnedMaps, pins::PinLayout};
 use xlb_tests::{
     cluster::{Cluster, wait_until},
     manifests::{service, slice, with_scheduler},
     netns::Netns,
-    privilege::privileged,
+    privilege::require_privileges,
     workload::{tcp_connect, tcp_hello},
 };
 
@@ -84,10 +84,9 @@ fn tally(names: &[String]) -> BTreeMap<String, usize> {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn annotation_changes_the_spread_of_real_connections() {
-    if !privileged("annotation_changes_the_spread_of_real_connections") {
-        return;
-    }
+    require_privileges();
     let c = cluster("round-robin");
     let client1 = &c.node.pod("client1").ns;
     // Round-robin: 30 connections in turn, exactly 10 each.
@@ -214,10 +213,9 @@ fn udp_from_ports(ns: &Netns, ports: std::ops::Range<u16>) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn maglev_keeps_each_tuple_on_its_backend_across_restart_and_growth() {
-    if !privileged("maglev_keeps_each_tuple_on_its_backend_across_restart_and_growth") {
-        return;
-    }
+    require_privileges();
     let mut c = cluster("maglev");
     let ports = 21_000..21_060;
     let first = udp_from_ports(&c.node.pod("client1").ns, ports.clone());

@@ -1,17 +1,15 @@
 //! XDP tables for traffic from outside: packet in + map state → verdict, packet out (exact
 //! bytes, checksums), counters. BPF_PROG_TEST_RUN on the real program; needs root.
-mod harness;
-
 use std::net::Ipv4Addr;
 
-use harness::*;
 use lb_common::{
     CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_REVERSE, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, VIP_ANY_NODE_IP, outcome,
 };
+use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, view},
-    privilege::privileged,
+    privilege::require_privileges,
 };
 
 const XDP_DROP: u32 = 1;
@@ -46,10 +44,9 @@ fn node(flags: u16, backends: &[(u32, &str, u16)]) -> Datapath {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn nodeport_on_every_node_address_is_snated_and_replies_go_back() {
-    if !privileged("nodeport_on_every_node_address_is_snated_and_replies_go_back") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
     for (i, node_ip) in [NODE_A, NODE_B].into_iter().enumerate() {
         let client_port = 40_000 + i as u16;
@@ -101,10 +98,9 @@ fn nodeport_on_every_node_address_is_snated_and_replies_go_back() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn udp_nodeport_and_local_reply_through_the_pod_interface() {
-    if !privileged("udp_nodeport_and_local_reply_through_the_pod_interface") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
     let dgram = Frame::udp(OUTSIDER, 5000, NODE_B, 30080).build();
     let (verdict, out) = dp.run_external(&dgram);
@@ -128,10 +124,9 @@ fn udp_nodeport_and_local_reply_through_the_pod_interface() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn external_ips_and_lb_ips_with_source_ranges() {
-    if !privileged("external_ips_and_lb_ips_with_source_ranges") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
     dp.frontend(
         ip(LB_IP),
@@ -159,10 +154,9 @@ fn external_ips_and_lb_ips_with_source_ranges() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn local_policy_keeps_the_client_address_or_drops() {
-    if !privileged("local_policy_keeps_the_client_address_or_drops") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_DROP_EMPTY, &[BACKEND]);
     let syn = Frame::tcp(OUTSIDER, 7000, NODE_A, 30080, SYN).build();
     let (verdict, out) = dp.run_external(&syn);
@@ -191,10 +185,9 @@ fn local_policy_keeps_the_client_address_or_drops() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn cluster_policy_without_endpoints_rejects_with_icmp() {
-    if !privileged("cluster_policy_without_endpoints_rejects_with_icmp") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[]);
     let syn = Frame::tcp(OUTSIDER, 7001, NODE_A, 30080, SYN).build();
     let (verdict, out) = dp.run_external(&syn);
@@ -214,10 +207,9 @@ fn cluster_policy_without_endpoints_rejects_with_icmp() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn snat_ports_are_claimed_once_and_exhaustion_is_counted() {
-    if !privileged("snat_ports_are_claimed_once_and_exhaustion_is_counted") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
     let mut ports = Vec::new();
     for client in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
@@ -252,10 +244,9 @@ fn snat_ports_are_claimed_once_and_exhaustion_is_counted() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn other_traffic_passes_untouched_and_is_counted() {
-    if !privileged("other_traffic_passes_untouched_and_is_counted") {
-        return;
-    }
+    require_privileges();
     let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
     let not_node = Frame::tcp(OUTSIDER, 1, "10.1.1.1", 30080, SYN).build();
     let other_port = Frame::tcp(OUTSIDER, 1, NODE_A, 22, SYN).build();

@@ -1,19 +1,17 @@
 //! Scheduler tables: for given map state, each algorithm picks the expected backend
 //! (BPF_PROG_TEST_RUN on the real programs; needs root, see `privilege`).
-mod harness;
-
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray};
-use harness::*;
 use lb_common::{
     BPF_F_INNER_MAP, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash, map_names, outcome,
     scheduler, with_scheduler,
 };
-use xlb::{maglev, model::Endpoint};
+use xlb::{model::Endpoint, sync::maglev};
+use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{ACK, FIN, Frame, PROTO_TCP, SYN, view},
-    privilege::privileged,
+    privilege::require_privileges,
 };
 
 const BACKENDS: [(u32, &str, u16); 3] = [
@@ -30,7 +28,16 @@ fn backend_id_of(addr: Ipv4Addr) -> u32 {
         .unwrap_or_else(|| panic!("{addr} is not a backend"))
 }
 
-impl Datapath {
+/// Scheduler state of the test service's maps, and new flows through it.
+trait SchedulerState {
+    fn new_flow(&mut self, client: &str, sport: u16) -> u32;
+    fn open_flows(&self) -> BTreeMap<u32, u64>;
+    fn set_open_flows(&mut self, counts: &[(u32, u64)]);
+    fn new_flows_of(&self, backend_id: u32) -> u64;
+    fn set_maglev(&mut self, table: &[u32]);
+}
+
+impl SchedulerState for Datapath {
     /// Sends a SYN from `client:sport` to the VIP; returns the chosen backend id.
     fn new_flow(&mut self, client: &str, sport: u16) -> u32 {
         let syn = Frame::tcp(client, sport, VIP, 80, SYN).build();
@@ -93,10 +100,9 @@ fn service_with(scheduler: u8, extra_flags: u16) -> Datapath {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn round_robin_cycles_through_the_slots() {
-    if !privileged("round_robin_cycles_through_the_slots") {
-        return;
-    }
+    require_privileges();
     let mut dp = service_with(scheduler::ROUND_ROBIN, 0);
     let picks: Vec<u32> = (0..9).map(|i| dp.new_flow(CLIENT, 40_000 + i)).collect();
     assert_eq!(picks, [1, 2, 3, 1, 2, 3, 1, 2, 3]);
@@ -115,10 +121,9 @@ fn round_robin_cycles_through_the_slots() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn source_hash_keeps_each_client_on_its_backend() {
-    if !privileged("source_hash_keeps_each_client_on_its_backend") {
-        return;
-    }
+    require_privileges();
     let mut dp = service_with(scheduler::SOURCE_HASH, 0);
     let mut used = std::collections::BTreeSet::new();
     for last in 1..=12u8 {
@@ -133,10 +138,9 @@ fn source_hash_keeps_each_client_on_its_backend() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn least_conn_follows_the_open_flow_counts() {
-    if !privileged("least_conn_follows_the_open_flow_counts") {
-        return;
-    }
+    require_privileges();
     let mut dp = service_with(scheduler::LEAST_CONN, 0);
     dp.set_open_flows(&[(1, 5), (2, 1), (3, 3)]);
     // 2 has fewest; it takes flows until it ties with 3, then the earlier slot (2) wins the
@@ -154,10 +158,9 @@ fn least_conn_follows_the_open_flow_counts() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn maglev_picks_the_table_entry_of_the_flow_hash() {
-    if !privileged("maglev_picks_the_table_entry_of_the_flow_hash") {
-        return;
-    }
+    require_privileges();
     let mut dp = service_with(scheduler::MAGLEV, 0);
     let endpoints: Vec<(Endpoint, u32)> = BACKENDS
         .iter()
@@ -186,10 +189,9 @@ fn maglev_picks_the_table_entry_of_the_flow_hash() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn maglev_without_a_table_falls_back_to_random() {
-    if !privileged("maglev_without_a_table_falls_back_to_random") {
-        return;
-    }
+    require_privileges();
     let mut dp = service_with(scheduler::MAGLEV, 0);
     for sport in 0..5 {
         let chosen = dp.new_flow(CLIENT, 32_000 + sport);
@@ -200,13 +202,12 @@ fn maglev_without_a_table_falls_back_to_random() {
 }
 
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn session_affinity_wins_over_every_algorithm() {
-    if !privileged("session_affinity_wins_over_every_algorithm") {
-        return;
-    }
+    require_privileges();
     for code in 0..scheduler::NAMES.len() as u8 {
         let mut dp = service_with(code, SVC_FLAG_AFFINITY);
-        dp.set_affinity(CLIENT, 3, xlb::inspect::monotonic_ns());
+        dp.set_affinity(CLIENT, 3, xlb::datapath::clock::monotonic_ns());
         for sport in 0..4 {
             assert_eq!(
                 dp.new_flow(CLIENT, 33_000 + sport),
@@ -222,23 +223,22 @@ fn session_affinity_wins_over_every_algorithm() {
 /// runs under `bpf_loop` for that reason). Keep well under the kernel's one-million limit
 /// so later features have room.
 #[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn programs_stay_well_inside_the_verifier_budget() {
-    if !privileged("programs_stay_well_inside_the_verifier_budget") {
-        return;
-    }
+    require_privileges();
     let mut dp = Datapath::new();
     let mut counts = Vec::new();
     for name in [
         lb_common::program_names::TC_FROM_POD,
         lb_common::program_names::TC_TO_POD,
     ] {
-        let info = xlb::loader::program(&mut dp.ebpf, name)
+        let info = xlb::datapath::load::program(&mut dp.ebpf, name)
             .expect("program")
             .info()
             .expect("program info");
         counts.push((name, info.verified_instruction_count()));
     }
-    let xdp = xlb::loader::xdp_program(&mut dp.ebpf)
+    let xdp = xlb::datapath::load::xdp_program(&mut dp.ebpf)
         .expect("program")
         .info()
         .expect("program info");

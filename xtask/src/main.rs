@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use xlb_tests::workspace::Workspace;
 
 #[derive(Parser)]
 #[command(about = "xlb developer tasks")]
@@ -44,25 +45,26 @@ enum Task {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let root = workspace_root();
+    let ws = Workspace::current().context("finding the workspace (cargo metadata)")?;
+    let root = &ws;
     match cli.task {
-        Task::Test { unit_only } => test(&root, unit_only),
+        Task::Test { unit_only } => test(root, unit_only),
         Task::Bench { quick } => {
             bootstrap::ensure_build_tools()?;
             require_root("the benchmark loads eBPF programs and builds namespaces")?;
             bootstrap::ensure_test_tools()?;
             bootstrap::ensure_bench_tools()?;
-            bench(&root, quick, &root.join("bench/results"))
+            bench(root, quick, &root.root.join("bench/results"))
         }
         Task::Run {
             seconds,
             agent_args,
         } => {
             bootstrap::ensure_build_tools()?;
-            let xlb = build_xlb(&root)?;
+            let xlb = build_xlb(root)?;
             if agent_args.is_empty() {
                 require_root("the demo builds network namespaces")?;
-                demo::run(&xlb, &root, seconds)
+                demo::run(&xlb, &root.root, seconds)
             } else {
                 let status = Command::new(&xlb)
                     .arg("agent")
@@ -80,8 +82,8 @@ fn main() -> Result<()> {
 
 /// Validates the deploy and example manifests with `kubernetes-validate` (strict: unknown
 /// fields are errors), installed from PyPI into target/ on first use.
-fn validate_manifests(root: &Path) -> Result<()> {
-    let tools = root.join("target/pytools");
+fn validate_manifests(ws: &Workspace) -> Result<()> {
+    let (root, tools) = (&ws.root, ws.target_dir.join("pytools"));
     if !tools.join("kubernetes_validate").exists() {
         let status = Command::new("python3")
             .args([
@@ -134,7 +136,7 @@ fn validate_manifests(root: &Path) -> Result<()> {
 }
 
 /// Runs the benchmark (release build) writing into `out`.
-fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
+fn bench(root: &Workspace, quick: bool, out: &Path) -> Result<()> {
     // The agent's memory is measured on the binary that ships (deploy/Containerfile builds
     // it in release): a debug build maps several times more of its own file.
     cargo(
@@ -149,7 +151,7 @@ fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
         ],
         &[],
     )?;
-    let xlb = root.join("target/release/xlb");
+    let xlb = root.binary("release", "xlb");
     let out = out.to_string_lossy().to_string();
     let xlb = xlb.to_string_lossy().to_string();
     let mut args = vec![
@@ -168,13 +170,6 @@ fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
     cargo(root, &args, &[("XLB_BIN", xlb.as_str())])
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -188,20 +183,20 @@ fn require_root(why: &str) -> Result<()> {
 }
 
 /// Builds the `xlb` binary and returns its path.
-fn build_xlb(root: &Path) -> Result<PathBuf> {
+fn build_xlb(root: &Workspace) -> Result<PathBuf> {
     cargo(
         root,
         &["build", "--package", "lb-userspace", "--bin", "xlb"],
         &[],
     )?;
-    Ok(root.join("target/debug/xlb"))
+    Ok(root.binary("debug", "xlb"))
 }
 
-fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+fn cargo(root: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .envs(env.iter().copied())
-        .current_dir(root)
+        .current_dir(&root.root)
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
@@ -210,7 +205,7 @@ fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn test(root: &Path, unit_only: bool) -> Result<()> {
+fn test(root: &Workspace, unit_only: bool) -> Result<()> {
     bootstrap::ensure_build_tools()?;
     println!("== layer 1: unit tests (unprivileged)");
     cargo(root, &["test", "--workspace"], &[])?;
@@ -231,7 +226,7 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
     bootstrap::ensure_test_tools()?;
     let xlb = build_xlb(root)?;
     let xlb = xlb.to_string_lossy().to_string();
-    let env = [("XLB_PRIVILEGED_TESTS", "1"), ("XLB_BIN", xlb.as_str())];
+    let env = [("XLB_BIN", xlb.as_str())];
     println!("== layer 2: datapath tables (BPF_PROG_TEST_RUN)");
     cargo(
         root,
@@ -239,12 +234,16 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "test",
             "--package",
             "xlb-tests",
+            "--features",
+            "datapath",
             "--test",
             "datapath",
             "--test",
             "schedulers",
             "--test",
             "external",
+            "--",
+            "--include-ignored",
         ],
         &env,
     )?;
@@ -262,13 +261,14 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "--test",
             "e2e_north_south",
             "--",
+            "--include-ignored",
             "--test-threads=1",
         ],
         &env,
     )?;
     println!("== bench --quick: every benchmark scenario at the smallest scale");
     bootstrap::ensure_bench_tools()?;
-    bench(root, true, &root.join("target/bench-quick"))?;
+    bench(root, true, &root.target_dir.join("bench-quick"))?;
     // The real agent against the fake API server (loads programs, attaches nothing).
     cargo(
         root,
@@ -279,6 +279,8 @@ fn test(root: &Path, unit_only: bool) -> Result<()> {
             "--test",
             "kube_watch",
             "the_agent_programs_the_datapath_from_the_api",
+            "--",
+            "--include-ignored",
         ],
         &env,
     )?;

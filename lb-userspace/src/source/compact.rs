@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn slices_keep_what_translation_reads_and_no_spare_room() {
-        let mut slice: EndpointSlice = serde_yaml::from_str(
+        let mut slice: EndpointSlice = serde_saphyr::from_str(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}, \
              managedFields: [{manager: kube-controller-manager}], \

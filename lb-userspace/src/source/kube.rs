@@ -31,7 +31,7 @@ use kube::{
 };
 
 use super::compact::Compact;
-use crate::{translate::Objects, wake::Wake};
+use crate::{agent::wake::Wake, translate::Objects};
 
 /// The zone label kube-proxy reads from its Node for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";

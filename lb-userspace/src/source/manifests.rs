@@ -44,6 +44,7 @@ impl fmt::Display for ManifestError {
 }
 
 /// Kinds we read; anything else is skipped.
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     Service,
     EndpointSlice,
@@ -66,41 +67,16 @@ pub fn parse_file_text(text: &str, path: &Path, json: bool) -> Result<Objects, M
     if json {
         parse_json(text, path, &mut objects)?;
     } else {
-        for (first_line, doc) in yaml_documents(text) {
-            parse_yaml_document(doc, first_line, path, &mut objects)?;
-        }
+        parse_yaml(text, path, &mut objects)?;
     }
     Ok(objects)
 }
 
-/// Splits multi-document YAML at `---` lines, keeping each document's first line number.
-fn yaml_documents(text: &str) -> Vec<(usize, &str)> {
-    let mut docs = Vec::new();
-    let mut start_byte = 0;
-    let mut start_line = 1;
-    let mut offset = 0;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---#") {
-            docs.push((start_line, &text[start_byte..offset]));
-            start_byte = offset + line.len();
-            start_line = index + 2;
-        }
-        offset += line.len();
-    }
-    docs.push((start_line, &text[start_byte..]));
-    docs.retain(|(_, doc)| {
-        doc.lines()
-            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-    });
-    docs
-}
-
-fn yaml_error(path: &Path, first_line: usize, err: &serde_yaml::Error) -> ManifestError {
+fn yaml_error(path: &Path, err: &serde_saphyr::Error) -> ManifestError {
     let (line, column) = err
         .location()
-        .map(|l| (first_line + l.line() - 1, l.column()))
-        .unwrap_or((first_line, 0));
+        .map(|l| (l.line() as usize, l.column() as usize))
+        .unwrap_or((0, 0));
     ManifestError {
         path: path.to_path_buf(),
         line,
@@ -109,40 +85,81 @@ fn yaml_error(path: &Path, first_line: usize, err: &serde_yaml::Error) -> Manife
     }
 }
 
-fn parse_yaml_document(
-    doc: &str,
-    first_line: usize,
-    path: &Path,
-    objects: &mut Objects,
-) -> Result<(), ManifestError> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?;
-    let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str);
-    match kind_of(field("apiVersion"), field("kind")) {
-        Kind::Service => objects.services.push(compacted(
-            serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?,
-        )),
-        Kind::EndpointSlice => objects.slices.push(compacted(
-            serde_yaml::from_str(doc).map_err(|e| yaml_error(path, first_line, &e))?,
-        )),
-        Kind::List => {
-            let items = value.get("items").and_then(serde_yaml::Value::as_sequence);
-            for (i, item) in items.into_iter().flatten().enumerate() {
-                let item_json = serde_json::to_value(item).map_err(|e| ManifestError {
-                    path: path.to_path_buf(),
-                    line: first_line,
-                    column: 0,
-                    message: format!("items[{i}]: {e}"),
-                })?;
-                add_list_item(item_json, i, first_line, path, objects)?;
+/// What a document says it is, and where it starts.
+#[derive(serde::Deserialize)]
+struct Header {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// One document, deserialized as the type its header named, straight from the YAML stream
+/// (so a type error carries its line and column in the file).
+enum Document {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    List(Vec<serde_json::Value>),
+    Other,
+}
+
+std::thread_local! {
+    /// The kinds of the documents still to be read, from the header pass: serde-saphyr reads
+    /// every document as one type, and this tells that type which one each document is.
+    static KINDS: std::cell::RefCell<std::collections::VecDeque<Kind>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+impl<'de> serde::Deserialize<'de> for Document {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct ListItems {
+            #[serde(default)]
+            items: Vec<serde_json::Value>,
+        }
+        match KINDS.with(|k| k.borrow_mut().pop_front()) {
+            Some(Kind::Service) => Ok(Document::Service(serde::Deserialize::deserialize(d)?)),
+            Some(Kind::EndpointSlice) => {
+                Ok(Document::EndpointSlice(serde::Deserialize::deserialize(d)?))
+            }
+            Some(Kind::List) => Ok(Document::List(ListItems::deserialize(d)?.items)),
+            Some(Kind::Other) | None => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Ok(Document::Other)
             }
         }
-        Kind::Other => log::debug!(
-            "{}:{first_line}: skipping {:?} {:?}",
-            path.display(),
-            field("apiVersion"),
-            field("kind")
-        ),
+    }
+}
+
+/// Multi-document YAML: a header pass (kinds and positions), then each document read as its
+/// kind. Empty and comment-only documents are skipped by serde-saphyr in both passes alike.
+fn parse_yaml(text: &str, path: &Path, objects: &mut Objects) -> Result<(), ManifestError> {
+    let headers: Vec<serde_saphyr::Spanned<Header>> =
+        serde_saphyr::from_multiple(text).map_err(|e| yaml_error(path, &e))?;
+    let kinds: std::collections::VecDeque<Kind> = headers
+        .iter()
+        .map(|h| kind_of(h.value.api_version.as_deref(), h.value.kind.as_deref()))
+        .collect();
+    KINDS.with(|k| *k.borrow_mut() = kinds);
+    let documents = serde_saphyr::from_multiple::<Document>(text);
+    KINDS.with(|k| k.borrow_mut().clear());
+    let documents = documents.map_err(|e| yaml_error(path, &e))?;
+    for (document, header) in documents.into_iter().zip(&headers) {
+        let line = header.defined.line() as usize;
+        match document {
+            Document::Service(service) => objects.services.push(compacted(*service)),
+            Document::EndpointSlice(slice) => objects.slices.push(compacted(*slice)),
+            Document::List(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    add_list_item(item, i, line, path, objects)?;
+                }
+            }
+            Document::Other => log::debug!(
+                "{}:{line}: skipping {:?} {:?}",
+                path.display(),
+                header.value.api_version,
+                header.value.kind
+            ),
+        }
     }
     Ok(())
 }

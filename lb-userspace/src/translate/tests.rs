@@ -1,7 +1,8 @@
 //! Table tests: real YAML in, frontends out.
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
 use super::*;
+use crate::model::{Endpoint, Scope};
 use crate::source::manifests::parse_file_text;
 
 fn objects(yaml: &str) -> Objects {

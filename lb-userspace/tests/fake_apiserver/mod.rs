@@ -127,7 +127,7 @@ impl FakeApi {
 
     /// Creates or replaces an object given as YAML.
     pub fn apply(&self, yaml: &str) {
-        let mut object: Value = serde_yaml::from_str(yaml).expect("object YAML");
+        let mut object: Value = serde_saphyr::from_str(yaml).expect("object YAML");
         let kind = Kind::from_object(&object);
         let namespace = object["metadata"]["namespace"]
             .as_str()

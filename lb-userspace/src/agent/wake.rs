@@ -1,10 +1,6 @@
 //! Waking the agent loop as soon as a source has news, instead of at its next tick: a
 //! change is then programmed in the time translation and sync take, not up to a tick later.
 use std::{
-    ffi::CString,
-    fs::File,
-    io::Read as _,
-    os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _},
     path::Path,
     sync::{Arc, Condvar, Mutex},
     time::Duration,
@@ -41,36 +37,25 @@ impl Wake {
 /// Notifies `wake` whenever a file in `dir` is created, written and closed, moved or
 /// removed (inotify), from a thread of its own. An error leaves the caller polling.
 pub fn watch_dir(dir: &Path, wake: Wake) -> std::io::Result<()> {
-    let path = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: plain syscall; the descriptor is owned by `file` below.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let mut file = unsafe { File::from_raw_fd(fd) };
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
     // ConfigMap volumes swap a `..data` symlink (create + move); editors write in place.
-    let mask = libc::IN_CLOSE_WRITE
-        | libc::IN_CREATE
-        | libc::IN_MOVED_TO
-        | libc::IN_MOVED_FROM
-        | libc::IN_DELETE
-        | libc::IN_ATTRIB
-        | libc::IN_DELETE_SELF
-        | libc::IN_MOVE_SELF;
-    // SAFETY: `path` is NUL-terminated and outlives the call.
-    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mask = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF;
+    inotify.add_watch(dir, mask)?;
     std::thread::Builder::new()
         .name("manifests-watch".into())
         .spawn(move || {
-            let mut events = [0u8; 4096];
-            while let Ok(n) = file.read(&mut events) {
-                if n == 0 {
-                    break;
+            while let Ok(events) = inotify.read_events() {
+                if !events.is_empty() {
+                    wake.notify();
                 }
-                wake.notify();
             }
         })?;
     Ok(())

@@ -11,7 +11,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{maps::PinnedMaps, model::Protocol};
+use crate::{datapath::maps::PinnedMaps, model::Protocol};
 
 /// Where the packet comes from: decides the hook and the frontend scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -310,7 +310,7 @@ pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
 /// Reads the entries `decide` needs from the pinned maps.
 pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
     let mut s = Snapshot {
-        now_ns: crate::inspect::monotonic_ns(),
+        now_ns: crate::datapath::clock::monotonic_ns(),
         ..Default::default()
     };
     s.node_ips = maps

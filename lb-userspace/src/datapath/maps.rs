@@ -9,7 +9,7 @@ use lb_common::{
 };
 
 use crate::{
-    loader::PinLayout,
+    datapath::pins::PinLayout,
     model::Ipv4Net,
     sync::{MapStore, StoreError},
 };
@@ -100,7 +100,7 @@ impl PinnedMaps {
             .map(|(key, _)| key)
             .collect();
         let cookies = stale.iter().map(|k| k.cookie).collect();
-        let destroyed = crate::sockets::destroy_udp(&cookies).unwrap_or_else(|e| {
+        let destroyed = crate::datapath::sockets::destroy_udp(&cookies).unwrap_or_else(|e| {
             log::warn!("destroying UDP sockets of removed backends: {e}");
             0
         });
@@ -165,16 +165,16 @@ impl PinnedMaps {
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
         let affinities: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
         let mut removed = 0;
-        for key in crate::conntrack_gc::stale_flows(flows, &live, now_ns) {
+        for key in crate::datapath::gc::stale_flows(flows, &live, now_ns) {
             removed += usize::from(self.conntrack.remove(&key).is_ok());
         }
-        for key in crate::conntrack_gc::stale_affinities(affinities, &live, now_ns) {
+        for key in crate::datapath::gc::stale_affinities(affinities, &live, now_ns) {
             removed += usize::from(self.affinity.remove(&key).is_ok());
         }
         // Least-conn's counts, recounted from the flows that remain: corrects what the
         // datapath cannot see (expiry without FIN, LRU eviction, UDP).
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
-        let open = crate::conntrack_gc::open_flows(flows, &live, now_ns);
+        let open = crate::datapath::gc::open_flows(flows, &live, now_ns);
         let counted: std::collections::BTreeMap<u32, u64> =
             self.connections.iter().filter_map(Result::ok).collect();
         for id in counted.keys().filter(|id| !open.contains_key(id)) {

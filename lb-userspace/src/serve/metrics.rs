@@ -9,10 +9,9 @@ use std::{
 };
 
 use crate::{
-    http::{self, Response},
-    inspect::{self, ServiceRow, StatsReport},
-    loader::PinLayout,
-    maps::PinnedMaps,
+    datapath::{maps::PinnedMaps, pins::PinLayout},
+    report::inspect::{self, ServiceRow, StatsReport},
+    serve::http::{self, Response},
 };
 
 /// Upper bounds of the sync duration histogram, in seconds.
@@ -31,7 +30,7 @@ pub struct AgentMetrics {
     pub sync_buckets: [u64; SYNC_BUCKETS.len()],
     pub sync_seconds_sum: f64,
     /// For /healthz.
-    pub health: crate::healthz::Health,
+    pub health: crate::serve::healthz::Health,
     /// Seconds from noticing a change in the source to the datapath programmed, last sync.
     pub last_change_to_programmed_s: f64,
 }
@@ -289,8 +288,8 @@ pub fn serve(
 mod tests {
     use super::*;
     use crate::{
-        inspect::{BackendRow, MapFill},
         model::{Frontend, Protocol},
+        report::inspect::{BackendRow, MapFill},
     };
 
     #[test]

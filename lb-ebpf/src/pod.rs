@@ -1,6 +1,7 @@
-//! The two packet paths: pod → service (DNAT) and service → pod (reverse NAT).
+//! The pod interface's two packet paths (TC): pod → service (DNAT) and service → pod
+//! (reverse NAT).
 use aya_ebpf::programs::TcContext;
-use lb_common::{Outcome, SCOPE_INTERNAL, outcome};
+use lb_common::{Outcome, SCOPE_INTERNAL, is_drop, outcome};
 
 use crate::{
     ct,
@@ -10,13 +11,8 @@ use crate::{
     parse::{self, Flow, Packet},
     route,
     svc::{self, Decision},
+    verdict::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
 };
-
-// TC verdicts, as i32 on every target (the generated bindings differ in signedness by arch).
-pub const TC_ACT_UNSPEC: i32 = -1;
-pub const TC_ACT_OK: i32 = 0;
-pub const TC_ACT_SHOT: i32 = 2;
-pub const TC_ACT_REDIRECT: i32 = 7;
 
 /// Runs the pod → service path; returns the TC verdict and the outcome to count.
 #[inline(always)]
@@ -48,7 +44,7 @@ pub fn to_pod(ctx: &TcContext) -> (i32, Outcome) {
 fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
     match result {
         Ok(done) => done,
-        Err(o) if svc::is_drop(o) => (TC_ACT_SHOT, o),
+        Err(o) if is_drop(o) => (TC_ACT_SHOT, o),
         Err(o) => (TC_ACT_UNSPEC, o),
     }
 }

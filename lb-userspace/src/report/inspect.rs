@@ -3,12 +3,15 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
-    CT_FORWARD, OUTCOME_NAMES, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome, scheduler_of,
+    CT_FORWARD, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome, outcome_name, scheduler_of,
 };
 use serde::Serialize;
 
 use crate::{
-    maps::{PinnedMaps, sum_counter},
+    datapath::{
+        clock::monotonic_ns,
+        maps::{PinnedMaps, sum_counter},
+    },
     model::{Frontend, Protocol, Scheduler},
     sync::frontend_of,
 };
@@ -162,17 +165,6 @@ pub struct FlowRow {
     pub bytes: u64,
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into ts.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// NATed flows (forward entries), like `conntrack -L`.
 pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
     let now = monotonic_ns();
@@ -244,7 +236,7 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
             .get(&code, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0);
-        outcomes.insert(OUTCOME_NAMES[code as usize], total);
+        outcomes.insert(outcome_name(code), total);
     }
     let fill = |name, entries, capacity| MapFill {
         name,

@@ -1,11 +1,5 @@
 //! Making sure the pin directory is on a BPF filesystem.
-use std::{
-    ffi::CString,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
@@ -27,13 +21,8 @@ pub enum BpffsError {
 
 /// True if `path` exists and lives on a bpffs.
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Ensures `dir` exists on a bpffs: if its parent is not one, mounts bpffs on the parent
@@ -59,23 +48,14 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), BpffsError> {
 }
 
 fn mount_bpffs(at: &Path) -> std::io::Result<()> {
-    let target = CString::new(at.as_os_str().as_bytes())?;
-    let kind = c"bpf";
-    // SAFETY: all pointers are NUL-terminated strings alive for the call.
-    let rc = unsafe {
-        libc::mount(
-            kind.as_ptr(),
-            target.as_ptr(),
-            kind.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    nix::mount::mount(
+        Some("bpf"),
+        at,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Where the cgroup v2 hierarchy is mounted (the first `cgroup2` entry of /proc/self/mounts).

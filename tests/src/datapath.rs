@@ -1,8 +1,9 @@
-//! Harness of the datapath tables: the real eBPF object with private maps, run through
-//! BPF_PROG_TEST_RUN, and helpers to set map state and compare packets.
-#![allow(dead_code)] // each test binary uses part of the harness
-use std::net::Ipv4Addr;
+//! Harness of the datapath tables (and the bench): the real eBPF object with private maps,
+//! run through BPF_PROG_TEST_RUN (aya's `TestRun`), and helpers to set map state and compare
+//! packets.
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, time::Duration};
 
+use aya::programs::TestRunOptions;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
@@ -11,17 +12,141 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, Outcome, SCOPE_INTERNAL,
     ServiceKey, ServiceValue, SourceRangeKey, map_names, program_names,
 };
-use xlb::{loader, prog_test_run};
+use xlb::datapath::{clock::before, load};
 
-use std::os::fd::AsRawFd as _;
-
-use xlb_tests::{
+use crate::{
     netns::{Netns, unique_tag},
     packet::checksum_errors,
 };
 
+/// What one BPF_PROG_TEST_RUN call produced.
+#[derive(Debug, Clone)]
+pub struct TestRunOutput {
+    /// The program's return value (TC or XDP verdict), as the kernel reports it.
+    pub retval: i32,
+    /// The packet after the program ran.
+    pub packet: Vec<u8>,
+    /// Average run time per repetition in nanoseconds.
+    pub duration_ns: u64,
+}
+
+/// Runs a loaded TC or XDP program `repeat` times (at least once) on `packet`.
+pub fn test_run(
+    program: &impl for<'a> aya::programs::TestRun<
+        Opts<'a> = TestRunOptions<'a>,
+        Result = aya::programs::TestRunResult,
+    >,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<TestRunOutput, aya::programs::ProgramError> {
+    // Room for programs that grow the packet (an ICMP error adds at most 70 bytes).
+    let mut out = vec![0u8; packet.len() + 512];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat: repeat.max(1),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        retval: result.return_value as i32,
+        packet: out,
+        duration_ns: u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Runs the named TC program of `ebpf` once on `frame`.
+pub fn run_tc(ebpf: &mut Ebpf, program: &'static str, frame: &[u8], repeat: u32) -> TestRunOutput {
+    let prog = load::program(ebpf, program).expect("program");
+    test_run(prog, frame, repeat).expect("test run")
+}
+
+/// Runs the XDP program of `ebpf` once on `frame`.
+pub fn run_xdp(ebpf: &mut Ebpf, frame: &[u8]) -> TestRunOutput {
+    let prog = load::xdp_program(ebpf).expect("program");
+    test_run(prog, frame, 1).expect("test run")
+}
+
+/// A frontend as the maps hold it: the key fields and the slot-0 value's.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontendEntry {
+    /// Network byte order (0: a NodePort on every node address).
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub service_id: u32,
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+}
+
+/// Writes `frontend` with `backends` (`(id, address in network byte order, port)`) in slots
+/// 1..=n: backends, then slots, then slot 0, as the agent's sync orders them.
+pub fn put_frontend(ebpf: &mut Ebpf, frontend: FrontendEntry, backends: &[(u32, u32, u16)]) {
+    let key = |slot| ServiceKey {
+        vip: frontend.vip,
+        port: frontend.port.to_be(),
+        slot,
+        proto: frontend.proto,
+        scope: frontend.scope,
+        _pad: [0; 2],
+    };
+    {
+        let mut be: HashMap<_, u32, Backend> =
+            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("map type");
+        for (id, addr, port) in backends {
+            let b = Backend {
+                ip: *addr,
+                port: port.to_be(),
+                proto: frontend.proto,
+                _pad: 0,
+                service_id: frontend.service_id,
+            };
+            be.insert(id, b, 0).expect("insert backend");
+        }
+    }
+    let mut svc: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(ebpf.map_mut(map_names::SERVICES).expect("map")).expect("map type");
+    for (slot, (id, _, _)) in backends.iter().enumerate() {
+        let v = ServiceValue {
+            backend_id: *id,
+            ..Default::default()
+        };
+        svc.insert(key(slot as u16 + 1), v, 0).expect("insert slot");
+    }
+    let front = ServiceValue {
+        backend_id: 0,
+        service_id: frontend.service_id,
+        count: backends.len() as u16,
+        flags: frontend.flags,
+        affinity_timeout_s: frontend.affinity_timeout_s,
+    };
+    svc.insert(key(0), front, 0).expect("insert frontend");
+}
+
+/// Node addresses (network byte order; NodePorts answer on them, the first is the SNAT
+/// source) and the SNAT port range.
+pub fn put_node(ebpf: &mut Ebpf, addresses: &[u32], ports: (u16, u16)) {
+    {
+        let mut ips: HashMap<_, u32, u32> =
+            HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS).expect("map")).expect("map type");
+        for a in addresses {
+            ips.insert(a, 1, 0).expect("node ip");
+        }
+    }
+    let mut config: Array<_, NodeConfig> =
+        Array::try_from(ebpf.map_mut(map_names::CONFIG).expect("map")).expect("map type");
+    let node = NodeConfig {
+        snat_addr: addresses.first().copied().unwrap_or(0),
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+    };
+    config.set(0, node, 0).expect("config");
+}
+
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_REDIRECT: i32 = 7;
+pub const TC_ACT_SHOT: i32 = 2;
 pub const PASS: i32 = -1; // TC_ACT_UNSPEC: continue untouched
 
 pub const CLIENT: &str = "10.244.0.5";
@@ -48,6 +173,10 @@ impl Datapath {
     /// Loads the object, and moves the calling test's thread into an empty network
     /// namespace of its own: the programs' FIB lookups then find no route whatever the
     /// machine's routing, so verdicts do not depend on the host.
+    #[expect(
+        clippy::new_without_default,
+        reason = "loading programs and entering a namespace is no default value"
+    )]
     pub fn new() -> Datapath {
         let netns = Netns::new(&unique_tag(), "dp").expect("test namespace");
         let file = std::fs::File::open(netns.path()).expect("open namespace");
@@ -55,7 +184,7 @@ impl Datapath {
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         Datapath {
-            ebpf: loader::load(None).expect("eBPF object loads and passes the verifier"),
+            ebpf: load::load(None).expect("eBPF object loads and passes the verifier"),
             _netns: netns,
         }
     }
@@ -75,47 +204,20 @@ impl Datapath {
         backends: &[(u32, &str, u16)],
         flags: u16,
     ) {
-        let key = |slot| ServiceKey {
+        let backends: Vec<(u32, u32, u16)> = backends
+            .iter()
+            .map(|(id, addr, port)| (*id, ip(addr), *port))
+            .collect();
+        let frontend = FrontendEntry {
             vip,
-            port: port.to_be(),
-            slot,
+            port,
             proto,
             scope,
-            _pad: [0; 2],
-        };
-        {
-            let mut be: HashMap<_, u32, Backend> =
-                HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
-                    .expect("map type");
-            for (id, addr, bport) in backends {
-                let b = Backend {
-                    ip: ip(addr),
-                    port: bport.to_be(),
-                    proto,
-                    _pad: 0,
-                    service_id: SERVICE_ID,
-                };
-                be.insert(id, b, 0).expect("insert backend");
-            }
-        }
-        let mut svc: HashMap<_, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).expect("map"))
-                .expect("map type");
-        for (slot, (id, _, _)) in backends.iter().enumerate() {
-            let v = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            svc.insert(key(slot as u16 + 1), v, 0).expect("insert slot");
-        }
-        let front = ServiceValue {
-            backend_id: 0,
             service_id: SERVICE_ID,
-            count: backends.len() as u16,
             flags,
             affinity_timeout_s: 10,
         };
-        svc.insert(key(0), front, 0).expect("insert frontend");
+        put_frontend(&mut self.ebpf, frontend, &backends);
     }
 
     pub fn remove_backend(&mut self, id: u32) {
@@ -130,37 +232,21 @@ impl Datapath {
             Hook::FromPod => program_names::TC_FROM_POD,
             Hook::ToPod => program_names::TC_TO_POD,
         };
-        let prog = loader::program(&mut self.ebpf, name).expect("program");
-        let out = prog_test_run::run(prog, frame, 1).expect("test run");
+        let out = run_tc(&mut self.ebpf, name, frame, 1);
         (out.retval, out.packet)
     }
 
     /// Runs the XDP program (traffic from outside) on `frame`.
     pub fn run_external(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog = loader::xdp_program(&mut self.ebpf).expect("program");
-        let out = prog_test_run::run_xdp(prog, frame, 1).expect("test run");
+        let out = run_xdp(&mut self.ebpf, frame);
         (out.retval as u32, out.packet)
     }
 
     /// Node addresses (NodePorts answer on them; the first is the SNAT source) and the SNAT
     /// port range.
     pub fn set_node(&mut self, addresses: &[&str], ports: (u16, u16)) {
-        {
-            let mut ips: HashMap<_, u32, u32> =
-                HashMap::try_from(self.ebpf.map_mut(map_names::NODE_IPS).expect("map"))
-                    .expect("map type");
-            for a in addresses {
-                ips.insert(ip(a), 1, 0).expect("node ip");
-            }
-        }
-        let mut config: Array<_, NodeConfig> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("map type");
-        let node = NodeConfig {
-            snat_addr: ip(addresses[0]),
-            snat_port_min: ports.0,
-            snat_port_max: ports.1,
-        };
-        config.set(0, node, 0).expect("config");
+        let addresses: Vec<u32> = addresses.iter().map(|a| ip(a)).collect();
+        put_node(&mut self.ebpf, &addresses, ports);
     }
 
     /// Allows `cidr` ("a.b.c.d/n") for the test service's source ranges.
@@ -216,7 +302,8 @@ impl Datapath {
                 .expect("map type");
         let entries: Vec<(CtKey, CtValue)> = ct.iter().map(|r| r.expect("entry")).collect();
         for (k, mut v) in entries {
-            v.last_seen_ns -= seconds * 1_000_000_000;
+            // Saturating: the clock starts at boot, and a machine may be up for less.
+            v.last_seen_ns = before(v.last_seen_ns, Duration::from_secs(seconds));
             ct.insert(k, v, 0).expect("update");
         }
     }

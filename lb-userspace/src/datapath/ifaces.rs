@@ -1,32 +1,25 @@
 //! Pod interfaces: which exist in this network namespace, which match `--pod-ifaces`, and
 //! keeping the TC programs attached to exactly those as interfaces come and go.
-use std::{collections::BTreeMap, ffi::CStr};
+use std::collections::BTreeMap;
 
 use aya::Ebpf;
 
-use crate::loader::{self, Hook, PinLayout, XdpAttach};
+use super::{
+    attach::{self, XdpAttach},
+    pins::{self, Hook, PinLayout},
+};
 
 /// Interfaces of the current network namespace (via `if_nameindex`, which asks the kernel
 /// through a socket, so it is right even when /sys belongs to another namespace).
 pub fn list() -> BTreeMap<String, u32> {
-    let mut found = BTreeMap::new();
-    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
-    unsafe {
-        let head = libc::if_nameindex();
-        if head.is_null() {
-            return found;
-        }
-        let mut cursor = head;
-        while (*cursor).if_index != 0 && !(*cursor).if_name.is_null() {
-            let name = CStr::from_ptr((*cursor).if_name)
-                .to_string_lossy()
-                .into_owned();
-            found.insert(name, (*cursor).if_index);
-            cursor = cursor.add(1);
-        }
-        libc::if_freenameindex(head);
-    }
-    found
+    nix::net::if_::if_nameindex()
+        .map(|ifaces| {
+            ifaces
+                .iter()
+                .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Lets `iface` accept packets whose source is a node address: SNATed flows to local
@@ -53,34 +46,16 @@ pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
             patterns.matches(name)
         }
     };
-    let mut found: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free below.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return Vec::new();
-        }
-        let mut cursor = head;
-        while !cursor.is_null() {
-            let entry = &*cursor;
-            cursor = entry.ifa_next;
-            if entry.ifa_addr.is_null() || i32::from((*entry.ifa_addr).sa_family) != libc::AF_INET {
-                continue;
-            }
-            let name = CStr::from_ptr(entry.ifa_name)
-                .to_string_lossy()
-                .into_owned();
-            if !wanted(&name) {
-                continue;
-            }
-            let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-            found.push((
-                name,
-                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-            ));
-        }
-        libc::freeifaddrs(head);
-    }
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, std::net::Ipv4Addr)> = addresses
+        .filter(|entry| wanted(&entry.interface_name))
+        .filter_map(|entry| {
+            let ip = entry.address?.as_sockaddr_in()?.ip();
+            Some((entry.interface_name, ip))
+        })
+        .collect();
     found.sort();
     found.into_iter().map(|(_, addr)| addr).collect()
 }
@@ -89,8 +64,10 @@ pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
 #[derive(Debug, Clone)]
 pub struct IfacePatterns(Vec<glob::Pattern>);
 
-impl IfacePatterns {
-    pub fn parse(list: &str) -> Result<Self, glob::PatternError> {
+impl std::str::FromStr for IfacePatterns {
+    type Err = glob::PatternError;
+
+    fn from_str(list: &str) -> Result<Self, glob::PatternError> {
         list.split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -98,7 +75,9 @@ impl IfacePatterns {
             .collect::<Result<Vec<_>, _>>()
             .map(IfacePatterns)
     }
+}
 
+impl IfacePatterns {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -144,7 +123,7 @@ impl Attacher {
         if self.role != Role::Pod {
             return;
         }
-        if let Err(e) = loader::mark_pod_iface(ebpf, name, index, false) {
+        if let Err(e) = attach::mark_pod_iface(ebpf, name, index, false) {
             log::warn!("{e}");
         }
     }
@@ -178,16 +157,16 @@ impl Attacher {
             .collect();
         let hooks = self.role.hooks();
         for name in gone {
-            loader::detach(&name, pins, hooks);
+            pins::detach(&name, pins, hooks);
             if let Some(index) = self.attached.remove(&name) {
                 self.forget_pod_iface(ebpf, &name, index);
             }
             log::info!("detached from {name} (interface gone)");
         }
         if !self.swept_stale_pins {
-            for name in loader::pinned_ifaces_of(pins, hooks).into_keys() {
+            for name in pins::pinned_ifaces_of(pins, hooks).into_keys() {
                 if !present.contains_key(&name) {
-                    loader::detach(&name, pins, hooks);
+                    pins::detach(&name, pins, hooks);
                     log::info!("removed stale pinned links of {name}");
                 }
             }
@@ -195,7 +174,7 @@ impl Attacher {
             // bpf_redirect_peer would drop: keep only interfaces that match now (re-marked
             // when attached below).
             let current: Vec<u32> = present.values().copied().collect();
-            for index in loader::marked_pod_ifaces(ebpf) {
+            for index in attach::marked_pod_ifaces(ebpf) {
                 if self.role == Role::Pod && !current.contains(&index) {
                     self.forget_pod_iface(ebpf, "(stale)", index);
                 }
@@ -209,10 +188,10 @@ impl Attacher {
                 continue;
             }
             let attached = match self.role {
-                Role::Pod => loader::attach(ebpf, name, pins),
+                Role::Pod => attach::attach(ebpf, name, pins),
                 Role::External(how) => {
                     accept_local_sources(name);
-                    loader::attach_external(ebpf, name, pins, how)
+                    attach::attach_external(ebpf, name, pins, how)
                 }
             };
             match attached {
@@ -235,12 +214,12 @@ mod tests {
 
     #[test]
     fn patterns_match_globs_and_never_lo() {
-        let p = IfacePatterns::parse("veth*, cali*,eth1").expect("valid");
+        let p = "veth*, cali*,eth1".parse::<IfacePatterns>().expect("valid");
         assert!(p.matches("veth12ab"));
         assert!(p.matches("cali0"));
         assert!(p.matches("eth1"));
         assert!(!p.matches("eth0"));
-        assert!(!IfacePatterns::parse("*").expect("valid").matches("lo"));
-        assert!(IfacePatterns::parse("[").is_err());
+        assert!(!"*".parse::<IfacePatterns>().expect("valid").matches("lo"));
+        assert!("[".parse::<IfacePatterns>().is_err());
     }
 }

@@ -1,9 +1,13 @@
-//! `xlb agent`: load and pin the datapath, keep maps equal to the manifests, keep programs
-//! attached to the pod interfaces. Leaves everything pinned on exit so traffic keeps flowing
-//! across restarts.
+//! `xlb agent`: load and pin the datapath, keep the maps equal to the source's objects, keep
+//! programs attached to the pod and external interfaces. Leaves everything pinned on exit so
+//! traffic keeps flowing across restarts.
+mod config;
+mod gc;
+mod node;
+pub mod wake;
+
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -11,71 +15,42 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::net::Ipv4Addr;
-
 use anyhow::{Context as _, Result};
-use lb_common::NodeConfig;
+
+pub use config::{AgentConfig, ConfigError, SourceConfig};
+use gc::ConntrackGc;
+use node::NodeAddresses;
+use wake::Wake;
 
 use crate::{
-    bpffs,
-    healthcheck::HealthServers,
-    ifaces::{self, Attacher, IfacePatterns, Role},
-    loader::{self, PinLayout},
-    maps::PinnedMaps,
-    metrics::{self, SharedMetrics},
-    model::Scheduler,
-    source::{
-        kube::{KubeSource, Snapshot},
-        manifests::ManifestDir,
+    datapath::{
+        attach, bpffs,
+        ifaces::{Attacher, Role},
+        load,
+        maps::PinnedMaps,
+        pins::PinLayout,
     },
+    serve::{
+        healthcheck::HealthServers,
+        metrics::{self, SharedMetrics},
+    },
+    source::Source,
     sync::Syncer,
     translate::{Objects, Options, Translator},
-    wake::Wake,
 };
 
 /// How often files and interfaces are checked: well inside the one-second promise.
 const POLL: Duration = Duration::from_millis(100);
-/// How often dead conntrack entries are collected (also right after backends are removed).
-const GC_INTERVAL: Duration = Duration::from_secs(5);
-/// Earliest conntrack GC after one that ran, when backends were removed meanwhile.
-const GC_AFTER_REMOVAL: Duration = Duration::from_secs(1);
-
-/// Where Services and EndpointSlices come from.
-#[derive(Debug, Clone)]
-pub enum SourceConfig {
-    /// `--manifests DIR`.
-    Manifests(PathBuf),
-    /// The Kubernetes API: `--kubeconfig FILE`, or in-cluster configuration.
-    Kube { kubeconfig: Option<PathBuf> },
-}
-
-pub struct AgentConfig {
-    pub source: SourceConfig,
-    pub pod_ifaces: IfacePatterns,
-    pub bpffs: PathBuf,
-    pub scheduler: Scheduler,
-    pub maglev_table_size: u32,
-    pub metrics_addr: std::net::SocketAddr,
-    pub healthz_addr: std::net::SocketAddr,
-    pub node_name: String,
-    pub external_ifaces: IfacePatterns,
-    /// Empty: the external interfaces' addresses.
-    pub node_ips: Vec<Ipv4Addr>,
-    pub snat_ports: (u16, u16),
-    pub xdp_mode: crate::loader::XdpAttach,
-    /// Where node processes live: the socket hooks attach here. `None`: not attached.
-    pub cgroup: Option<PathBuf>,
-}
 
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     bpffs::ensure_pin_dir(&config.bpffs)?;
     let pins = PinLayout::new(&config.bpffs);
     std::fs::create_dir_all(pins.maps_dir())
         .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
-    let mut ebpf = loader::load(Some(&pins)).context("loading the datapath")?;
+    let mut ebpf = load::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
     if let Some(cgroup) = &config.cgroup {
-        loader::attach_cgroup(&mut ebpf, cgroup, &pins).with_context(|| {
+        attach::attach_cgroup(&mut ebpf, cgroup, &pins).with_context(|| {
             format!(
                 "attaching the socket hooks to cgroup {} (node processes' service traffic); \
                  pass --cgroup none to go without",
@@ -155,7 +130,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     log::info!(
         "watching {} for Services and EndpointSlices; default scheduler {}, Maglev table \
          size {}",
-        source.describe(&config.source),
+        config.source,
         config.scheduler,
         config.maglev_table_size
     );
@@ -252,67 +227,6 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Conntrack and affinity garbage collection on a thread of its own: a walk over the whole
-/// table must not hold up programming a change. Runs every `GC_INTERVAL`, and at most
-/// `GC_AFTER_REMOVAL` after being asked (backends were removed).
-struct ConntrackGc {
-    wake: Wake,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ConntrackGc {
-    fn start(pins: &PinLayout, stop: Arc<AtomicBool>) -> Result<ConntrackGc> {
-        let mut maps = PinnedMaps::open(pins)?;
-        let wake = Wake::default();
-        let (thread_wake, thread_stop) = (wake.clone(), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("conntrack-gc".into())
-            .spawn(move || {
-                // Flows younger than the live-set grace are spared by a collection; one
-                // asked for gets a second pass after a rest, which takes those too.
-                let mut second_pass = false;
-                while !thread_stop.load(Ordering::Relaxed) {
-                    let removed = maps.collect_garbage(crate::inspect::monotonic_ns());
-                    if removed > 0 {
-                        log::debug!("conntrack gc: removed {removed} dead entries");
-                    }
-                    // A burst of removals costs one walk a second at most: requests made
-                    // meanwhile stay pending and end the wait below at once.
-                    let rested = Instant::now();
-                    while rested.elapsed() < GC_AFTER_REMOVAL
-                        && !thread_stop.load(Ordering::Relaxed)
-                    {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    if std::mem::take(&mut second_pass) {
-                        continue;
-                    }
-                    second_pass = thread_wake.wait(GC_INTERVAL - GC_AFTER_REMOVAL);
-                }
-            })
-            .context("starting the conntrack GC thread")?;
-        Ok(ConntrackGc {
-            wake,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Asks for a collection soon (removed backends' flows and affinities).
-    fn soon(&self) {
-        self.wake.notify();
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Publishes what a sync did to the metrics endpoint.
 fn record_sync(metrics: &SharedMetrics, syncer: &mut Syncer, took: Duration, ok: bool) {
     let Ok(mut m) = metrics.lock() else { return };
@@ -329,118 +243,5 @@ fn record_sync(metrics: &SharedMetrics, syncer: &mut Syncer, took: Duration, ok:
             .iter()
             .map(|(f, p)| (f.to_string(), p.service.clone()))
             .collect();
-    }
-}
-
-/// Keeps `XLB_NODE_IPS` and the SNAT settings equal to the node's addresses (given, or
-/// those of the external interfaces, which may change while the agent runs).
-#[derive(Default)]
-struct NodeAddresses {
-    current: Option<Vec<Ipv4Addr>>,
-}
-
-impl NodeAddresses {
-    fn reconcile(&mut self, config: &AgentConfig, maps: &mut PinnedMaps) {
-        let addresses = if config.node_ips.is_empty() {
-            ifaces::ipv4_addresses(&config.external_ifaces)
-        } else {
-            config.node_ips.clone()
-        };
-        if self.current.as_ref() == Some(&addresses) {
-            return;
-        }
-        let node = NodeConfig {
-            snat_addr: addresses
-                .first()
-                .map(|a| u32::from_ne_bytes(a.octets()))
-                .unwrap_or(0),
-            snat_port_min: config.snat_ports.0,
-            snat_port_max: config.snat_ports.1,
-        };
-        match maps.set_node(&addresses, &node) {
-            Ok(()) => {
-                log::info!("node addresses (NodePorts, SNAT source first): {addresses:?}");
-                self.current = Some(addresses);
-            }
-            Err(e) => log::error!("writing node addresses {addresses:?}: {e}; retrying"),
-        }
-    }
-}
-
-/// The running source of objects.
-enum Source {
-    Manifests {
-        dir: ManifestDir,
-        scanned: bool,
-        error_logged: bool,
-    },
-    Kube(Box<KubeSource>),
-}
-
-impl Source {
-    fn start(config: &SourceConfig, node_name: &str, wake: &Wake) -> Result<Source> {
-        Ok(match config {
-            SourceConfig::Manifests(path) => {
-                if let Err(e) = crate::wake::watch_dir(path, wake.clone()) {
-                    log::warn!(
-                        "cannot watch {} for changes ({e}); reading it every {POLL:?} instead",
-                        path.display()
-                    );
-                }
-                Source::Manifests {
-                    dir: ManifestDir::new(path),
-                    scanned: false,
-                    error_logged: false,
-                }
-            }
-            SourceConfig::Kube { kubeconfig } => Source::Kube(Box::new(
-                KubeSource::start(kubeconfig.clone(), node_name, wake.clone())
-                    .context("connecting to the Kubernetes API")?,
-            )),
-        })
-    }
-
-    fn describe(&self, config: &SourceConfig) -> String {
-        match config {
-            SourceConfig::Manifests(path) => format!("manifests in {}", path.display()),
-            SourceConfig::Kube {
-                kubeconfig: Some(path),
-            } => {
-                format!("the Kubernetes API ({})", path.display())
-            }
-            SourceConfig::Kube { kubeconfig: None } => "the Kubernetes API (in-cluster)".into(),
-        }
-    }
-
-    /// New objects when a sync is due: the first complete read, then every change.
-    fn poll(&mut self) -> Option<Snapshot> {
-        match self {
-            Source::Manifests {
-                dir,
-                scanned,
-                error_logged,
-            } => match dir.rescan() {
-                Ok(rescan) => {
-                    *error_logged = false;
-                    for err in &rescan.errors {
-                        log::error!("{err}; keeping the last good objects of this file");
-                    }
-                    let due = rescan.changed || !*scanned;
-                    *scanned = true;
-                    due.then(|| Snapshot {
-                        objects: dir.objects(),
-                        zone: None,
-                    })
-                }
-                Err(err) => {
-                    if !*error_logged {
-                        log::error!("{err}; keeping the current state");
-                        *error_logged = true;
-                    }
-                    None
-                }
-            },
-            Source::Kube(kube) => kube.poll(),
-        }
     }
 }

@@ -11,8 +11,8 @@ use std::{
 };
 
 use crate::{
-    http::{self, Response},
     model::HealthCheck,
+    serve::http::{self, Response},
 };
 
 /// The status line and JSON body kube-proxy's service health server sends.

@@ -1,0 +1,93 @@
+//! Loading the eBPF object (maps pinned or private) and looking up its programs by type.
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+};
+use lb_common::{map_names, program_names};
+
+use super::{
+    DatapathError,
+    pins::{Hook, PinLayout, check_pinned_layouts},
+};
+
+/// Loads the object and its programs. With `pins`, every map is pinned there (or the existing
+/// pin reused, so conntrack and services survive an agent restart); without, maps are private.
+pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
+    if let Some(layout) = pins {
+        check_pinned_layouts(layout)?;
+    }
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = match pins {
+        Some(layout) => map_names::ALL
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(crate::ebpf_object())
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    for hook in Hook::POD {
+        program(&mut ebpf, hook.program())?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: hook.program(),
+                source: Box::new(source),
+            })?;
+    }
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|source| DatapathError::Program {
+            name: program_names::XDP_EXTERNAL,
+            source: Box::new(source),
+        })?;
+    for hook in Hook::CGROUP {
+        sock_program(&mut ebpf, hook.program())?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: hook.program(),
+                source: Box::new(source),
+            })?;
+    }
+    Ok(ebpf)
+}
+
+/// A loaded cgroup sock_addr program by name.
+pub fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    typed_program(ebpf, name)
+}
+
+/// A program of the object by name, as its type.
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// A loaded TC program by name.
+pub fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    typed_program(ebpf, name)
+}
+
+/// The loaded XDP program.
+pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    typed_program(ebpf, program_names::XDP_EXTERNAL)
+}

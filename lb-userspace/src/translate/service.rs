@@ -1,0 +1,267 @@
+//! One Service translated as if it were alone: its frontends (ClusterIPs, externalIPs,
+//! LoadBalancer IPs, NodePorts, each port) with their endpoints and policies.
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    DEFAULT_AFFINITY_TIMEOUT_S, Options, SCHEDULER_ANNOTATION, SERVICE_PROXY_NAME_LABEL,
+    TOPOLOGY_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, Translation,
+    endpoints::{categorize, endpoints_of_port},
+    namespace, protocol,
+};
+use crate::model::{Frontend, FrontendSpec, HealthCheck, Ipv4Net, Protocol, Scope};
+
+/// One Service's frontends, translated as if it were alone (`merge` settles conflicts).
+pub(super) fn translate_service(
+    service: &Service,
+    service_slices: &[&EndpointSlice],
+    options: &Options,
+    out: &mut Translation,
+) {
+    let ns = namespace(&service.metadata.namespace);
+    let name = service.metadata.name.as_deref().unwrap_or("");
+    let Some(spec) = &service.spec else { return };
+    if service
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return;
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => vec![],
+    };
+    if cluster_ips.iter().any(|ip| ip.as_str() == "None") || cluster_ips.is_empty() {
+        return; // headless, or not allocated yet
+    }
+    let mut vips: Vec<Ipv4Addr> = Vec::new();
+    let mut cluster_vips: Vec<Ipv4Addr> = Vec::new();
+    let mut lb_ips_v4: Vec<Ipv4Addr> = Vec::new();
+    let lb_ips = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().filter_map(|i| i.ip.as_ref()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let n_cluster = cluster_ips.len();
+    let n_external = spec.external_ips.iter().flatten().count();
+    let external = spec.external_ips.iter().flatten();
+    for (i, ip) in cluster_ips
+        .into_iter()
+        .chain(external)
+        .chain(lb_ips)
+        .enumerate()
+    {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => {
+                if i < n_cluster {
+                    cluster_vips.push(v4);
+                } else if i >= n_cluster + n_external {
+                    lb_ips_v4.push(v4);
+                }
+                if !vips.contains(&v4) {
+                    vips.push(v4)
+                }
+            }
+            Ok(std::net::IpAddr::V6(_)) => out.warnings.push(format!(
+                "service {ns}/{name}: IPv6 address {ip} skipped (IPv6 is not supported yet)"
+            )),
+            Err(_) => out
+                .warnings
+                .push(format!("service {ns}/{name}: invalid IP {ip:?} ignored")),
+        }
+    }
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let scheduler = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+    {
+        None => options.default_scheduler,
+        Some(value) => value.trim().parse().unwrap_or_else(|e| {
+            out.warnings.push(format!(
+                "service {ns}/{name}: annotation {SCHEDULER_ANNOTATION}: {e}; using the node \
+                 default {}",
+                options.default_scheduler
+            ));
+            options.default_scheduler
+        }),
+    };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        match range.parse::<Ipv4Net>() {
+            Ok(net) => source_ranges.push(net),
+            Err(_) if range.contains(':') => {} // IPv6 range: no IPv6 clients yet
+            Err(e) => out.warnings.push(format!(
+                "service {ns}/{name}: loadBalancerSourceRanges: {e}; range ignored"
+            )),
+        }
+    }
+    let lb_ips: Vec<Ipv4Addr> = vips
+        .iter()
+        .copied()
+        .filter(|ip| lb_ips_v4.contains(ip))
+        .collect();
+    let node = options.node_name.as_deref();
+    if external_local
+        && type_ == "LoadBalancer"
+        && let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+    {
+        let local_endpoints = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let proto = protocol(&p.protocol).unwrap_or(Protocol::Tcp);
+                let port_name = p.name.as_deref().unwrap_or("");
+                categorize(
+                    &endpoints_of_port(service_slices, port_name, proto),
+                    node,
+                    None,
+                )
+                .local_ready
+            })
+            .max()
+            .unwrap_or(0);
+        out.health_checks.insert(
+            port,
+            HealthCheck {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                local_endpoints,
+            },
+        );
+    }
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.as_deref().unwrap_or("");
+        let Some(proto) = protocol(&port.protocol) else {
+            out.warnings.push(format!(
+                "service {ns}/{name} port {port_name:?}: protocol {} not supported, skipped",
+                port.protocol.as_deref().unwrap_or("")
+            ));
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            out.warnings.push(format!(
+                "service {ns}/{name} port {port_name:?}: port {} out of range, skipped",
+                port.port
+            ));
+            continue;
+        };
+        let zone = options.zone.as_deref().filter(|_| uses_topology(service));
+        let categorized = categorize(
+            &endpoints_of_port(service_slices, port_name, proto),
+            node,
+            zone,
+        );
+        let all = categorized.cluster;
+        let local = || categorized.local.clone();
+        let base = FrontendSpec {
+            service: format!("{ns}/{name}:{port_name}"),
+            endpoints: all.clone(),
+            affinity_timeout_s,
+            scheduler,
+            snat: false,
+            drop_when_empty: false,
+            source_ranges: Vec::new(),
+        };
+        // From outside: only this node's endpoints with the client address kept (Local), or
+        // any endpoint with the client SNATed to the node (Cluster).
+        let external = FrontendSpec {
+            endpoints: if external_local { local() } else { all.clone() },
+            snat: !external_local,
+            drop_when_empty: external_local,
+            ..base.clone()
+        };
+        let mut add = |frontend: Frontend, spec: FrontendSpec| {
+            if let Some(existing) = out.desired.get(&frontend) {
+                out.warnings.push(format!(
+                    "service {ns}/{name}: {frontend} already used by {}, skipped",
+                    existing.service
+                ));
+                return;
+            }
+            out.desired.insert(frontend, spec);
+        };
+        for vip in &vips {
+            let internal = Frontend::internal(*vip, number, proto);
+            if cluster_vips.contains(vip) {
+                // internalTrafficPolicy applies to ClusterIP traffic only.
+                let spec = if internal_local {
+                    FrontendSpec {
+                        endpoints: local(),
+                        drop_when_empty: true,
+                        ..base.clone()
+                    }
+                } else {
+                    base.clone()
+                };
+                add(internal, spec);
+                continue;
+            }
+            // externalIPs and LoadBalancer IPs: pods reach every endpoint (kube-proxy's
+            // short-circuit); outsiders get the external policy and the source ranges.
+            add(internal, base.clone());
+            let mut spec = external.clone();
+            if lb_ips.contains(vip) {
+                spec.source_ranges = source_ranges.clone();
+            }
+            add(
+                Frontend {
+                    scope: Scope::External,
+                    ..internal
+                },
+                spec,
+            );
+        }
+        if node_ports && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+            let any = Frontend::internal(Ipv4Addr::UNSPECIFIED, node_port, proto);
+            add(any, base.clone());
+            add(
+                Frontend {
+                    scope: Scope::External,
+                    ..any
+                },
+                external.clone(),
+            );
+        }
+    }
+}
+
+/// Whether the service asked for topology-aware routing (annotation or trafficDistribution).
+fn uses_topology(service: &Service) -> bool {
+    let annotated = service.metadata.annotations.as_ref().is_some_and(|a| {
+        [TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_HINTS_ANNOTATION]
+            .iter()
+            .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
+    });
+    let distribution = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        .is_some();
+    annotated || distribution
+}
