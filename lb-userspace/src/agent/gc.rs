@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::wake::Wake;
-use crate::datapath::{clock::monotonic_ns, maps::PinnedMaps, pins::PinLayout};
+use crate::{
+    datapath::{clock::monotonic_ns, maps::PinnedMaps, pins::PinLayout},
+    serve::metrics::WalkedCounts,
+};
 
 /// How often dead conntrack entries are collected (also right after backends are removed).
 const GC_INTERVAL: Duration = Duration::from_secs(5);
@@ -27,7 +30,11 @@ pub struct ConntrackGc {
 }
 
 impl ConntrackGc {
-    pub fn start(pins: &PinLayout, stop: Arc<AtomicBool>) -> Result<ConntrackGc> {
+    pub fn start(
+        pins: &PinLayout,
+        walked: Arc<WalkedCounts>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<ConntrackGc> {
         let mut maps = PinnedMaps::open(pins)?;
         let wake = Wake::default();
         let (thread_wake, thread_stop) = (wake.clone(), Arc::clone(&stop));
@@ -38,9 +45,10 @@ impl ConntrackGc {
                 // asked for gets a second pass after a rest, which takes those too.
                 let mut second_pass = false;
                 while !thread_stop.load(Ordering::Relaxed) {
-                    let removed = maps.collect_garbage(monotonic_ns());
-                    if removed > 0 {
-                        log::debug!("conntrack gc: removed {removed} dead entries");
+                    let collected = maps.collect_garbage(monotonic_ns());
+                    walked.record(collected.conntrack, collected.affinity);
+                    if collected.removed > 0 {
+                        log::debug!("conntrack gc: removed {} dead entries", collected.removed);
                     }
                     // A burst of removals costs one walk a second at most: requests made
                     // meanwhile stay pending and end the wait below at once.

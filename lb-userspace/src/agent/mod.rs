@@ -32,7 +32,8 @@ use crate::{
     },
     serve::{
         healthcheck::HealthServers,
-        metrics::{self, SharedMetrics},
+        http,
+        metrics::{self, SharedMetrics, WalkedCounts},
     },
     source::Source,
     sync::Syncer,
@@ -84,29 +85,46 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         );
     }
     let metrics = SharedMetrics::default();
+    let walked = Arc::new(WalkedCounts::default());
+    // Metrics, /healthz and health-check node ports are served here, each connection a task.
+    let runtime = http::runtime().context("starting the agent's serving runtime")?;
     // Metrics are for humans and Prometheus; a taken port (kube-proxy still running on this
     // node?) must not stop the datapath from being programmed.
-    match metrics::serve(
+    let _metrics_server = match metrics::serve(
+        runtime.handle(),
         config.metrics_addr,
         pins.root.clone(),
         Arc::clone(&metrics),
-        Arc::clone(&stop),
+        Arc::clone(&walked),
     ) {
-        Ok(_) => log::info!("serving metrics on http://{}/metrics", config.metrics_addr),
-        Err(e) => log::error!(
-            "cannot serve metrics on {}: {e}; running without metrics (choose another \
-             --metrics-addr)",
-            config.metrics_addr
-        ),
-    }
-    match metrics::serve_healthz(config.healthz_addr, Arc::clone(&metrics), Arc::clone(&stop)) {
-        Ok(()) => log::info!("serving health on http://{}/healthz", config.healthz_addr),
-        Err(e) => log::error!(
-            "cannot serve /healthz on {}: {e}; running without (choose another \
-             --healthz-addr)",
-            config.healthz_addr
-        ),
-    }
+        Ok(server) => {
+            log::info!("serving metrics on http://{}/metrics", server.addr);
+            Some(server)
+        }
+        Err(e) => {
+            log::error!(
+                "cannot serve metrics on {}: {e}; running without metrics (choose another \
+                 --metrics-addr)",
+                config.metrics_addr
+            );
+            None
+        }
+    };
+    let _healthz_server =
+        match metrics::serve_healthz(runtime.handle(), config.healthz_addr, Arc::clone(&metrics)) {
+            Ok(server) => {
+                log::info!("serving health on http://{}/healthz", server.addr);
+                Some(server)
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot serve /healthz on {}: {e}; running without (choose another \
+                     --healthz-addr)",
+                    config.healthz_addr
+                );
+                None
+            }
+        };
     let wake = Wake::default();
     let mut translator = Translator::default();
     // The first sync (after adopting pinned state) and one after an error compare
@@ -121,12 +139,15 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         config.external_ifaces.clone(),
     );
     let mut node = NodeAddresses::default();
-    let mut health = HealthServers::default();
+    let mut health = HealthServers::new(
+        runtime.handle().clone(),
+        std::net::Ipv4Addr::UNSPECIFIED.into(),
+    );
     let mut warned: BTreeSet<String> = BTreeSet::new();
     // No sync before the source was read once: an unreadable directory or an unreachable
     // API server at start must not wipe the state adopted from the pins.
     let mut need_sync = false;
-    let gc = ConntrackGc::start(&pins, Arc::clone(&stop))?;
+    let gc = ConntrackGc::start(&pins, walked, Arc::clone(&stop))?;
     log::info!(
         "watching {} for Services and EndpointSlices; default scheduler {}, Maglev table \
          size {}",

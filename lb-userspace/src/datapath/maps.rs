@@ -157,9 +157,9 @@ impl PinnedMaps {
         self.backends.iter().filter_map(Result::ok).collect()
     }
 
-    /// Deletes dead conntrack and affinity entries (see `conntrack_gc`); returns how many.
-    /// `now_ns`: CLOCK_MONOTONIC, read before this call.
-    pub fn collect_garbage(&mut self, now_ns: u64) -> usize {
+    /// Deletes dead conntrack and affinity entries (see `gc`); says how many, and how many
+    /// remain. `now_ns`: CLOCK_MONOTONIC, read before this call.
+    pub fn collect_garbage(&mut self, now_ns: u64) -> Collected {
         let live: std::collections::BTreeSet<u32> =
             self.backends.keys().filter_map(Result::ok).collect();
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
@@ -168,12 +168,16 @@ impl PinnedMaps {
         for key in crate::datapath::gc::stale_flows(flows, &live, now_ns) {
             removed += usize::from(self.conntrack.remove(&key).is_ok());
         }
+        let mut affinity_left = affinities.len();
         for key in crate::datapath::gc::stale_affinities(affinities, &live, now_ns) {
-            removed += usize::from(self.affinity.remove(&key).is_ok());
+            let gone = self.affinity.remove(&key).is_ok();
+            removed += usize::from(gone);
+            affinity_left -= usize::from(gone);
         }
         // Least-conn's counts, recounted from the flows that remain: corrects what the
         // datapath cannot see (expiry without FIN, LRU eviction, UDP).
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
+        let conntrack_left = flows.len();
         let open = crate::datapath::gc::open_flows(flows, &live, now_ns);
         let counted: std::collections::BTreeMap<u32, u64> =
             self.connections.iter().filter_map(Result::ok).collect();
@@ -185,8 +189,22 @@ impl PinnedMaps {
                 let _ = self.connections.insert(id, n, 0);
             }
         }
-        removed
+        Collected {
+            removed,
+            conntrack: conntrack_left,
+            affinity: affinity_left,
+        }
     }
+}
+
+/// What one garbage collection did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Collected {
+    /// Entries deleted.
+    pub removed: usize,
+    /// Entries left in the conntrack and affinity maps.
+    pub conntrack: usize,
+    pub affinity: usize,
 }
 
 /// The LPM key of a service's source range: the service id always matched whole.

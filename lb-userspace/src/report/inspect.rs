@@ -20,7 +20,7 @@ fn addr(ip: u32) -> Ipv4Addr {
     ip.to_ne_bytes().into()
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BackendRow {
     pub id: u32,
     pub address: String,
@@ -34,7 +34,7 @@ pub struct BackendRow {
     pub bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ServiceRow {
     pub frontend: Frontend,
     pub service_id: u32,
@@ -221,7 +221,7 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct StatsReport {
     pub outcomes: BTreeMap<&'static str, u64>,
     pub maps: Vec<MapFill>,
@@ -229,6 +229,12 @@ pub struct StatsReport {
 
 /// Outcome counters and map fill levels.
 pub fn stats(maps: &PinnedMaps) -> StatsReport {
+    stats_with(maps, None)
+}
+
+/// [`stats`], with the conntrack and affinity entry counts given (`walked`, from the GC's
+/// walk) instead of walked again.
+pub fn stats_with(maps: &PinnedMaps, walked: Option<(usize, usize)>) -> StatsReport {
     let mut outcomes = BTreeMap::new();
     for code in 0..outcome::COUNT {
         let total = maps
@@ -256,12 +262,12 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
         ),
         fill(
             map_names::CONNTRACK,
-            maps.conntrack.keys().count(),
+            walked.map_or_else(|| maps.conntrack.keys().count(), |(ct, _)| ct),
             map_sizes::CONNTRACK,
         ),
         fill(
             map_names::AFFINITY,
-            maps.affinity.keys().count(),
+            walked.map_or_else(|| maps.affinity.keys().count(), |(_, aff)| aff),
             map_sizes::AFFINITY,
         ),
         fill(

@@ -3,16 +3,15 @@
 //! local endpoints: 200 with the local endpoint count, or 503 when there are none.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
 };
+
+use tokio::runtime::Handle;
 
 use crate::{
     model::HealthCheck,
-    serve::http::{self, Response},
+    serve::http::{self, Response, Server},
 };
 
 /// The status line and JSON body kube-proxy's service health server sends.
@@ -30,25 +29,36 @@ pub fn response(check: &HealthCheck) -> (&'static str, String) {
     (status, body.to_string())
 }
 
-struct Server {
+struct Running {
     state: Arc<Mutex<HealthCheck>>,
-    stop: Arc<AtomicBool>,
+    /// Dropping it closes the port.
+    _server: Server,
 }
 
 /// The running servers, one per port, kept equal to the wanted set.
-#[derive(Default)]
 pub struct HealthServers {
-    servers: BTreeMap<u16, Server>,
+    runtime: Handle,
+    /// Where they listen (every address, as kube-proxy's; tests use loopback).
+    ip: IpAddr,
+    servers: BTreeMap<u16, Running>,
     /// Ports that could not be bound, so the error is logged once.
     failed: BTreeMap<u16, String>,
 }
 
 impl HealthServers {
+    pub fn new(runtime: Handle, ip: IpAddr) -> Self {
+        HealthServers {
+            runtime,
+            ip,
+            servers: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
     pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
-        self.servers.retain(|port, server| {
+        self.servers.retain(|port, _| {
             let keep = wanted.contains_key(port);
             if !keep {
-                server.stop.store(true, Ordering::Relaxed);
                 log::info!("stopped health check server on port {port}");
             }
             keep
@@ -61,7 +71,7 @@ impl HealthServers {
                 }
                 continue;
             }
-            match start(*port, check.clone()) {
+            match self.start(*port, check.clone()) {
                 Ok(server) => {
                     log::info!(
                         "health check for {}/{} on port {port}",
@@ -82,34 +92,25 @@ impl HealthServers {
             }
         }
     }
-}
 
-impl Drop for HealthServers {
-    fn drop(&mut self) {
-        for server in self.servers.values() {
-            server.stop.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-fn start(port: u16, check: HealthCheck) -> std::io::Result<Server> {
-    let state = Arc::new(Mutex::new(check));
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::clone(&state);
-    // Any path answers, as kube-proxy's does.
-    http::serve(
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-        Arc::clone(&stop),
-        move |_| {
+    fn start(&self, port: u16, check: HealthCheck) -> std::io::Result<Running> {
+        let state = Arc::new(Mutex::new(check));
+        let served = Arc::clone(&state);
+        // Any path answers, as kube-proxy's does.
+        let handler: http::Handler = Arc::new(move |_: &str| {
             let check = served
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_else(|e| e.into_inner().clone());
             let (status, body) = response(&check);
             Response::new(status, "application/json", body)
-        },
-    )?;
-    Ok(Server { state, stop })
+        });
+        let server = http::serve(&self.runtime, SocketAddr::new(self.ip, port), handler)?;
+        Ok(Running {
+            state,
+            _server: server,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -133,5 +134,34 @@ mod tests {
         );
         check.local_endpoints = 0;
         assert_eq!(response(&check).0, "503 Service Unavailable");
+    }
+
+    /// A free loopback port (bound and released; good enough for a test).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
+    #[test]
+    fn a_health_check_port_answers_despite_idle_and_slow_clients_and_closes_when_unwanted() {
+        let rt = http::runtime().expect("runtime");
+        let mut servers = HealthServers::new(rt.handle().clone(), [127, 0, 0, 1].into());
+        let port = free_port();
+        let check = HealthCheck {
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: 1,
+        };
+        servers.update(&[(port, check)].into());
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        http::tests::answers_despite_idle_and_slow_clients(addr, "/");
+        servers.update(&BTreeMap::new());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "port {port} still open after its service went"
+        );
     }
 }

@@ -1,258 +1,328 @@
 //! Prometheus metrics of the agent (`--metrics-addr`): what is programmed, how syncs go,
-//! and the datapath's counters read from the pinned maps at scrape time.
+//! and the datapath's counters read from the pinned maps at scrape time, encoded by
+//! prometheus-client (a collector builds each scrape; OpenMetrics text).
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, atomic::AtomicBool},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::runtime::Handle;
 
 use crate::{
     datapath::{maps::PinnedMaps, pins::PinLayout},
-    report::inspect::{self, ServiceRow, StatsReport},
-    serve::http::{self, Response},
+    report::inspect::{self, BackendRow, ServiceRow, StatsReport},
+    serve::http::{self, Handler, Response, Server},
 };
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const SYNC_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// What the agent loop reports about itself.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct AgentMetrics {
     /// Frontend ("IP:PORT/PROTO") → Service port ("namespace/name:port").
     pub service_names: BTreeMap<String, String>,
     pub frontends: usize,
     pub backends: usize,
-    pub syncs: u64,
     pub sync_errors: u64,
-    /// Cumulative counts per bucket of `SYNC_BUCKETS`, plus the sum of durations.
-    pub sync_buckets: [u64; SYNC_BUCKETS.len()],
-    pub sync_seconds_sum: f64,
+    /// Shared by clones: observations made through any of them count.
+    pub sync_duration: Histogram,
     /// For /healthz.
     pub health: crate::serve::healthz::Health,
     /// Seconds from noticing a change in the source to the datapath programmed, last sync.
     pub last_change_to_programmed_s: f64,
 }
 
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics {
+            service_names: BTreeMap::new(),
+            frontends: 0,
+            backends: 0,
+            sync_errors: 0,
+            sync_duration: Histogram::new(SYNC_BUCKETS),
+            health: Default::default(),
+            last_change_to_programmed_s: 0.0,
+        }
+    }
+}
+
 impl AgentMetrics {
     pub fn observe_sync(&mut self, seconds: f64) {
-        self.syncs += 1;
-        self.sync_seconds_sum += seconds;
-        for (bucket, bound) in self.sync_buckets.iter_mut().zip(SYNC_BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
+        self.sync_duration.observe(seconds);
     }
 }
 
 pub type SharedMetrics = Arc<Mutex<AgentMetrics>>;
 
-/// A metric family read from each row: name, help, value.
-type Family<R> = (&'static str, &'static str, fn(&R) -> u64);
-/// The same with its Prometheus type.
-type KindedFamily<R> = (&'static str, &'static str, &'static str, fn(&R) -> u64);
-
-/// Escapes a label value (Prometheus text format).
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Entry counts of the big LRU maps, from the conntrack GC's walk (every few seconds), so
+/// a scrape does not walk half a million entries again. `u64::MAX`: not counted yet.
+#[derive(Debug)]
+pub struct WalkedCounts {
+    pub conntrack: AtomicU64,
+    pub affinity: AtomicU64,
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+impl Default for WalkedCounts {
+    fn default() -> Self {
+        WalkedCounts {
+            conntrack: AtomicU64::new(u64::MAX),
+            affinity: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
-/// The exposition text from the agent's own numbers and a read of the maps.
-pub fn render(agent: &AgentMetrics, services: &[ServiceRow], stats: &StatsReport) -> String {
-    let mut out = String::new();
-    header(
-        &mut out,
-        "xlb_frontends_programmed",
-        "gauge",
-        "Frontends (VIP:port/protocol) in the datapath.",
-    );
-    let _ = writeln!(out, "xlb_frontends_programmed {}", agent.frontends);
-    header(
-        &mut out,
-        "xlb_backends_programmed",
-        "gauge",
-        "Backends of all frontends in the datapath.",
-    );
-    let _ = writeln!(out, "xlb_backends_programmed {}", agent.backends);
-    header(
-        &mut out,
-        "xlb_sync_errors_total",
-        "counter",
-        "Syncs that failed and were retried.",
-    );
-    let _ = writeln!(out, "xlb_sync_errors_total {}", agent.sync_errors);
-    header(
-        &mut out,
-        "xlb_sync_duration_seconds",
-        "histogram",
-        "Time to bring the maps to the desired state.",
-    );
-    for (bound, count) in SYNC_BUCKETS.iter().zip(agent.sync_buckets) {
-        let _ = writeln!(
-            out,
-            "xlb_sync_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
+impl WalkedCounts {
+    pub fn record(&self, conntrack: usize, affinity: usize) {
+        self.conntrack.store(conntrack as u64, Ordering::Relaxed);
+        self.affinity.store(affinity as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<(usize, usize)> {
+        let (ct, aff) = (
+            self.conntrack.load(Ordering::Relaxed),
+            self.affinity.load(Ordering::Relaxed),
         );
+        (ct != u64::MAX && aff != u64::MAX).then_some((ct as usize, aff as usize))
     }
-    let _ = writeln!(
-        out,
-        "xlb_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        agent.syncs
-    );
-    let _ = writeln!(
-        out,
-        "xlb_sync_duration_seconds_sum {}",
-        agent.sync_seconds_sum
-    );
-    let _ = writeln!(out, "xlb_sync_duration_seconds_count {}", agent.syncs);
-    header(
-        &mut out,
-        "xlb_change_to_programmed_seconds",
-        "gauge",
-        "From noticing the last object change to the datapath programmed.",
-    );
-    let _ = writeln!(
-        out,
-        "xlb_change_to_programmed_seconds {}",
-        agent.last_change_to_programmed_s
-    );
+}
 
-    header(
-        &mut out,
-        "xlb_packets_total",
-        "counter",
-        "Packets seen by the datapath, by outcome (drops and passes included).",
-    );
-    for (outcome, count) in &stats.outcomes {
-        let _ = writeln!(out, "xlb_packets_total{{outcome=\"{outcome}\"}} {count}");
-    }
-    header(
-        &mut out,
-        "xlb_map_entries",
-        "gauge",
-        "Entries in each BPF map.",
-    );
-    for m in &stats.maps {
-        let _ = writeln!(out, "xlb_map_entries{{map=\"{}\"}} {}", m.name, m.entries);
-    }
-    header(
-        &mut out,
-        "xlb_map_capacity",
-        "gauge",
-        "Capacity of each BPF map.",
-    );
-    for m in &stats.maps {
-        let _ = writeln!(out, "xlb_map_capacity{{map=\"{}\"}} {}", m.name, m.capacity);
-    }
+/// One scrape's numbers.
+struct Scrape<'a> {
+    agent: &'a AgentMetrics,
+    services: &'a [ServiceRow],
+    stats: &'a StatsReport,
+}
 
-    let frontend_labels = |row: &ServiceRow| {
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge<N>(enc: &mut DescriptorEncoder, name: &str, help: &str, v: N) -> std::fmt::Result
+where
+    ConstGauge<N>: prometheus_client::encoding::EncodeMetric,
+{
+    ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// A per-row family: name (counters without `_total`, the encoder adds it), help, type, value.
+type Family<R> = (&'static str, &'static str, MetricType, fn(&R) -> u64);
+
+impl Scrape<'_> {
+    fn frontend_labels(&self, row: &ServiceRow) -> [(&'static str, String); 2] {
         let frontend = row.frontend.to_string();
-        let service = agent
+        let service = self
+            .agent
             .service_names
             .get(&frontend)
-            .map(String::as_str)
-            .unwrap_or("");
-        format!(
-            "frontend=\"{}\",service=\"{}\"",
-            label(&frontend),
-            label(service)
-        )
-    };
-    header(
-        &mut out,
-        "xlb_frontend_info",
-        "gauge",
-        "One per frontend, with its Service and algorithm.",
-    );
-    for row in services {
-        let _ = writeln!(
-            out,
-            "xlb_frontend_info{{{},scheduler=\"{}\"}} 1",
-            frontend_labels(row),
-            label(&row.scheduler)
-        );
+            .cloned()
+            .unwrap_or_default();
+        [("frontend", frontend), ("service", service)]
     }
-    let per_frontend: [Family<ServiceRow>; 3] = [
-        (
-            "xlb_frontend_new_flows_total",
-            "New flows balanced by a frontend.",
-            |r| r.flows,
-        ),
-        (
-            "xlb_frontend_packets_total",
-            "Packets to a frontend (forward direction).",
-            |r| r.packets,
-        ),
-        (
-            "xlb_frontend_bytes_total",
-            "Bytes to a frontend (forward direction).",
-            |r| r.bytes,
-        ),
-    ];
-    for (name, help, value) in per_frontend {
-        header(&mut out, name, "counter", help);
-        for row in services {
-            let _ = writeln!(out, "{name}{{{}}} {}", frontend_labels(row), value(row));
+
+    fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let agent = self.agent;
+        gauge(
+            enc,
+            "xlb_frontends_programmed",
+            "Frontends (VIP:port/protocol) in the datapath.",
+            agent.frontends as i64,
+        )?;
+        gauge(
+            enc,
+            "xlb_backends_programmed",
+            "Backends of all frontends in the datapath.",
+            agent.backends as i64,
+        )?;
+        counter(
+            enc,
+            "xlb_sync_errors",
+            "Syncs that failed and were retried.",
+            agent.sync_errors,
+        )?;
+        agent.sync_duration.encode(enc.encode_descriptor(
+            "xlb_sync_duration_seconds",
+            "Time to bring the maps to the desired state.",
+            None,
+            MetricType::Histogram,
+        )?)?;
+        gauge(
+            enc,
+            "xlb_change_to_programmed_seconds",
+            "From noticing the last object change to the datapath programmed.",
+            agent.last_change_to_programmed_s,
+        )?;
+        let mut packets = enc.encode_descriptor(
+            "xlb_packets",
+            "Packets seen by the datapath, by outcome (drops and passes included).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, count) in &self.stats.outcomes {
+            ConstCounter::new(*count).encode(packets.encode_family(&[("outcome", *outcome)])?)?;
         }
-    }
-    let per_backend: [KindedFamily<inspect::BackendRow>; 4] = [
-        (
-            "xlb_backend_new_flows_total",
-            "counter",
-            "New flows sent to a backend: imbalance shows here.",
-            |b| b.flows,
-        ),
-        (
-            "xlb_backend_open_flows",
-            "gauge",
-            "Flows open to a backend on this node (least-conn's input).",
-            |b| b.open_flows,
-        ),
-        (
-            "xlb_backend_packets_total",
-            "counter",
-            "Packets sent to a backend.",
-            |b| b.packets,
-        ),
-        (
-            "xlb_backend_bytes_total",
-            "counter",
-            "Bytes sent to a backend.",
-            |b| b.bytes,
-        ),
-    ];
-    for (name, kind, help, value) in per_backend {
-        header(&mut out, name, kind, help);
-        for row in services {
-            for b in &row.backends {
-                let _ = writeln!(
-                    out,
-                    "{name}{{{},backend=\"{}\"}} {}",
-                    frontend_labels(row),
-                    label(&b.address),
-                    value(b)
-                );
+        for (name, help, value) in [
+            (
+                "xlb_map_entries",
+                "Entries in each BPF map.",
+                (|m| m.entries as i64) as fn(&inspect::MapFill) -> i64,
+            ),
+            ("xlb_map_capacity", "Capacity of each BPF map.", |m| {
+                i64::from(m.capacity)
+            }),
+        ] {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for m in &self.stats.maps {
+                ConstGauge::new(value(m)).encode(family.encode_family(&[("map", m.name)])?)?;
             }
         }
+        // A gauge of 1 rather than an OpenMetrics info: the labels stay in frontend, service,
+        // scheduler order, like every other per-frontend family.
+        let mut info = enc.encode_descriptor(
+            "xlb_frontend_info",
+            "One per frontend, with its Service and algorithm.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for row in self.services {
+            let [frontend, service] = self.frontend_labels(row);
+            let labels = [frontend, service, ("scheduler", row.scheduler.clone())];
+            ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+        }
+        let per_frontend: [Family<ServiceRow>; 3] = [
+            (
+                "xlb_frontend_new_flows",
+                "New flows balanced by a frontend.",
+                MetricType::Counter,
+                |r| r.flows,
+            ),
+            (
+                "xlb_frontend_packets",
+                "Packets to a frontend (forward direction).",
+                MetricType::Counter,
+                |r| r.packets,
+            ),
+            (
+                "xlb_frontend_bytes",
+                "Bytes to a frontend (forward direction).",
+                MetricType::Counter,
+                |r| r.bytes,
+            ),
+        ];
+        for (name, help, kind, value) in per_frontend {
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for row in self.services {
+                ConstCounter::new(value(row))
+                    .encode(family.encode_family(&self.frontend_labels(row))?)?;
+            }
+        }
+        let per_backend: [Family<BackendRow>; 4] = [
+            (
+                "xlb_backend_new_flows",
+                "New flows sent to a backend: imbalance shows here.",
+                MetricType::Counter,
+                |b| b.flows,
+            ),
+            (
+                "xlb_backend_open_flows",
+                "Flows open to a backend on this node (least-conn's input).",
+                MetricType::Gauge,
+                |b| b.open_flows,
+            ),
+            (
+                "xlb_backend_packets",
+                "Packets sent to a backend.",
+                MetricType::Counter,
+                |b| b.packets,
+            ),
+            (
+                "xlb_backend_bytes",
+                "Bytes sent to a backend.",
+                MetricType::Counter,
+                |b| b.bytes,
+            ),
+        ];
+        for (name, help, kind, value) in per_backend {
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for row in self.services {
+                let [frontend, service] = self.frontend_labels(row);
+                for b in &row.backends {
+                    let labels = [
+                        frontend.clone(),
+                        service.clone(),
+                        ("backend", b.address.clone()),
+                    ];
+                    let sample = family.encode_family(&labels)?;
+                    match kind {
+                        MetricType::Gauge => ConstGauge::new(value(b) as i64).encode(sample)?,
+                        _ => ConstCounter::new(value(b)).encode(sample)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the agent's numbers and the pinned maps at each scrape.
+#[derive(Debug)]
+struct ScrapeCollector {
+    layout: PinLayout,
+    agent: SharedMetrics,
+    walked: Arc<WalkedCounts>,
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let agent = self.agent.lock().map(|m| m.clone()).unwrap_or_default();
+        let (services, stats) = match PinnedMaps::open(&self.layout) {
+            Ok(maps) => (
+                inspect::services(&maps),
+                inspect::stats_with(&maps, self.walked.get()),
+            ),
+            Err(e) => {
+                log::warn!("metrics: {e}; reporting the agent's own numbers only");
+                (Vec::new(), StatsReport::default())
+            }
+        };
+        Scrape {
+            agent: &agent,
+            services: &services,
+            stats: &stats,
+        }
+        .encode(&mut enc)
+    }
+}
+
+/// OpenMetrics text of one collector.
+fn exposition(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        log::warn!("metrics: encoding failed: {e}");
     }
     out
 }
 
-/// Serves `/healthz` on `addr` until `stop`, in kube-proxy's format.
+/// Serves `/healthz` (and `/livez`) on `addr`, in kube-proxy's format.
 pub fn serve_healthz(
+    runtime: &Handle,
     addr: SocketAddr,
     agent: SharedMetrics,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    http::serve(addr, stop, move |path| match path {
+) -> std::io::Result<Server> {
+    let handler: Handler = Arc::new(move |path: &str| match path {
         "/healthz" | "/livez" => {
             let health = agent.lock().map(|m| m.health).unwrap_or_default();
             let (status, body) =
@@ -260,28 +330,35 @@ pub fn serve_healthz(
             Response::new(status, "application/json", body)
         }
         _ => Response::new("404 Not Found", "text/plain", "try /healthz\n".into()),
-    })
+    });
+    http::serve(runtime, addr, handler)
 }
 
-/// Serves `/metrics` on `addr` until `stop`; one scrape at a time is plenty for Prometheus.
+/// Serves `/metrics` on `addr`, reading the pinned maps at each scrape.
 pub fn serve(
+    runtime: &Handle,
     addr: SocketAddr,
     pins: PathBuf,
     agent: SharedMetrics,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+    walked: Arc<WalkedCounts>,
+) -> std::io::Result<Server> {
     let layout = PinLayout::new(pins);
-    http::serve(addr, stop, move |path| match path {
-        "/metrics" => match PinnedMaps::open(&layout) {
-            Ok(maps) => {
-                let snapshot = agent.lock().map(|m| m.clone()).unwrap_or_default();
-                let body = render(&snapshot, &inspect::services(&maps), &inspect::stats(&maps));
-                Response::new("200 OK", "text/plain; version=0.0.4", body)
-            }
-            Err(e) => Response::new("503 Service Unavailable", "text/plain", format!("{e}\n")),
-        },
+    let handler: Handler = Arc::new(move |path: &str| match path {
+        "/metrics" => {
+            let body = exposition(ScrapeCollector {
+                layout: layout.clone(),
+                agent: Arc::clone(&agent),
+                walked: Arc::clone(&walked),
+            });
+            Response::new(
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
+        }
         _ => Response::new("404 Not Found", "text/plain", "try /metrics\n".into()),
-    })
+    });
+    http::serve(runtime, addr, handler)
 }
 
 #[cfg(test)]
@@ -289,8 +366,23 @@ mod tests {
     use super::*;
     use crate::{
         model::{Frontend, Protocol},
-        report::inspect::{BackendRow, MapFill},
+        report::inspect::MapFill,
     };
+
+    /// A collector of fixed numbers.
+    #[derive(Debug)]
+    struct Fixed(AgentMetrics, Vec<ServiceRow>, StatsReport);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+            Scrape {
+                agent: &self.0,
+                services: &self.1,
+                stats: &self.2,
+            }
+            .encode(&mut enc)
+        }
+    }
 
     #[test]
     fn exposition_has_per_backend_new_flows_and_sync_histogram() {
@@ -334,7 +426,7 @@ mod tests {
                 capacity: 524_288,
             }],
         };
-        let text = render(&agent, &services, &stats);
+        let text = exposition(Fixed(agent, services.to_vec(), stats));
         let labels = r#"frontend="10.96.0.10:80/TCP",service="default/web:http""#;
         for line in [
             format!(r#"xlb_backend_new_flows_total{{{labels},backend="10.244.0.11:8080"}} 20"#),
@@ -354,16 +446,20 @@ mod tests {
                 "missing {line:?} in:\n{text}"
             );
         }
-        // Every sample line belongs to a declared metric family.
+        // Every sample line belongs to a declared metric family (counters' samples carry
+        // `_total`, histograms' `_bucket`/`_sum`/`_count`), and OpenMetrics text ends in EOF.
+        assert_eq!(text.lines().last(), Some("# EOF"));
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap_or("");
+            let counter = name.trim_end_matches("_total");
             let family = name
                 .trim_end_matches("_bucket")
                 .trim_end_matches("_sum")
                 .trim_end_matches("_count");
             assert!(
-                text.contains(&format!("# TYPE {name} "))
-                    || text.contains(&format!("# TYPE {family} histogram")),
+                text.contains(&format!("# TYPE {name} gauge\n"))
+                    || text.contains(&format!("# TYPE {counter} counter\n"))
+                    || text.contains(&format!("# TYPE {family} histogram\n")),
                 "{l}"
             );
         }
@@ -371,6 +467,21 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        let agent = AgentMetrics {
+            service_names: [("10.96.0.10:80/TCP".into(), r#"a"b\c"#.into())].into(),
+            ..Default::default()
+        };
+        let services = [ServiceRow {
+            frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
+            service_id: 1,
+            scheduler: "random".into(),
+            affinity_timeout_s: None,
+            flows: 0,
+            packets: 0,
+            bytes: 0,
+            backends: vec![],
+        }];
+        let text = exposition(Fixed(agent, services.to_vec(), StatsReport::default()));
+        assert!(text.contains(r#"service="a\"b\\c""#), "{text}");
     }
 }
