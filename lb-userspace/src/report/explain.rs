@@ -40,18 +40,47 @@ pub struct Query {
 pub struct Snapshot {
     /// The forward conntrack entry of the exact 5-tuple, if a source port was given.
     pub tracked: Option<CtValue>,
-    pub frontend: Option<(ServiceKey, ServiceValue)>,
-    /// Slot i+1: (backend id, address, port, open flows).
-    pub backends: Vec<(u32, Ipv4Addr, u16, u64)>,
+    pub frontend: Option<SnapshotFrontend>,
+    /// In slot order (slot i+1 is `backends[i]`).
+    pub backends: Vec<SnapshotBackend>,
     pub source_allowed: bool,
-    /// Affinity entry of the client: (backend id, seconds since last use).
-    pub affinity: Option<(u32, u64)>,
+    /// The client's affinity entry for this frontend's service.
+    pub affinity: Option<AffinityPin>,
     pub round_robin_next: Option<u64>,
     /// The Maglev table of the frontend.
     pub maglev: Option<Vec<u32>>,
     pub node_ips: Vec<Ipv4Addr>,
     pub snat_addr: Option<Ipv4Addr>,
     pub now_ns: u64,
+}
+
+/// The frontend that matched: its key (slot 0) and value.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotFrontend {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotBackend {
+    pub id: u32,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Flows open to it on this node (least-conn's count).
+    pub open_flows: u64,
+}
+
+impl SnapshotBackend {
+    fn endpoint(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AffinityPin {
+    pub backend_id: u32,
+    /// Seconds since the pin was last used.
+    pub idle_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -74,226 +103,25 @@ fn ne(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// The decision, as the programs would take it.
+/// The decision, as the programs would take it: a tracked flow, else the frontend, its
+/// gates (source ranges, endpoints), the backend pick, then the address translation.
 pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
     let mut steps = Vec::new();
-    let endpoint = |id: u32| {
-        s.backends
-            .iter()
-            .find(|b| b.0 == id)
-            .map(|b| format!("{}:{}", b.1, b.2))
+    if let Some(done) = tracked_flow(q, s, &mut steps) {
+        return done;
+    }
+    let Some(front) = s.frontend else {
+        steps.push(no_frontend(q, s));
+        return refused("not a service: passed untouched", steps);
     };
-    let scope = if q.origin == Origin::Outside {
-        SCOPE_EXTERNAL
-    } else {
-        SCOPE_INTERNAL
-    };
-    if let Some(ct) = &s.tracked {
-        let idle = s.now_ns.saturating_sub(ct.last_seen_ns);
-        let expired = idle > ct_lifetime_ns(q.proto.number(), ct.flags);
-        let live = endpoint(ct.backend_id);
-        let state = if ct.flags & CT_FLAG_CLOSING != 0 {
-            "closing"
-        } else {
-            "open"
-        };
-        match (expired, live) {
-            (false, Some(backend)) => {
-                steps.push(format!(
-                    "conntrack: known flow ({state}, idle {}s) to backend {backend}{}",
-                    idle / 1_000_000_000,
-                    if ct.flags & CT_FLAG_SNAT != 0 {
-                        format!(
-                            ", SNATed to {}:{}",
-                            addr(ct.snat_addr),
-                            u16::from_be(ct.snat_port)
-                        )
-                    } else {
-                        String::new()
-                    }
-                ));
-                return Explanation {
-                    verdict: format!("DNAT to {backend} (tracked flow)"),
-                    candidates: vec![backend.clone()],
-                    backend: Some(backend),
-                    steps,
-                };
-            }
-            (true, _) => steps.push("conntrack: entry expired; balanced as a new flow".into()),
-            (false, None) => {
-                steps.push("conntrack: its backend was removed; balanced as a new flow".into())
-            }
-        }
-    } else if q.sport.is_some() {
-        steps.push("conntrack: no entry for this 5-tuple (a new flow)".into());
+    steps.push(describe_frontend(q, &front));
+    if let Some(verdict) = gate(q, s, &front.value, &mut steps) {
+        return refused(verdict, steps);
     }
-    let Some((key, front)) = s.frontend else {
-        let nodeport =
-            s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
-        steps.push(format!(
-            "no frontend {}:{}/{} for {:?} traffic{}",
-            q.dst,
-            q.dport,
-            q.proto,
-            q.origin,
-            if nodeport {
-                " (and no NodePort on this node address)"
-            } else {
-                ""
-            }
-        ));
-        return Explanation {
-            verdict: "not a service: passed untouched".into(),
-            candidates: vec![],
-            backend: None,
-            steps,
-        };
-    };
-    let shown = if key.vip == VIP_ANY_NODE_IP {
-        format!("NodePort *:{}/{}", u16::from_be(key.port), q.proto)
-    } else {
-        format!("{}:{}/{}", addr(key.vip), u16::from_be(key.port), q.proto)
-    };
-    let code = scheduler_of(front.flags);
-    let algorithm = scheduler::NAMES
-        .get(code as usize)
-        .copied()
-        .unwrap_or("unknown");
-    steps.push(format!(
-        "frontend {shown} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
-        if scope == SCOPE_EXTERNAL {
-            "external"
-        } else {
-            "internal"
-        },
-        front.service_id,
-        front.count
-    ));
-    if front.flags & SVC_FLAG_SOURCE_RANGES != 0 && q.origin != Origin::Node {
-        if !s.source_allowed {
-            steps.push(format!("loadBalancerSourceRanges: {} is outside", q.src));
-            return Explanation {
-                verdict: "dropped: client outside loadBalancerSourceRanges".into(),
-                candidates: vec![],
-                backend: None,
-                steps,
-            };
-        }
-        steps.push(format!("loadBalancerSourceRanges: {} is inside", q.src));
-    }
-    if front.count == 0 {
-        let verdict = if front.flags & SVC_FLAG_DROP_EMPTY != 0 {
-            steps.push("Local traffic policy and no endpoint on this node".into());
-            "dropped: no local endpoint"
-        } else if q.origin == Origin::Node {
-            steps.push("no usable endpoint".into());
-            "connect() refused (ECONNREFUSED)"
-        } else {
-            steps.push("no usable endpoint".into());
-            "rejected: ICMP port unreachable"
-        };
-        return Explanation {
-            verdict: verdict.into(),
-            candidates: vec![],
-            backend: None,
-            steps,
-        };
-    }
-    if front.flags & SVC_FLAG_DROP_EMPTY != 0 {
-        steps.push("Local traffic policy: candidates are this node's endpoints only".into());
-    }
-    let candidates: Vec<String> = s
-        .backends
-        .iter()
-        .map(|b| format!("{}:{}", b.1, b.2))
-        .collect();
-    let count = s.backends.len().max(1) as u64;
-    let mut chosen: Option<String> = None;
-    if front.flags & SVC_FLAG_AFFINITY != 0
-        && let Some((id, idle_s)) = s.affinity
-    {
-        if idle_s < u64::from(front.affinity_timeout_s) && endpoint(id).is_some() {
-            chosen = endpoint(id);
-            steps.push(format!(
-                "session affinity: client pinned to {} (used {idle_s}s ago)",
-                chosen.clone().unwrap_or_default()
-            ));
-        } else {
-            steps.push("session affinity: pin expired or its backend is gone".into());
-        }
-    }
-    if chosen.is_none() {
-        let slot = |i: u64| {
-            s.backends
-                .get(i as usize)
-                .map(|b| format!("{}:{}", b.1, b.2))
-        };
-        match code {
-            scheduler::ROUND_ROBIN => {
-                let turn = s.round_robin_next.unwrap_or(0);
-                chosen = slot(turn % count);
-                steps.push(format!(
-                    "round-robin: next turn is slot {}",
-                    turn % count + 1
-                ));
-            }
-            scheduler::SOURCE_HASH => {
-                chosen = slot(u64::from(client_hash(ne(q.src))) % count);
-                steps.push(format!("source-hash of {}", q.src));
-            }
-            scheduler::LEAST_CONN => {
-                let least = s.backends.iter().min_by_key(|b| b.3);
-                chosen = least.map(|b| format!("{}:{}", b.1, b.2));
-                let counts: Vec<String> = s
-                    .backends
-                    .iter()
-                    .map(|b| format!("{}:{}={}", b.1, b.2, b.3))
-                    .collect();
-                steps.push(format!("least-conn over open flows: {}", counts.join(", ")));
-            }
-            scheduler::MAGLEV => match (&s.maglev, q.sport) {
-                (Some(table), Some(sport)) if !table.is_empty() => {
-                    let hash = flow_hash(
-                        ne(q.src),
-                        ne(q.dst),
-                        sport.to_be(),
-                        q.dport.to_be(),
-                        q.proto.number(),
-                    );
-                    let id = table[(hash % table.len() as u32) as usize];
-                    chosen = endpoint(id);
-                    steps.push(format!(
-                        "maglev: entry {} of {} for this 5-tuple",
-                        hash % table.len() as u32,
-                        table.len()
-                    ));
-                }
-                (Some(_), None) => steps.push(
-                    "maglev: the pick depends on the source port (give --src IP:PORT)".into(),
-                ),
-                _ => steps.push("maglev: no table yet; random fallback".into()),
-            },
-            _ => steps.push(format!("random: any of {count} with equal chance")),
-        }
-    }
-    let snat = match q.origin {
-        Origin::Outside if front.flags & SVC_FLAG_SNAT != 0 => s
-            .snat_addr
-            .map(|a| format!("source SNATed to {a} (externalTrafficPolicy Cluster)")),
-        Origin::Outside => Some("client address kept (externalTrafficPolicy Local)".into()),
-        Origin::Pod
-            if chosen
-                .as_deref()
-                .is_some_and(|c| c.starts_with(&format!("{}:", q.src))) =>
-        {
-            s.snat_addr
-                .map(|a| format!("hairpin: the pod reaches itself, source SNATed to {a}"))
-        }
-        Origin::Node => Some("socket connected straight to the backend (no per-packet NAT)".into()),
-        Origin::Pod => None,
-    };
-    if let Some(snat) = snat {
-        steps.push(snat);
+    let candidates: Vec<String> = s.backends.iter().map(SnapshotBackend::endpoint).collect();
+    let chosen = pick(q, s, &front.value, &mut steps);
+    if let Some(note) = translation(q, s, &front.value, chosen.as_deref()) {
+        steps.push(note);
     }
     let verdict = match &chosen {
         Some(b) => format!("DNAT to {b}"),
@@ -304,6 +132,240 @@ pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
         candidates,
         backend: chosen,
         steps,
+    }
+}
+
+fn refused(verdict: &str, steps: Vec<String>) -> Explanation {
+    Explanation {
+        verdict: verdict.into(),
+        candidates: vec![],
+        backend: None,
+        steps,
+    }
+}
+
+/// The live backend `id` of the snapshot, as "addr:port".
+fn endpoint(s: &Snapshot, id: u32) -> Option<String> {
+    s.backends
+        .iter()
+        .find(|b| b.id == id)
+        .map(SnapshotBackend::endpoint)
+}
+
+/// A known, live flow goes to its backend; an expired one or one whose backend went is
+/// balanced again (a step says which).
+fn tracked_flow(q: &Query, s: &Snapshot, steps: &mut Vec<String>) -> Option<Explanation> {
+    let Some(ct) = &s.tracked else {
+        if q.sport.is_some() {
+            steps.push("conntrack: no entry for this 5-tuple (a new flow)".into());
+        }
+        return None;
+    };
+    let idle = s.now_ns.saturating_sub(ct.last_seen_ns);
+    let expired = idle > ct_lifetime_ns(q.proto.number(), ct.flags);
+    let state = if ct.flags & CT_FLAG_CLOSING != 0 {
+        "closing"
+    } else {
+        "open"
+    };
+    match (expired, endpoint(s, ct.backend_id)) {
+        (false, Some(backend)) => {
+            let snat = if ct.flags & CT_FLAG_SNAT != 0 {
+                format!(
+                    ", SNATed to {}:{}",
+                    addr(ct.snat_addr),
+                    u16::from_be(ct.snat_port)
+                )
+            } else {
+                String::new()
+            };
+            steps.push(format!(
+                "conntrack: known flow ({state}, idle {}s) to backend {backend}{snat}",
+                idle / 1_000_000_000,
+            ));
+            Some(Explanation {
+                verdict: format!("DNAT to {backend} (tracked flow)"),
+                candidates: vec![backend.clone()],
+                backend: Some(backend),
+                steps: std::mem::take(steps),
+            })
+        }
+        (true, _) => {
+            steps.push("conntrack: entry expired; balanced as a new flow".into());
+            None
+        }
+        (false, None) => {
+            steps.push("conntrack: its backend was removed; balanced as a new flow".into());
+            None
+        }
+    }
+}
+
+fn no_frontend(q: &Query, s: &Snapshot) -> String {
+    let nodeport =
+        s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
+    format!(
+        "no frontend {}:{}/{} for {:?} traffic{}",
+        q.dst,
+        q.dport,
+        q.proto,
+        q.origin,
+        if nodeport {
+            " (and no NodePort on this node address)"
+        } else {
+            ""
+        }
+    )
+}
+
+fn describe_frontend(q: &Query, front: &SnapshotFrontend) -> String {
+    let (key, value) = (&front.key, &front.value);
+    let shown = if key.vip == VIP_ANY_NODE_IP {
+        format!("NodePort *:{}/{}", u16::from_be(key.port), q.proto)
+    } else {
+        format!("{}:{}/{}", addr(key.vip), u16::from_be(key.port), q.proto)
+    };
+    let algorithm = scheduler::NAMES
+        .get(scheduler_of(value.flags) as usize)
+        .copied()
+        .unwrap_or("unknown");
+    format!(
+        "frontend {shown} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
+        if key.scope == SCOPE_EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        },
+        value.service_id,
+        value.count
+    )
+}
+
+/// Source ranges and the no-endpoint cases: the verdict when the packet goes no further.
+fn gate(
+    q: &Query,
+    s: &Snapshot,
+    front: &ServiceValue,
+    steps: &mut Vec<String>,
+) -> Option<&'static str> {
+    if front.flags & SVC_FLAG_SOURCE_RANGES != 0 && q.origin != Origin::Node {
+        if !s.source_allowed {
+            steps.push(format!("loadBalancerSourceRanges: {} is outside", q.src));
+            return Some("dropped: client outside loadBalancerSourceRanges");
+        }
+        steps.push(format!("loadBalancerSourceRanges: {} is inside", q.src));
+    }
+    let local_only = front.flags & SVC_FLAG_DROP_EMPTY != 0;
+    if front.count == 0 {
+        return Some(if local_only {
+            steps.push("Local traffic policy and no endpoint on this node".into());
+            "dropped: no local endpoint"
+        } else if q.origin == Origin::Node {
+            steps.push("no usable endpoint".into());
+            "connect() refused (ECONNREFUSED)"
+        } else {
+            steps.push("no usable endpoint".into());
+            "rejected: ICMP port unreachable"
+        });
+    }
+    if local_only {
+        steps.push("Local traffic policy: candidates are this node's endpoints only".into());
+    }
+    None
+}
+
+/// Session affinity, then the service's algorithm; `None` when the pick is random or
+/// depends on what the query does not say.
+fn pick(q: &Query, s: &Snapshot, front: &ServiceValue, steps: &mut Vec<String>) -> Option<String> {
+    if front.flags & SVC_FLAG_AFFINITY != 0
+        && let Some(pin) = s.affinity
+    {
+        let pinned = endpoint(s, pin.backend_id);
+        if pin.idle_s < u64::from(front.affinity_timeout_s) && pinned.is_some() {
+            steps.push(format!(
+                "session affinity: client pinned to {} (used {}s ago)",
+                pinned.clone().unwrap_or_default(),
+                pin.idle_s
+            ));
+            return pinned;
+        }
+        steps.push("session affinity: pin expired or its backend is gone".into());
+    }
+    let count = s.backends.len().max(1) as u64;
+    let slot = |i: u64| s.backends.get(i as usize).map(SnapshotBackend::endpoint);
+    match scheduler_of(front.flags) {
+        scheduler::ROUND_ROBIN => {
+            let turn = s.round_robin_next.unwrap_or(0) % count;
+            steps.push(format!("round-robin: next turn is slot {}", turn + 1));
+            slot(turn)
+        }
+        scheduler::SOURCE_HASH => {
+            steps.push(format!("source-hash of {}", q.src));
+            slot(u64::from(client_hash(ne(q.src))) % count)
+        }
+        scheduler::LEAST_CONN => {
+            let counts: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| format!("{}={}", b.endpoint(), b.open_flows))
+                .collect();
+            steps.push(format!("least-conn over open flows: {}", counts.join(", ")));
+            s.backends
+                .iter()
+                .min_by_key(|b| b.open_flows)
+                .map(SnapshotBackend::endpoint)
+        }
+        scheduler::MAGLEV => match (&s.maglev, q.sport) {
+            (Some(table), Some(sport)) if !table.is_empty() => {
+                let hash = flow_hash(
+                    ne(q.src),
+                    ne(q.dst),
+                    sport.to_be(),
+                    q.dport.to_be(),
+                    q.proto.number(),
+                );
+                let entry = hash % table.len() as u32;
+                steps.push(format!(
+                    "maglev: entry {entry} of {} for this 5-tuple",
+                    table.len()
+                ));
+                endpoint(s, table[entry as usize])
+            }
+            (Some(_), None) => {
+                steps.push(
+                    "maglev: the pick depends on the source port (give --src IP:PORT)".into(),
+                );
+                None
+            }
+            _ => {
+                steps.push("maglev: no table yet; random fallback".into());
+                None
+            }
+        },
+        _ => {
+            steps.push(format!("random: any of {count} with equal chance"));
+            None
+        }
+    }
+}
+
+/// What happens to the source address (SNAT, hairpin, socket connect).
+fn translation(
+    q: &Query,
+    s: &Snapshot,
+    front: &ServiceValue,
+    chosen: Option<&str>,
+) -> Option<String> {
+    match q.origin {
+        Origin::Outside if front.flags & SVC_FLAG_SNAT != 0 => s
+            .snat_addr
+            .map(|a| format!("source SNATed to {a} (externalTrafficPolicy Cluster)")),
+        Origin::Outside => Some("client address kept (externalTrafficPolicy Local)".into()),
+        Origin::Pod if chosen.is_some_and(|c| c.starts_with(&format!("{}:", q.src))) => s
+            .snat_addr
+            .map(|a| format!("hairpin: the pod reaches itself, source SNATed to {a}")),
+        Origin::Node => Some("socket connected straight to the backend (no per-packet NAT)".into()),
+        Origin::Pod => None,
     }
 }
 
@@ -361,17 +423,22 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
         .services
         .get(&exact, 0)
         .ok()
-        .map(|v| (exact, v))
+        .map(|value| SnapshotFrontend { key: exact, value })
         .or_else(|| {
             let any = ServiceKey {
                 vip: VIP_ANY_NODE_IP,
                 ..exact
             };
             node_address
-                .then(|| maps.services.get(&any, 0).ok().map(|v| (any, v)))
+                .then(|| {
+                    maps.services
+                        .get(&any, 0)
+                        .ok()
+                        .map(|value| SnapshotFrontend { key: any, value })
+                })
                 .flatten()
         });
-    let Some((key, front)) = s.frontend else {
+    let Some(SnapshotFrontend { key, value: front }) = s.frontend else {
         return s;
     };
     for slot in 1..=front.count {
@@ -380,8 +447,12 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
         };
         if let Ok(b) = maps.backends.get(&v.backend_id, 0) {
             let open = maps.connections.get(&v.backend_id, 0).unwrap_or(0);
-            s.backends
-                .push((v.backend_id, addr(b.ip), u16::from_be(b.port), open));
+            s.backends.push(SnapshotBackend {
+                id: v.backend_id,
+                ip: addr(b.ip),
+                port: u16::from_be(b.port),
+                open_flows: open,
+            });
         }
     }
     s.source_allowed = {
@@ -398,12 +469,14 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
         client: ne(q.src),
         service_id: front.service_id,
     };
-    s.affinity = maps.affinity.get(&affinity_key, 0).ok().map(|a| {
-        (
-            a.backend_id,
-            s.now_ns.saturating_sub(a.last_used_ns) / 1_000_000_000,
-        )
-    });
+    s.affinity = maps
+        .affinity
+        .get(&affinity_key, 0)
+        .ok()
+        .map(|a| AffinityPin {
+            backend_id: a.backend_id,
+            idle_s: s.now_ns.saturating_sub(a.last_used_ns) / 1_000_000_000,
+        });
     s.round_robin_next = maps.round_robin.get(&front.service_id, 0).ok();
     s.maglev = maps.maglev_table(front.service_id);
     s
@@ -445,24 +518,22 @@ mod tests {
             ..Default::default()
         };
         Snapshot {
-            frontend: Some((
+            frontend: Some(SnapshotFrontend {
                 key,
-                ServiceValue {
+                value: ServiceValue {
                     service_id: 7,
                     count,
                     flags,
                     affinity_timeout_s: 60,
                     ..Default::default()
                 },
-            )),
+            }),
             backends: (0..count)
-                .map(|i| {
-                    (
-                        i as u32 + 1,
-                        Ipv4Addr::new(10, 244, 1, i as u8 + 1),
-                        8080,
-                        i as u64,
-                    )
+                .map(|i| SnapshotBackend {
+                    id: i as u32 + 1,
+                    ip: Ipv4Addr::new(10, 244, 1, i as u8 + 1),
+                    port: 8080,
+                    open_flows: i as u64,
                 })
                 .collect(),
             snat_addr: Some(Ipv4Addr::new(192, 168, 50, 1)),
@@ -496,7 +567,10 @@ mod tests {
         );
         // Affinity pins; random only lists candidates.
         let mut s = snap(SVC_FLAG_AFFINITY, 3);
-        s.affinity = Some((3, 5));
+        s.affinity = Some(AffinityPin {
+            backend_id: 3,
+            idle_s: 5,
+        });
         assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.3:8080"));
         let e = decide(&q, &snap(0, 3));
         assert_eq!((e.backend, e.candidates.len()), (None, 3));
