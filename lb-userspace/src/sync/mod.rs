@@ -306,12 +306,61 @@ impl Syncer {
             Some(old) => old.service_id,
             None => self.service_ids.allocate("service")?,
         };
-        let old_ids: BTreeMap<Endpoint, u32> = old
-            .as_ref()
-            .map(|o| o.backends.iter().copied().collect())
-            .unwrap_or_default();
+        let old_backends = old.as_ref().map(|o| o.backends.as_slice()).unwrap_or(&[]);
+        let backends = self.write_backends(
+            (frontend, &spec.service),
+            service_id,
+            endpoints,
+            old_backends,
+            store,
+            report,
+        )?;
+        write_slots(frontend, &backends, old_backends, store).map_err(wrap)?;
+        let value = frontend_value(service_id, backends.len(), spec);
+        let table = (spec.scheduler == Scheduler::Maglev && !backends.is_empty())
+            .then(|| maglev::build(&backends, self.maglev_size));
+        write_frontend(
+            frontend,
+            service_id,
+            &value,
+            &table,
+            &spec.source_ranges,
+            old.as_ref(),
+            store,
+        )
+        .map_err(wrap)?;
+        self.remove_leftovers(frontend, &backends, old.as_ref(), store, report)
+            .map_err(wrap)?;
+        let programmed = Programmed {
+            service: spec.service.clone(),
+            service_id,
+            frontend_value: value,
+            slot_count: backends.len(),
+            backends,
+            maglev: table,
+            source_ranges: spec.source_ranges.clone(),
+        };
+        match &old {
+            None => report.frontends_added += 1,
+            Some(o) if !same_maps(o, &programmed) => report.frontends_updated += 1,
+            Some(_) => {}
+        }
+        self.current.insert(*frontend, programmed);
+        Ok(())
+    }
 
-        // 1. Backends: keep ids of endpoints that stay, allocate for new ones.
+    /// Phase 1: backends. Endpoints that stay keep their ids; new ones get an id and a
+    /// `BACKENDS` entry. Returns the frontend's backends in slot order.
+    fn write_backends(
+        &mut self,
+        (frontend, service): (&Frontend, &str),
+        service_id: u32,
+        endpoints: &[Endpoint],
+        old_backends: &[(Endpoint, u32)],
+        store: &mut impl MapStore,
+        report: &mut SyncReport,
+    ) -> Result<Vec<(Endpoint, u32)>, SyncError> {
+        let old_ids: BTreeMap<Endpoint, u32> = old_backends.iter().copied().collect();
         let mut backends = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let id = match old_ids.get(endpoint) {
@@ -325,115 +374,119 @@ impl Syncer {
                         _pad: 0,
                         service_id,
                     };
-                    store.set_backend(id, &backend).map_err(wrap)?;
+                    store
+                        .set_backend(id, &backend)
+                        .map_err(|source| SyncError::Store {
+                            frontend: *frontend,
+                            service: service.to_string(),
+                            source,
+                        })?;
                     report.backends_added += 1;
                     id
                 }
             };
             backends.push((*endpoint, id));
         }
-        // 2. Slots whose content changes. Until slot 0 is rewritten the old count applies,
-        // and every slot below it holds a live backend of this service (old or new).
-        let old_backends = old.as_ref().map(|o| o.backends.as_slice()).unwrap_or(&[]);
-        for (i, (_, id)) in backends.iter().enumerate() {
-            if old_backends.get(i).map(|(_, old_id)| old_id) != Some(id) {
-                let value = ServiceValue {
-                    backend_id: *id,
-                    ..Default::default()
-                };
-                store
-                    .set_slot(&service_key(frontend, i as u16 + 1), &value)
-                    .map_err(wrap)?;
-            }
-        }
-        // 3. The Maglev table (whole, swapped in one update) before the frontend that uses
-        // it, then the frontend itself; a table no longer used goes after the frontend.
-        let old_table = old.as_ref().and_then(|o| o.maglev.clone());
-        let table = (spec.scheduler == Scheduler::Maglev && !backends.is_empty())
-            .then(|| maglev::build(&backends, self.maglev_size));
-        if let Some(table) = &table
-            && old_table.as_ref() != Some(table)
-        {
-            store.set_maglev(service_id, table).map_err(wrap)?;
-        }
-        // Source ranges are added before the frontend enforces them and removed after, so a
-        // change never drops a client both the old and the new ranges allow.
-        let old_ranges = old
-            .as_ref()
-            .map(|o| o.source_ranges.clone())
-            .unwrap_or_default();
-        for range in spec
-            .source_ranges
-            .iter()
-            .filter(|r| !old_ranges.contains(r))
-        {
-            store.add_source_range(service_id, range).map_err(wrap)?;
-        }
-        let value = frontend_value(service_id, backends.len(), spec);
-        if old.as_ref().map(|o| o.frontend_value) != Some(value) {
-            store
-                .set_slot(&service_key(frontend, 0), &value)
-                .map_err(wrap)?;
-        }
-        if table.is_none() && old_table.is_some() {
-            store.remove_maglev(service_id).map_err(wrap)?;
-        }
-        for range in old_ranges
-            .iter()
-            .filter(|r| !spec.source_ranges.contains(r))
-        {
-            store.remove_source_range(service_id, range).map_err(wrap)?;
-        }
-        // 4. Slots past the new count, then backends that left.
-        let old_slot_count = old.as_ref().map(|o| o.slot_count).unwrap_or(0);
-        for slot in backends.len() + 1..=old_slot_count {
-            store
-                .remove_slot(&service_key(frontend, slot as u16))
-                .map_err(wrap)?;
+        Ok(backends)
+    }
+
+    /// Phase 4: slots past the new count, then the backends that left.
+    fn remove_leftovers(
+        &mut self,
+        frontend: &Frontend,
+        backends: &[(Endpoint, u32)],
+        old: Option<&Programmed>,
+        store: &mut impl MapStore,
+        report: &mut SyncReport,
+    ) -> Result<(), StoreError> {
+        let Some(old) = old else { return Ok(()) };
+        for slot in backends.len() + 1..=old.slot_count {
+            store.remove_slot(&service_key(frontend, slot as u16))?;
         }
         let kept: BTreeSet<u32> = backends.iter().map(|(_, id)| *id).collect();
-        for (_, id) in old_backends {
+        for (_, id) in &old.backends {
             if !kept.contains(id) {
-                store.remove_backend(*id).map_err(wrap)?;
+                store.remove_backend(*id)?;
                 store.forget_counters(None, Some(*id));
                 self.backend_ids.free(*id);
                 self.removed_backends.push(*id);
                 report.backends_removed += 1;
             }
         }
-        let programmed = Programmed {
-            service: spec.service.clone(),
-            service_id,
-            frontend_value: value,
-            slot_count: backends.len(),
-            backends,
-            maglev: table,
-            source_ranges: spec.source_ranges.clone(),
-        };
-        match &old {
-            None => report.frontends_added += 1,
-            Some(o)
-                if (
-                    o.frontend_value,
-                    &o.backends,
-                    o.slot_count,
-                    &o.maglev,
-                    &o.source_ranges,
-                ) != (
-                    programmed.frontend_value,
-                    &programmed.backends,
-                    programmed.slot_count,
-                    &programmed.maglev,
-                    &programmed.source_ranges,
-                ) =>
-            {
-                report.frontends_updated += 1
-            }
-            Some(_) => {}
-        }
-        self.current.insert(*frontend, programmed);
         Ok(())
     }
+}
+
+/// Phase 2: slots whose content changes. Until slot 0 is rewritten the old count applies,
+/// and every slot below it holds a live backend of this service (old or new).
+fn write_slots(
+    frontend: &Frontend,
+    backends: &[(Endpoint, u32)],
+    old_backends: &[(Endpoint, u32)],
+    store: &mut impl MapStore,
+) -> Result<(), StoreError> {
+    for (i, (_, id)) in backends.iter().enumerate() {
+        if old_backends.get(i).map(|(_, old_id)| old_id) != Some(id) {
+            let value = ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            store.set_slot(&service_key(frontend, i as u16 + 1), &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Phase 3: the Maglev table (whole, swapped in one update) before the frontend that uses
+/// it, then the frontend itself (slot 0); a table no longer used goes after the frontend.
+/// Source ranges are added before the frontend enforces them and removed after, so a change
+/// never drops a client both the old and the new ranges allow.
+fn write_frontend(
+    frontend: &Frontend,
+    service_id: u32,
+    value: &ServiceValue,
+    table: &Option<Vec<u32>>,
+    ranges: &[Ipv4Net],
+    old: Option<&Programmed>,
+    store: &mut impl MapStore,
+) -> Result<(), StoreError> {
+    let old_table = old.and_then(|o| o.maglev.as_ref());
+    let old_ranges = old.map(|o| o.source_ranges.as_slice()).unwrap_or(&[]);
+    if let Some(table) = table
+        && old_table != Some(table)
+    {
+        store.set_maglev(service_id, table)?;
+    }
+    for range in ranges.iter().filter(|r| !old_ranges.contains(r)) {
+        store.add_source_range(service_id, range)?;
+    }
+    if old.map(|o| o.frontend_value) != Some(*value) {
+        store.set_slot(&service_key(frontend, 0), value)?;
+    }
+    if table.is_none() && old_table.is_some() {
+        store.remove_maglev(service_id)?;
+    }
+    for range in old_ranges.iter().filter(|r| !ranges.contains(r)) {
+        store.remove_source_range(service_id, range)?;
+    }
+    Ok(())
+}
+
+/// Whether two records put the same entries in the maps (names aside).
+fn same_maps(a: &Programmed, b: &Programmed) -> bool {
+    (
+        a.frontend_value,
+        &a.backends,
+        a.slot_count,
+        &a.maglev,
+        &a.source_ranges,
+    ) == (
+        b.frontend_value,
+        &b.backends,
+        b.slot_count,
+        &b.maglev,
+        &b.source_ranges,
+    )
 }
 
 #[cfg(test)]
