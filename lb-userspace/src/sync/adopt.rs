@@ -76,6 +76,8 @@ impl Syncer {
         for id in &syncer.orphans {
             syncer.backend_ids.adopt(*id);
         }
+        syncer.backend_ids.settle();
+        syncer.service_ids.settle();
         // Tables are rewritten by the next sync (their content is not read back); tables of
         // frontends that are gone or no longer use Maglev are removed by it.
         let maglev_frontends: BTreeMap<u32, Frontend> = syncer

@@ -91,8 +91,8 @@ impl SyncReport {
 #[derive(Debug)]
 pub struct Syncer {
     current: BTreeMap<Frontend, Programmed>,
-    service_ids: IdAllocator,
-    backend_ids: IdAllocator,
+    pub(super) service_ids: IdAllocator,
+    pub(super) backend_ids: IdAllocator,
     /// Adopted backends no frontend references; removed by the next apply.
     orphans: Vec<u32>,
     /// Adopted Maglev tables of frontends that do not use Maglev; removed by the next apply.
@@ -108,8 +108,8 @@ impl Default for Syncer {
     fn default() -> Self {
         Self {
             current: BTreeMap::new(),
-            service_ids: IdAllocator::default(),
-            backend_ids: IdAllocator::default(),
+            service_ids: IdAllocator::services(),
+            backend_ids: IdAllocator::backends(),
             orphans: Vec::new(),
             orphan_tables: Vec::new(),
             removed_backends: Vec::new(),

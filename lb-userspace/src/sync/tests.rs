@@ -458,3 +458,101 @@ fn adoption_rewrites_maglev_tables_and_drops_orphaned_ones() {
         "same backends, same table after a restart"
     );
 }
+
+/// A store that keeps per-id traffic counters as the datapath's arrays would (indexed by
+/// id, so an id at or past the array's capacity counts nothing) and checks that a reused id
+/// starts from zero.
+#[derive(Default)]
+struct CountingStore {
+    backends: BTreeMap<u32, Backend>,
+    /// Packets counted per backend id since it was last forgotten.
+    counters: BTreeMap<u32, u64>,
+}
+
+impl MapStore for CountingStore {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), StoreError> {
+        assert!(
+            id > 0 && id < lb_common::map_sizes::BACKEND_STATS,
+            "id {id}"
+        );
+        assert_eq!(
+            self.counters.get(&id),
+            None,
+            "id {id} reused with old counts"
+        );
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), StoreError> {
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn set_slot(&mut self, _: &ServiceKey, _: &ServiceValue) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn remove_slot(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn set_maglev(&mut self, _: u32, _: &[u32]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn remove_maglev(&mut self, _: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn add_source_range(&mut self, _: u32, _: &Ipv4Net) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn remove_source_range(&mut self, _: u32, _: &Ipv4Net) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn forget_counters(&mut self, _: Option<u32>, backend_id: Option<u32>) {
+        if let Some(id) = backend_id {
+            self.counters.remove(&id);
+        }
+    }
+}
+
+#[test]
+fn a_million_endpoint_replacements_keep_ids_inside_the_counter_arrays() {
+    let mut store = CountingStore::default();
+    let mut syncer = Syncer::new();
+    let web = frontend(1);
+    let mut peak_footprint = 0;
+    // 100 000 rollouts of a 10-endpoint service: every endpoint replaced each time.
+    for round in 0u32..100_000 {
+        let endpoints: Vec<Endpoint> = (0..10u32)
+            .map(|e| Endpoint {
+                ip: Ipv4Addr::from(0x0af4_0000 + (round % 50_000) * 10 + e),
+                port: 8080,
+            })
+            .collect();
+        let wanted: DesiredState = [(
+            web,
+            FrontendSpec {
+                endpoints,
+                ..spec(&[])
+            },
+        )]
+        .into();
+        syncer.apply(&wanted, &mut store).expect("sync");
+        // Traffic to every backend of this round, counted under its id.
+        for (_, id) in &syncer.current()[&web].backends {
+            *store.counters.entry(*id).or_default() += 1;
+        }
+        peak_footprint = peak_footprint.max(syncer.backend_ids.footprint());
+    }
+    let backends = &syncer.current()[&web].backends;
+    assert_eq!(backends.len(), 10);
+    for (_, id) in backends {
+        assert_eq!(
+            store.counters[id], 1,
+            "backend {id} counts only its own traffic"
+        );
+    }
+    assert_eq!(store.backends.len(), 10, "removed backends left the map");
+    // Memory stays flat: ids tracked never exceed the array they index.
+    assert!(
+        peak_footprint < lb_common::map_sizes::BACKEND_STATS as usize,
+        "{peak_footprint}"
+    );
+}
