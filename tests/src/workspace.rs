@@ -22,18 +22,9 @@ impl Workspace {
 
     /// The workspace containing `dir`.
     pub fn of(dir: &Path) -> Result<Workspace> {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(&cargo)
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--no-deps",
-                "--offline",
-            ])
-            .current_dir(dir)
+        let out = metadata_command(dir)
             .output()
-            .with_context(|| format!("running {cargo} metadata in {}", dir.display()))?;
+            .with_context(|| format!("running cargo metadata in {}", dir.display()))?;
         if !out.status.success() {
             bail!(
                 "cargo metadata in {} failed: {}",
@@ -65,6 +56,22 @@ impl Workspace {
     }
 }
 
+/// `cargo metadata` of the workspace containing `dir`, workspace members only.
+fn metadata_command(dir: &Path) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(dir);
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,17 +94,8 @@ mod tests {
     fn a_shared_target_dir_is_followed() {
         let here = Workspace::current().expect("cargo metadata");
         let shared = std::env::temp_dir().join("xlb-shared-target");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--no-deps",
-                "--offline",
-            ])
+        let out = metadata_command(&here.root)
             .env("CARGO_TARGET_DIR", &shared)
-            .current_dir(&here.root)
             .output()
             .expect("cargo metadata");
         let ws = Workspace::from_metadata(&out.stdout).expect("metadata");
