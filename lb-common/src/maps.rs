@@ -27,8 +27,11 @@ pub mod map_names {
     /// Host ends of pod veths the agent attached to (ifindex → 1): translated packets for
     /// them go straight into the pod with `bpf_redirect_peer`.
     pub const POD_IFACES: &str = "XLB_POD_IFACES";
+    /// The network namespace cookie of the host (the agent's): the socket hooks balance
+    /// only sockets of that namespace; pods' sockets are balanced per packet on TC.
+    pub const HOST_NETNS: &str = "XLB_HOST_NETNS";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -44,6 +47,7 @@ pub mod map_names {
         SOURCE_RANGES,
         SOCK_REVNAT,
         POD_IFACES,
+        HOST_NETNS,
     ];
 }
 

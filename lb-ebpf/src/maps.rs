@@ -68,6 +68,11 @@ pub static XLB_MAGLEV: btf_maps::HashOfMaps<u32, MaglevTable, { map_sizes::MAGLE
 #[map(name = "XLB_NODE_IPS")]
 pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(map_sizes::NODE_IPS, 0);
 
+/// The host's network namespace cookie (0: not written yet), written by the agent before it
+/// attaches the socket hooks.
+#[map(name = "XLB_HOST_NETNS")]
+pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Node-wide settings, written by the agent at start.
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);

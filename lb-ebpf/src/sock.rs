@@ -2,8 +2,14 @@
 //! unconnected sendmsg() to a frontend go to a backend chosen like for pods, and the
 //! socket's view (recvmsg source, getpeername) stays the frontend. Nothing is NATed per
 //! packet: the kernel's socket is simply connected to the backend.
+//!
+//! Only sockets of the host's network namespace are balanced here (as Cilium's
+//! host-namespace-only socket LB). On a node the hooks sit on the root cgroup, above every
+//! pod; a pod's socket is left to the TC path on its interface, which sees the pod's address
+//! and source port, so affinity, source-hash, Maglev, least-conn, source ranges and
+//! `xlb explain` mean for pods exactly what they mean in the TC tables.
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -11,7 +17,11 @@ use lb_common::{
     outcome,
 };
 
-use crate::{maps::SOCK_REVNAT, parse::Flow, stats, svc};
+use crate::{
+    maps::{HOST_NETNS, SOCK_REVNAT},
+    parse::Flow,
+    stats, svc,
+};
 
 /// The hook lets the call proceed.
 pub const ALLOW: i32 = 1;
@@ -26,7 +36,7 @@ pub fn connect(ctx: &SockAddrContext) -> (i32, Option<Outcome>) {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let (proto, dst, dport) =
         unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || !in_host_netns(ctx) {
         return (ALLOW, None);
     }
     // SAFETY: helper valid for sock_addr programs.
@@ -78,6 +88,15 @@ pub fn connect(ctx: &SockAddrContext) -> (i32, Option<Outcome>) {
     }
     stats::count_traffic(frontend.service_id, backend_id, 0, true);
     (ALLOW, Some(outcome::SOCK_CONNECT))
+}
+
+/// Whether the socket lives in the host's network namespace. Until the agent has written
+/// the host's cookie, every socket is balanced (node processes keep reaching services).
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let host = HOST_NETNS.get(0).copied().unwrap_or(0);
+    // SAFETY: helper valid for sock_addr programs (kernel 5.7+).
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host
 }
 
 /// recvmsg() / getpeername(): backend → the frontend the socket asked for.

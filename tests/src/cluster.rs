@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    cgroups::NodeCgroup,
     netns::run,
     topology::{Node, POD_IFACE_GLOB},
     workload::{Servers, serve},
@@ -57,35 +58,6 @@ impl Drop for PinGuard {
         let bpffs = self.bpffs.to_string_lossy().to_string();
         let _ = run(&self.xlb.to_string_lossy(), &["cleanup", "--bpffs", &bpffs]);
         let _ = std::fs::remove_dir_all(&self.bpffs);
-    }
-}
-
-/// A child cgroup (v2) for the node's processes, created by the test and removed on drop:
-/// the agent's socket hooks attach here, never to the root cgroup.
-pub struct CgroupGuard {
-    pub path: PathBuf,
-}
-
-impl CgroupGuard {
-    pub fn new(tag: &str) -> Result<CgroupGuard> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-            })
-            .context("no cgroup v2 mount for the node processes' cgroup")?;
-        let path = root.join(format!("xlb-test-{tag}"));
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(CgroupGuard { path })
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        // Empty by now: the processes the test put here have exited.
-        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
@@ -175,7 +147,8 @@ pub struct Cluster {
     pub servers: Vec<Servers>,
     pub node: Node,
     pub pins: PinGuard,
-    pub cgroup: CgroupGuard,
+    /// The node cgroup (the agent's `--cgroup`) with a cgroup per pod below it.
+    pub cgroup: NodeCgroup,
     pub scratch: Scratch,
 }
 
@@ -195,10 +168,13 @@ impl Cluster {
             xlb,
             bpffs: PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}", node.tag)),
         };
-        let cgroup = CgroupGuard::new(&node.tag)?;
+        let cgroup = NodeCgroup::new(&node.tag)?;
+        // Test threads in the node's namespace are node processes.
+        node.ns.set_cgroup(cgroup.path.clone());
         let mut servers = Vec::new();
         for (name, ip) in pods {
             let index = node.add_pod(name, ip)?;
+            node.pods[index].ns.set_cgroup(cgroup.pod(name)?);
             servers.push(serve(&node.pods[index])?);
         }
         Ok(Cluster {

@@ -2,6 +2,7 @@
 //! checksum verification for the datapath tests and the bench, network-namespace topologies
 //! with cleanup guards for the end-to-end tests and the demo.
 
+pub mod cgroups;
 pub mod cluster;
 #[cfg(feature = "datapath")]
 pub mod datapath;

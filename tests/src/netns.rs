@@ -2,6 +2,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd as _,
+    path::PathBuf,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -50,6 +51,8 @@ pub fn run(program: &str, args: &[&str]) -> Result<Output> {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Threads that enter the namespace join this cgroup too (a pod's, or the node's).
+    cgroup: Option<PathBuf>,
 }
 
 impl Netns {
@@ -57,7 +60,7 @@ impl Netns {
     pub fn new(tag: &str, role: &str) -> Result<Netns> {
         let name = format!("xlb-{tag}-{role}");
         run("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns { name, cgroup: None };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -117,16 +120,26 @@ impl Netns {
             .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
     }
 
+    /// From now on, threads entering the namespace also join `cgroup` (threaded).
+    pub fn set_cgroup(&mut self, cgroup: PathBuf) {
+        self.cgroup = Some(cgroup);
+    }
+
     /// Like `enter` but returns the running thread.
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<T>> {
         let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        let cgroup = self.cgroup.clone();
         Ok(std::thread::spawn(move || {
             // SAFETY: setns on an open netns fd only changes this thread's namespace.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            if let Some(cgroup) = &cgroup {
+                crate::cgroups::join_thread(cgroup)
+                    .unwrap_or_else(|e| panic!("joining cgroup {}: {e}", cgroup.display()));
+            }
             f()
         }))
     }

@@ -284,3 +284,66 @@ fn maglev_keeps_each_tuple_on_its_backend_across_restart_and_growth() {
         first.len()
     );
 }
+
+/// Pods' processes live below the node cgroup (the socket hooks' attach point), as on a real
+/// node: their connections are still balanced per client on the TC path. Least-conn counts
+/// every open connection; session affinity pins each client pod on its own.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn per_client_semantics_hold_for_pods_below_the_node_cgroup() {
+    require_privileges();
+    let c = cluster("least-conn");
+    // Six connections held open, two from each client pod: least-conn puts two on each
+    // backend, seeing the connections of every pod.
+    let mut held = Vec::new();
+    let mut picks = Vec::new();
+    for client in [
+        "client1", "client2", "client3", "client1", "client2", "client3",
+    ] {
+        let (stream, name) = c
+            .node
+            .pod(client)
+            .ns
+            .enter(|| tcp_connect(addr(80), T))
+            .expect("client thread")
+            .expect("connect");
+        held.push(stream);
+        picks.push(name);
+    }
+    assert_eq!(
+        tally(&picks),
+        [("be1".into(), 2), ("be2".into(), 2), ("be3".into(), 2)].into(),
+        "{picks:?}"
+    );
+    let rows = c.services().expect("services");
+    let open: Vec<u64> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["frontend"]["port"] == 80)
+        .flat_map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+        .map(|b| b["open_flows"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(open, [2, 2, 2], "open flows per backend: {rows}");
+    drop(held);
+
+    // Session affinity (random algorithm underneath): each client pod keeps its backend.
+    c.write_manifest("web.yaml", &service("web", VIP, Some(600)))
+        .expect("write");
+    wait_for_scheduler(&c, "random");
+    wait_until(Duration::from_secs(5), || {
+        c.services().is_ok_and(|rows| {
+            rows.as_array()
+                .is_some_and(|r| r.iter().all(|r| r["affinity_timeout_s"] == 600))
+        })
+    })
+    .expect("affinity programmed");
+    for client in ["client1", "client2", "client3"] {
+        let counts = tally(&connections(&c.node.pod(client).ns, 12));
+        assert_eq!(
+            counts.len(),
+            1,
+            "{client} pinned to one backend: {counts:?}"
+        );
+    }
+}

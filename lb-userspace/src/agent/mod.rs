@@ -51,6 +51,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut ebpf = load::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
     if let Some(cgroup) = &config.cgroup {
+        // Before the hooks attach: they must know which sockets are the host's.
+        let cookie = maps
+            .set_host_netns()
+            .context("recording the host network namespace for the socket hooks")?;
+        log::debug!("host network namespace cookie {cookie}");
         attach::attach_cgroup(&mut ebpf, cgroup, &pins).with_context(|| {
             format!(
                 "attaching the socket hooks to cgroup {} (node processes' service traffic); \

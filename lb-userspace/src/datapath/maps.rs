@@ -29,6 +29,38 @@ pub enum MapsError {
         name: &'static str,
         source: MapError,
     },
+    #[error("writing map {map}: {source}")]
+    Write { map: &'static str, source: MapError },
+    #[error(
+        "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+) failed: \
+         {source}; the socket hooks need it to leave pods' sockets to the TC path"
+    )]
+    HostNetns { source: std::io::Error },
+}
+
+/// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h; not in the libc crate yet).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace, as `bpf_get_netns_cookie` reports
+/// it for sockets created there.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 pub struct PinnedMaps {
@@ -44,6 +76,7 @@ pub struct PinnedMaps {
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     pub node_ips: HashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
+    pub host_netns: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
 }
@@ -81,6 +114,7 @@ impl PinnedMaps {
             maglev: typed!(layout, map_names::MAGLEV, HashOfMaps),
             node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
             config: typed!(layout, map_names::CONFIG, Array),
+            host_netns: typed!(layout, map_names::HOST_NETNS, Array),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
         })
@@ -134,6 +168,19 @@ impl PinnedMaps {
             ignore_missing(self.node_ips.remove(&addr))?;
         }
         self.config.set(0, config, 0)
+    }
+
+    /// Records the network namespace whose sockets the socket hooks balance: the calling
+    /// process's (the agent runs in the host's).
+    pub fn set_host_netns(&mut self) -> Result<u64, MapsError> {
+        let cookie = own_netns_cookie().map_err(|source| MapsError::HostNetns { source })?;
+        self.host_netns
+            .set(0, cookie, 0)
+            .map_err(|source| MapsError::Write {
+                map: map_names::HOST_NETNS,
+                source,
+            })?;
+        Ok(cookie)
     }
 
     /// Service ids that have a Maglev table.
