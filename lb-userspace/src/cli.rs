@@ -52,6 +52,13 @@ pub enum Command {
     Stats(ReadArgs),
     /// What the datapath would do with a packet, and why (from the live maps).
     Explain(ExplainArgs),
+    /// Make sure --bpffs lies on a BPF filesystem, mounting one on its parent if needed (the
+    /// DaemonSet's privileged init container runs this, so the mount reaches the host and
+    /// the agent itself needs no privileged mount propagation).
+    MountBpffs {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
     /// Detach the programs and remove every pin under --bpffs; with --kube-proxy-rules,
     /// remove kube-proxy's leftover iptables chains and nftables tables instead.
     Cleanup {

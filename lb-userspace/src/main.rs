@@ -73,6 +73,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stats(args) => read(&args, |maps| {
             render(args.json, &inspect::stats(maps), inspect::stats_text)
         }),
+        Command::MountBpffs { bpffs } => {
+            xlb::datapath::bpffs::ensure_pin_dir(&bpffs)?;
+            println!("{} is on a bpffs", bpffs.display());
+            Ok(())
+        }
         Command::Cleanup {
             kube_proxy_rules: true,
             ..

@@ -57,7 +57,16 @@ pub enum ConfigError {
     NoCgroup2,
     #[error("no --node-name, no $NODE_NAME and no host name: pass --node-name")]
     NoNodeName,
+    #[error(
+        "KUBERNETES_SERVICE_HOST is still {API_SERVER_PLACEHOLDER:?}: set the API server's \
+         address in the xlb-kubernetes-api ConfigMap of deploy/xlb.yaml (step 1 of \
+         replacing kube-proxy in the README)"
+    )]
+    ApiServerPlaceholder,
 }
+
+/// What deploy/xlb.yaml's ConfigMap says until the operator sets the API server's address.
+pub const API_SERVER_PLACEHOLDER: &str = "REPLACE_WITH_API_SERVER_ADDRESS";
 
 impl TryFrom<AgentArgs> for AgentConfig {
     type Error = ConfigError;
@@ -79,6 +88,11 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 kubeconfig: args.kubeconfig,
             },
         };
+        if matches!(source, SourceConfig::Kube { kubeconfig: None })
+            && std::env::var("KUBERNETES_SERVICE_HOST").as_deref() == Ok(API_SERVER_PLACEHOLDER)
+        {
+            return Err(ConfigError::ApiServerPlaceholder);
+        }
         Ok(AgentConfig {
             source,
             pod_ifaces: args.pod_ifaces,

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-pub use config::{AgentConfig, ConfigError, SourceConfig};
+pub use config::{API_SERVER_PLACEHOLDER, AgentConfig, ConfigError, SourceConfig};
 use gc::ConntrackGc;
 use node::NodeAddresses;
 use wake::Wake;
