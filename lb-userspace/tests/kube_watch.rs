@@ -4,10 +4,12 @@ mod fake_apiserver;
 
 use std::{
     net::Ipv4Addr,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use fake_apiserver::{FakeApi, Kind};
+use fake_apiserver::{FakeApi, Kind, TlsFront};
 use xlb::{
     model::{Endpoint, Frontend, Protocol},
     source::kube::{KubeSource, Snapshot},
@@ -312,39 +314,31 @@ fn programmed(bpffs: &std::path::Path) -> Vec<String> {
     backends
 }
 
-/// The real agent, watching the fake API server, programs the maps and follows changes.
-/// Nothing is attached anywhere (no interface matches, no cgroup), nothing is sent.
-#[test]
-#[ignore = "privileged: run by `sudo cargo xtask test`"]
-fn the_agent_programs_the_datapath_from_the_api() {
-    require_privileges();
-    let api = FakeApi::start();
+/// The agent flags of these tests: nothing attached anywhere, loopback-only endpoints.
+const QUIET_AGENT: [&str; 10] = [
+    "--node-name",
+    "node1",
+    "--pod-ifaces",
+    "xlb-none-*",
+    "--cgroup",
+    "none",
+    "--metrics-addr",
+    "127.0.0.1:0",
+    "--healthz-addr",
+    "127.0.0.1:0",
+];
+
+/// Runs the agent `command` (given its --bpffs) against `api` and checks that it programs
+/// the maps from the API and follows changes.
+fn programs_the_datapath_from(api: &FakeApi, command: impl FnOnce(&Path) -> Command) {
     api.apply(WEB);
     api.apply(&slice(&[("10.244.1.2", "ready", "")]));
-    let dir = TempDir(std::env::temp_dir().join(format!("xlb-agent-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).expect("dir");
-    let kubeconfig = dir.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/xlb-kube-{}", std::process::id()));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
-        .args(["agent", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .args([
-            "--node-name",
-            "node1",
-            "--pod-ifaces",
-            "xlb-none-*",
-            "--cgroup",
-            "none",
-        ])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--healthz-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--bpffs")
-        .arg(&bpffs)
+    let bpffs = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-kube-{}-{}",
+        std::process::id(),
+        api.port
+    ));
+    let child = command(&bpffs)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -372,4 +366,73 @@ fn the_agent_programs_the_datapath_from_the_api() {
     wait(&["10.244.1.2:8080", "10.244.2.3:8080"]);
     api.delete(Kind::Service, "shop", "web");
     wait(&[]);
+}
+
+/// The real agent, watching the fake API server, programs the maps and follows changes.
+/// Nothing is attached anywhere (no interface matches, no cgroup), nothing is sent.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_agent_programs_the_datapath_from_the_api() {
+    require_privileges();
+    let api = FakeApi::start();
+    let dir = TempDir(std::env::temp_dir().join(format!("xlb-agent-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    programs_the_datapath_from(&api, |bpffs| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xlb"));
+        command
+            .args(["agent", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(QUIET_AGENT)
+            .arg("--bpffs")
+            .arg(bpffs);
+        command
+    });
+}
+
+/// The DaemonSet's way: no kubeconfig, the API server from KUBERNETES_SERVICE_HOST/PORT
+/// (the xlb-kubernetes-api ConfigMap) over HTTPS, the service account's token, CA and
+/// namespace from /var/run/secrets/kubernetes.io/serviceaccount. The agent runs in a mount
+/// namespace of its own with a tmpfs on /run holding those files, so the host's /run is
+/// never touched.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_agent_runs_in_cluster_from_the_environment_and_service_account() {
+    require_privileges();
+    let api = FakeApi::start();
+    let tls = TlsFront::start(&api);
+    let dir = TempDir(std::env::temp_dir().join(format!("xlb-incluster-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    for (file, content) in [
+        ("token", "test"),
+        ("ca.crt", tls.ca_pem.as_str()),
+        ("namespace", "kube-system"),
+    ] {
+        std::fs::write(dir.0.join(file), content).expect("service account file");
+    }
+    // The agent mounts bpffs only where it is missing; doing it here first keeps the mount
+    // in the host's mount namespace, where this test reads the pins.
+    let probe = std::path::PathBuf::from(format!("/sys/fs/bpf/xlb-probe-{}", std::process::id()));
+    xlb::datapath::bpffs::ensure_pin_dir(&probe).expect("bpffs");
+    let _ = std::fs::remove_dir(&probe);
+    programs_the_datapath_from(&api, |bpffs| {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs tmpfs /run && \
+                 mkdir -p /run/secrets/kubernetes.io/serviceaccount && \
+                 cp \"$0\"/* /run/secrets/kubernetes.io/serviceaccount/ && exec \"$@\"",
+            )
+            .arg(&dir.0)
+            .arg(env!("CARGO_BIN_EXE_xlb"))
+            .arg("agent")
+            .args(QUIET_AGENT)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", tls.port.to_string());
+        command
+    });
 }

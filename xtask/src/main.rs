@@ -269,7 +269,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
     println!("== bench --quick: every benchmark scenario at the smallest scale");
     bootstrap::ensure_bench_tools()?;
     bench(root, true, &root.target_dir.join("bench-quick"))?;
-    // The real agent against the fake API server (loads programs, attaches nothing).
+    // The real agent against the fake API server (loads programs, attaches nothing), with a
+    // kubeconfig and in-cluster (environment and service account, over HTTPS).
     cargo(
         root,
         &[
@@ -278,7 +279,7 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "lb-userspace",
             "--test",
             "kube_watch",
-            "the_agent_programs_the_datapath_from_the_api",
+            "the_agent_",
             "--",
             "--include-ignored",
         ],
