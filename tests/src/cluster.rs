@@ -61,12 +61,85 @@ impl Drop for PinGuard {
     }
 }
 
+/// The xlb container's arguments in deploy/xlb.yaml's DaemonSet.
+pub fn daemonset_agent_args() -> Result<Vec<String>> {
+    let root = crate::workspace::Workspace::current()?.root;
+    let path = root.join("deploy/xlb.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let containers = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .map(|d| d["spec"]["template"]["spec"]["containers"].clone())
+        .context("no DaemonSet in deploy/xlb.yaml")?;
+    let agent = containers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "xlb")
+        .context("no xlb container in the DaemonSet")?;
+    Ok(agent["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect())
+}
+
+/// `args` (`--flag=value` or `--flag value` after a subcommand) with each override's value
+/// in place of the flag's, and the overrides they do not have appended; of two overrides of
+/// one flag, the later wins.
+pub fn with_overrides(args: &[String], overrides: &[(String, String)]) -> Vec<String> {
+    let mut latest: Vec<(String, String)> = Vec::new();
+    for (flag, value) in overrides {
+        latest.retain(|(f, _)| f != flag);
+        latest.push((flag.clone(), value.clone()));
+    }
+    let overrides = latest.as_slice();
+    let mut out = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag.to_string(), Some(value.to_string())),
+            None => (arg.clone(), None),
+        };
+        let takes_next = inline.is_none()
+            && flag.starts_with("--")
+            && args.get(i + 1).is_some_and(|next| !next.starts_with("--"));
+        match overrides.iter().find(|(f, _)| *f == flag) {
+            Some((f, value)) => {
+                used.insert(f.clone());
+                out.push(format!("{f}={value}"));
+            }
+            None => {
+                out.push(arg.clone());
+                if takes_next {
+                    out.push(args[i + 1].clone());
+                }
+            }
+        }
+        i += if takes_next { 2 } else { 1 };
+    }
+    for (flag, value) in overrides.iter().filter(|(f, _)| !used.contains(f)) {
+        out.push(format!("{flag}={value}"));
+    }
+    out
+}
+
 /// A running `xlb agent` in the node's network namespace; stopped on drop.
 pub struct Agent {
     child: Child,
 }
 
 impl Agent {
+    /// Starts the agent with the DaemonSet's arguments (deploy/xlb.yaml), the test's node
+    /// values put in for the flags a test must set (`--manifests`, `--pod-ifaces`,
+    /// `--bpffs`, `--external-ifaces`) and `extra` on top (`--flag value` pairs, which also
+    /// replace the DaemonSet's value of the same flag).
     pub fn start(
         xlb: &Path,
         node: &Node,
@@ -75,19 +148,26 @@ impl Agent {
         log: &Path,
         extra: &[String],
     ) -> Result<Agent> {
+        let mut overrides = vec![
+            ("--manifests".to_string(), manifests.display().to_string()),
+            ("--pod-ifaces".to_string(), POD_IFACE_GLOB.to_string()),
+            ("--bpffs".to_string(), bpffs.display().to_string()),
+            // The DaemonSet's NIC name; a test node has none unless the test gives one.
+            ("--external-ifaces".to_string(), String::new()),
+        ];
+        overrides.extend(
+            extra
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default())),
+        );
+        let args = with_overrides(&daemonset_agent_args()?, &overrides);
         let log_file = File::options().create(true).append(true).open(log)?;
         // nsenter joins only the network namespace, so /sys (bpffs) stays the host's;
         // `ip netns exec` would remount /sys and hide it.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.ns.path()))
             .arg(xlb)
-            .arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
-            .args(["--pod-ifaces", POD_IFACE_GLOB])
-            .arg("--bpffs")
-            .arg(bpffs)
-            .args(extra)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -270,7 +350,8 @@ impl Cluster {
 
     /// GET `path` from the agent's HTTP endpoint on `port` inside the node's namespace.
     pub fn http_get(&self, port: u16, path: &str) -> Result<String> {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         self.node.ns.enter(move || -> Result<String> {
             use std::io::{Read as _, Write as _};
             let mut conn = std::net::TcpStream::connect_timeout(
@@ -353,5 +434,49 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<D
             bail!("condition not met within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemonset_args_with_the_test_node_values() {
+        let shipped = daemonset_agent_args().expect("deploy/xlb.yaml");
+        assert_eq!(shipped.first().map(String::as_str), Some("agent"));
+        let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = with_overrides(
+            &strings(&[
+                "agent",
+                "--pod-ifaces=veth*",
+                "--scheduler",
+                "maglev",
+                "--x",
+            ]),
+            &[
+                ("--pod-ifaces".into(), "xp*".into()),
+                ("--manifests".into(), "/m".into()),
+            ],
+        );
+        assert_eq!(
+            got,
+            strings(&[
+                "agent",
+                "--pod-ifaces=xp*",
+                "--scheduler",
+                "maglev",
+                "--x",
+                "--manifests=/m"
+            ])
+        );
+        let got = with_overrides(
+            &strings(&["agent", "--scheduler", "maglev"]),
+            &[
+                ("--scheduler".into(), "random".into()),
+                ("--scheduler".into(), "least-conn".into()),
+            ],
+        );
+        assert_eq!(got, strings(&["agent", "--scheduler=least-conn"]));
     }
 }

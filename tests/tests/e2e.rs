@@ -677,3 +677,49 @@ fn cleanup_removes_kube_proxy_leftovers_and_nothing_else() {
             .contains("no kube-proxy rules")
     );
 }
+
+/// A stranger's idle connections and a slow-loris sender on the agent's `/healthz` port do
+/// not keep kubelet's liveness probe from its answer.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn healthz_answers_while_strangers_hold_connections_open() {
+    require_privileges();
+    let c = web_cluster(None);
+    wait_until(Duration::from_secs(5), || {
+        c.http_get(10256, "/healthz")
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .expect("healthz up");
+    let healthz = std::net::SocketAddr::from(([127, 0, 0, 1], 10256));
+    let (idle, loris) = c
+        .node
+        .ns
+        .enter(move || {
+            let idle: Vec<std::net::TcpStream> = (0..200)
+                .map(|_| std::net::TcpStream::connect(healthz).expect("idle connection"))
+                .collect();
+            let loris = std::net::TcpStream::connect(healthz).expect("slow connection");
+            (idle, loris)
+        })
+        .expect("node thread");
+    let drip = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let mut loris = loris;
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n".iter().take(15) {
+            if loris.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let started = Instant::now();
+        let answer = c.http_get(10256, "/healthz").expect("healthz");
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(took < Duration::from_millis(100), "answered in {took:?}");
+    }
+    drip.join().expect("slow sender");
+    drop(idle);
+}

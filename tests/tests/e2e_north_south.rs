@@ -184,7 +184,7 @@ fn http_get(client: &Netns, ip: &str, port: u16) -> (u16, String) {
         .enter(move || {
             let mut conn = std::net::TcpStream::connect_timeout(&target, T).expect("connect");
             conn.set_read_timeout(Some(T)).expect("timeout");
-            conn.write_all(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
                 .expect("request");
             let mut response = String::new();
             let _ = conn.read_to_string(&mut response);
