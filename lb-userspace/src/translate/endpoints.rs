@@ -1,6 +1,7 @@
 //! Which endpoints of a Service port serve which traffic, as kube-proxy's
-//! `CategorizeEndpoints` decides it: first the facts of each endpoint
-//! ([`endpoints_of_port`]), then one pure decision over them ([`categorize`]).
+//! `CategorizeEndpoints` (pkg/proxy/topology.go) decides it: first the facts of each
+//! endpoint ([`endpoints_of_port`], as the endpoint-slice cache builds them), then one pure
+//! decision over them ([`categorize`]).
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -12,23 +13,30 @@ use crate::model::{Endpoint, Protocol};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub endpoint: Endpoint,
+    /// `conditions.ready` (unset: true). Counts even when terminating: the EndpointSlice
+    /// controller sets it for terminating pods of `publishNotReadyAddresses` Services.
     pub ready: bool,
+    /// `conditions.serving` (unset: true, as kube-proxy reads it).
     pub serving: bool,
     pub terminating: bool,
-    /// The node the endpoint runs on (`nodeName`).
-    pub node: Option<String>,
-    /// Zones it is hinted for (`hints.forZones`); empty: no hints.
+    /// On this node (`nodeName`).
+    pub local: bool,
+    /// `hints.forZones` names; empty: no zone hints.
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes` names; empty: no node hints.
+    pub node_hints: Vec<String>,
 }
 
 /// Every IPv4 endpoint of `slices` for the Service port named `port_name`, with the target
 /// port the slices resolved (EndpointSlices name their ports after the Service's ports).
+/// An endpoint in several slices counts once: the first, unless a later copy is local.
 pub fn endpoints_of_port(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Protocol,
+    node: Option<&str>,
 ) -> Vec<EndpointInfo> {
-    let mut out = Vec::new();
+    let mut out: Vec<EndpointInfo> = Vec::new();
     for slice in slices {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name && protocol(&p.protocol) == Some(proto)
@@ -44,100 +52,121 @@ pub fn endpoints_of_port(
                 continue;
             };
             let conditions = endpoint.conditions.as_ref();
-            // API semantics: unset `ready` means ready; unset `serving` means as `ready`.
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let zone_hints = endpoint
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default();
-            out.push(EndpointInfo {
+            let hints = endpoint.hints.as_ref();
+            let info = EndpointInfo {
                 endpoint: Endpoint { ip, port },
-                ready,
-                serving,
-                terminating,
-                node: endpoint.node_name.clone(),
-                zone_hints,
-            });
+                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                local: node.is_some() && endpoint.node_name.as_deref() == node,
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                    .unwrap_or_default(),
+            };
+            match out.iter_mut().find(|e| e.endpoint == info.endpoint) {
+                Some(existing) if info.local => *existing = info,
+                Some(_) => {}
+                None => out.push(info),
+            }
         }
     }
     out
 }
 
+/// The topology a Service port's traffic from this node follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// Every usable endpoint.
+    Any,
+    /// Endpoints hinted for this node (`trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (topology-aware routing, `PreferSameZone`).
+    SameZone,
+}
+
+/// kube-proxy's `topologyModeFromHints`: same-node when every ready endpoint has node hints
+/// and one names this node; else same-zone when every ready endpoint has zone hints and one
+/// names this node's zone; else none. Hints alone decide (no annotation is consulted).
+pub fn topology_mode(
+    endpoints: &[EndpointInfo],
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> TopologyMode {
+    let ready: Vec<&EndpointInfo> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::Any;
+    }
+    let names =
+        |hints: &[String], name: Option<&str>| name.is_some_and(|n| hints.iter().any(|h| h == n));
+    if ready.iter().all(|e| !e.node_hints.is_empty())
+        && ready.iter().any(|e| names(&e.node_hints, node))
+    {
+        return TopologyMode::SameNode;
+    }
+    if ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| names(&e.zone_hints, zone))
+    {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::Any
+}
+
 /// The endpoints each kind of traffic may use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Categorized {
-    /// For Cluster traffic policies: every usable endpoint (topology-filtered when asked).
+    /// For Cluster traffic policies: ready endpoints the topology allows; without any,
+    /// serving+terminating ones (topology ignored), so connections drain during rollouts.
     pub cluster: Vec<Endpoint>,
-    /// For Local traffic policies: this node's usable endpoints.
+    /// For Local traffic policies: this node's ready endpoints, else its serving+terminating.
     pub local: Vec<Endpoint>,
+    /// Whether the Service has a usable endpoint anywhere: a Local policy without local
+    /// endpoints drops when it has, and rejects (like Cluster) when it has not.
+    pub any: bool,
     /// This node's ready endpoints (what a healthCheckNodePort reports).
     pub local_ready: usize,
 }
 
-/// Ready endpoints; when none is ready, serving+terminating ones (kube-proxy's fallback, so
-/// connections drain gracefully during rollouts), among all endpoints and among this node's.
-/// With `zone` (the Service asked for topology-aware routing and the node has a zone), the
-/// cluster set keeps the endpoints hinted for that zone, if every one carries hints and at
-/// least one names it. `node`: this node's name; `None`: no endpoint is local.
+/// kube-proxy's `CategorizeEndpoints` for a port of a Service, on node `node` in `zone`.
 pub fn categorize(
     endpoints: &[EndpointInfo],
     node: Option<&str>,
     zone: Option<&str>,
 ) -> Categorized {
-    let is_local = |e: &EndpointInfo| node.is_some() && e.node.as_deref() == node;
-    let mut cluster = usable(endpoints.iter());
-    if let Some(zone) = zone {
-        cluster = for_zone(endpoints, cluster, zone);
-    }
-    let local_ready = endpoints
-        .iter()
-        .filter(|e| is_local(e) && e.ready && !e.terminating)
-        .count();
-    Categorized {
-        cluster,
-        local: usable(endpoints.iter().filter(|e| is_local(e))),
-        local_ready,
-    }
-}
-
-/// Ready endpoints, or serving+terminating ones when none is ready; sorted, duplicates gone.
-fn usable<'a>(endpoints: impl Iterator<Item = &'a EndpointInfo> + Clone) -> Vec<Endpoint> {
-    let pick = |keep: fn(&EndpointInfo) -> bool| {
-        endpoints
-            .clone()
-            .filter(|e| keep(e))
-            .map(|e| e.endpoint)
-            .collect::<Vec<_>>()
+    let mode = topology_mode(endpoints, node, zone);
+    let for_topology = |e: &EndpointInfo| match mode {
+        TopologyMode::Any => true,
+        TopologyMode::SameNode => node.is_some_and(|n| e.node_hints.iter().any(|h| h == n)),
+        TopologyMode::SameZone => zone.is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
     };
-    let mut chosen = pick(|e| e.ready && !e.terminating);
-    if chosen.is_empty() {
-        chosen = pick(|e| e.serving && e.terminating);
+    let serving_terminating = |e: &EndpointInfo| e.serving && e.terminating;
+    let mut cluster = pick(endpoints, |e| e.ready && for_topology(e));
+    if cluster.is_empty() {
+        cluster = pick(endpoints, serving_terminating);
     }
-    chosen.sort();
-    chosen.dedup();
-    chosen
+    let mut local = pick(endpoints, |e| e.local && e.ready);
+    if local.is_empty() {
+        local = pick(endpoints, |e| e.local && serving_terminating(e));
+    }
+    Categorized {
+        any: endpoints.iter().any(|e| e.ready || serving_terminating(e)),
+        local_ready: endpoints.iter().filter(|e| e.local && e.ready).count(),
+        cluster,
+        local,
+    }
 }
 
-/// kube-proxy's topology filter: the endpoints hinted for `zone`, if every endpoint carries
-/// hints and at least one is for this zone; otherwise all of them (hints missing or stale).
-fn for_zone(all: &[EndpointInfo], usable: Vec<Endpoint>, zone: &str) -> Vec<Endpoint> {
-    let mut hinted = Vec::new();
-    for endpoint in &usable {
-        let zones = all
-            .iter()
-            .find(|e| e.endpoint.ip == endpoint.ip)
-            .map(|e| e.zone_hints.as_slice())
-            .unwrap_or_default();
-        if zones.is_empty() {
-            return usable;
-        }
-        if zones.iter().any(|z| z == zone) {
-            hinted.push(*endpoint);
-        }
-    }
-    if hinted.is_empty() { usable } else { hinted }
+/// The endpoints `keep` accepts, sorted (a stable order for slots and Maglev input).
+fn pick(endpoints: &[EndpointInfo], keep: impl Fn(&EndpointInfo) -> bool) -> Vec<Endpoint> {
+    let mut chosen: Vec<Endpoint> = endpoints
+        .iter()
+        .filter(|e| keep(e))
+        .map(|e| e.endpoint)
+        .collect();
+    chosen.sort();
+    chosen
 }

@@ -35,10 +35,8 @@ pub struct Options {
     pub zone: Option<String>,
 }
 
-/// Services opt into topology-aware routing with this annotation (value `Auto`) ...
-pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
-/// ... or its older name.
-pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// Services with this label are headless for kube-proxy, whatever their ClusterIP.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// All objects from a source.
 #[derive(Clone, Debug, Default)]

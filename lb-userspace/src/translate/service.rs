@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    DEFAULT_AFFINITY_TIMEOUT_S, Options, SCHEDULER_ANNOTATION, SERVICE_PROXY_NAME_LABEL,
-    TOPOLOGY_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, Translation,
+    DEFAULT_AFFINITY_TIMEOUT_S, HEADLESS_LABEL, Options, SCHEDULER_ANNOTATION,
+    SERVICE_PROXY_NAME_LABEL, Translation,
     endpoints::{categorize, endpoints_of_port},
     namespace, protocol,
 };
@@ -22,11 +22,13 @@ pub(super) fn translate_service(
     let ns = namespace(&service.metadata.namespace);
     let name = service.metadata.name.as_deref().unwrap_or("");
     let Some(spec) = &service.spec else { return };
+    // kube-proxy's informer leaves out Services of another proxy and headless ones (the
+    // label counts even when the Service has a ClusterIP).
     if service
         .metadata
         .labels
         .as_ref()
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
     {
         return;
     }
@@ -138,9 +140,9 @@ pub(super) fn translate_service(
                 let proto = protocol(&p.protocol).unwrap_or(Protocol::Tcp);
                 let port_name = p.name.as_deref().unwrap_or("");
                 categorize(
-                    &endpoints_of_port(service_slices, port_name, proto),
+                    &endpoints_of_port(service_slices, port_name, proto, node),
                     node,
-                    None,
+                    options.zone.as_deref(),
                 )
                 .local_ready
             })
@@ -171,14 +173,16 @@ pub(super) fn translate_service(
             ));
             continue;
         };
-        let zone = options.zone.as_deref().filter(|_| uses_topology(service));
         let categorized = categorize(
-            &endpoints_of_port(service_slices, port_name, proto),
+            &endpoints_of_port(service_slices, port_name, proto, node),
             node,
-            zone,
+            options.zone.as_deref(),
         );
         let all = categorized.cluster;
         let local = || categorized.local.clone();
+        // A Local policy without local endpoints drops only while the Service has endpoints
+        // elsewhere; with none anywhere it rejects, as a Cluster one does (kube-proxy).
+        let drop_when_empty = categorized.any;
         let base = FrontendSpec {
             service: format!("{ns}/{name}:{port_name}"),
             endpoints: all.clone(),
@@ -193,7 +197,7 @@ pub(super) fn translate_service(
         let external = FrontendSpec {
             endpoints: if external_local { local() } else { all.clone() },
             snat: !external_local,
-            drop_when_empty: external_local,
+            drop_when_empty: external_local && drop_when_empty,
             ..base.clone()
         };
         let mut add = |frontend: Frontend, spec: FrontendSpec| {
@@ -213,7 +217,7 @@ pub(super) fn translate_service(
                 let spec = if internal_local {
                     FrontendSpec {
                         endpoints: local(),
-                        drop_when_empty: true,
+                        drop_when_empty,
                         ..base.clone()
                     }
                 } else {
@@ -249,19 +253,4 @@ pub(super) fn translate_service(
             );
         }
     }
-}
-
-/// Whether the service asked for topology-aware routing (annotation or trafficDistribution).
-fn uses_topology(service: &Service) -> bool {
-    let annotated = service.metadata.annotations.as_ref().is_some_and(|a| {
-        [TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_HINTS_ANNOTATION]
-            .iter()
-            .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
-    });
-    let distribution = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.traffic_distribution.as_deref())
-        .is_some();
-    annotated || distribution
 }

@@ -542,3 +542,366 @@ fn a_shared_frontend_passes_to_the_next_service_when_its_owner_goes() {
         "{warnings:?}"
     );
 }
+
+/// Cases of kube-proxy's `TestCategorizeEndpoints` (pkg/proxy/topology_test.go), as
+/// kube-proxy 1.34 decides them: hints alone choose the topology (the annotation is gone),
+/// node hints before zone hints, the terminating fallback ignoring topology.
+mod categorize_table {
+    use super::super::endpoints::{Categorized, EndpointInfo, categorize};
+    use crate::model::Endpoint;
+
+    fn ep(last: u8) -> Endpoint {
+        Endpoint {
+            ip: [10, 1, 2, last].into(),
+            port: 80,
+        }
+    }
+
+    /// (last octet, ready, serving, terminating, local, zone hints, node hints)
+    type Row = (
+        u8,
+        bool,
+        bool,
+        bool,
+        bool,
+        &'static [&'static str],
+        &'static [&'static str],
+    );
+
+    fn infos(rows: &[Row]) -> Vec<EndpointInfo> {
+        rows.iter()
+            .map(
+                |&(last, ready, serving, terminating, local, zones, nodes)| EndpointInfo {
+                    endpoint: ep(last),
+                    ready,
+                    serving,
+                    terminating,
+                    local,
+                    zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+                    node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+                },
+            )
+            .collect()
+    }
+
+    const R: (bool, bool, bool) = (true, true, false); // ready
+    const U: (bool, bool, bool) = (false, false, false); // unready, not serving
+    const T: (bool, bool, bool) = (false, true, true); // serving, terminating
+    const RT: (bool, bool, bool) = (true, true, true); // ready while terminating
+
+    fn row(
+        last: u8,
+        (ready, serving, terminating): (bool, bool, bool),
+        local: bool,
+        zones: &'static [&'static str],
+        nodes: &'static [&'static str],
+    ) -> Row {
+        (last, ready, serving, terminating, local, zones, nodes)
+    }
+
+    struct Case {
+        name: &'static str,
+        zone: Option<&'static str>,
+        endpoints: Vec<Row>,
+        cluster: Vec<u8>,
+        local: Vec<u8>,
+        any: bool,
+    }
+
+    #[test]
+    fn as_kube_proxy_categorizes() {
+        let a: &[&str] = &["zone-a"];
+        let b: &[&str] = &["zone-b"];
+        let c: &[&str] = &["zone-c"];
+        let none: &[&str] = &[];
+        let cases = vec![
+            Case {
+                name: "zone hints, some for this zone: only those",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, R, false, a, none),
+                    row(4, R, false, b, none),
+                    row(5, R, false, c, none),
+                    row(6, R, false, a, none),
+                ],
+                cluster: vec![3, 6],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "Local policies ignore topology (local endpoints of every zone)",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, R, true, a, none),
+                    row(4, R, true, b, none),
+                    row(5, R, false, c, none),
+                    row(6, R, false, a, none),
+                ],
+                cluster: vec![3, 6],
+                local: vec![3, 4],
+                any: true,
+            },
+            Case {
+                name: "node without a zone label: no filtering",
+                zone: None,
+                endpoints: vec![row(3, R, false, a, none)],
+                cluster: vec![3],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "node in another zone than every hint: no filtering",
+                zone: Some("zone-b"),
+                endpoints: vec![row(3, R, false, a, none)],
+                cluster: vec![3],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "unready endpoint of this zone is not used",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, R, false, a, none),
+                    row(4, R, false, b, none),
+                    row(5, R, false, c, none),
+                    row(6, U, false, a, none),
+                ],
+                cluster: vec![3],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "only unready endpoints in this zone: no filtering",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, U, false, a, none),
+                    row(4, R, false, b, none),
+                    row(5, R, false, c, none),
+                    row(6, U, false, a, none),
+                ],
+                cluster: vec![4, 5],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "an endpoint without hints: no filtering",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, R, false, a, none),
+                    row(4, R, false, b, none),
+                    row(5, R, false, none, none),
+                    row(6, R, false, a, none),
+                ],
+                cluster: vec![3, 4, 5, 6],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "several hints per endpoint: any naming this zone",
+                zone: Some("zone-c"),
+                endpoints: vec![
+                    row(3, R, false, &["zone-a", "zone-b", "zone-c"], none),
+                    row(4, R, false, &["zone-b", "zone-c"], none),
+                    row(5, R, false, &["zone-b", "zone-d"], none),
+                    row(6, R, false, c, none),
+                ],
+                cluster: vec![3, 4, 6],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "PreferSameNode: node hints naming this node win over zone hints",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(3, R, true, a, &["node1"]),
+                    row(4, R, false, a, &["node2"]),
+                    row(5, R, false, b, &["node3"]),
+                ],
+                cluster: vec![3],
+                local: vec![3],
+                any: true,
+            },
+            Case {
+                name: "node hints, none for this node: zone hints decide",
+                zone: Some("zone-a"),
+                endpoints: vec![
+                    row(4, R, false, a, &["node2"]),
+                    row(5, R, false, b, &["node3"]),
+                ],
+                cluster: vec![4],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "no endpoints: none anywhere (Local policies reject)",
+                zone: None,
+                endpoints: vec![],
+                cluster: vec![],
+                local: vec![],
+                any: false,
+            },
+            Case {
+                name: "all endpoints remote: none local but some anywhere (Local drops)",
+                zone: None,
+                endpoints: vec![row(0, R, false, none, none), row(1, R, false, none, none)],
+                cluster: vec![0, 1],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "endpoints not ready: none usable",
+                zone: None,
+                endpoints: vec![row(0, U, false, none, none), row(1, U, false, none, none)],
+                cluster: vec![],
+                local: vec![],
+                any: false,
+            },
+            Case {
+                name: "all terminating: the serving ones, local and remote",
+                zone: None,
+                endpoints: vec![row(0, T, true, none, none), row(1, T, false, none, none)],
+                cluster: vec![0, 1],
+                local: vec![0],
+                any: true,
+            },
+            Case {
+                name: "all remote and terminating: Local has none but there are some (drop)",
+                zone: None,
+                endpoints: vec![row(0, T, false, none, none), row(1, T, false, none, none)],
+                cluster: vec![0, 1],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "local serving-terminating endpoint for Local when no local one is ready",
+                zone: None,
+                endpoints: vec![
+                    row(0, R, false, none, none),
+                    row(1, U, true, none, none),
+                    row(2, T, true, none, none),
+                    row(3, T, false, none, none),
+                ],
+                cluster: vec![0],
+                local: vec![2],
+                any: true,
+            },
+            Case {
+                name: "ready while terminating (publishNotReadyAddresses) counts as ready",
+                zone: None,
+                endpoints: vec![row(0, RT, false, none, none), row(1, T, false, none, none)],
+                cluster: vec![0],
+                local: vec![],
+                any: true,
+            },
+            Case {
+                name: "the terminating fallback ignores topology",
+                zone: Some("zone-a"),
+                endpoints: vec![row(0, T, false, b, none), row(1, T, false, c, none)],
+                cluster: vec![0, 1],
+                local: vec![],
+                any: true,
+            },
+        ];
+        for case in cases {
+            let got = categorize(&infos(&case.endpoints), Some("node1"), case.zone);
+            let want = Categorized {
+                cluster: case.cluster.iter().map(|l| ep(*l)).collect(),
+                local: case.local.iter().map(|l| ep(*l)).collect(),
+                any: case.any,
+                local_ready: got.local_ready,
+            };
+            assert_eq!(got, want, "case: {}", case.name);
+        }
+    }
+}
+
+/// kube-proxy behaviours the conformance issue lists, at the Service level.
+#[test]
+fn kube_proxy_conformance_cases() {
+    let http = fe("10.96.0.10", 80, Protocol::Tcp);
+    // The headless label is honoured even with a ClusterIP.
+    let headless = WEB.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, labels: {service.kubernetes.io/headless: ''}}",
+    );
+    let t = translate(
+        &objects(&format!(
+            "{headless}{}",
+            slice("web-1", "- {addresses: [10.244.1.2]}")
+        )),
+        &Options::default(),
+    );
+    assert!(t.desired.is_empty(), "{:?}", t.desired.keys());
+
+    // ready: true counts even while terminating (publishNotReadyAddresses Services).
+    let t = translate(
+        &objects(&format!(
+            "{WEB}{}",
+            slice(
+                "web-1",
+                "- {addresses: [10.244.1.2], conditions: {ready: true, serving: true, terminating: true}}\n\
+                 - {addresses: [10.244.2.3], conditions: {ready: false, serving: true, terminating: true}}"
+            )
+        )),
+        &Options::default(),
+    );
+    assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
+
+    // Zone hints apply without any annotation or trafficDistribution.
+    let hinted = slice(
+        "web-1",
+        "- {addresses: [10.244.1.2], nodeName: n1, hints: {forZones: [{name: zone-a}]}}\n\
+         - {addresses: [10.244.2.3], nodeName: n2, hints: {forZones: [{name: zone-b}]}}",
+    );
+    let in_zone_a = Options {
+        node_name: Some("n1".into()),
+        zone: Some("zone-a".into()),
+        ..Options::default()
+    };
+    let t = translate(&objects(&format!("{WEB}{hinted}")), &in_zone_a);
+    assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
+
+    // PreferSameNode: node hints for this node keep traffic on it.
+    let node_hinted = slice(
+        "web-1",
+        "- {addresses: [10.244.1.2], nodeName: n1, hints: {forNodes: [{name: n1}], forZones: [{name: zone-a}]}}\n\
+         - {addresses: [10.244.1.3], nodeName: n3, hints: {forNodes: [{name: n3}], forZones: [{name: zone-a}]}}",
+    );
+    let t = translate(&objects(&format!("{WEB}{node_hinted}")), &in_zone_a);
+    assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
+
+    // internalTrafficPolicy Local: no endpoint anywhere rejects (like Cluster); endpoints
+    // only on other nodes drop.
+    let itp_local = WEB.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n",
+    );
+    let t = translate(&objects(&itp_local), &on_node("n1"));
+    assert_eq!(
+        shape(&t, http),
+        (vec![], false, false, 0),
+        "none anywhere: reject"
+    );
+    let remote = slice("web-1", "- {addresses: [10.244.2.3], nodeName: n2}");
+    let t = translate(&objects(&format!("{itp_local}{remote}")), &on_node("n1"));
+    assert_eq!(
+        shape(&t, http),
+        (vec![], false, true, 0),
+        "elsewhere only: drop"
+    );
+}
+
+#[test]
+fn external_local_policy_rejects_without_endpoints_anywhere() {
+    // The LB fixture without its slice: no endpoints at all.
+    let lb = LB.replace("POLICY", "Local");
+    let service_only = &lb[..lb.find("---").expect("slice separator")];
+    let t = translate(&objects(service_only), &on_node("n1"));
+    // (frontend, source ranges it carries): the LB IP has the two IPv4 ranges.
+    for (f, ranges) in [
+        (external("192.0.2.10", 80), 2),
+        (external("0.0.0.0", 30080), 0),
+    ] {
+        assert_eq!(shape(&t, f), (vec![], false, false, ranges), "{f}");
+    }
+}
