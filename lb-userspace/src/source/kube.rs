@@ -185,6 +185,7 @@ impl KubeSource {
             objects: Objects {
                 services: self.shared.services.state(),
                 slices: self.shared.slices.state(),
+                nodes: Vec::new(),
             },
             zone,
         })

@@ -8,7 +8,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::de::DeserializeOwned;
 
 use super::compact::Compact;
@@ -48,6 +51,7 @@ impl fmt::Display for ManifestError {
 enum Kind {
     Service,
     EndpointSlice,
+    Node,
     List,
     Other,
 }
@@ -56,6 +60,7 @@ fn kind_of(api_version: Option<&str>, kind: Option<&str>) -> Kind {
     match (api_version, kind) {
         (Some("v1"), Some("Service")) => Kind::Service,
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => Kind::EndpointSlice,
+        (Some("v1"), Some("Node")) => Kind::Node,
         (Some("v1"), Some("List")) => Kind::List,
         _ => Kind::Other,
     }
@@ -98,6 +103,7 @@ struct Header {
 enum Document {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
     List(Vec<serde_json::Value>),
     Other,
 }
@@ -121,6 +127,7 @@ impl<'de> serde::Deserialize<'de> for Document {
             Some(Kind::EndpointSlice) => {
                 Ok(Document::EndpointSlice(serde::Deserialize::deserialize(d)?))
             }
+            Some(Kind::Node) => Ok(Document::Node(serde::Deserialize::deserialize(d)?)),
             Some(Kind::List) => Ok(Document::List(ListItems::deserialize(d)?.items)),
             Some(Kind::Other) | None => {
                 serde::de::IgnoredAny::deserialize(d)?;
@@ -148,6 +155,7 @@ fn parse_yaml(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
         match document {
             Document::Service(service) => objects.services.push(compacted(*service)),
             Document::EndpointSlice(slice) => objects.slices.push(compacted(*slice)),
+            Document::Node(node) => objects.nodes.push(compacted(*node)),
             Document::List(items) => {
                 for (i, item) in items.into_iter().enumerate() {
                     add_list_item(item, i, line, path, objects)?;
@@ -179,6 +187,9 @@ fn parse_json(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
             .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
         Kind::EndpointSlice => objects
             .slices
+            .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
+        Kind::Node => objects
+            .nodes
             .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
         Kind::List => {
             let items = value.get("items").and_then(serde_json::Value::as_array);
@@ -222,6 +233,9 @@ fn add_list_item(
         Kind::EndpointSlice => objects
             .slices
             .push(compacted(typed::<EndpointSlice>(item, index, line, path)?)),
+        Kind::Node => objects
+            .nodes
+            .push(compacted(typed::<Node>(item, index, line, path)?)),
         Kind::List | Kind::Other => {}
     }
     Ok(())
@@ -365,6 +379,7 @@ impl ManifestDir {
         for file in self.files.values() {
             all.services.extend(file.objects.services.iter().cloned());
             all.slices.extend(file.objects.slices.iter().cloned());
+            all.nodes.extend(file.objects.nodes.iter().cloned());
         }
         all
     }

@@ -22,6 +22,8 @@ const POLL: Duration = Duration::from_millis(100);
 pub enum Source {
     Manifests {
         dir: ManifestDir,
+        /// Whose Node object (if the directory has one) gives the zone label.
+        node_name: String,
         scanned: bool,
         error_logged: bool,
     },
@@ -40,6 +42,7 @@ impl Source {
                 }
                 Source::Manifests {
                     dir: ManifestDir::new(path),
+                    node_name: node_name.to_string(),
                     scanned: false,
                     error_logged: false,
                 }
@@ -56,6 +59,7 @@ impl Source {
         match self {
             Source::Manifests {
                 dir,
+                node_name,
                 scanned,
                 error_logged,
             } => match dir.rescan() {
@@ -66,9 +70,10 @@ impl Source {
                     }
                     let due = rescan.changed || !*scanned;
                     *scanned = true;
-                    due.then(|| Snapshot {
-                        objects: dir.objects(),
-                        zone: None,
+                    due.then(|| {
+                        let objects = dir.objects();
+                        let zone = zone_of(&objects.nodes, node_name);
+                        Snapshot { objects, zone }
                     })
                 }
                 Err(err) => {
@@ -81,5 +86,37 @@ impl Source {
             },
             Source::Kube(kube) => kube.poll(),
         }
+    }
+}
+
+/// The zone label (`topology.kubernetes.io/zone`) of the Node named `node_name`.
+fn zone_of(
+    nodes: &[std::sync::Arc<k8s_openapi::api::core::v1::Node>],
+    node_name: &str,
+) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(kube::ZONE_LABEL).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_manifests_directory_gives_this_nodes_zone() {
+        let objects = manifests::parse_file_text(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/zone: zone-a}}\n\
+             ---\napiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {topology.kubernetes.io/zone: zone-b}}\n",
+            Path::new("nodes.yaml"),
+            false,
+        )
+        .expect("parses");
+        assert_eq!(zone_of(&objects.nodes, "n2").as_deref(), Some("zone-b"));
+        assert_eq!(zone_of(&objects.nodes, "n3"), None);
     }
 }

@@ -45,6 +45,9 @@ pub struct Objects {
     /// manifests source keeps every file's objects while a snapshot of all of them is in use.
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
+    /// Nodes a manifests directory holds (for this node's zone label); the API source
+    /// watches its own Node instead. Not read by the translation.
+    pub nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

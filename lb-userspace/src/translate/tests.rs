@@ -474,6 +474,7 @@ fn only_changed_services_are_translated_again() {
     let second = Objects {
         services: first.services.clone(),
         slices: changed.slices.clone(),
+        ..Objects::default()
     };
     let after = translator.translate(&second, &options).clone();
     assert_eq!(after, translate(&second, &options));
@@ -521,6 +522,7 @@ fn a_shared_frontend_passes_to_the_next_service_when_its_owner_goes() {
     let only_b = Objects {
         services: both.services[1..].to_vec(),
         slices: both.slices[1..].to_vec(),
+        ..Objects::default()
     };
     let http = fe("10.96.0.77", 80, Protocol::Tcp);
     let options = Options::default();
