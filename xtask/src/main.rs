@@ -260,6 +260,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "e2e_schedulers",
             "--test",
             "e2e_north_south",
+            "--test",
+            "e2e_conformance",
             "--",
             "--include-ignored",
             "--test-threads=1",
