@@ -330,3 +330,58 @@ pub const SPORT: std::ops::Range<usize> = 34..36;
 pub const DPORT: std::ops::Range<usize> = 36..38;
 pub const TCP_CSUM: std::ops::Range<usize> = 50..52;
 pub const UDP_CSUM: std::ops::Range<usize> = 40..42;
+
+/// One step of a table test, Katran's fixture style: a description, the hook and packet
+/// in, the verdict and the packet out (exact bytes outside the NAT fields, checksums valid).
+pub struct Step {
+    pub name: &'static str,
+    pub hook: Hook,
+    pub input: Vec<u8>,
+    pub verdict: i32,
+    pub out: Out,
+}
+
+/// What a step's output packet must be.
+pub enum Out {
+    /// Byte for byte the input.
+    Unchanged,
+    /// The input with only `changed` byte ranges rewritten, these addresses and ports in
+    /// it, and the UDP checksum zero or not.
+    Rewritten {
+        changed: Vec<std::ops::Range<usize>>,
+        src: (&'static str, u16),
+        dst: (&'static str, u16),
+        udp_checksum_zero: Option<bool>,
+    },
+}
+
+impl Datapath {
+    /// Runs `steps` in order on this datapath (state carries over, as packets of a flow do).
+    pub fn run_steps(&mut self, steps: &[Step]) {
+        for step in steps {
+            let (verdict, out) = self.run(step.hook, &step.input);
+            assert_eq!(verdict, step.verdict, "{}: verdict", step.name);
+            match &step.out {
+                Out::Unchanged => assert_eq!(out, step.input, "{}: packet changed", step.name),
+                Out::Rewritten {
+                    changed,
+                    src,
+                    dst,
+                    udp_checksum_zero,
+                } => {
+                    assert_only_changed(&step.input, &out, changed);
+                    let v = crate::packet::view(&out);
+                    assert_eq!(
+                        ((v.src.to_string(), v.sport), (v.dst.to_string(), v.dport)),
+                        ((src.0.to_string(), src.1), (dst.0.to_string(), dst.1)),
+                        "{}: addresses",
+                        step.name
+                    );
+                    if let Some(zero) = udp_checksum_zero {
+                        assert_eq!(out[40..42] == [0, 0], *zero, "{}: UDP checksum", step.name);
+                    }
+                }
+            }
+        }
+    }
+}

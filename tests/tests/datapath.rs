@@ -91,34 +91,55 @@ fn udp_with_and_without_checksum() {
     require_privileges();
     let mut dp = Datapath::new();
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
-    let frame = Frame::udp(CLIENT, 5000, VIP, 53).build();
-    let (verdict, out) = dp.run(Hook::FromPod, &frame);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_only_changed(&frame, &out, &[IP_CSUM, IP_DST, DPORT, UDP_CSUM]);
-    assert_eq!(
-        (view(&out).dst.to_string(), view(&out).dport),
-        ("10.244.1.2".into(), 5353)
-    );
-    assert_ne!(&out[40..42], &[0, 0]);
-
-    let mut zero = Frame::udp(CLIENT, 5001, VIP, 53);
-    zero.zero_udp_checksum = true;
-    let frame = zero.build();
-    let (verdict, out) = dp.run(Hook::FromPod, &frame);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(&out[40..42], &[0, 0], "zero UDP checksum must stay zero");
-    assert_only_changed(&frame, &out, &[IP_CSUM, IP_DST, DPORT]);
-
-    let mut reply = Frame::udp("10.244.1.2", 5353, CLIENT, 5001);
-    reply.zero_udp_checksum = true;
-    let frame = reply.build();
-    let (verdict, out) = dp.run(Hook::ToPod, &frame);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(
-        (view(&out).src.to_string(), view(&out).sport),
-        (VIP.into(), 53)
-    );
-    assert_eq!(&out[40..42], &[0, 0]);
+    let zero_checksum = |mut frame: Frame| {
+        frame.zero_udp_checksum = true;
+        frame.build()
+    };
+    dp.run_steps(&[
+        Step {
+            name: "UDP with a checksum: DNAT, checksum updated",
+            hook: Hook::FromPod,
+            input: Frame::udp(CLIENT, 5000, VIP, 53).build(),
+            verdict: TC_ACT_OK,
+            out: Out::Rewritten {
+                changed: vec![IP_CSUM, IP_DST, DPORT, UDP_CSUM],
+                src: (CLIENT, 5000),
+                dst: ("10.244.1.2", 5353),
+                udp_checksum_zero: Some(false),
+            },
+        },
+        Step {
+            name: "UDP without a checksum: DNAT, checksum stays zero",
+            hook: Hook::FromPod,
+            input: zero_checksum(Frame::udp(CLIENT, 5001, VIP, 53)),
+            verdict: TC_ACT_OK,
+            out: Out::Rewritten {
+                changed: vec![IP_CSUM, IP_DST, DPORT],
+                src: (CLIENT, 5001),
+                dst: ("10.244.1.2", 5353),
+                udp_checksum_zero: Some(true),
+            },
+        },
+        Step {
+            name: "its reply without a checksum: reverse NAT, still zero",
+            hook: Hook::ToPod,
+            input: zero_checksum(Frame::udp("10.244.1.2", 5353, CLIENT, 5001)),
+            verdict: TC_ACT_OK,
+            out: Out::Rewritten {
+                changed: vec![IP_CSUM, IP_SRC, SPORT],
+                src: (VIP, 53),
+                dst: (CLIENT, 5001),
+                udp_checksum_zero: Some(true),
+            },
+        },
+        Step {
+            name: "a datagram from the backend to a client port without a flow: untouched",
+            hook: Hook::ToPod,
+            input: Frame::udp("10.244.1.2", 5353, CLIENT, 5999).build(),
+            verdict: PASS,
+            out: Out::Unchanged,
+        },
+    ]);
 }
 
 #[test]
