@@ -30,8 +30,11 @@ pub mod map_names {
     /// The network namespace cookie of the host (the agent's): the socket hooks balance
     /// only sockets of that namespace; pods' sockets are balanced per packet on TC.
     pub const HOST_NETNS: &str = "XLB_HOST_NETNS";
+    /// Service id → the Service port it serves ("namespace/name:port"), for the read
+    /// commands (`xlb services`, `xlb explain`); the programs never read it.
+    pub const SERVICE_NAMES: &str = "XLB_SVC_NAMES";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -48,6 +51,7 @@ pub mod map_names {
         SOCK_REVNAT,
         POD_IFACES,
         HOST_NETNS,
+        SERVICE_NAMES,
     ];
 }
 
@@ -250,6 +254,39 @@ pub struct SockKey {
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
 
+/// `SERVICE_NAMES` value: a Service port's name, UTF-8, `len` bytes of `bytes`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub len: u16,
+    pub _pad: [u8; 6],
+    /// "namespace/name:port" fits: 63 + 1 + 63 + 1 + 15 bytes at most.
+    pub bytes: [u8; 248],
+}
+const _: () = assert!(core::mem::size_of::<ServiceName>() == 256);
+
+impl ServiceName {
+    /// `name`, cut at 248 bytes (on a character boundary).
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(248);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; 248];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        ServiceName {
+            len: end as u16,
+            _pad: [0; 6],
+            bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = usize::from(self.len).min(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..len]).unwrap_or("")
+    }
+}
+
 /// `SOCK_REVNAT` value: the frontend the socket asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -355,6 +392,7 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounter {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockFrontend {}
 }

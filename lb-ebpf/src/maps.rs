@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, NodeConfig,
-    ServiceKey, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_sizes,
-    outcome,
+    ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter,
+    map_sizes, outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -72,6 +72,12 @@ pub static NODE_IPS: HashMap<u32, u32> = HashMap::with_max_entries(map_sizes::NO
 /// attaches the socket hooks.
 #[map(name = "XLB_HOST_NETNS")]
 pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Service id → Service port name, written by the agent for the read commands. Not read
+/// by any program; declared here so it is created (and pinned) with the others.
+#[map(name = "XLB_SVC_NAMES")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> =
+    HashMap::with_max_entries(map_sizes::SERVICE_STATS, BPF_F_NO_PREALLOC);
 
 /// Node-wide settings, written by the agent at start.
 #[map(name = "XLB_CONFIG")]

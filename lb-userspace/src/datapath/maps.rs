@@ -5,7 +5,7 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, NodeConfig, ServiceKey,
-    ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_names,
+    ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_names,
 };
 
 use crate::{
@@ -77,6 +77,7 @@ pub struct PinnedMaps {
     pub node_ips: HashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub host_netns: Array<MapData, u64>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
 }
@@ -115,6 +116,7 @@ impl PinnedMaps {
             node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
             config: typed!(layout, map_names::CONFIG, Array),
             host_netns: typed!(layout, map_names::HOST_NETNS, Array),
+            service_names: typed!(layout, map_names::SERVICE_NAMES, HashMap),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
         })
@@ -181,6 +183,14 @@ impl PinnedMaps {
                 source,
             })?;
         Ok(cookie)
+    }
+
+    /// The Service port a service id serves, as the agent recorded it.
+    pub fn service_name(&self, service_id: u32) -> Option<String> {
+        self.service_names
+            .get(&service_id, 0)
+            .ok()
+            .map(|n| n.as_str().to_string())
     }
 
     /// Service ids that have a Maglev table.
@@ -336,6 +346,14 @@ impl MapStore for PinnedMaps {
         ignore_missing(self.source_ranges.remove(&range_key(service_id, range)))
             .map_err(|e| store_err("delete", map_names::SOURCE_RANGES, e))
     }
+    fn set_service_name(&mut self, service_id: u32, name: &str) {
+        if let Err(e) = self
+            .service_names
+            .insert(service_id, ServiceName::new(name), 0)
+        {
+            log::debug!("recording the name of service id {service_id} ({name}): {e}");
+        }
+    }
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>) {
         // The counter arrays keep their slots: zero them, or the id's next owner would
         // inherit the counts.
@@ -348,6 +366,7 @@ impl MapStore for PinnedMaps {
         if let Some(id) = service_id {
             zero(&mut self.service_stats, id);
             let _ = self.round_robin.remove(&id);
+            let _ = self.service_names.remove(&id);
         }
         if let Some(id) = backend_id {
             zero(&mut self.backend_stats, id);

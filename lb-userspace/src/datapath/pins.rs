@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 16] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 17] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -82,6 +82,13 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 16] = {
         (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS, Hash),
         (map_names::CONFIG, 4, size_of::<NodeConfig>(), 1, Array),
         (map_names::HOST_NETNS, 4, 8, 1, Array),
+        (
+            map_names::SERVICE_NAMES,
+            4,
+            size_of::<ServiceName>(),
+            map_sizes::SERVICE_STATS,
+            Hash,
+        ),
         // LPM trie keys carry a 4-byte prefix length before the data.
         (
             map_names::SOURCE_RANGES,

@@ -41,6 +41,8 @@ pub struct Snapshot {
     /// The forward conntrack entry of the exact 5-tuple, if a source port was given.
     pub tracked: Option<CtValue>,
     pub frontend: Option<SnapshotFrontend>,
+    /// The frontend's Service port ("namespace/name:port"), as the agent recorded it.
+    pub service: Option<String>,
     /// In slot order (slot i+1 is `backends[i]`).
     pub backends: Vec<SnapshotBackend>,
     pub source_allowed: bool,
@@ -87,6 +89,8 @@ pub struct AffinityPin {
 pub struct Explanation {
     /// What happens, in one line.
     pub verdict: String,
+    /// The Service port whose frontend matched ("namespace/name:port").
+    pub service: Option<String>,
     /// Backends a new flow could go to ("addr:port").
     pub candidates: Vec<String>,
     /// The backend chosen, when the decision is certain.
@@ -114,9 +118,12 @@ pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
         steps.push(no_frontend(q, s));
         return refused("not a service: passed untouched", steps);
     };
-    steps.push(describe_frontend(q, &front));
+    steps.push(describe_frontend(q, &front, s.service.as_deref()));
     if let Some(verdict) = gate(q, s, &front.value, &mut steps) {
-        return refused(verdict, steps);
+        return Explanation {
+            service: s.service.clone(),
+            ..refused(verdict, steps)
+        };
     }
     let candidates: Vec<String> = s.backends.iter().map(SnapshotBackend::endpoint).collect();
     let chosen = pick(q, s, &front.value, &mut steps);
@@ -129,6 +136,7 @@ pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
     };
     Explanation {
         verdict,
+        service: s.service.clone(),
         candidates,
         backend: chosen,
         steps,
@@ -138,6 +146,7 @@ pub fn decide(q: &Query, s: &Snapshot) -> Explanation {
 fn refused(verdict: &str, steps: Vec<String>) -> Explanation {
     Explanation {
         verdict: verdict.into(),
+        service: None,
         candidates: vec![],
         backend: None,
         steps,
@@ -185,6 +194,7 @@ fn tracked_flow(q: &Query, s: &Snapshot, steps: &mut Vec<String>) -> Option<Expl
             ));
             Some(Explanation {
                 verdict: format!("DNAT to {backend} (tracked flow)"),
+                service: s.service.clone(),
                 candidates: vec![backend.clone()],
                 backend: Some(backend),
                 steps: std::mem::take(steps),
@@ -218,7 +228,7 @@ fn no_frontend(q: &Query, s: &Snapshot) -> String {
     )
 }
 
-fn describe_frontend(q: &Query, front: &SnapshotFrontend) -> String {
+fn describe_frontend(q: &Query, front: &SnapshotFrontend, service: Option<&str>) -> String {
     let (key, value) = (&front.key, &front.value);
     let shown = if key.vip == VIP_ANY_NODE_IP {
         format!("NodePort *:{}/{}", u16::from_be(key.port), q.proto)
@@ -229,8 +239,11 @@ fn describe_frontend(q: &Query, front: &SnapshotFrontend) -> String {
         .get(scheduler_of(value.flags) as usize)
         .copied()
         .unwrap_or("unknown");
+    let named = service
+        .map(|s| format!(" of Service {s}"))
+        .unwrap_or_default();
     format!(
-        "frontend {shown} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
+        "frontend {shown}{named} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
         if key.scope == SCOPE_EXTERNAL {
             "external"
         } else {
@@ -441,6 +454,7 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
     let Some(SnapshotFrontend { key, value: front }) = s.frontend else {
         return s;
     };
+    s.service = maps.service_name(front.service_id);
     for slot in 1..=front.count {
         let Ok(v) = maps.services.get(&ServiceKey { slot, ..key }, 0) else {
             continue;
@@ -483,7 +497,10 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
 }
 
 pub fn text(e: &Explanation) -> String {
-    let mut out = format!("{}\n", e.verdict);
+    let mut out = match &e.service {
+        Some(service) => format!("{} (Service {service})\n", e.verdict),
+        None => format!("{}\n", e.verdict),
+    };
     for (i, step) in e.steps.iter().enumerate() {
         let _ = writeln!(out, "  {}. {step}", i + 1);
     }
@@ -574,6 +591,18 @@ mod tests {
         assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.3:8080"));
         let e = decide(&q, &snap(0, 3));
         assert_eq!((e.backend, e.candidates.len()), (None, 3));
+        // The Service is named, in the answer and in its frontend step.
+        let mut s = snap(0, 3);
+        s.service = Some("shop/web:http".into());
+        let e = decide(&q, &s);
+        assert_eq!(e.service.as_deref(), Some("shop/web:http"));
+        assert!(text(&e).starts_with("DNAT to one of 3 backend(s) (Service shop/web:http)"));
+        assert!(
+            e.steps
+                .iter()
+                .any(|s| s.contains("of Service shop/web:http")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct BackendRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceRow {
     pub frontend: Frontend,
+    /// The Service port ("namespace/name:port"), as the agent recorded it.
+    pub service: Option<String>,
     pub service_id: u32,
     /// The algorithm name; `unknown(N)` for a code this xlb does not know.
     pub scheduler: String,
@@ -92,6 +94,7 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
             .collect();
         rows.push(ServiceRow {
             frontend,
+            service: maps.service_name(front.service_id),
             service_id: front.service_id,
             scheduler,
             affinity_timeout_s: (front.flags & SVC_FLAG_AFFINITY != 0)
@@ -107,7 +110,8 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
 
 pub fn services_text(rows: &[ServiceRow]) -> String {
     let mut out = String::from(
-        "FRONTEND                    SVC-ID SCHEDULER      FLOWS  PACKETS      BYTES  BACKENDS\n",
+        "FRONTEND                    SERVICE                        SVC-ID SCHEDULER      FLOWS  \
+         PACKETS      BYTES  BACKENDS\n",
     );
     for row in rows {
         let affinity = row
@@ -116,8 +120,9 @@ pub fn services_text(rows: &[ServiceRow]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<27} {:>6} {:<11} {:>8} {:>8} {:>10}  {}{}",
+            "{:<27} {:<30} {:>6} {:<11} {:>8} {:>8} {:>10}  {}{}",
             row.frontend.to_string(),
+            row.service.as_deref().unwrap_or("-"),
             row.service_id,
             row.scheduler,
             row.flows,

@@ -407,6 +407,7 @@ mod tests {
         };
         let services = [ServiceRow {
             frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
+            service: None,
             service_id: 1,
             scheduler: "round-robin".into(),
             affinity_timeout_s: None,
@@ -473,6 +474,7 @@ mod tests {
         };
         let services = [ServiceRow {
             frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
+            service: None,
             service_id: 1,
             scheduler: "random".into(),
             affinity_timeout_s: None,

@@ -299,7 +299,8 @@ impl Syncer {
             return Ok(());
         }
         let old = self.current.get(frontend).cloned();
-        if old.as_ref().is_none_or(|o| o.service != spec.service) {
+        let renamed = old.as_ref().is_none_or(|o| o.service != spec.service);
+        if renamed {
             self.names_changed = true;
         }
         let service_id = match &old {
@@ -331,6 +332,9 @@ impl Syncer {
         .map_err(wrap)?;
         self.remove_leftovers(frontend, &backends, old.as_ref(), store, report)
             .map_err(wrap)?;
+        if renamed {
+            store.set_service_name(service_id, &spec.service);
+        }
         let programmed = Programmed {
             service: spec.service.clone(),
             service_id,

@@ -14,8 +14,11 @@ pub trait MapStore {
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), StoreError>;
     fn add_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError>;
     fn remove_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError>;
-    /// Drops the counters and scheduler state of a removed service or backend id (ids get
-    /// reused).
+    /// Records which Service port a service id serves, for the read commands. Best effort:
+    /// a name that cannot be written only leaves `xlb services` without it.
+    fn set_service_name(&mut self, service_id: u32, name: &str);
+    /// Drops the counters, scheduler state and name of a removed service or backend id
+    /// (ids get reused).
     fn forget_counters(&mut self, service_id: Option<u32>, backend_id: Option<u32>);
 }
 

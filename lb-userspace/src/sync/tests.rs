@@ -14,6 +14,7 @@ struct FakeMaps {
     backends: BTreeMap<u32, Backend>,
     tables: BTreeMap<u32, Vec<u32>>,
     ranges: BTreeSet<(u32, Ipv4Net)>,
+    names: BTreeMap<u32, String>,
     writes: usize,
     fail_after: Option<usize>,
 }
@@ -124,7 +125,14 @@ impl MapStore for FakeMaps {
         self.check();
         Ok(())
     }
-    fn forget_counters(&mut self, _: Option<u32>, _: Option<u32>) {}
+    fn set_service_name(&mut self, service_id: u32, name: &str) {
+        self.names.insert(service_id, name.to_string());
+    }
+    fn forget_counters(&mut self, service_id: Option<u32>, _: Option<u32>) {
+        if let Some(id) = service_id {
+            self.names.remove(&id);
+        }
+    }
 }
 
 fn frontend(last: u8) -> Frontend {
@@ -505,6 +513,7 @@ impl MapStore for CountingStore {
     fn remove_source_range(&mut self, _: u32, _: &Ipv4Net) -> Result<(), StoreError> {
         Ok(())
     }
+    fn set_service_name(&mut self, _: u32, _: &str) {}
     fn forget_counters(&mut self, _: Option<u32>, backend_id: Option<u32>) {
         if let Some(id) = backend_id {
             self.counters.remove(&id);
@@ -554,5 +563,26 @@ fn a_million_endpoint_replacements_keep_ids_inside_the_counter_arrays() {
     assert!(
         peak_footprint < lb_common::map_sizes::BACKEND_STATS as usize,
         "{peak_footprint}"
+    );
+}
+
+#[test]
+fn service_names_follow_the_frontends() {
+    let mut maps = FakeMaps::default();
+    let mut syncer = Syncer::new();
+    let mut wanted = desired(&[(1, &[1]), (2, &[2])]);
+    syncer.apply(&wanted, &mut maps).expect("sync");
+    let id_of = |syncer: &Syncer, f| syncer.current()[&frontend(f)].service_id;
+    assert_eq!(maps.names.len(), 2);
+    assert_eq!(maps.names[&id_of(&syncer, 1)], "ns/svc:http");
+    if let Some(spec) = wanted.get_mut(&frontend(1)) {
+        spec.service = "ns/renamed:http".into();
+    }
+    wanted.remove(&frontend(2));
+    syncer.apply(&wanted, &mut maps).expect("sync");
+    assert_eq!(
+        maps.names.values().collect::<Vec<_>>(),
+        ["ns/renamed:http"],
+        "renamed, and the removed frontend's name gone"
     );
 }
