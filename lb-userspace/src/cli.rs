@@ -74,6 +74,12 @@ pub enum Command {
 /// `xlb agent` flags.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
+    /// kube-proxy's configuration file (a `KubeProxyConfiguration`, as in kubeadm's
+    /// kube-proxy ConfigMap): nodePortAddresses, clusterCIDR, masqueradeAll, ipvs.scheduler,
+    /// metricsBindAddress, healthzBindAddress and hostnameOverride are used; flags given on
+    /// the command line win; other fields are reported as ignored.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Read Service and EndpointSlice objects from the YAML/JSON files in DIR (re-read on
     /// change) instead of watching the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
@@ -226,6 +232,7 @@ mod tests {
         match cli.command {
             Command::Agent(args) => {
                 let AgentArgs {
+                    config,
                     manifests,
                     kubeconfig,
                     pod_ifaces,
@@ -242,6 +249,7 @@ mod tests {
                     cgroup,
                 } = *args;
                 assert_eq!(cgroup, CgroupArg::Auto);
+                assert_eq!(config, None);
                 assert_eq!(xdp_mode, XdpAttach::Auto);
                 assert_eq!(metrics_addr.port(), 10249);
                 assert_eq!(healthz_addr.port(), 10256);

@@ -2,7 +2,6 @@
 use std::sync::{Arc, atomic::AtomicBool};
 
 use anyhow::{Context as _, Result};
-use clap::Parser as _;
 use xlb::{
     agent::{self, AgentConfig, SourceConfig},
     cli::{Cli, Command, ProtoArg, ReadArgs},
@@ -12,16 +11,27 @@ use xlb::{
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    if let Err(err) = run(Cli::parse()) {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Which agent flags were on the command line: they win over a --config file.
+    let agent_flags = matches.subcommand_matches("agent").cloned();
+    let given = move |id: &str| {
+        agent_flags.as_ref().is_some_and(|m| {
+            m.try_get_raw(id).is_ok()
+                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        })
+    };
+    if let Err(err) = run(cli, given) {
         eprintln!("xlb: {err:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, given: impl Fn(&str) -> bool) -> Result<()> {
     match cli.command {
         Command::Agent(args) => {
-            let config = AgentConfig::try_from(*args)?;
+            let config = AgentConfig::new(*args, given)?;
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, Arc::clone(&stop))

@@ -151,6 +151,17 @@ impl fmt::Display for Ipv4Net {
     }
 }
 
+impl Ipv4Net {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        };
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
 impl Serialize for Ipv4Net {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)

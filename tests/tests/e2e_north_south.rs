@@ -82,6 +82,11 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
+        Site::with_config(None)
+    }
+
+    /// Both nodes' agents also get `--config` with this kube-proxy configuration.
+    fn with_config(kube_proxy_config: Option<&str>) -> Site {
         let tag = unique_tag();
         let mut lan = Lan::new(&tag).expect("lan");
         let client = Netns::new(&tag, "client").expect("client ns");
@@ -130,6 +135,12 @@ impl Site {
             ]
             .map(String::from)
             .to_vec();
+            if let Some(config) = kube_proxy_config {
+                let path = c.scratch.path.join("kube-proxy.conf");
+                std::fs::write(&path, config).expect("write the kube-proxy configuration");
+                c.agent_args
+                    .extend(["--config".to_string(), path.display().to_string()]);
+            }
             c.start_agent().expect("agent");
             c.wait_attached(Duration::from_secs(10)).expect("attached");
             wait_until(Duration::from_secs(5), || {
@@ -478,5 +489,35 @@ fn connected_udp_socket_moves_off_a_removed_backend() {
         node1.log().contains("closed 1 node UDP socket(s)"),
         "{}",
         node1.log()
+    );
+}
+
+/// With kube-proxy's clusterCIDR (read from its configuration file), a ClusterIP reached
+/// from outside the pod network through a node is balanced and masqueraded to that node,
+/// as kube-proxy's `! -s CLUSTER_CIDR -d CLUSTER_IP -j KUBE-MARK-MASQ` does; the ignored
+/// fields are reported.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn cluster_ips_from_outside_are_masqueraded_with_kube_proxys_cluster_cidr() {
+    require_privileges();
+    let site = Site::with_config(Some(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         clusterCIDR: 10.244.0.0/16\nmode: nftables\nconntrack: {udpTimeout: 30s}\n",
+    ));
+    site.client
+        .ip(&["route", "add", "10.96.0.10", "via", NODE1])
+        .expect("route the ClusterIP to node1");
+    let seen = site.whoami(addr("10.96.0.10", 53), 20);
+    let backends: std::collections::BTreeSet<&str> = seen.keys().map(|(b, _)| b.as_str()).collect();
+    assert!(
+        seen.keys()
+            .all(|(b, from)| b.starts_with("web") && from == NODE1),
+        "every answer from a web backend, which saw node1: {seen:?}"
+    );
+    assert_eq!(backends.len(), 2, "both nodes' backends: {seen:?}");
+    let log = site.nodes[0].log();
+    assert!(
+        log.contains("kube-proxy configuration: mode nftables") && log.contains("conntrack"),
+        "{log}"
     );
 }

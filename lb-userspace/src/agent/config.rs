@@ -5,7 +5,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use crate::{
     cli::{AgentArgs, CgroupArg},
     datapath::{attach::XdpAttach, bpffs, ifaces::IfacePatterns},
-    model::Scheduler,
+    kube_proxy::config::{self as kube_proxy_config, ConfigFileError},
+    model::{Ipv4Net, Scheduler},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -46,6 +47,13 @@ pub struct AgentConfig {
     pub xdp_mode: XdpAttach,
     /// Where node processes live: the socket hooks attach here. `None`: not attached.
     pub cgroup: Option<PathBuf>,
+    /// NodePorts answer only on node addresses inside these (empty: every one).
+    pub node_port_cidrs: Vec<Ipv4Net>,
+    /// ClusterIPs reached from outside the node are balanced and masqueraded (kube-proxy
+    /// with clusterCIDR or masqueradeAll).
+    pub masquerade_outside: bool,
+    /// What the kube-proxy configuration file had that xlb does not use.
+    pub ignored_settings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,8 @@ pub enum ConfigError {
     NoCgroup2,
     #[error("no --node-name, no $NODE_NAME and no host name: pass --node-name")]
     NoNodeName,
+    #[error(transparent)]
+    ConfigFile(#[from] ConfigFileError),
     #[error(
         "KUBERNETES_SERVICE_HOST is still {API_SERVER_PLACEHOLDER:?}: set the API server's \
          address in the xlb-kubernetes-api ConfigMap of deploy/xlb.yaml (step 1 of \
@@ -71,7 +81,45 @@ pub const API_SERVER_PLACEHOLDER: &str = "REPLACE_WITH_API_SERVER_ADDRESS";
 impl TryFrom<AgentArgs> for AgentConfig {
     type Error = ConfigError;
 
+    /// As if no flag had been given explicitly: a `--config` file's values apply.
     fn try_from(args: AgentArgs) -> Result<Self, ConfigError> {
+        AgentConfig::new(args, |_| false)
+    }
+}
+
+impl AgentConfig {
+    /// Builds the configuration from the flags and, with `--config`, kube-proxy's file:
+    /// the file's value of a setting applies unless `given(flag id)` says the flag was on
+    /// the command line.
+    pub fn new(mut args: AgentArgs, given: impl Fn(&str) -> bool) -> Result<Self, ConfigError> {
+        let mut node_port_cidrs = Vec::new();
+        let mut masquerade_outside = false;
+        let mut ignored_settings = Vec::new();
+        if let Some(path) = &args.config {
+            let file = kube_proxy_config::read(path)?;
+            if let Some(s) = file.scheduler.filter(|_| !given("scheduler")) {
+                args.scheduler = s;
+            }
+            if let Some(a) = file.metrics_addr.filter(|_| !given("metrics_addr")) {
+                args.metrics_addr = a;
+            }
+            if let Some(a) = file.healthz_addr.filter(|_| !given("healthz_addr")) {
+                args.healthz_addr = a;
+            }
+            if let Some(n) = file.node_name.filter(|_| !given("node_name")) {
+                args.node_name = Some(n);
+            }
+            node_port_cidrs = file.node_port_cidrs;
+            masquerade_outside = file.cluster_cidr.is_some() || file.masquerade_all;
+            if file.masquerade_all {
+                ignored_settings.push(
+                    "masqueradeAll: pods' ClusterIP traffic keeps its source (only traffic \
+                     from outside the node is masqueraded)"
+                        .to_string(),
+                );
+            }
+            ignored_settings.extend(file.ignored);
+        }
         let cgroup = match args.cgroup {
             CgroupArg::None => None,
             CgroupArg::Auto => Some(bpffs::cgroup2_root().ok_or(ConfigError::NoCgroup2)?),
@@ -107,6 +155,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
             snat_ports: args.snat_ports,
             xdp_mode: args.xdp_mode,
             cgroup,
+            node_port_cidrs,
+            masquerade_outside,
+            ignored_settings,
         })
     }
 }
@@ -150,5 +201,56 @@ mod tests {
         assert!(matches!(c.source, SourceConfig::Manifests(ref p) if p == &PathBuf::from("/m")));
         let c = config(&["--cgroup", "/sys/fs/cgroup/node", "--node-name", "n1"]);
         assert_eq!(c.cgroup, Some(PathBuf::from("/sys/fs/cgroup/node")));
+    }
+
+    #[test]
+    fn the_kube_proxy_file_applies_where_no_flag_was_given() {
+        let dir = std::env::temp_dir().join(format!("xlb-kpconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("config.conf");
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             clusterCIDR: 10.244.0.0/16\nipvs: {scheduler: lc}\nhostnameOverride: kp-node\n\
+             metricsBindAddress: 127.0.0.1:20249\nnodePortAddresses: [192.168.50.0/24]\n\
+             conntrack: {udpTimeout: 30s}\n",
+        )
+        .expect("write");
+        let args = |extra: &[&str]| {
+            let mut all = vec!["xlb", "agent", "--manifests", "/m", "--cgroup", "none"];
+            all.extend_from_slice(extra);
+            all.extend_from_slice(&["--config", file.to_str().expect("path")]);
+            let matches = <Cli as clap::CommandFactory>::command()
+                .try_get_matches_from(all)
+                .expect("valid flags");
+            let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).expect("cli");
+            let sub = matches.subcommand_matches("agent").expect("agent").clone();
+            match cli.command {
+                Command::Agent(a) => AgentConfig::new(*a, |id| {
+                    sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .expect("config"),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        let c = args(&[]);
+        assert_eq!(c.scheduler, Scheduler::LeastConn, "ipvs.scheduler lc");
+        assert_eq!(c.node_name, "kp-node");
+        assert_eq!(c.metrics_addr.port(), 20249);
+        assert_eq!(
+            c.healthz_addr.port(),
+            10256,
+            "unset in the file: the default"
+        );
+        assert!(c.masquerade_outside);
+        assert_eq!(c.node_port_cidrs.len(), 1);
+        assert!(c.ignored_settings.iter().any(|i| i.contains("conntrack")));
+        // Flags on the command line win over the file.
+        let c = args(&["--scheduler", "maglev", "--node-name", "flag-node"]);
+        assert_eq!(
+            (c.scheduler, c.node_name.as_str()),
+            (Scheduler::Maglev, "flag-node")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -80,7 +80,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         default_scheduler: config.scheduler,
         node_name: Some(config.node_name.clone()),
         zone: None,
+        masquerade_outside: config.masquerade_outside,
     };
+    for ignored in &config.ignored_settings {
+        log::warn!("kube-proxy configuration: {ignored}; ignored");
+    }
     let mut syncer = adopt(&maps);
     if !syncer.current().is_empty() {
         log::info!(

@@ -14,11 +14,15 @@ pub struct NodeAddresses {
 
 impl NodeAddresses {
     pub fn reconcile(&mut self, config: &AgentConfig, maps: &mut PinnedMaps) {
-        let addresses = if config.node_ips.is_empty() {
+        let mut addresses = if config.node_ips.is_empty() {
             ifaces::ipv4_addresses(&config.external_ifaces)
         } else {
             config.node_ips.clone()
         };
+        // kube-proxy's nodePortAddresses.
+        if !config.node_port_cidrs.is_empty() {
+            addresses.retain(|a| config.node_port_cidrs.iter().any(|net| net.contains(*a)));
+        }
         if self.current.as_ref() == Some(&addresses) {
             return;
         }

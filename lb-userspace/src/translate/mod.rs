@@ -33,6 +33,10 @@ pub struct Options {
     pub node_name: Option<String>,
     /// This node's `topology.kubernetes.io/zone`, for topology-aware routing hints.
     pub zone: Option<String>,
+    /// ClusterIPs reached from outside the node are balanced and masqueraded to the node
+    /// (kube-proxy with `clusterCIDR` or `masqueradeAll`: `! -s CLUSTER_CIDR -d CLUSTER_IP`
+    /// → KUBE-MARK-MASQ).
+    pub masquerade_outside: bool,
 }
 
 /// Services with this label are headless for kube-proxy, whatever their ClusterIP.

@@ -223,6 +223,21 @@ pub(super) fn translate_service(
                 } else {
                     base.clone()
                 };
+                // From outside the node (XDP on the external interfaces): the same
+                // endpoints, the client masqueraded to the node as kube-proxy marks it.
+                if options.masquerade_outside {
+                    let outside = FrontendSpec {
+                        snat: true,
+                        ..spec.clone()
+                    };
+                    add(
+                        Frontend {
+                            scope: Scope::External,
+                            ..internal
+                        },
+                        outside,
+                    );
+                }
                 add(internal, spec);
                 continue;
             }

@@ -907,3 +907,31 @@ fn external_local_policy_rejects_without_endpoints_anywhere() {
         assert_eq!(shape(&t, f), (vec![], false, false, ranges), "{f}");
     }
 }
+
+#[test]
+fn cluster_ips_from_outside_are_masqueraded_with_a_cluster_cidr() {
+    let http = fe("10.96.0.10", 80, Protocol::Tcp);
+    let outside = Frontend {
+        scope: Scope::External,
+        ..http
+    };
+    let yaml = format!("{WEB}{}", slice("web-1", "- {addresses: [10.244.1.2]}"));
+    let plain = translate(&objects(&yaml), &Options::default());
+    assert!(
+        !plain.desired.contains_key(&outside),
+        "kube-proxy without clusterCIDR"
+    );
+    let masq = Options {
+        masquerade_outside: true,
+        ..Options::default()
+    };
+    let t = translate(&objects(&yaml), &masq);
+    assert_eq!(
+        shape(&t, outside),
+        (eps(&[("10.244.1.2", 8080)]), true, false, 0)
+    );
+    assert_eq!(
+        shape(&t, http),
+        (eps(&[("10.244.1.2", 8080)]), false, false, 0)
+    );
+}

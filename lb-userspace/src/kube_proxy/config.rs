@@ -1,0 +1,257 @@
+//! `xlb agent --config FILE`: the `KubeProxyConfiguration` kubeadm keeps in the kube-proxy
+//! ConfigMap, so an operator replacing kube-proxy keeps one configuration. The fields that
+//! mean something for xlb are used (flags given on the command line still win); every other
+//! field is reported once as ignored, naming it.
+use std::{net::SocketAddr, path::Path};
+
+use crate::model::{Ipv4Net, Scheduler};
+
+/// What xlb takes from a `KubeProxyConfiguration`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KubeProxySettings {
+    /// `nodePortAddresses`: NodePorts answer on node addresses inside these.
+    pub node_port_cidrs: Vec<Ipv4Net>,
+    /// `clusterCIDR`: ClusterIP traffic from outside it (arriving from outside the node)
+    /// is balanced and masqueraded, as kube-proxy's KUBE-MARK-MASQ rule does.
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// `masqueradeAll`.
+    pub masquerade_all: bool,
+    /// `ipvs.scheduler`, as the node's default algorithm.
+    pub scheduler: Option<Scheduler>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub healthz_addr: Option<SocketAddr>,
+    /// `hostnameOverride`: this node's name.
+    pub node_name: Option<String>,
+    /// Fields present but not used, with why (reported by the agent at start).
+    pub ignored: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("reading kube-proxy configuration {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not YAML/JSON: {message}")]
+    Parse { path: String, message: String },
+    #[error(
+        "{path}: kind {kind:?} of {api_version:?} is not a KubeProxyConfiguration \
+         (kubeproxy.config.k8s.io/v1alpha1)"
+    )]
+    Kind {
+        path: String,
+        kind: String,
+        api_version: String,
+    },
+    #[error("{path}: {field}: {message}")]
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Reads `path` (YAML or JSON; a kube-proxy ConfigMap's `config.conf`).
+pub fn read(path: &Path) -> Result<KubeProxySettings, ConfigFileError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&text, &shown)
+}
+
+/// A kube-proxy address field: "IP:PORT", ":PORT" (every address) or "" (unset).
+fn bind_address(value: &str) -> Result<Option<SocketAddr>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let full = match value.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => value.to_string(),
+    };
+    full.parse()
+        .map(Some)
+        .map_err(|_| format!("{value:?} is not IP:PORT or :PORT"))
+}
+
+/// IPVS scheduler names → xlb's algorithms.
+fn ipvs_scheduler(name: &str) -> Option<Scheduler> {
+    match name {
+        "rr" => Some(Scheduler::RoundRobin),
+        "lc" => Some(Scheduler::LeastConn),
+        "sh" => Some(Scheduler::SourceHash),
+        "mh" => Some(Scheduler::Maglev),
+        _ => None,
+    }
+}
+
+pub fn parse(text: &str, path: &str) -> Result<KubeProxySettings, ConfigFileError> {
+    let value: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| ConfigFileError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+    let field_err = |field: &str, message: String| ConfigFileError::Field {
+        path: path.to_string(),
+        field: field.to_string(),
+        message,
+    };
+    let text_of = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let (kind, api_version) = (text_of(&value["kind"]), text_of(&value["apiVersion"]));
+    if kind != "KubeProxyConfiguration" || !api_version.starts_with("kubeproxy.config.k8s.io/") {
+        return Err(ConfigFileError::Kind {
+            path: path.to_string(),
+            kind,
+            api_version,
+        });
+    }
+    let mut out = KubeProxySettings::default();
+    let Some(fields) = value.as_object() else {
+        return Ok(out);
+    };
+    for (name, v) in fields {
+        match name.as_str() {
+            "apiVersion" | "kind" => {}
+            "nodePortAddresses" => {
+                for cidr in v.as_array().into_iter().flatten() {
+                    let cidr = text_of(cidr);
+                    match cidr.parse::<Ipv4Net>() {
+                        Ok(net) => out.node_port_cidrs.push(net),
+                        Err(_) if cidr.contains(':') || cidr == "primary" => out.ignored.push(
+                            format!("nodePortAddresses {cidr:?}: only IPv4 CIDRs are used"),
+                        ),
+                        Err(e) => return Err(field_err(name, e.to_string())),
+                    }
+                }
+            }
+            "clusterCIDR" => {
+                for cidr in text_of(v)
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                {
+                    match cidr.parse::<Ipv4Net>() {
+                        Ok(net) => out.cluster_cidr = Some(net),
+                        Err(_) if cidr.contains(':') => out
+                            .ignored
+                            .push(format!("clusterCIDR {cidr}: IPv6 is not supported yet")),
+                        Err(e) => return Err(field_err(name, e.to_string())),
+                    }
+                }
+            }
+            "masqueradeAll" => out.masquerade_all = v.as_bool().unwrap_or(false),
+            "ipvs" => {
+                let scheduler = text_of(&v["scheduler"]);
+                if !scheduler.is_empty() {
+                    match ipvs_scheduler(&scheduler) {
+                        Some(s) => out.scheduler = Some(s),
+                        None => out.ignored.push(format!(
+                            "ipvs.scheduler {scheduler:?}: xlb has rr, lc, sh and mh \
+                             (round-robin, least-conn, source-hash, maglev)"
+                        )),
+                    }
+                }
+            }
+            "metricsBindAddress" => {
+                out.metrics_addr = bind_address(&text_of(v)).map_err(|e| field_err(name, e))?
+            }
+            "healthzBindAddress" => {
+                out.healthz_addr = bind_address(&text_of(v)).map_err(|e| field_err(name, e))?
+            }
+            "hostnameOverride" => {
+                out.node_name = Some(text_of(v)).filter(|n| !n.is_empty());
+            }
+            "conntrack" => out.ignored.push(
+                "conntrack: xlb's connection tracking keeps its own lifetimes (60 s UDP and \
+                 handshakes, 6 h established TCP, 10 s after FIN/RST) and touches no \
+                 netfilter sysctl"
+                    .into(),
+            ),
+            "mode" => out.ignored.push(format!(
+                "mode {}: xlb replaces every kube-proxy mode",
+                v.as_str().unwrap_or("(empty)")
+            )),
+            other => out.ignored.push(format!("{other}: not used by xlb")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What kubeadm writes into the kube-proxy ConfigMap (config.conf), trimmed.
+    const KUBEADM: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+clusterCIDR: 10.244.0.0/16
+conntrack:
+  maxPerCore: null
+  tcpEstablishedTimeout: null
+healthzBindAddress: ""
+hostnameOverride: ""
+ipvs:
+  scheduler: "rr"
+masqueradeAll: false
+metricsBindAddress: "127.0.0.1:10249"
+mode: ipvs
+nodePortAddresses: ["192.168.0.0/16", "fd00::/64"]
+"#;
+
+    #[test]
+    fn kubeadm_configuration_maps_and_reports_the_rest() {
+        let s = parse(KUBEADM, "config.conf").expect("valid");
+        assert_eq!(s.cluster_cidr, "10.244.0.0/16".parse().ok());
+        assert_eq!(s.scheduler, Some(Scheduler::RoundRobin));
+        assert_eq!(s.metrics_addr, "127.0.0.1:10249".parse().ok());
+        assert_eq!(s.healthz_addr, None, "empty means kube-proxy's default");
+        assert_eq!(s.node_name, None);
+        assert_eq!(s.node_port_cidrs, ["192.168.0.0/16".parse().expect("cidr")]);
+        for field in [
+            "bindAddress",
+            "clientConnection",
+            "conntrack",
+            "mode ipvs",
+            "fd00::/64",
+        ] {
+            assert!(
+                s.ignored.iter().any(|i| i.contains(field)),
+                "{field} reported: {:?}",
+                s.ignored
+            );
+        }
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_field_named() {
+        let err = parse("kind: Pod\napiVersion: v1\n", "f").expect_err("not kube-proxy's");
+        assert!(
+            err.to_string().contains("not a KubeProxyConfiguration"),
+            "{err}"
+        );
+        let bad = KUBEADM.replace("10.244.0.0/16", "10.244.0.300/16");
+        let err = parse(&bad, "f").expect_err("bad CIDR").to_string();
+        assert!(err.starts_with("f: clusterCIDR:"), "{err}");
+        let bad = KUBEADM.replace("127.0.0.1:10249", "localhost");
+        let err = parse(&bad, "f").expect_err("bad address").to_string();
+        assert!(err.contains("metricsBindAddress"), "{err}");
+        assert_eq!(
+            bind_address(":10256").expect("port only"),
+            "0.0.0.0:10256".parse().ok()
+        );
+        let lc = KUBEADM.replace("\"rr\"", "\"wrr\"");
+        let s = parse(&lc, "f").expect("valid");
+        assert_eq!(s.scheduler, None);
+        assert!(
+            s.ignored.iter().any(|i| i.contains("wrr")),
+            "{:?}",
+            s.ignored
+        );
+    }
+}
