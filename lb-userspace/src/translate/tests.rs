@@ -872,12 +872,36 @@ fn kube_proxy_conformance_cases() {
     let t = translate(&objects(&format!("{WEB}{node_hinted}")), &in_zone_a);
     assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
 
-    // internalTrafficPolicy Local: no endpoint anywhere rejects (like Cluster); endpoints
-    // only on other nodes drop.
+    // endpointslicecache.go: an unset `serving` is true, so a terminating endpoint without
+    // it still serves in the fallback.
+    let t = translate(
+        &objects(&format!(
+            "{WEB}{}",
+            slice(
+                "web-1",
+                "- {addresses: [10.244.1.2], conditions: {ready: false, terminating: true}}"
+            )
+        )),
+        &Options::default(),
+    );
+    assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
+
+    // endpointslicecache.go: an endpoint in two slices counts once, the local copy winning,
+    // so a Local policy finds it.
     let itp_local = WEB.replace(
         "  clusterIP: 10.96.0.10\n",
         "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n",
     );
+    let twice = format!(
+        "{itp_local}{}{}",
+        slice("web-1", "- {addresses: [10.244.1.2], nodeName: n2}"),
+        slice("web-2", "- {addresses: [10.244.1.2], nodeName: n1}")
+    );
+    let t = translate(&objects(&twice), &on_node("n1"));
+    assert_eq!(t.desired[&http].endpoints, eps(&[("10.244.1.2", 8080)]));
+
+    // internalTrafficPolicy Local: no endpoint anywhere rejects (like Cluster); endpoints
+    // only on other nodes drop.
     let t = translate(&objects(&itp_local), &on_node("n1"));
     assert_eq!(
         shape(&t, http),
