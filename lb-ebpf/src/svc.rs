@@ -65,6 +65,11 @@ pub fn find_frontend(
     scope: u8,
     loopback_is_node: bool,
 ) -> Option<(ServiceKey, ServiceValue)> {
+    // 0.0.0.0 is where NodePorts are stored, not an address a packet may ask for: only real
+    // node addresses (and loopback for node processes) reach them, below.
+    if flow.dst == VIP_ANY_NODE_IP {
+        return None;
+    }
     let key = ServiceKey {
         vip: flow.dst,
         port: flow.dport,

@@ -251,10 +251,23 @@ fn other_traffic_passes_untouched_and_is_counted() {
     let not_node = Frame::tcp(OUTSIDER, 1, "10.1.1.1", 30080, SYN).build();
     let other_port = Frame::tcp(OUTSIDER, 1, NODE_A, 22, SYN).build();
     let stray_reply = Frame::tcp(BACKEND.1, 8080, NODE_A, 61_001, ACK).build();
-    for frame in [&not_node, &other_port, &stray_reply] {
+    // 0.0.0.0 is where NodePorts are stored, not a node address: it reaches none.
+    let wildcard = Frame::tcp(OUTSIDER, 1, "0.0.0.0", 30080, SYN).build();
+    for frame in [&not_node, &other_port, &stray_reply, &wildcard] {
         assert_eq!(dp.run_external(frame), (XDP_PASS, frame.clone()));
     }
-    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 3);
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 4);
+    // Nor from a pod (TC), where the pods' NodePort entry is.
+    dp.frontend(
+        VIP_ANY_NODE_IP,
+        SCOPE_INTERNAL,
+        PROTO_TCP,
+        30080,
+        &[BACKEND],
+        0,
+    );
+    let from_pod = Frame::tcp("10.244.0.5", 1, "0.0.0.0", 30080, SYN).build();
+    assert_eq!(dp.run(Hook::FromPod, &from_pod), (PASS, from_pod.clone()));
     let mut arp = not_node.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let mut fragment = Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
