@@ -143,8 +143,12 @@ fn parse_flow(ctx: &TcContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<Packet, 
         return Err(outcome::MALFORMED);
     }
     let tcp_flags = if ip.proto == PROTO_TCP {
-        ctx.load(L4_OFF + TCP_FLAGS_OFF)
-            .map_err(|_| outcome::MALFORMED)?
+        // Data offset and flags, in one load.
+        let [offset, flags]: [u8; 2] = ctx
+            .load(L4_OFF + TCP_FLAGS_OFF - 1)
+            .map_err(|_| outcome::MALFORMED)?;
+        tcp_header_fits(offset, tot_len)?;
+        flags
     } else {
         0
     };
@@ -156,6 +160,17 @@ fn parse_flow(ctx: &TcContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<Packet, 
         dport: ports[1],
         tcp_flags,
     }))
+}
+
+/// The parser contract's TCP part, shared by every hook: the data offset (high nibble of
+/// `offset_byte`) is at least 5 words and the header lies inside the datagram of `tot_len`.
+#[inline(always)]
+pub fn tcp_header_fits(offset_byte: u8, tot_len: u32) -> Result<(), Outcome> {
+    let header = u32::from(offset_byte >> 4) * 4;
+    if header < 20 || IP_HLEN as u32 + header > tot_len {
+        return Err(outcome::MALFORMED);
+    }
+    Ok(())
 }
 
 /// Anything but TCP and UDP over option-less IPv4: ICMP errors about flows, or passed.

@@ -14,7 +14,7 @@ use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
     icmp::{self, REPLY_LEN, UnreachableBody},
-    parse::{ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
+    parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
     svc::{self, Decision},
 };
@@ -55,11 +55,17 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     let ip = (data + ETH_HLEN) as *mut Ipv4Hdr;
     // SAFETY: bounds checked above.
     let hdr = unsafe { ip.read_unaligned() };
-    if hdr.ver_ihl >> 4 != 4 {
-        return Err(outcome::NOT_IPV4);
+    // The same contract as the TC parser: version 4 with IHL >= 5 (less is malformed, more
+    // is options), total length within the frame and at least the headers.
+    if hdr.ver_ihl >> 4 != 4 || hdr.ver_ihl & 0x0f < 5 {
+        return Err(outcome::MALFORMED);
     }
     if hdr.ver_ihl != 0x45 {
         return Err(outcome::IP_OPTIONS);
+    }
+    let tot_len = u16::from_be(hdr.tot_len) as usize;
+    if data + ETH_HLEN + tot_len > end {
+        return Err(outcome::MALFORMED);
     }
     if hdr.frag_off & IP_MF_OFFSET_BE != 0 {
         return Err(outcome::FRAGMENT);
@@ -70,13 +76,14 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
         _ => return Err(outcome::OTHER_PROTOCOL),
     };
     let l4 = data + ETH_HLEN + IP_HLEN;
-    if l4 + l4_min > end || (u16::from_be(hdr.tot_len) as usize) < IP_HLEN + l4_min {
+    if l4 + l4_min > end || tot_len < IP_HLEN + l4_min {
         return Err(outcome::MALFORMED);
     }
     // SAFETY: at least `l4_min` (≥ 8) bytes of L4 header are in bounds.
     let (ports, tcp_flags) = unsafe {
         let ports = (l4 as *const [u16; 2]).read_unaligned();
         let flags = if hdr.proto == PROTO_TCP {
+            parse::tcp_header_fits(*((l4 + 12) as *const u8), tot_len as u32)?;
             *((l4 + 13) as *const u8)
         } else {
             0

@@ -426,6 +426,16 @@ fn odd_packets_pass_untouched_and_are_counted() {
         ("arp", arp, outcome::NOT_IPV4),
         ("gre", gre, outcome::OTHER_PROTOCOL),
         (
+            "tcp data offset below 5",
+            with(&|p| p[46] = 0x40),
+            outcome::MALFORMED,
+        ),
+        (
+            "tcp data offset past the datagram",
+            with(&|p| p[46] = 0xf0),
+            outcome::MALFORMED,
+        ),
+        (
             "udp header cut",
             Frame::udp(CLIENT, 1, VIP, 80).build()[..38].to_vec(),
             outcome::MALFORMED,

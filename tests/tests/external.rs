@@ -204,6 +204,15 @@ fn cluster_policy_without_endpoints_rejects_with_icmp() {
     assert_eq!(&out[42..70], &syn[14..42], "quotes the offending header");
     assert_eq!(checksum_errors(&out), Vec::<String>::new());
     assert_eq!(dp.stat(outcome::REJECT_NO_BACKEND), 1);
+    // A frame shorter than its IPv4 total length is malformed: passed, never answered.
+    let mut cut = syn.clone();
+    cut.truncate(cut.len() - 3);
+    assert_eq!(dp.run_external(&cut), (XDP_PASS, cut.clone()));
+    assert_eq!(
+        dp.stat(outcome::REJECT_NO_BACKEND),
+        1,
+        "no ICMP for a cut frame"
+    );
 }
 
 #[test]
@@ -278,12 +287,30 @@ fn other_traffic_passes_untouched_and_is_counted() {
     let icmp = Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
     let mut icmp = icmp;
     icmp[23] = PROTO_ICMP;
+    // The parser contract every hook shares (the NodePort here has a backend, so any
+    // packet let through would be translated, not passed).
+    let to_nodeport = || Frame::tcp(OUTSIDER, 1, NODE_A, 30080, SYN).build();
+    let with = |change: &dyn Fn(&mut Vec<u8>)| {
+        let mut frame = to_nodeport();
+        change(&mut frame);
+        frame
+    };
+    let cut_below_total_length = with(&|f| f.truncate(f.len() - 3));
+    let ihl_below_5 = with(&|f| f[14] = 0x44);
+    let version_6 = with(&|f| f[14] = 0x65);
+    let tcp_offset_below_5 = with(&|f| f[46] = 0x40);
+    let tcp_offset_past_datagram = with(&|f| f[46] = 0xf0);
     for (frame, counter) in [
         (arp, outcome::NOT_IPV4),
         (fragment, outcome::FRAGMENT),
         (options, outcome::IP_OPTIONS),
         (short, outcome::MALFORMED),
         (icmp, outcome::OTHER_PROTOCOL),
+        (cut_below_total_length, outcome::MALFORMED),
+        (ihl_below_5, outcome::MALFORMED),
+        (version_6, outcome::MALFORMED),
+        (tcp_offset_below_5, outcome::MALFORMED),
+        (tcp_offset_past_datagram, outcome::MALFORMED),
     ] {
         let before = dp.stat(counter);
         assert_eq!(dp.run_external(&frame), (XDP_PASS, frame.clone()));
