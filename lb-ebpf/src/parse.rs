@@ -192,6 +192,11 @@ fn parse_other(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Packet, Outcome> {
             ) {
                 return Err(outcome::PASS_NOT_SERVICE);
             }
+            // The quoted IPv4 header and the 8 bytes of L4 translated below must lie inside
+            // this datagram, not in what follows it in the frame.
+            if tot_len < (INNER_L4_OFF + 8 - IP_OFF) as u32 {
+                return Err(outcome::MALFORMED);
+            }
             let inner_ip = load_ipv4(ctx, INNER_IP_OFF)?;
             if !matches!(inner_ip.proto, PROTO_TCP | PROTO_UDP) {
                 return Err(outcome::PASS_NOT_SERVICE);

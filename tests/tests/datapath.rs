@@ -356,6 +356,18 @@ fn icmp_errors_about_nated_flows_are_translated() {
     let other = Frame::udp(CLIENT, 5999, "10.244.1.2", 5353).build();
     let err = icmp_error("10.244.1.2", CLIENT, 3, 3, &other);
     assert_eq!(dp.run(Hook::ToPod, &err), (PASS, err.clone()));
+
+    // A quote lying past the outer datagram's total length (in trailing frame bytes) is
+    // malformed: passed untouched, never translated from fixed offsets.
+    let mut beyond = icmp_error("10.244.1.2", CLIENT, 3, 3, &dnated);
+    let total = u16::from_be_bytes([beyond[16], beyond[17]]) - 16;
+    beyond[16..18].copy_from_slice(&total.to_be_bytes());
+    beyond[24..26].copy_from_slice(&[0, 0]);
+    let header = xlb_tests::packet::checksum(&beyond[14..34]);
+    beyond[24..26].copy_from_slice(&header.to_be_bytes());
+    let malformed = dp.stat(outcome::MALFORMED);
+    assert_eq!(dp.run(Hook::ToPod, &beyond), (PASS, beyond.clone()));
+    assert_eq!(dp.stat(outcome::MALFORMED), malformed + 1);
 }
 
 #[test]
