@@ -100,8 +100,9 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMP: u8 = 1;
 
-/// Most backends one service port can have (slots 1..=MAX_BACKENDS).
-pub const MAX_BACKENDS: u16 = 4096;
+/// Most backends one service port can have (slots 1..=MAX_BACKENDS): above the 5,000 pods
+/// behind one Service of Kubernetes' scalability thresholds, and slots are u16.
+pub const MAX_BACKENDS: u16 = 16_384;
 
 /// `SERVICES` key: one frontend (VIP, port, protocol) and a slot.
 ///

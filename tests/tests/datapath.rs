@@ -747,3 +747,31 @@ fn an_evicted_reply_entry_comes_back_with_the_flows_next_window() {
     });
     assert!(throttled, "looked up again in the same window");
 }
+
+/// A Service port with 5,000 endpoints (Kubernetes' scalability threshold): one frontend
+/// holds them all, and new flows reach slots past the old 4,096 limit.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_frontend_with_five_thousand_backends() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let addresses: Vec<String> = (0..5000u32)
+        .map(|i| Ipv4Addr::from(0x0af4_0000 + i).to_string())
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u32 + 1, a.as_str(), 8080))
+        .collect();
+    dp.service(PROTO_TCP, 80, &backends, 0);
+    let mut past_old_limit = 0;
+    for port in 0..200u16 {
+        let syn = Frame::tcp(CLIENT, 20_000 + port, VIP, 80, SYN).build();
+        let (verdict, out) = dp.run(Hook::FromPod, &syn);
+        assert_eq!(verdict, TC_ACT_OK);
+        let index = u32::from(view(&out).dst) - 0x0af4_0000;
+        assert!(index < 5000, "a programmed backend");
+        past_old_limit += usize::from(index >= 4096);
+    }
+    assert!(past_old_limit > 0, "no new flow reached a slot past 4,096");
+}

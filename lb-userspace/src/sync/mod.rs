@@ -286,6 +286,12 @@ impl Syncer {
         };
         let endpoints = if spec.endpoints.len() > MAX_BACKENDS as usize {
             report.truncated += 1;
+            log::warn!(
+                "service {}: {} endpoints, more than one frontend holds; {frontend} gets the \
+                 first {MAX_BACKENDS}",
+                spec.service,
+                spec.endpoints.len()
+            );
             &spec.endpoints[..MAX_BACKENDS as usize]
         } else {
             &spec.endpoints[..]
