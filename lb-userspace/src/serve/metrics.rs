@@ -189,6 +189,17 @@ impl Scrape<'_> {
         }
         // A gauge of 1 rather than an OpenMetrics info: the labels stay in frontend, service,
         // scheduler order, like every other per-frontend family.
+        let mut rejected = enc.encode_descriptor(
+            "xlb_objects_rejected",
+            "Objects and fields refused by validation (as the API server would), by kind and \
+             reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((kind, reason), count) in crate::source::validate::rejected_counts() {
+            ConstCounter::new(count)
+                .encode(rejected.encode_family(&[("kind", kind), ("reason", reason)])?)?;
+        }
         let mut info = enc.encode_descriptor(
             "xlb_frontend_info",
             "One per frontend, with its Service and algorithm.",

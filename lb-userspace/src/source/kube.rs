@@ -30,7 +30,10 @@ use kube::{
     },
 };
 
-use super::compact::Compact;
+use super::{
+    compact::Compact,
+    validate::{self, Validate},
+};
 use crate::{agent::wake::Wake, translate::Objects};
 
 /// The zone label kube-proxy reads from its Node for topology hints.
@@ -241,6 +244,7 @@ async fn watch<K>(
 ) where
     K: kube::Resource<DynamicType = ()>
         + Compact
+        + Validate
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -252,7 +256,10 @@ async fn watch<K>(
     let mut events = std::pin::pin!(
         watcher(api, config)
             .default_backoff()
-            .modify(K::compact)
+            .modify(|object| {
+                validate::check(object, "the API");
+                object.compact();
+            })
             .reflect(writer)
     );
     let mut failing = false;

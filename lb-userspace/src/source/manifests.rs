@@ -14,13 +14,23 @@ use k8s_openapi::api::{
 };
 use serde::de::DeserializeOwned;
 
-use super::compact::Compact;
+use super::{
+    compact::Compact,
+    validate::{self, Validate},
+};
 use crate::translate::Objects;
 
 /// An object as it is kept: compacted and shared.
 fn compacted<T: Compact>(mut object: T) -> Arc<T> {
     object.compact();
     Arc::new(object)
+}
+
+/// A Service or EndpointSlice as it is kept: validated as the API server would (refusals
+/// reported with the file), compacted and shared.
+fn admitted<T: Compact + Validate + kube::Resource>(mut object: T, path: &Path) -> Arc<T> {
+    validate::check(&mut object, &path.display().to_string());
+    compacted(object)
 }
 
 /// A file that could not be used, with where in it.
@@ -153,8 +163,8 @@ fn parse_yaml(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
     for (document, header) in documents.into_iter().zip(&headers) {
         let line = header.defined.line() as usize;
         match document {
-            Document::Service(service) => objects.services.push(compacted(*service)),
-            Document::EndpointSlice(slice) => objects.slices.push(compacted(*slice)),
+            Document::Service(service) => objects.services.push(admitted(*service, path)),
+            Document::EndpointSlice(slice) => objects.slices.push(admitted(*slice, path)),
             Document::Node(node) => objects.nodes.push(compacted(*node)),
             Document::List(items) => {
                 for (i, item) in items.into_iter().enumerate() {
@@ -182,12 +192,14 @@ fn parse_json(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
     let value: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
     let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
     match kind_of(field("apiVersion"), field("kind")) {
-        Kind::Service => objects
-            .services
-            .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
-        Kind::EndpointSlice => objects
-            .slices
-            .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
+        Kind::Service => objects.services.push(admitted::<Service>(
+            serde_json::from_str(text).map_err(json_error)?,
+            path,
+        )),
+        Kind::EndpointSlice => objects.slices.push(admitted::<EndpointSlice>(
+            serde_json::from_str(text).map_err(json_error)?,
+            path,
+        )),
         Kind::Node => objects
             .nodes
             .push(compacted(serde_json::from_str(text).map_err(json_error)?)),
@@ -229,10 +241,11 @@ fn add_list_item(
     match kind_of(field("apiVersion"), field("kind")) {
         Kind::Service => objects
             .services
-            .push(compacted(typed::<Service>(item, index, line, path)?)),
-        Kind::EndpointSlice => objects
-            .slices
-            .push(compacted(typed::<EndpointSlice>(item, index, line, path)?)),
+            .push(admitted(typed::<Service>(item, index, line, path)?, path)),
+        Kind::EndpointSlice => objects.slices.push(admitted(
+            typed::<EndpointSlice>(item, index, line, path)?,
+            path,
+        )),
         Kind::Node => objects
             .nodes
             .push(compacted(typed::<Node>(item, index, line, path)?)),
@@ -270,6 +283,8 @@ pub struct Rescan {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, LoadedFile>,
+    /// Entries that could not be followed (a symlink loop, a dangling link), reported once.
+    unreadable: std::collections::BTreeSet<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +308,7 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            unreadable: std::collections::BTreeSet::new(),
         }
     }
 
@@ -307,6 +323,8 @@ impl ManifestDir {
             source,
         };
         let mut seen = BTreeMap::new();
+        let mut result = Rescan::default();
+        let mut unreadable = std::collections::BTreeSet::new();
         for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
@@ -314,8 +332,20 @@ impl ManifestDir {
                 continue;
             }
             // Follow symlinks (ConfigMap mounts are symlink farms).
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    if !self.unreadable.contains(&path) {
+                        result.errors.push(ManifestError {
+                            path: path.clone(),
+                            line: 0,
+                            column: 0,
+                            message: format!("cannot follow: {e}; skipped"),
+                        });
+                    }
+                    unreadable.insert(path);
+                    continue;
+                }
             };
             if meta.is_file() {
                 let stamp = Stamp {
@@ -327,7 +357,7 @@ impl ManifestDir {
                 seen.insert(path, stamp);
             }
         }
-        let mut result = Rescan::default();
+        self.unreadable = unreadable;
         let before = self.files.len();
         self.files.retain(|path, _| seen.contains_key(path));
         result.changed |= self.files.len() != before;
@@ -471,5 +501,59 @@ mod tests {
             ManifestDir::new(&dir).rescan().is_err(),
             "missing dir is an error"
         );
+    }
+
+    #[test]
+    fn a_symlink_loop_is_reported_once_and_the_rest_still_read() {
+        let dir = std::env::temp_dir().join(format!("xlb-manifests-loop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        std::os::unix::fs::symlink(dir.join("b.yaml"), dir.join("a.yaml")).expect("link");
+        std::os::unix::fs::symlink(dir.join("a.yaml"), dir.join("b.yaml")).expect("link");
+        let good = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        std::fs::write(dir.join("c.yaml"), good).expect("write");
+        let mut md = ManifestDir::new(&dir);
+        let r = md.rescan().expect("scan");
+        assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+        assert!(
+            r.errors.iter().all(|e| e.message.contains("cannot follow")),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(md.objects().services.len(), 1);
+        assert!(
+            md.rescan().expect("scan").errors.is_empty(),
+            "reported once"
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn invalid_objects_from_the_issue_are_refused_or_trimmed() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: zero, namespace: shop}\n\
+                    spec: {clusterIP: 10.96.0.1, ports: [{name: a, port: 0}, {name: b, port: 80}]}\n---\n\
+                    apiVersion: v1\nkind: Service\nmetadata: {name: neg, namespace: shop}\n\
+                    spec: {clusterIP: 10.96.0.2, sessionAffinity: ClientIP, \
+                    sessionAffinityConfig: {clientIP: {timeoutSeconds: -1}}, ports: [{port: 80}]}\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                    metadata: {name: zero-1, namespace: shop, labels: {kubernetes.io/service-name: zero}}\n\
+                    addressType: IPv4\nports: [{name: b, port: 70000}, {name: b, port: 8080}]\n\
+                    endpoints: [{addresses: ['::1']}, {addresses: [10.244.1.300]}, {addresses: [10.244.1.2]}]\n";
+        let objects = parse_file_text(text, Path::new("/m/bad.yaml"), false).expect("parses");
+        let zero = &objects.services[0];
+        let ports = zero
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .map(Vec::len);
+        assert_eq!(ports, Some(1), "port 0 dropped, port 80 kept");
+        assert!(
+            objects.services[1].spec.is_none(),
+            "negative timeoutSeconds: refused"
+        );
+        let slice = &objects.slices[0];
+        assert_eq!(slice.endpoints.len(), 1);
+        assert_eq!(slice.ports.as_ref().map(Vec::len), Some(1));
+        let t = crate::translate::translate(&objects, &Default::default());
+        assert_eq!(t.desired.len(), 1, "{:?}", t.desired.keys());
     }
 }

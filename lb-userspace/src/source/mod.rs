@@ -3,6 +3,7 @@ pub mod compact;
 pub mod events;
 pub mod kube;
 pub mod manifests;
+pub mod validate;
 
 use std::time::Duration;
 
