@@ -30,11 +30,13 @@ pub mod map_names {
     /// The network namespace cookie of the host (the agent's): the socket hooks balance
     /// only sockets of that namespace; pods' sockets are balanced per packet on TC.
     pub const HOST_NETNS: &str = "XLB_HOST_NETNS";
+    /// The node's conntrack lifetimes (one [`CtTimeouts`]).
+    pub const CT_TIMEOUTS: &str = "XLB_CT_TIMEOUTS";
     /// Service id → the Service port it serves ("namespace/name:port"), for the read
     /// commands (`xlb services`, `xlb explain`); the programs never read it.
     pub const SERVICE_NAMES: &str = "XLB_SVC_NAMES";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -52,6 +54,7 @@ pub mod map_names {
         POD_IFACES,
         HOST_NETNS,
         SERVICE_NAMES,
+        CT_TIMEOUTS,
     ];
 }
 
@@ -335,18 +338,47 @@ pub mod ct_lifetime {
     pub const OTHER_S: u64 = 60;
 }
 
-/// How long an entry lives after its last packet, from its protocol and flags.
+/// How long an entry lives after its last packet with the default lifetimes.
 pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
-    let seconds = if proto != PROTO_TCP {
-        ct_lifetime::OTHER_S
-    } else if flags & CT_FLAG_CLOSING != 0 {
-        ct_lifetime::TCP_CLOSING_S
-    } else if flags & CT_FLAG_ESTABLISHED != 0 {
-        ct_lifetime::TCP_ESTABLISHED_S
-    } else {
-        ct_lifetime::TCP_SYN_S
+    CtTimeouts::DEFAULT.lifetime_ns(proto, flags)
+}
+
+/// `CT_TIMEOUTS` value: the node's conntrack lifetimes in seconds (kube-proxy's
+/// `conntrack` settings); 0 means the default of [`ct_lifetime`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtTimeouts {
+    pub tcp_syn_s: u32,
+    pub tcp_established_s: u32,
+    pub tcp_closing_s: u32,
+    /// UDP (and every other protocol).
+    pub other_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 16);
+
+impl CtTimeouts {
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn_s: ct_lifetime::TCP_SYN_S as u32,
+        tcp_established_s: ct_lifetime::TCP_ESTABLISHED_S as u32,
+        tcp_closing_s: ct_lifetime::TCP_CLOSING_S as u32,
+        other_s: ct_lifetime::OTHER_S as u32,
     };
-    seconds * 1_000_000_000
+
+    /// How long an entry lives after its last packet, from its protocol and flags.
+    #[inline(always)]
+    pub const fn lifetime_ns(&self, proto: u8, flags: u16) -> u64 {
+        let (set, default) = if proto != PROTO_TCP {
+            (self.other_s, ct_lifetime::OTHER_S)
+        } else if flags & CT_FLAG_CLOSING != 0 {
+            (self.tcp_closing_s, ct_lifetime::TCP_CLOSING_S)
+        } else if flags & CT_FLAG_ESTABLISHED != 0 {
+            (self.tcp_established_s, ct_lifetime::TCP_ESTABLISHED_S)
+        } else {
+            (self.tcp_syn_s, ct_lifetime::TCP_SYN_S)
+        };
+        let seconds = if set == 0 { default } else { set as u64 };
+        seconds * 1_000_000_000
+    }
 }
 
 /// `AFFINITY` key: client and service port.
@@ -394,6 +426,7 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::ServiceName {}
+    unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockFrontend {}
 }

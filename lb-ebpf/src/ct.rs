@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtValue, NodeConfig, Outcome, PROTO_TCP, ct_lifetime_ns, outcome,
+    CtValue, NodeConfig, Outcome, PROTO_TCP, outcome,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -15,7 +15,10 @@ const TCP_ACK: u8 = 0x10;
 /// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
 const SNAT_TRIES: u32 = 16;
 
-use crate::{maps::CONNTRACK, parse::Flow};
+use crate::{
+    maps::{CONNTRACK, CT_TIMEOUTS},
+    parse::Flow,
+};
 
 /// How a flow is translated besides DNAT.
 #[derive(Clone, Copy)]
@@ -259,7 +262,8 @@ pub fn tcp_flags_update(flow: &Flow, flags: u16) -> u16 {
 /// True if the entry outlived its lifetime: the flow is over, a new one may reuse the tuple.
 #[inline(always)]
 pub fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) > ct_lifetime_ns(proto, entry.flags)
+    let timeouts = CT_TIMEOUTS.get(0).copied().unwrap_or_default();
+    now.saturating_sub(entry.last_seen_ns) > timeouts.lifetime_ns(proto, entry.flags)
 }
 
 /// Bumps an entry's last-seen time, TCP state and counters; returns the new flags.

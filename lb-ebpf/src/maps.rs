@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAGLEV_DEFAULT_SIZE, NodeConfig,
-    ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter,
-    map_sizes, outcome,
+    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MAGLEV_DEFAULT_SIZE,
+    NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey,
+    TrafficCounter, map_sizes, outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -78,6 +78,10 @@ pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "XLB_SVC_NAMES")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> =
     HashMap::with_max_entries(map_sizes::SERVICE_STATS, BPF_F_NO_PREALLOC);
+
+/// The node's conntrack lifetimes (zeros: the defaults), written by the agent at start.
+#[map(name = "XLB_CT_TIMEOUTS")]
+pub static CT_TIMEOUTS: Array<CtTimeouts> = Array::with_max_entries(1, 0);
 
 /// Node-wide settings, written by the agent at start.
 #[map(name = "XLB_CONFIG")]

@@ -775,3 +775,38 @@ fn a_frontend_with_five_thousand_backends() {
     }
     assert!(past_old_limit > 0, "no new flow reached a slot past 4,096");
 }
+
+/// The node's conntrack lifetimes (kube-proxy's conntrack settings) replace the defaults.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn conntrack_lifetimes_follow_the_node_setting() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    {
+        let mut timeouts: aya::maps::Array<_, lb_common::CtTimeouts> =
+            aya::maps::Array::try_from(dp.ebpf.map_mut(map_names::CT_TIMEOUTS).expect("map"))
+                .expect("map type");
+        let udp_5s = lb_common::CtTimeouts {
+            other_s: 5,
+            ..Default::default()
+        };
+        timeouts.set(0, udp_5s, 0).expect("set");
+    }
+    dp.service(PROTO_UDP, 53, &[(1, "10.244.1.1", 53)], 0);
+    dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    dp.service(PROTO_UDP, 53, &[(2, "10.244.2.2", 53)], 0);
+    dp.age_conntrack(4);
+    let (_, out) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.1.1",
+        "4 s idle: same flow"
+    );
+    dp.age_conntrack(6);
+    let (_, out) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
+    assert_eq!(
+        view(&out).dst.to_string(),
+        "10.244.2.2",
+        "6 s idle with a 5 s UDP lifetime (default 60 s): a new flow"
+    );
+}

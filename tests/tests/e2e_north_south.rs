@@ -502,7 +502,7 @@ fn cluster_ips_from_outside_are_masqueraded_with_kube_proxys_cluster_cidr() {
     require_privileges();
     let site = Site::with_config(Some(
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-         clusterCIDR: 10.244.0.0/16\nmode: nftables\nconntrack: {udpTimeout: 30s}\n",
+         clusterCIDR: 10.244.0.0/16\nmode: nftables\nconntrack: {udpTimeout: 30s, maxPerCore: 0}\n",
     ));
     site.client
         .ip(&["route", "add", "10.96.0.10", "via", NODE1])
@@ -517,7 +517,8 @@ fn cluster_ips_from_outside_are_masqueraded_with_kube_proxys_cluster_cidr() {
     assert_eq!(backends.len(), 2, "both nodes' backends: {seen:?}");
     let log = site.nodes[0].log();
     assert!(
-        log.contains("kube-proxy configuration: mode nftables") && log.contains("conntrack"),
+        log.contains("kube-proxy configuration: mode nftables")
+            && log.contains("conntrack.maxPerCore"),
         "{log}"
     );
 }

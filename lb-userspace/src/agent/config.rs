@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub masquerade_outside: bool,
     /// What the kube-proxy configuration file had that xlb does not use.
     pub ignored_settings: Vec<String>,
+    /// Connection-tracking lifetimes (kube-proxy's conntrack settings; zeros: defaults).
+    pub ct_timeouts: lb_common::CtTimeouts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,7 @@ impl AgentConfig {
         let mut node_port_cidrs = Vec::new();
         let mut masquerade_outside = false;
         let mut ignored_settings = Vec::new();
+        let mut ct_timeouts = lb_common::CtTimeouts::default();
         if let Some(path) = &args.config {
             let file = kube_proxy_config::read(path)?;
             if let Some(s) = file.scheduler.filter(|_| !given("scheduler")) {
@@ -110,6 +113,7 @@ impl AgentConfig {
                 args.node_name = Some(n);
             }
             node_port_cidrs = file.node_port_cidrs;
+            ct_timeouts = file.ct_timeouts;
             masquerade_outside = file.cluster_cidr.is_some() || file.masquerade_all;
             if file.masquerade_all {
                 ignored_settings.push(
@@ -158,6 +162,7 @@ impl AgentConfig {
             node_port_cidrs,
             masquerade_outside,
             ignored_settings,
+            ct_timeouts,
         })
     }
 }
@@ -244,7 +249,7 @@ mod tests {
         );
         assert!(c.masquerade_outside);
         assert_eq!(c.node_port_cidrs.len(), 1);
-        assert!(c.ignored_settings.iter().any(|i| i.contains("conntrack")));
+        assert_eq!(c.ct_timeouts.other_s, 30, "conntrack.udpTimeout");
         // Flags on the command line win over the file.
         let c = args(&["--scheduler", "maglev", "--node-name", "flag-node"]);
         assert_eq!(

@@ -50,6 +50,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
     let mut ebpf = load::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
+    // Before anything is programmed: the lifetimes every flow is judged by.
+    maps.set_ct_timeouts(&config.ct_timeouts)
+        .context("writing the conntrack lifetimes")?;
     if let Some(cgroup) = &config.cgroup {
         // Before the hooks attach: they must know which sockets are the host's.
         let cookie = maps

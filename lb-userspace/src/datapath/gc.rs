@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtValue, ct_lifetime_ns,
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtTimeouts, CtValue,
 };
 
 /// A backend added after the live set was read is missing from it: flows and affinities
@@ -17,12 +17,13 @@ pub const LIVE_SET_GRACE_NS: u64 = 1_000_000_000;
 pub fn stale_flows(
     entries: impl IntoIterator<Item = (CtKey, CtValue)>,
     live_backends: &BTreeSet<u32>,
+    timeouts: &CtTimeouts,
     now_ns: u64,
 ) -> Vec<CtKey> {
     entries
         .into_iter()
         .filter(|(key, value)| {
-            now_ns.saturating_sub(value.last_seen_ns) > ct_lifetime_ns(key.proto, value.flags)
+            now_ns.saturating_sub(value.last_seen_ns) > timeouts.lifetime_ns(key.proto, value.flags)
                 || (!live_backends.contains(&value.backend_id)
                     && value.created_ns.saturating_add(LIVE_SET_GRACE_NS) < now_ns)
         })
@@ -35,6 +36,7 @@ pub fn stale_flows(
 pub fn open_flows(
     entries: impl IntoIterator<Item = (CtKey, CtValue)>,
     live_backends: &BTreeSet<u32>,
+    timeouts: &CtTimeouts,
     now_ns: u64,
 ) -> BTreeMap<u32, u64> {
     let mut open = BTreeMap::new();
@@ -42,7 +44,7 @@ pub fn open_flows(
         let idle = now_ns.saturating_sub(value.last_seen_ns);
         if key.dir == CT_FORWARD
             && value.flags & CT_FLAG_CLOSING == 0
-            && idle <= ct_lifetime_ns(key.proto, value.flags)
+            && idle <= timeouts.lifetime_ns(key.proto, value.flags)
             && live_backends.contains(&value.backend_id)
         {
             *open.entry(value.backend_id).or_insert(0) += 1;
@@ -124,7 +126,7 @@ mod tests {
                 young
             },
         ];
-        let stale: Vec<u32> = stale_flows(entries, &live, now)
+        let stale: Vec<u32> = stale_flows(entries, &live, &CtTimeouts::DEFAULT, now)
             .iter()
             .map(|k| k.src)
             .collect();
@@ -175,7 +177,7 @@ mod tests {
             flow(6, PROTO_TCP, CT_FLAG_ESTABLISHED, 9, 0, now),  // backend gone
             reverse,                                             // the other direction
         ];
-        let open = open_flows(entries, &live, now);
+        let open = open_flows(entries, &live, &CtTimeouts::DEFAULT, now);
         assert_eq!(open, [(1, 2), (2, 1)].into());
     }
 }

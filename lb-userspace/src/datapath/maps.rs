@@ -4,8 +4,9 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtValue, NodeConfig, ServiceKey,
-    ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter, map_names,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, NodeConfig,
+    ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter,
+    map_names,
 };
 
 use crate::{
@@ -77,6 +78,7 @@ pub struct PinnedMaps {
     pub node_ips: HashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub host_netns: Array<MapData, u64>,
+    pub ct_timeouts: Array<MapData, CtTimeouts>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
@@ -116,6 +118,7 @@ impl PinnedMaps {
             node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
             config: typed!(layout, map_names::CONFIG, Array),
             host_netns: typed!(layout, map_names::HOST_NETNS, Array),
+            ct_timeouts: typed!(layout, map_names::CT_TIMEOUTS, Array),
             service_names: typed!(layout, map_names::SERVICE_NAMES, HashMap),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
@@ -185,6 +188,20 @@ impl PinnedMaps {
         Ok(cookie)
     }
 
+    /// The node's conntrack lifetimes (the defaults where unset).
+    pub fn ct_timeouts(&self) -> CtTimeouts {
+        self.ct_timeouts.get(&0, 0).unwrap_or_default()
+    }
+
+    pub fn set_ct_timeouts(&mut self, timeouts: &CtTimeouts) -> Result<(), MapsError> {
+        self.ct_timeouts
+            .set(0, timeouts, 0)
+            .map_err(|source| MapsError::Write {
+                map: map_names::CT_TIMEOUTS,
+                source,
+            })
+    }
+
     /// The Service port a service id serves, as the agent recorded it.
     pub fn service_name(&self, service_id: u32) -> Option<String> {
         self.service_names
@@ -222,7 +239,8 @@ impl PinnedMaps {
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
         let affinities: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
         let mut removed = 0;
-        for key in crate::datapath::gc::stale_flows(flows, &live, now_ns) {
+        let timeouts = self.ct_timeouts();
+        for key in crate::datapath::gc::stale_flows(flows, &live, &timeouts, now_ns) {
             removed += usize::from(self.conntrack.remove(&key).is_ok());
         }
         let mut affinity_left = affinities.len();
@@ -235,7 +253,7 @@ impl PinnedMaps {
         // datapath cannot see (expiry without FIN, LRU eviction, UDP).
         let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
         let conntrack_left = flows.len();
-        let open = crate::datapath::gc::open_flows(flows, &live, now_ns);
+        let open = crate::datapath::gc::open_flows(flows, &live, &timeouts, now_ns);
         let counted: std::collections::BTreeMap<u32, u64> =
             self.connections.iter().filter_map(Result::ok).collect();
         for id in counted.keys().filter(|id| !open.contains_key(id)) {

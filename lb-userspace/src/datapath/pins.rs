@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 17] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 18] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -82,6 +82,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 17] = {
         (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS, Hash),
         (map_names::CONFIG, 4, size_of::<NodeConfig>(), 1, Array),
         (map_names::HOST_NETNS, 4, 8, 1, Array),
+        (map_names::CT_TIMEOUTS, 4, size_of::<CtTimeouts>(), 1, Array),
         (
             map_names::SERVICE_NAMES,
             4,

@@ -4,6 +4,8 @@
 //! field is reported once as ignored, naming it.
 use std::{net::SocketAddr, path::Path};
 
+use lb_common::CtTimeouts;
+
 use crate::model::{Ipv4Net, Scheduler};
 
 /// What xlb takes from a `KubeProxyConfiguration`.
@@ -22,6 +24,9 @@ pub struct KubeProxySettings {
     pub healthz_addr: Option<SocketAddr>,
     /// `hostnameOverride`: this node's name.
     pub node_name: Option<String>,
+    /// `conntrack.tcpEstablishedTimeout`, `tcpCloseWaitTimeout`, `udpTimeout` as xlb's own
+    /// connection-tracking lifetimes (0: xlb's default).
+    pub ct_timeouts: CtTimeouts,
     /// Fields present but not used, with why (reported by the agent at start).
     pub ignored: Vec<String>,
 }
@@ -74,6 +79,35 @@ fn bind_address(value: &str) -> Result<Option<SocketAddr>, String> {
     full.parse()
         .map(Some)
         .map_err(|_| format!("{value:?} is not IP:PORT or :PORT"))
+}
+
+/// A Go duration ("24h0m0s", "1m30s", "500ms") in whole seconds, saturating at u32::MAX.
+fn go_duration_s(text: &str) -> Result<u32, String> {
+    let bad = || format!("{text:?} is not a duration (e.g. 24h0m0s, 30s)");
+    let mut total_ms: u64 = 0;
+    let mut rest = text.trim();
+    if rest == "0" {
+        return Ok(0);
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        total_ms = total_ms.saturating_add(value.saturating_mul(unit_ms));
+        rest = &rest[len..];
+    }
+    Ok(u32::try_from(total_ms / 1_000).unwrap_or(u32::MAX))
 }
 
 /// IPVS scheduler names → xlb's algorithms.
@@ -163,12 +197,26 @@ pub fn parse(text: &str, path: &str) -> Result<KubeProxySettings, ConfigFileErro
             "hostnameOverride" => {
                 out.node_name = Some(text_of(v)).filter(|n| !n.is_empty());
             }
-            "conntrack" => out.ignored.push(
-                "conntrack: xlb's connection tracking keeps its own lifetimes (60 s UDP and \
-                 handshakes, 6 h established TCP, 10 s after FIN/RST) and touches no \
-                 netfilter sysctl"
-                    .into(),
-            ),
+            "conntrack" => {
+                for (key, setting) in v.as_object().into_iter().flatten() {
+                    let seconds = |setting: &serde_json::Value| match setting.as_str() {
+                        None => Ok(0),
+                        Some(text) => go_duration_s(text)
+                            .map_err(|e| field_err(&format!("conntrack.{key}"), e)),
+                    };
+                    match key.as_str() {
+                        "tcpEstablishedTimeout" => {
+                            out.ct_timeouts.tcp_established_s = seconds(setting)?
+                        }
+                        "tcpCloseWaitTimeout" => out.ct_timeouts.tcp_closing_s = seconds(setting)?,
+                        "udpTimeout" => out.ct_timeouts.other_s = seconds(setting)?,
+                        other => out.ignored.push(format!(
+                            "conntrack.{other}: xlb's connection tracking is its own (a \
+                             fixed-size LRU table, no netfilter sysctl)"
+                        )),
+                    }
+                }
+            }
             "mode" => out.ignored.push(format!(
                 "mode {}: xlb replaces every kube-proxy mode",
                 v.as_str().unwrap_or("(empty)")
@@ -193,7 +241,9 @@ clientConnection:
 clusterCIDR: 10.244.0.0/16
 conntrack:
   maxPerCore: null
-  tcpEstablishedTimeout: null
+  tcpEstablishedTimeout: 24h0m0s
+  tcpCloseWaitTimeout: 1h0m0s
+  udpTimeout: 30s
 healthzBindAddress: ""
 hostnameOverride: ""
 ipvs:
@@ -213,10 +263,22 @@ nodePortAddresses: ["192.168.0.0/16", "fd00::/64"]
         assert_eq!(s.healthz_addr, None, "empty means kube-proxy's default");
         assert_eq!(s.node_name, None);
         assert_eq!(s.node_port_cidrs, ["192.168.0.0/16".parse().expect("cidr")]);
+        assert_eq!(
+            s.ct_timeouts,
+            CtTimeouts {
+                tcp_syn_s: 0,
+                tcp_established_s: 86_400,
+                tcp_closing_s: 3_600,
+                other_s: 30,
+            }
+        );
+        assert_eq!(go_duration_s("1m30s"), Ok(90));
+        assert_eq!(go_duration_s("500ms"), Ok(0));
+        assert!(go_duration_s("1 day").is_err());
         for field in [
             "bindAddress",
             "clientConnection",
-            "conntrack",
+            "conntrack.maxPerCore",
             "mode ipvs",
             "fd00::/64",
         ] {

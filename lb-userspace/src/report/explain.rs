@@ -4,10 +4,10 @@
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::{
-    CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CtKey, CtValue, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, VIP_ANY_NODE_IP, client_hash, ct_lifetime_ns, flow_hash, scheduler,
-    scheduler_of,
+    CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CtKey, CtTimeouts, CtValue,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, VIP_ANY_NODE_IP, client_hash, flow_hash,
+    scheduler, scheduler_of,
 };
 use serde::Serialize;
 
@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub maglev: Option<Vec<u32>>,
     pub node_ips: Vec<Ipv4Addr>,
     pub snat_addr: Option<Ipv4Addr>,
+    /// The node's conntrack lifetimes.
+    pub timeouts: CtTimeouts,
     pub now_ns: u64,
 }
 
@@ -171,7 +173,7 @@ fn tracked_flow(q: &Query, s: &Snapshot, steps: &mut Vec<String>) -> Option<Expl
         return None;
     };
     let idle = s.now_ns.saturating_sub(ct.last_seen_ns);
-    let expired = idle > ct_lifetime_ns(q.proto.number(), ct.flags);
+    let expired = idle > s.timeouts.lifetime_ns(q.proto.number(), ct.flags);
     let state = if ct.flags & CT_FLAG_CLOSING != 0 {
         "closing"
     } else {
@@ -386,6 +388,7 @@ fn translation(
 pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
     let mut s = Snapshot {
         now_ns: crate::datapath::clock::monotonic_ns(),
+        timeouts: maps.ct_timeouts(),
         ..Default::default()
     };
     s.node_ips = maps
