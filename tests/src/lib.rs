@@ -6,6 +6,8 @@ pub mod cgroups;
 pub mod cluster;
 #[cfg(feature = "datapath")]
 pub mod datapath;
+#[cfg(feature = "datapath")]
+pub mod fuzz;
 pub mod lan;
 pub mod manifests;
 pub mod netns;

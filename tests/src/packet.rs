@@ -118,6 +118,51 @@ pub fn checksum_errors(frame: &[u8]) -> Vec<String> {
     errors
 }
 
+/// Whether `frame` is Ethernet + option-less IPv4 + a whole TCP/UDP/ICMP header inside its
+/// total length, so that [`checksum_errors`] and [`fix_checksums`] can read it.
+pub fn well_formed(frame: &[u8]) -> bool {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] != 0x45 {
+        return false;
+    }
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let l4_min = match frame[23] {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_ICMP => 8,
+        _ => return false,
+    };
+    tot >= 20 + l4_min && 14 + tot <= frame.len()
+}
+
+/// Recomputes the IPv4 header and L4 (TCP, UDP, ICMP) checksums of a [`well_formed`] frame;
+/// leaves other frames alone.
+pub fn fix_checksums(frame: &mut [u8]) {
+    if !well_formed(frame) {
+        return;
+    }
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let (src, dst): ([u8; 4], [u8; 4]) = (
+        frame[26..30].try_into().expect("4 bytes"),
+        frame[30..34].try_into().expect("4 bytes"),
+    );
+    let proto = frame[23];
+    let seg = &mut frame[34..14 + tot];
+    let at = match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    };
+    seg[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = if proto == PROTO_ICMP {
+        checksum(seg)
+    } else {
+        l4_checksum(src, dst, proto, seg)
+    };
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
 /// Builder for Ethernet + IPv4 + TCP/UDP frames with valid checksums.
 #[derive(Debug, Clone)]
 pub struct Frame {

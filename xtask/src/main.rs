@@ -35,6 +35,15 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// The packet fuzzer at any size (root): mutated packets through every packet program.
+    Fuzz {
+        /// Packets (each runs through TC from-pod, TC to-pod and XDP).
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed of the mutations (the same seed replays the same packets).
+        #[arg(long, default_value_t = 0x786c_6221)]
+        seed: u64,
+    },
     /// Benchmarks: xlb against kube-proxy's iptables and nftables rulesets (root).
     Bench {
         /// Every scenario at the smallest scale (under two minutes).
@@ -49,6 +58,29 @@ fn main() -> Result<()> {
     let root = &ws;
     match cli.task {
         Task::Test { unit_only } => test(root, unit_only),
+        Task::Fuzz { packets, seed } => {
+            bootstrap::ensure_build_tools()?;
+            require_root("the fuzzer loads eBPF programs")?;
+            bootstrap::ensure_test_tools()?;
+            let (packets, seed) = (packets.to_string(), seed.to_string());
+            cargo(
+                root,
+                &[
+                    "test",
+                    "--release",
+                    "--package",
+                    "xlb-tests",
+                    "--features",
+                    "datapath",
+                    "--test",
+                    "fuzz",
+                    "--",
+                    "--include-ignored",
+                    "--nocapture",
+                ],
+                &[("XLB_FUZZ_PACKETS", &packets), ("XLB_FUZZ_SEED", &seed)],
+            )
+        }
         Task::Bench { quick } => {
             bootstrap::ensure_build_tools()?;
             require_root("the benchmark loads eBPF programs and builds namespaces")?;
@@ -242,6 +274,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "schedulers",
             "--test",
             "external",
+            "--test",
+            "fuzz",
             "--",
             "--include-ignored",
         ],
