@@ -114,6 +114,11 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
     let entry = CONNTRACK.get_ptr_mut(ct::forward_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = unsafe { *entry };
+    // Conntrack keys carry no hook: a packet from outside with a pod's 5-tuple (spoofed)
+    // must not ride that pod's flow into the cluster, nor a pod's packet an outside one.
+    if (known.flags & CT_FLAG_EXTERNAL != 0) != (scope == SCOPE_EXTERNAL) {
+        return None;
+    }
     // A flow whose backend left the service, or whose entry outlived its lifetime (the
     // tuple is being reused), is balanced again as a new flow.
     let expired = ct::expired(&known, flow.proto, now);

@@ -202,6 +202,14 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
     }
 }
 
+/// Whether a destination address is one the XDP program serves: the node's address or the
+/// externalIP of [`MANIFESTS`].
+fn is_ours_from_outside(dst: &[u8]) -> bool {
+    let node: [u8; 4] = [192, 168, 50, 1];
+    let external: [u8; 4] = [198, 51, 100, 7];
+    dst == node || dst == external
+}
+
 /// Which rule of the parser contract `frame` breaks, if any (worked out here, not by the
 /// programs): such a frame must pass every hook untouched.
 pub fn contract_violation(frame: &[u8]) -> Option<&'static str> {
@@ -342,6 +350,19 @@ fn fuzz(ebpf: &mut Ebpf, packets: u64, seed: u64) -> Result<FuzzReport, FuzzFail
                     "breaks the parser contract ({rule}) but was not passed untouched \
                      (verdict {})",
                     out.retval
+                )));
+            }
+            // From outside, only node addresses and the externalIP are anyone's business.
+            if program == Program::External
+                && input.len() >= 34
+                && input[12..14] == [0x08, 0x00]
+                && !is_ours_from_outside(&input[30..34])
+                && !(passed && untouched)
+            {
+                return Err(fail(format!(
+                    "to {}.{}.{}.{}, no node address or externalIP, but not passed untouched \
+                     (verdict {})",
+                    input[30], input[31], input[32], input[33], out.retval
                 )));
             }
             if out.retval == -1 && !untouched {

@@ -317,3 +317,25 @@ fn other_traffic_passes_untouched_and_is_counted() {
         assert_eq!(dp.stat(counter), before + 1, "counter {counter}");
     }
 }
+
+/// Conntrack keys carry no hook: a packet from outside that copies a pod's 5-tuple (the
+/// pod's address spoofed) must not ride the pod's flow to its backend.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn an_outside_packet_cannot_ride_a_pods_flow() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    dp.frontend(
+        ip("10.96.0.10"),
+        SCOPE_INTERNAL,
+        PROTO_TCP,
+        80,
+        &[BACKEND],
+        0,
+    );
+    let syn = Frame::tcp("10.244.0.5", 40000, "10.96.0.10", 80, SYN).build();
+    let (verdict, _) = dp.run(Hook::FromPod, &syn);
+    assert_eq!(verdict, TC_ACT_OK, "the pod's flow is tracked");
+    let spoofed = Frame::tcp("10.244.0.5", 40000, "10.96.0.10", 80, ACK).build();
+    assert_eq!(dp.run_external(&spoofed), (XDP_PASS, spoofed.clone()));
+}
