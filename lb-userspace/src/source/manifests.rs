@@ -106,6 +106,47 @@ struct Header {
     #[serde(rename = "apiVersion")]
     api_version: Option<String>,
     kind: Option<String>,
+    /// Any shape: only Services and EndpointSlices are held to it (their typed read).
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+/// Metadata as written: label and annotation values with their YAML types (the typed read
+/// would turn `1` or `true` into strings the API server refuses).
+#[derive(serde::Deserialize, Default)]
+struct HeaderMeta {
+    name: Option<serde_json::Value>,
+    namespace: Option<serde_json::Value>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+impl HeaderMeta {
+    /// The first label or annotation whose value is not a string, as the API refuses it.
+    fn non_string_value(&self) -> Option<(String, &serde_json::Value)> {
+        for (field, map) in [("labels", &self.labels), ("annotations", &self.annotations)] {
+            if let Some((key, value)) = map.iter().flatten().find(|(_, v)| !v.is_string()) {
+                return Some((format!("metadata.{field}.{key}"), value));
+            }
+        }
+        None
+    }
+
+    fn shown_name(&self) -> String {
+        let text = |v: &Option<serde_json::Value>, default: &str| {
+            v.as_ref()
+                .and_then(|v| v.as_str())
+                .unwrap_or(default)
+                .to_string()
+        };
+        format!(
+            "{}/{}",
+            text(&self.namespace, "default"),
+            text(&self.name, "")
+        )
+    }
 }
 
 /// One document, deserialized as the type its header named, straight from the YAML stream
@@ -162,6 +203,33 @@ fn parse_yaml(text: &str, path: &Path, objects: &mut Objects) -> Result<(), Mani
     let documents = documents.map_err(|e| yaml_error(path, &e))?;
     for (document, header) in documents.into_iter().zip(&headers) {
         let line = header.defined.line() as usize;
+        let meta: HeaderMeta = header
+            .value
+            .metadata
+            .clone()
+            .and_then(|m| serde_json::from_value(m).ok())
+            .unwrap_or_default();
+        if let (Some((field, value)), Some(kind)) = (
+            meta.non_string_value(),
+            match document {
+                Document::Service(_) => Some("Service"),
+                Document::EndpointSlice(_) => Some("EndpointSlice"),
+                _ => None,
+            },
+        ) {
+            validate::record(
+                &format!("{}:{line}", path.display()),
+                &meta.shown_name(),
+                &validate::Rejection {
+                    kind,
+                    field,
+                    reason: "value_type",
+                    message: format!("{value} is not a string; object ignored"),
+                    object: true,
+                },
+            );
+            continue;
+        }
         match document {
             Document::Service(service) => objects.services.push(admitted(*service, path)),
             Document::EndpointSlice(slice) => objects.slices.push(admitted(*slice, path)),
@@ -525,6 +593,21 @@ mod tests {
             "reported once"
         );
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn non_string_label_values_refuse_the_object() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, labels: {x: 1}}\n\
+                    spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+                    apiVersion: v1\nkind: Service\nmetadata: {name: b, labels: {x: '1'}}\n\
+                    spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+        let objects = parse_file_text(text, Path::new("l.yaml"), false).expect("parses");
+        let names: Vec<_> = objects
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["b"], "the numeric label value refuses a");
     }
 
     #[test]

@@ -320,13 +320,18 @@ pub fn check<T: Validate + kube::Resource>(object: &mut T, origin: &str) {
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("")
     );
-    let mut ledger = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
     for r in rejections {
-        let line = format!("{origin}: {} {name}: {}: {}", r.kind, r.field, r.message);
-        *ledger.counts.entry((r.kind, r.reason)).or_default() += 1;
-        if ledger.reported.insert(line.clone()) {
-            log::warn!("{line}");
-        }
+        record(origin, &name, &r);
+    }
+}
+
+/// Reports `rejection` of object `name` (namespace/name) from `origin` once, and counts it.
+pub fn record(origin: &str, name: &str, r: &Rejection) {
+    let line = format!("{origin}: {} {name}: {}: {}", r.kind, r.field, r.message);
+    let mut ledger = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
+    *ledger.counts.entry((r.kind, r.reason)).or_default() += 1;
+    if ledger.reported.insert(line.clone()) {
+        log::warn!("{line}");
     }
 }
 
