@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{SCOPE_INTERNAL, ServiceKey};
 use serde::Serialize;
 use xlb::datapath::{maps::PinnedMaps, pins::PinLayout};
+use xlb_tests::cluster::{daemonset_agent_args, with_overrides};
 
 use crate::datapath::ENDPOINTS;
 
@@ -154,18 +155,23 @@ pub fn measure(xlb: &Path, services: u32, rounds: u32) -> Result<AgentRun> {
     let log_path = dir.join("agent.log");
     let log = std::fs::File::create(&log_path)?;
     let started = Instant::now();
+    // The DaemonSet's arguments, with what a bench run on this host must change: nothing
+    // attached anywhere, endpoints on loopback, its own pins and manifests.
+    let overrides: Vec<(String, String)> = [
+        ("--manifests", manifests.display().to_string()),
+        ("--pod-ifaces", "xlb-none-*".to_string()),
+        ("--external-ifaces", String::new()),
+        ("--cgroup", "none".to_string()),
+        ("--metrics-addr", "127.0.0.1:0".to_string()),
+        ("--healthz-addr", "127.0.0.1:0".to_string()),
+        ("--bpffs", bpffs.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(flag, value)| (flag.to_string(), value))
+    .collect();
+    let args = with_overrides(&daemonset_agent_args()?, &overrides);
     let child = Command::new(xlb)
-        .args(["agent", "--manifests"])
-        .arg(&manifests)
-        .args(["--pod-ifaces", "xlb-none-*", "--cgroup", "none"])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--healthz-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--bpffs")
-        .arg(&bpffs)
+        .args(&args)
         .env("RUST_LOG", "info")
         .stderr(log.try_clone()?)
         .stdout(log)

@@ -2,6 +2,9 @@
 //! destroyed with `SOCK_DESTROY` (sock_diag netlink), so the process gets an error and, when
 //! it connects again, a live backend — instead of sending into a deleted pod forever.
 //! (A connected UDP socket never passes the sendmsg hook again, so it cannot be re-pointed.)
+//!
+//! Hand-written netlink: the netlink crates (netlink-packet-sock-diag) build
+//! SOCK_DIAG_BY_FAMILY dump requests only, not SOCK_DESTROY.
 use std::{collections::BTreeSet, io, mem::size_of};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
