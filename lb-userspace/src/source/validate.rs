@@ -38,6 +38,27 @@ fn protocol_ok(protocol: &Option<String>) -> bool {
     matches!(protocol.as_deref(), None | Some("TCP" | "UDP" | "SCTP"))
 }
 
+/// The first problem of a port entry (Service or EndpointSlice): its number outside
+/// 1-65535, or a protocol the API does not know. (field name, metric reason, message)
+fn port_problem(
+    port: Option<i32>,
+    protocol: &Option<String>,
+) -> Option<(&'static str, &'static str, String)> {
+    if let Some(n) = port.filter(|n| !port_ok(*n)) {
+        return Some(("port", "port_range", format!("{n} is not in 1-65535")));
+    }
+    (!protocol_ok(protocol)).then(|| {
+        (
+            "protocol",
+            "protocol",
+            format!(
+                "{:?} is not TCP, UDP or SCTP",
+                protocol.as_deref().unwrap_or("")
+            ),
+        )
+    })
+}
+
 /// A CIDR as the API accepts it for loadBalancerSourceRanges: `address/prefix`.
 fn cidr_ok(text: &str) -> bool {
     let Some((addr, prefix)) = text.trim().split_once('/') else {
@@ -113,29 +134,15 @@ impl Validate for Service {
             let mut index = 0;
             ports.retain(|p| {
                 let field = |name: &str| format!("spec.ports[{index}].{name}");
-                let problem = if !port_ok(p.port) {
-                    Some((
-                        field("port"),
-                        "port_range",
-                        format!("{} is not in 1-65535", p.port),
-                    ))
-                } else if let Some(n) = p.node_port.filter(|n| !port_ok(*n)) {
-                    Some((
-                        field("nodePort"),
-                        "port_range",
-                        format!("{n} is not in 1-65535"),
-                    ))
-                } else if !protocol_ok(&p.protocol) {
-                    Some((
-                        field("protocol"),
-                        "protocol",
-                        format!(
-                            "{:?} is not TCP, UDP or SCTP",
-                            p.protocol.as_deref().unwrap_or("")
-                        ),
-                    ))
-                } else {
-                    None
+                let problem = match port_problem(Some(p.port), &p.protocol) {
+                    Some((name, reason, message)) => Some((field(name), reason, message)),
+                    None => p.node_port.filter(|n| !port_ok(*n)).map(|n| {
+                        (
+                            field("nodePort"),
+                            "port_range",
+                            format!("{n} is not in 1-65535"),
+                        )
+                    }),
                 };
                 index += 1;
                 match problem {
@@ -240,20 +247,7 @@ impl Validate for EndpointSlice {
         if let Some(ports) = self.ports.as_mut() {
             let mut index = 0;
             ports.retain(|p| {
-                let problem = if let Some(n) = p.port.filter(|n| !port_ok(*n)) {
-                    Some(("port", "port_range", format!("{n} is not in 1-65535")))
-                } else if !protocol_ok(&p.protocol) {
-                    Some((
-                        "protocol",
-                        "protocol",
-                        format!(
-                            "{:?} is not TCP, UDP or SCTP",
-                            p.protocol.as_deref().unwrap_or("")
-                        ),
-                    ))
-                } else {
-                    None
-                };
+                let problem = port_problem(p.port, &p.protocol);
                 if let Some((name, reason, message)) = &problem {
                     out.push(rejection(
                         "EndpointSlice",
