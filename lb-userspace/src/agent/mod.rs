@@ -270,11 +270,4 @@ fn record_sync(metrics: &SharedMetrics, syncer: &mut Syncer, took: Duration, ok:
     m.observe_sync(took.as_secs_f64());
     m.frontends = syncer.current().len();
     m.backends = syncer.current().values().map(|p| p.backends.len()).sum();
-    if syncer.take_names_changed() {
-        m.service_names = syncer
-            .current()
-            .iter()
-            .map(|(f, p)| (f.to_string(), p.service.clone()))
-            .collect();
-    }
 }

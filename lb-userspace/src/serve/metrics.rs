@@ -2,7 +2,6 @@
 //! and the datapath's counters read from the pinned maps at scrape time, encoded by
 //! prometheus-client (a collector builds each scrape; OpenMetrics text).
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -31,8 +30,6 @@ const SYNC_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 /// What the agent loop reports about itself.
 #[derive(Debug, Clone)]
 pub struct AgentMetrics {
-    /// Frontend ("IP:PORT/PROTO") → Service port ("namespace/name:port").
-    pub service_names: BTreeMap<String, String>,
     pub frontends: usize,
     pub backends: usize,
     pub sync_errors: u64,
@@ -47,7 +44,6 @@ pub struct AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         AgentMetrics {
-            service_names: BTreeMap::new(),
             frontends: 0,
             backends: 0,
             sync_errors: 0,
@@ -121,14 +117,9 @@ type Family<R> = (&'static str, &'static str, MetricType, fn(&R) -> u64);
 
 impl Scrape<'_> {
     fn frontend_labels(&self, row: &ServiceRow) -> [(&'static str, String); 2] {
-        let frontend = row.frontend.to_string();
-        let service = self
-            .agent
-            .service_names
-            .get(&frontend)
-            .cloned()
-            .unwrap_or_default();
-        [("frontend", frontend), ("service", service)]
+        // The Service port as the agent recorded it in the pinned maps (`xlb services`'s).
+        let service = row.service.clone().unwrap_or_default();
+        [("frontend", row.frontend.to_string()), ("service", service)]
     }
 
     fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
@@ -402,9 +393,6 @@ mod tests {
             backends: 2,
             ..Default::default()
         };
-        agent
-            .service_names
-            .insert("10.96.0.10:80/TCP".into(), "default/web:http".into());
         agent.observe_sync(0.003);
         agent.observe_sync(0.2);
         let backend = |address: &str, flows| BackendRow {
@@ -418,7 +406,7 @@ mod tests {
         };
         let services = [ServiceRow {
             frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
-            service: None,
+            service: Some("default/web:http".into()),
             service_id: 1,
             scheduler: "round-robin".into(),
             affinity_timeout_s: None,
@@ -479,13 +467,10 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped() {
-        let agent = AgentMetrics {
-            service_names: [("10.96.0.10:80/TCP".into(), r#"a"b\c"#.into())].into(),
-            ..Default::default()
-        };
+        let agent = AgentMetrics::default();
         let services = [ServiceRow {
             frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
-            service: None,
+            service: Some(r#"a"b\c"#.into()),
             service_id: 1,
             scheduler: "random".into(),
             affinity_timeout_s: None,

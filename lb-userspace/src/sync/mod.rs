@@ -99,8 +99,6 @@ pub struct Syncer {
     orphan_tables: Vec<u32>,
     /// Backend ids freed since the last [`Syncer::take_removed_backends`].
     removed_backends: Vec<u32>,
-    /// See [`Syncer::take_names_changed`].
-    names_changed: bool,
     maglev_size: u32,
 }
 
@@ -113,7 +111,6 @@ impl Default for Syncer {
             orphans: Vec::new(),
             orphan_tables: Vec::new(),
             removed_backends: Vec::new(),
-            names_changed: true,
             maglev_size: MAGLEV_DEFAULT_SIZE,
         }
     }
@@ -182,11 +179,6 @@ impl Syncer {
             }
         }
         Ok(report)
-    }
-
-    /// Whether the set of frontends or their services' names changed since the last call.
-    pub fn take_names_changed(&mut self) -> bool {
-        std::mem::take(&mut self.names_changed)
     }
 
     fn remove_orphans(&mut self, store: &mut impl MapStore) -> Result<(), SyncError> {
@@ -268,7 +260,6 @@ impl Syncer {
         }
         store.forget_counters(Some(old.service_id), None);
         self.service_ids.free(old.service_id);
-        self.names_changed = true;
         Ok(())
     }
 
@@ -306,9 +297,6 @@ impl Syncer {
         }
         let old = self.current.get(frontend).cloned();
         let renamed = old.as_ref().is_none_or(|o| o.service != spec.service);
-        if renamed {
-            self.names_changed = true;
-        }
         let service_id = match &old {
             Some(old) => old.service_id,
             None => self.service_ids.allocate("service")?,
