@@ -203,7 +203,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 syncer.apply_changes(&translation.desired, &changed, &mut maps)
             };
             full_sync = result.is_err();
-            record_sync(&metrics, &mut syncer, started.elapsed(), result.is_ok());
+            record_sync(&metrics, &syncer, started.elapsed(), result.is_ok());
             if result.is_ok()
                 && let (Some(at), Ok(mut m)) = (changed_at.take(), metrics.lock())
             {
@@ -261,7 +261,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
 }
 
 /// Publishes what a sync did to the metrics endpoint.
-fn record_sync(metrics: &SharedMetrics, syncer: &mut Syncer, took: Duration, ok: bool) {
+fn record_sync(metrics: &SharedMetrics, syncer: &Syncer, took: Duration, ok: bool) {
     let Ok(mut m) = metrics.lock() else { return };
     if !ok {
         m.sync_errors += 1;
