@@ -35,8 +35,18 @@ pub mod map_names {
     /// Service id → the Service port it serves ("namespace/name:port"), for the read
     /// commands (`xlb services`, `xlb explain`); the programs never read it.
     pub const SERVICE_NAMES: &str = "XLB_SVC_NAMES";
+    // IPv6 twins of the maps keyed or valued by addresses (Cilium's lb6 maps). Ids (service,
+    // backend) are one space across families, so every id-keyed map serves both.
+    pub const SERVICES6: &str = "XLB_SERVICES6";
+    pub const BACKENDS6: &str = "XLB_BACKENDS6";
+    pub const CONNTRACK6: &str = "XLB_CT6";
+    pub const AFFINITY6: &str = "XLB_AFFINITY6";
+    pub const NODE_IPS6: &str = "XLB_NODE_IPS6";
+    pub const CONFIG6: &str = "XLB_CONFIG6";
+    pub const SOURCE_RANGES6: &str = "XLB_SRC_RANGES6";
+    pub const SOCK_REVNAT6: &str = "XLB_SOCK_REVNAT6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 26] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -55,6 +65,14 @@ pub mod map_names {
         HOST_NETNS,
         SERVICE_NAMES,
         CT_TIMEOUTS,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6,
+        AFFINITY6,
+        NODE_IPS6,
+        CONFIG6,
+        SOURCE_RANGES6,
+        SOCK_REVNAT6,
     ];
 }
 
@@ -71,10 +89,25 @@ pub mod program_names {
     pub const SOCK_RECVMSG: &str = "xlb_sock_recvmsg";
     /// getpeername() of such sockets: the frontend, not the backend.
     pub const SOCK_GETPEERNAME: &str = "xlb_sock_getpeername";
+    /// The IPv6 twins of the four socket hooks (IPv4-mapped addresses are balanced as IPv4).
+    pub const SOCK_CONNECT6: &str = "xlb_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "xlb_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "xlb_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "xlb_sock_getpeername6";
     /// Pod → service: DNAT, conntrack, affinity, reject (host side of pod interfaces, ingress).
     pub const TC_FROM_POD: &str = "xlb_from_pod";
     /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
     pub const TC_TO_POD: &str = "xlb_to_pod";
+    /// The IPv6 stages, tail-called from the two above through the object's program array
+    /// (`XLB_PROGS6`), in the order of their indexes there.
+    pub const TC_IPV6: [&str; 4] = [
+        "xlb_from_pod6",
+        "xlb_to_pod6",
+        "xlb_from_pod6_untracked",
+        "xlb_from_pod6_rare",
+    ];
+    /// The program array of the IPv6 stages (not pinned: each loaded object has its own).
+    pub const PROGS6_MAP: &str = "XLB_PROGS6";
 }
 
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).
@@ -102,6 +135,58 @@ pub mod map_sizes {
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// An IPv6 address as the maps hold it: the 16 bytes in network order, as four words (so
+/// keys stay 4-byte aligned and checksum updates can take words).
+pub type Ip6 = [u32; 4];
+
+/// The types a map address can be: `u32` (IPv4) or [`Ip6`]. Every address-carrying key and
+/// value below is generic over it, with IPv4 the default, so both families share one
+/// layout definition and the IPv4 maps keep their layout.
+pub trait MapAddr: Copy + Default + Eq + core::fmt::Debug + core::hash::Hash + 'static {
+    /// The address as one word for the schedulers' hashes: IPv4 as it is (so IPv4 hashes
+    /// are those of the IPv4-only datapath), IPv6 folded by [`crate::fold_ip6`].
+    fn hash_word(self) -> u32;
+}
+impl MapAddr for u32 {
+    #[inline(always)]
+    fn hash_word(self) -> u32 {
+        self
+    }
+}
+impl MapAddr for Ip6 {
+    #[inline(always)]
+    fn hash_word(self) -> u32 {
+        crate::fold_ip6(self)
+    }
+}
+
+/// `Ip6` from the 16 bytes of an address (`Ipv6Addr::octets`).
+pub const fn ip6_from_octets(o: [u8; 16]) -> Ip6 {
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        words[i] = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        i += 1;
+    }
+    words
+}
+
+/// The 16 bytes of an `Ip6`.
+pub const fn ip6_octets(a: Ip6) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = a[i].to_ne_bytes();
+        o[4 * i] = w[0];
+        o[4 * i + 1] = w[1];
+        o[4 * i + 2] = w[2];
+        o[4 * i + 3] = w[3];
+        i += 1;
+    }
+    o
+}
 
 /// Most backends one service port can have (slots 1..=MAX_BACKENDS): above the 5,000 pods
 /// behind one Service of Kubernetes' scalability thresholds, and slots are u16.
@@ -113,9 +198,9 @@ pub const MAX_BACKENDS: u16 = 16_384;
 /// holds the id of the service's i-th backend (Cilium's layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ServiceKey {
-    /// Virtual IPv4 address, network byte order.
-    pub vip: u32,
+pub struct ServiceKey<A: MapAddr = u32> {
+    /// Virtual address, network byte order.
+    pub vip: A,
     /// Service port, network byte order.
     pub port: u16,
     /// 0 for the frontend, 1..=count for backend slots.
@@ -127,6 +212,7 @@ pub struct ServiceKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceKey<Ip6>>() == 24);
 
 /// Frontend scope: traffic from pods and from the node's own processes.
 pub const SCOPE_INTERNAL: u8 = 0;
@@ -168,9 +254,9 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 /// through a stale conntrack or affinity entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Backend {
-    /// Endpoint IPv4 address, network byte order.
-    pub ip: u32,
+pub struct Backend<A: MapAddr = u32> {
+    /// Endpoint address, network byte order.
+    pub ip: A,
     /// Endpoint (target) port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -179,6 +265,7 @@ pub struct Backend {
     pub service_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend<Ip6>>() == 24);
 
 /// Conntrack entry direction.
 pub const CT_FORWARD: u8 = 0;
@@ -190,11 +277,11 @@ pub const CT_REVERSE: u8 = 1;
 /// backend's reply (backend → client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtKey {
-    /// Source IPv4 address, network byte order.
-    pub src: u32,
-    /// Destination IPv4 address, network byte order.
-    pub dst: u32,
+pub struct CtKey<A: MapAddr = u32> {
+    /// Source address, network byte order.
+    pub src: A,
+    /// Destination address, network byte order.
+    pub dst: A,
     /// Source port, network byte order.
     pub sport: u16,
     /// Destination port, network byte order.
@@ -205,17 +292,18 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey<Ip6>>() == 40);
 
 /// `CT` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtValue {
+pub struct CtValue<A: MapAddr = u32> {
     /// Forward: the chosen backend. Reverse: the same backend (for counters).
     pub backend_id: u32,
     pub service_id: u32,
     /// Forward: backend address the flow is DNATed to. Reverse: the VIP to restore as source.
     /// Network byte order.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     /// Forward: backend port. Reverse: the service port. Network byte order.
     pub nat_port: u16,
     /// `CT_FLAG_*`: TCP state as far as lifetimes need it, and how the flow is NATed.
@@ -223,7 +311,7 @@ pub struct CtValue {
     /// Forward of a SNATed flow: the node address and port the client's source became.
     /// Reverse of a SNATed flow: the client's address and port to restore as destination.
     /// Network byte order; 0 when the flow is not SNATed.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     pub _pad: u16,
     /// `bpf_ktime_get_ns()` at creation.
@@ -234,6 +322,7 @@ pub struct CtValue {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<CtValue<Ip6>>() == 80);
 
 /// TCP entry saw its handshake complete (forward: a client ACK; reverse: a reply).
 pub const CT_FLAG_ESTABLISHED: u16 = 1;
@@ -257,6 +346,17 @@ pub struct SockKey {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+
+/// `SOCK_REVNAT6` key: [`SockKey`] for an IPv6 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey6 {
+    pub cookie: u64,
+    pub backend: Ip6,
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockKey6>() == 32);
 
 /// `SERVICE_NAMES` value: a Service port's name, UTF-8, `len` bytes of `bytes`.
 #[repr(C)]
@@ -294,9 +394,9 @@ impl ServiceName {
 /// `SOCK_REVNAT` value: the frontend the socket asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SockFrontend {
+pub struct SockFrontend<A: MapAddr = u32> {
     /// Frontend address and port, network byte order.
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -304,30 +404,34 @@ pub struct SockFrontend {
     pub backend_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockFrontend>() == 16);
+const _: () = assert!(core::mem::size_of::<SockFrontend<Ip6>>() == 28);
 
 /// Node-wide datapath settings (`CONFIG` map, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NodeConfig {
-    /// Source address of SNATed flows (the node's primary address), network byte order.
-    pub snat_addr: u32,
+pub struct NodeConfig<A: MapAddr = u32> {
+    /// Source address of SNATed flows (the node's primary address of the family), network
+    /// byte order.
+    pub snat_addr: A,
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig<Ip6>>() == 20);
 
 /// `SOURCE_RANGES` key data (after the LPM prefix length): the service id (matched whole)
 /// then the client address prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SourceRangeKey {
+pub struct SourceRangeKey<A: MapAddr = u32> {
     /// Big-endian so the LPM trie compares it first, byte for byte.
     pub service_id_be: u32,
     /// Client address, network byte order.
-    pub addr: u32,
+    pub addr: A,
 }
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRangeKey<Ip6>>() == 20);
 
 /// Conntrack lifetimes after the last packet, in seconds (Cilium's defaults: short while
 /// a TCP handshake is pending or the flow is closing, long once established).
@@ -384,12 +488,13 @@ impl CtTimeouts {
 /// `AFFINITY` key: client and service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct AffinityKey {
-    /// Client IPv4 address, network byte order.
-    pub client: u32,
+pub struct AffinityKey<A: MapAddr = u32> {
+    /// Client address, network byte order.
+    pub client: A,
     pub service_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityKey<Ip6>>() == 20);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -415,20 +520,22 @@ const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 24);
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all types are repr(C), Copy, with explicit padding and no invalid bit patterns.
-    unsafe impl aya::Pod for super::ServiceKey {}
+    use super::MapAddr;
+    unsafe impl<A: MapAddr> aya::Pod for super::ServiceKey<A> {}
     unsafe impl aya::Pod for super::ServiceValue {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtValue {}
-    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl<A: MapAddr> aya::Pod for super::Backend<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for super::CtKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for super::CtValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for super::AffinityKey<A> {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::TrafficCounter {}
-    unsafe impl aya::Pod for super::NodeConfig {}
-    unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl<A: MapAddr> aya::Pod for super::NodeConfig<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for super::SourceRangeKey<A> {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::SockKey {}
-    unsafe impl aya::Pod for super::SockFrontend {}
+    unsafe impl aya::Pod for super::SockKey6 {}
+    unsafe impl<A: MapAddr> aya::Pod for super::SockFrontend<A> {}
 }
 
 #[cfg(test)]

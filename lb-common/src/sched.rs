@@ -142,6 +142,16 @@ pub const fn client_hash(src: u32) -> u32 {
     mix32(src ^ 0x9e37_79b9)
 }
 
+/// An IPv6 address (as [`crate::Ip6`] words) folded into one word for the hashes above:
+/// every bit of every word reaches the result.
+#[inline(always)]
+pub const fn fold_ip6(a: [u32; 4]) -> u32 {
+    let mut h = mix32(a[0] ^ 0x7f4a_7c15);
+    h = mix32(h ^ a[1]);
+    h = mix32(h ^ a[2]);
+    mix32(h ^ a[3])
+}
+
 /// Hash of a flow's 5-tuple (addresses and ports in network byte order), for Maglev.
 #[inline(always)]
 pub const fn flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {

@@ -63,13 +63,16 @@ outcomes! {
     ICMP_ERROR_XLATE = 5, "icmp_error_xlate", Handled;
     /// Ethernet/IPv4/L4 header shorter than it claims: passed untouched.
     MALFORMED = 6, "malformed", Pass;
-    /// IPv4 fragment: passed untouched (ports are not in every fragment).
+    /// IPv4 fragment or IPv6 fragment header: passed untouched (ports are not in every
+    /// fragment).
     FRAGMENT = 7, "fragment", Pass;
-    /// IPv4 header with options: passed untouched.
+    /// IPv4 header with options, or an IPv6 extension-header chain longer than the datapath
+    /// walks (`parse::IPV6_EXT_MAX`): passed untouched.
     IP_OPTIONS = 8, "ip_options", Pass;
-    /// Not IPv4 (IPv6, ARP, ...): passed untouched.
-    NOT_IPV4 = 9, "not_ipv4", Pass;
-    /// IPv4 but neither TCP, UDP nor ICMP: passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, ...): passed untouched.
+    NOT_IP = 9, "not_ip", Pass;
+    /// IP but neither TCP, UDP nor an ICMP/ICMPv6 error: passed untouched (neighbour
+    /// discovery, echo, ESP, ...).
     OTHER_PROTOCOL = 10, "other_protocol", Pass;
     /// Conntrack map update failed: packet dropped.
     DROP_CT_FULL = 11, "drop_ct_full", Drop;

@@ -18,3 +18,42 @@ fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// Internet checksum of an ICMPv6 message `body` from `src` to `dst`: the IPv6
+/// pseudo-header (addresses, upper-layer length, next header 58) and the message.
+#[inline(always)]
+pub fn icmp6_checksum<T>(src: &lb_common::Ip6, dst: &lb_common::Ip6, body: &mut T) -> u16 {
+    let len = core::mem::size_of::<T>() as u32;
+    let mut pseudo = Pseudo6 {
+        src: *src,
+        dst: *dst,
+        len: len.to_be(),
+        next: u32::from(lb_common::PROTO_ICMPV6).to_be(),
+    };
+    // SAFETY: live stack values of the lengths given; the helper only reads them.
+    let sum = unsafe {
+        let seed = bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            (&mut pseudo as *mut Pseudo6).cast(),
+            core::mem::size_of::<Pseudo6>() as u32,
+            0,
+        );
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            (body as *mut T).cast(),
+            len,
+            seed as u32,
+        )
+    };
+    fold(sum as u32 as u64)
+}
+
+#[repr(C)]
+struct Pseudo6 {
+    src: lb_common::Ip6,
+    dst: lb_common::Ip6,
+    len: u32,
+    next: u32,
+}

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtValue, NodeConfig, Outcome, PROTO_TCP, outcome,
+    CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, outcome,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -15,27 +15,27 @@ const TCP_ACK: u8 = 0x10;
 /// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
 const SNAT_TRIES: u32 = 16;
 
-use crate::{
-    maps::{CONNTRACK, CT_TIMEOUTS},
-    parse::Flow,
-};
+use crate::{family::Family, maps::CT_TIMEOUTS, parse::Flow};
 
 /// How a flow is translated besides DNAT.
 #[derive(Clone, Copy)]
-pub struct Nat {
+pub struct Nat<A> {
     /// `CT_FLAG_EXTERNAL` and/or `CT_FLAG_SNAT`.
     pub flags: u16,
     /// With `CT_FLAG_SNAT`: the client's new source, network byte order.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
 }
 
-impl Nat {
-    pub const NONE: Nat = Nat {
-        flags: 0,
-        snat_addr: 0,
-        snat_port: 0,
-    };
+impl<A: MapAddr> Nat<A> {
+    #[inline(always)]
+    pub fn none() -> Self {
+        Nat {
+            flags: 0,
+            snat_addr: A::default(),
+            snat_port: 0,
+        }
+    }
     #[inline(always)]
     fn snat(&self) -> bool {
         self.flags & CT_FLAG_SNAT != 0
@@ -43,7 +43,7 @@ impl Nat {
 }
 
 #[inline(always)]
-pub fn forward_key(flow: &Flow) -> CtKey {
+pub fn forward_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
     CtKey {
         src: flow.src,
         dst: flow.dst,
@@ -56,54 +56,63 @@ pub fn forward_key(flow: &Flow) -> CtKey {
 }
 
 #[inline(always)]
-pub fn reverse_key(flow: &Flow) -> CtKey {
+pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
     CtKey {
         dir: CT_REVERSE,
         ..forward_key(flow)
     }
 }
 
+/// A conntrack entry being built: entries are written into this per-CPU slot and inserted
+/// from there. Built on the stack, an IPv6 flow's two entries (240 bytes with their keys,
+/// and LLVM keeps copies) overflow the 512-byte BPF stack.
+#[repr(C)]
+pub struct CtScratch<A: MapAddr> {
+    pub key: CtKey<A>,
+    pub value: CtValue<A>,
+}
+
 /// Records a new flow from `client` (its packet to a frontend). For SNATed flows the
 /// reverse entry already exists: `claim_snat_port` made it.
 #[inline(always)]
-pub fn create(
-    client: &Flow,
+pub fn create<F: Family>(
+    client: &Flow<F::Addr>,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Backend<F::Addr>,
     service_id: u32,
     now: u64,
     bytes: u32,
-    nat: Nat,
+    nat: Nat<F::Addr>,
 ) -> Result<(), Outcome> {
-    let forward = CtValue {
-        backend_id,
-        service_id,
-        nat_addr: backend.ip,
-        nat_port: backend.port,
-        flags: tcp_flags_update(client, nat.flags),
-        snat_addr: nat.snat_addr,
-        snat_port: nat.snat_port,
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: bytes as u64,
-    };
-    CONNTRACK
-        .insert(forward_key(client), forward, 0)
-        .map_err(|_| outcome::DROP_CT_FULL)?;
+    // SAFETY: the per-CPU slot is this program run's alone (BPF programs do not nest on a
+    // CPU for the same hook); it is fully written before each insert.
+    let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
+    s.key = forward_key(client);
+    let v = &mut s.value;
+    v.backend_id = backend_id;
+    v.service_id = service_id;
+    v.nat_addr = backend.ip;
+    v.nat_port = backend.port;
+    v.flags = tcp_flags_update(client, nat.flags);
+    v.snat_addr = nat.snat_addr;
+    v.snat_port = nat.snat_port;
+    v._pad = 0;
+    v.created_ns = now;
+    v.last_seen_ns = now;
+    v.packets = 1;
+    v.bytes = bytes as u64;
+    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)?;
     if nat.snat() {
         return Ok(());
     }
-    let (key, mut value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
-    clear_counters(&mut value);
-    insert(&key, &value, 0).map_err(|_| outcome::DROP_CT_FULL)
+    fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
+    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
 /// The reply direction of `client`'s flow once translated to `backend`: backend → client,
 /// or backend → the SNAT address.
 #[inline(always)]
-fn reply_flow(client: &Flow, backend: &Backend, nat: &Nat) -> Flow {
+fn reply_flow<A: MapAddr>(client: &Flow<A>, backend: &Backend<A>, nat: &Nat<A>) -> Flow<A> {
     let (dst, dport) = if nat.snat() {
         (nat.snat_addr, nat.snat_port)
     } else {
@@ -116,69 +125,94 @@ fn reply_flow(client: &Flow, backend: &Backend, nat: &Nat) -> Flow {
         sport: backend.port,
         dport,
         tcp_flags: 0,
+        l4_off: client.l4_off,
     }
 }
 
-/// Inserts by reference: handing the entry over by value made a copy, and LLVM turned the
-/// copy of its zeroed counters into a memset call.
+/// Inserts from the scratch slot (map memory: no copy on the stack).
 #[inline(always)]
-fn insert(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), ()> {
-    CONNTRACK.insert(key, value, flags).map_err(|_| ())
+fn insert<F: Family>(
+    key: &CtKey<F::Addr>,
+    value: &CtValue<F::Addr>,
+    flags: u64,
+) -> Result<(), ()> {
+    F::conntrack().insert(key, value, flags).map_err(|_| ())
 }
 
-/// Zeroes a new entry's counters in place, right before it is inserted. Zero words written
-/// with the rest of the entry become, once LLVM merges them, a call to a byte-at-a-time
-/// memset (no inline expansion on this target): volatile writes stay two stores.
+/// Writes the reply side's entry of `client`'s flow into `s`, field by field (an assigned
+/// struct would be built on the stack first, and its zero words become a memset call).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; the entry's fields come from all of them"
+)]
 #[inline(always)]
-fn clear_counters(value: &mut CtValue) {
-    // SAFETY: plain writes to fields of a local.
-    unsafe {
-        core::ptr::write_volatile(&raw mut value.packets, 0);
-        core::ptr::write_volatile(&raw mut value.bytes, 0);
-    }
-}
-
-/// The reply side's entry of `client`'s flow; its counters are placeholders until
-/// `clear_counters`.
-#[inline(always)]
-fn reverse_entry(
-    client: &Flow,
+fn fill_reverse<A: MapAddr>(
+    s: &mut CtScratch<A>,
+    client: &Flow<A>,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Backend<A>,
     service_id: u32,
     now: u64,
-    nat: Nat,
-) -> (CtKey, CtValue) {
-    let (snat_addr, snat_port) = if nat.snat() {
-        (client.src, client.sport)
+    nat: &Nat<A>,
+) {
+    s.key = reverse_key(&reply_flow(client, backend, nat));
+    let v = &mut s.value;
+    if nat.snat() {
+        v.snat_addr = client.src;
+        v.snat_port = client.sport;
     } else {
-        (0, 0)
-    };
-    let value = CtValue {
-        backend_id,
-        service_id,
-        nat_addr: client.dst,
-        nat_port: client.dport,
-        flags: nat.flags,
-        snat_addr,
-        snat_port,
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-        // Placeholders: see `clear_counters`.
-        packets: u64::MAX,
-        bytes: u64::MAX,
-    };
-    (reverse_key(&reply_flow(client, backend, &nat)), value)
+        v.snat_addr = A::default();
+        v.snat_port = 0;
+    }
+    v.backend_id = backend_id;
+    v.service_id = service_id;
+    v.nat_addr = client.dst;
+    v.nat_port = client.dport;
+    v.flags = nat.flags;
+    v._pad = 0;
+    v.created_ns = now;
+    v.last_seen_ns = now;
+    // SAFETY: plain writes to fields of the slot; volatile keeps them two stores.
+    unsafe {
+        core::ptr::write_volatile(&raw mut v.packets, 0);
+        core::ptr::write_volatile(&raw mut v.bytes, 0);
+    }
+}
+
+/// The fields of a forward entry that following its flow needs, read out of the map value
+/// (a copy of the whole entry is 80 bytes of stack for IPv6).
+#[derive(Clone, Copy)]
+pub struct Known<A> {
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub last_seen_ns: u64,
+    pub snat_addr: A,
+    pub snat_port: u16,
+}
+
+#[inline(always)]
+pub fn known<A: MapAddr>(entry: *const CtValue<A>) -> Known<A> {
+    // SAFETY: `entry` comes from a map lookup in this program run.
+    unsafe {
+        Known {
+            flags: (*entry).flags,
+            backend_id: (*entry).backend_id,
+            service_id: (*entry).service_id,
+            last_seen_ns: (*entry).last_seen_ns,
+            snat_addr: (*entry).snat_addr,
+            snat_port: (*entry).snat_port,
+        }
+    }
 }
 
 /// Recreates the reverse entry of a known flow if it is missing: LRU eviction can take one
-/// side of a flow alone. `known` is the flow's forward entry.
+/// side of a flow alone. `known` is from the flow's forward entry.
 #[inline(always)]
-pub fn ensure_reverse(
-    client: &Flow,
-    known: &CtValue,
-    backend: &Backend,
+pub fn ensure_reverse<F: Family>(
+    client: &Flow<F::Addr>,
+    known: &Known<F::Addr>,
+    backend: &Backend<F::Addr>,
     now: u64,
 ) -> Result<(), Outcome> {
     let nat = Nat {
@@ -186,38 +220,42 @@ pub fn ensure_reverse(
         snat_addr: known.snat_addr,
         snat_port: known.snat_port,
     };
-    let (key, mut value) = reverse_entry(
+    // SAFETY: as in `create`.
+    let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
+    fill_reverse(
+        s,
         client,
         known.backend_id,
         backend,
         known.service_id,
         now,
-        nat,
+        &nat,
     );
-    if CONNTRACK.get_ptr(key).is_some() {
+    if F::conntrack().get_ptr(&s.key).is_some() {
         return Ok(());
     }
-    clear_counters(&mut value);
-    insert(&key, &value, 0).map_err(|_| outcome::DROP_CT_FULL)
+    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
 /// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it by
 /// creating the flow's reverse entry. A port is free when no live flow from that backend
 /// port already replies to it; expired claims are taken over.
 #[inline(always)]
-pub fn claim_snat_port(
-    client: &Flow,
+pub fn claim_snat_port<F: Family>(
+    client: &Flow<F::Addr>,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Backend<F::Addr>,
     service_id: u32,
-    config: &NodeConfig,
+    config: &NodeConfig<F::Addr>,
     nat_flags: u16,
     now: u64,
-) -> Result<Nat, Outcome> {
+) -> Result<Nat<F::Addr>, Outcome> {
     let min = config.snat_port_min as u32;
     let span = (config.snat_port_max as u32).saturating_sub(min) + 1;
     // SAFETY: helper without side effects.
     let start = unsafe { bpf_get_prandom_u32() } % span;
+    // SAFETY: as in `create`.
+    let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
     for i in 0..SNAT_TRIES {
         if i >= span {
             break;
@@ -228,15 +266,14 @@ pub fn claim_snat_port(
             snat_addr: config.snat_addr,
             snat_port: port.to_be(),
         };
-        let (key, mut value) = reverse_entry(client, backend_id, backend, service_id, now, nat);
-        clear_counters(&mut value);
-        if insert(&key, &value, BPF_NOEXIST as u64).is_ok() {
+        fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
+        if insert::<F>(&s.key, &s.value, BPF_NOEXIST as u64).is_ok() {
             return Ok(nat);
         }
         // SAFETY: copy of a map value.
-        let stale =
-            unsafe { CONNTRACK.get(key) }.is_some_and(|held| expired(held, client.proto, now));
-        if stale && insert(&key, &value, 0).is_ok() {
+        let stale = unsafe { F::conntrack().get(&s.key) }
+            .is_some_and(|held| expired(held, client.proto, now));
+        if stale && insert::<F>(&s.key, &s.value, 0).is_ok() {
             return Ok(nat);
         }
     }
@@ -246,7 +283,7 @@ pub fn claim_snat_port(
 /// An entry's flags after seeing `flow`'s packet. Forward entries become established on the
 /// client's first ACK without SYN, reverse entries on any reply; FIN or RST mean closing.
 #[inline(always)]
-pub fn tcp_flags_update(flow: &Flow, flags: u16) -> u16 {
+pub fn tcp_flags_update<A>(flow: &Flow<A>, flags: u16) -> u16 {
     if flow.proto != PROTO_TCP {
         return flags;
     }
@@ -261,14 +298,20 @@ pub fn tcp_flags_update(flow: &Flow, flags: u16) -> u16 {
 
 /// True if the entry outlived its lifetime: the flow is over, a new one may reuse the tuple.
 #[inline(always)]
-pub fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
+pub fn expired<A: MapAddr>(entry: &CtValue<A>, proto: u8, now: u64) -> bool {
+    aged_out(entry.last_seen_ns, entry.flags, proto, now)
+}
+
+/// `expired` from an entry's last-seen time and flags.
+#[inline(always)]
+pub fn aged_out(last_seen_ns: u64, flags: u16, proto: u8, now: u64) -> bool {
     let timeouts = CT_TIMEOUTS.get(0).copied().unwrap_or_default();
-    now.saturating_sub(entry.last_seen_ns) > timeouts.lifetime_ns(proto, entry.flags)
+    now.saturating_sub(last_seen_ns) > timeouts.lifetime_ns(proto, flags)
 }
 
 /// Bumps an entry's last-seen time, TCP state and counters; returns the new flags.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, flow: &Flow, now: u64, bytes: u32) -> u16 {
+pub fn touch<A: MapAddr>(entry: *mut CtValue<A>, flow: &Flow<A>, now: u64, bytes: u32) -> u16 {
     // SAFETY: `entry` comes from a map lookup in this program run. Racing updates from
     // another CPU can only lose a counter increment.
     unsafe {

@@ -4,14 +4,16 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{Outcome, PROTO_ICMP, outcome};
+use lb_common::{Ip6, Outcome, PROTO_ICMP, PROTO_ICMPV6, outcome};
 
 use crate::{
     csum,
-    nat::replace_ip_addr,
+    nat::{self, replace_ip_addr},
     parse::{
-        ETH_HLEN, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, INNER_IP_OFF,
-        INNER_L4_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_OFF, IP_SRC_OFF, Ipv4Hdr, L4_OFF,
+        ETH_HLEN, ETH_P_IPV6, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN,
+        ICMP_PORT_UNREACH, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, INNER_IP_OFF, INNER_L4_OFF,
+        IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF,
+        Ipv4Hdr, Ipv6Hdr, L4_OFF,
     },
     verdict::TC_ACT_REDIRECT,
 };
@@ -131,7 +133,71 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
     ctx.store(0, &eth, 0).map_err(failed)?;
     ctx.store(IP_OFF, &ip, 0).map_err(failed)?;
     ctx.store(L4_OFF, &body, 0).map_err(failed)?;
+    bounce(ctx)
+}
 
+/// ICMPv6 header plus the quoted IPv6 header and first 8 bytes of the offending packet.
+#[repr(C)]
+pub struct Unreachable6Body {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub csum: u16,
+    pub unused: u32,
+    pub quoted: [u8; IP6_HLEN + 8],
+}
+
+pub const REPLY6_LEN: u32 =
+    (ETH_HLEN + IP6_HLEN + core::mem::size_of::<Unreachable6Body>()) as u32;
+
+/// The IPv6 header and ICMPv6 port unreachable (destination unreachable, code 4) from the
+/// frontend (`flow`'s destination) back to its client, quoting the offending packet's first
+/// 48 bytes.
+#[inline(always)]
+pub fn unreachable6(flow: &Flow<Ip6>, quoted: [u8; IP6_HLEN + 8]) -> (Ipv6Hdr, Unreachable6Body) {
+    let mut body = Unreachable6Body {
+        icmp_type: ICMPV6_DEST_UNREACH,
+        code: ICMPV6_PORT_UNREACH,
+        csum: 0,
+        unused: 0,
+        quoted,
+    };
+    body.csum = csum::icmp6_checksum(&flow.dst, &flow.src, &mut body);
+    let ip = Ipv6Hdr {
+        vtc_flow: 0x6000_0000u32.to_be(),
+        payload_len: (core::mem::size_of::<Unreachable6Body>() as u16).to_be(),
+        nexthdr: PROTO_ICMPV6,
+        hop_limit: 64,
+        src: flow.dst,
+        dst: flow.src,
+    };
+    (ip, body)
+}
+
+/// `reject` for IPv6: the packet becomes an ICMPv6 port unreachable back to the client.
+#[inline(always)]
+pub fn reject6(ctx: &TcContext, flow: &Flow<Ip6>) -> Result<i32, Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    let macs: [u8; 12] = ctx.load(0).map_err(failed)?;
+    let quoted: [u8; IP6_HLEN + 8] = ctx.load(IP_OFF).map_err(failed)?;
+    let (ip, body) = unreachable6(flow, quoted);
+
+    // SAFETY: plain helper call on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, REPLY6_LEN, 0) } != 0 {
+        return Err(outcome::DROP_REWRITE_FAILED);
+    }
+    let mut eth = [0u8; ETH_HLEN];
+    eth[0..6].copy_from_slice(&macs[6..12]);
+    eth[6..12].copy_from_slice(&macs[0..6]);
+    eth[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    ctx.store(0, &eth, 0).map_err(failed)?;
+    ctx.store(IP_OFF, &ip, 0).map_err(failed)?;
+    ctx.store(IP_OFF + IP6_HLEN, &body, 0).map_err(failed)?;
+    bounce(ctx)
+}
+
+/// Sends the packet back out of the interface it came in on (towards the client pod).
+#[inline(always)]
+fn bounce(ctx: &TcContext) -> Result<i32, Outcome> {
     // SAFETY: reading the skb's own ifindex field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; egress of the pod's host-side interface leads to the pod.
@@ -141,4 +207,39 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
     } else {
         Err(outcome::DROP_REWRITE_FAILED)
     }
+}
+
+/// `translate_error` for ICMPv6: the embedded address (16 bytes) and port change, and so
+/// does the matching outer address. The ICMPv6 checksum covers the message and, unlike
+/// ICMP's, a pseudo-header with the outer addresses.
+#[inline(always)]
+pub fn translate_error6(
+    ctx: &TcContext,
+    outer: &Flow<Ip6>,
+    inner: &Flow<Ip6>,
+    end: InnerEnd,
+    new_addr: Ip6,
+    new_port: u16,
+) -> Result<(), Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    let inner_ip = outer.l4_off as usize + ICMP_HLEN;
+    let (addr_off, port_off, old_addr, old_port) = match end {
+        InnerEnd::Destination => (IP6_DST_OFF, 2, inner.dst, inner.dport),
+        InnerEnd::Source => (IP6_SRC_OFF, 0, inner.src, inner.sport),
+    };
+    let icmp_csum = outer.l4_off as usize + ICMP_CSUM_OFF;
+    let diff = nat::addr_diff(&old_addr, &new_addr);
+    ctx.store(inner_ip + addr_off, &new_addr, 0).map_err(failed)?;
+    ctx.l4_csum_replace(icmp_csum, 0, diff, 0).map_err(failed)?;
+    ctx.store(inner.l4_off as usize + port_off, &new_port, 0)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+        .map_err(failed)?;
+    let outer_off = match end {
+        InnerEnd::Destination if outer.src == old_addr => IP6_SRC_OFF,
+        InnerEnd::Source if outer.dst == old_addr => IP6_DST_OFF,
+        _ => return Ok(()),
+    };
+    nat::pseudo_csum_replace(ctx, icmp_csum, diff, 0)?;
+    ctx.store(IP_OFF + outer_off, &new_addr, 0).map_err(failed)
 }

@@ -9,6 +9,7 @@
 mod atomic;
 mod csum;
 mod ct;
+mod family;
 mod icmp;
 mod maps;
 mod nat;
@@ -39,6 +40,39 @@ pub fn xlb_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_to_pod(ctx: TcContext) -> i32 {
     let (verdict, outcome) = pod::to_pod(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// Pod → service, IPv6 (tail-called by `xlb_from_pod`).
+#[classifier]
+pub fn xlb_from_pod6(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = pod::from_pod6(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// Pod → service, IPv6 packets of no tracked flow (tail-called by `xlb_from_pod6`).
+#[classifier]
+pub fn xlb_from_pod6_untracked(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = pod::from_pod6_untracked(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// A pod's ICMPv6 error about a flow, or the ICMPv6 port unreachable for a pod's packet to
+/// a frontend without endpoints (tail-called by the two above).
+#[classifier]
+pub fn xlb_from_pod6_rare(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = pod::from_pod6_rare(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// Service → pod, IPv6 (tail-called by `xlb_to_pod`).
+#[classifier]
+pub fn xlb_to_pod6(ctx: TcContext) -> i32 {
+    let (verdict, outcome) = pod::to_pod6(&ctx);
     stats::count(outcome);
     verdict
 }

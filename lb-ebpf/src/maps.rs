@@ -4,12 +4,12 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MAGLEV_DEFAULT_SIZE,
-    NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey,
-    TrafficCounter, map_sizes, outcome,
+    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, Ip6, MAGLEV_DEFAULT_SIZE,
+    NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
+    SourceRangeKey, TrafficCounter, map_sizes, outcome,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -102,3 +102,51 @@ pub static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> =
 /// through the node's backlog queue.
 #[map(name = "XLB_POD_IFACES")]
 pub static POD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(map_sizes::POD_IFACES, 0);
+
+// IPv6 twins of the address-keyed maps above, same capacities. Separate maps rather than
+// 16-byte addresses in the IPv4 ones: IPv4 keys stay 12-16 bytes (hashing and comparing a
+// key costs per byte), and an IPv4 node never touches the IPv6 tables.
+
+#[map(name = "XLB_SERVICES6")]
+pub static SERVICES6: HashMap<ServiceKey<Ip6>, ServiceValue> =
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "XLB_BACKENDS6")]
+pub static BACKENDS6: HashMap<u32, Backend<Ip6>> =
+    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "XLB_CT6")]
+pub static CONNTRACK6: LruHashMap<CtKey<Ip6>, CtValue<Ip6>> =
+    LruHashMap::with_max_entries(map_sizes::CONNTRACK, 0);
+
+#[map(name = "XLB_AFFINITY6")]
+pub static AFFINITY6: LruHashMap<AffinityKey<Ip6>, AffinityValue> =
+    LruHashMap::with_max_entries(map_sizes::AFFINITY, 0);
+
+#[map(name = "XLB_NODE_IPS6")]
+pub static NODE_IPS6: HashMap<Ip6, u32> = HashMap::with_max_entries(map_sizes::NODE_IPS, 0);
+
+#[map(name = "XLB_CONFIG6")]
+pub static CONFIG6: Array<NodeConfig<Ip6>> = Array::with_max_entries(1, 0);
+
+#[map(name = "XLB_SRC_RANGES6")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey<Ip6>, u8> =
+    LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, 0);
+
+#[map(name = "XLB_SOCK_REVNAT6")]
+pub static SOCK_REVNAT6: LruHashMap<SockKey6, SockFrontend<Ip6>> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);
+
+/// Per-CPU slots for building conntrack entries (`ct::CtScratch`). Private to each loaded
+/// object: not pinned, nothing in them outlives a program run.
+#[map(name = "XLB_CT_SCRATCH")]
+pub static CT_SCRATCH: PerCpuArray<crate::ct::CtScratch<u32>> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "XLB_CT_SCRATCH6")]
+pub static CT_SCRATCH6: PerCpuArray<crate::ct::CtScratch<Ip6>> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 programs (`pod::Stage6`), tail-called by the IPv4 ones; filled by the agent
+/// after loading. Private to each loaded object, like the programs it holds.
+#[map(name = "XLB_PROGS6")]
+pub static PROGS6: ProgramArray = ProgramArray::with_max_entries(4, 0);

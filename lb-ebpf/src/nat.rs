@@ -5,11 +5,14 @@
 //! which `BPF_F_PSEUDO_HDR` handles. `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{Outcome, PROTO_UDP, outcome};
+use lb_common::{Ip6, Outcome, PROTO_UDP, outcome};
 
-use crate::parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF};
+use crate::parse::{
+    Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_OFF,
+};
 
 /// DNAT: destination becomes `addr:port`.
 #[inline(always)]
@@ -76,4 +79,96 @@ pub fn replace_ip_addr(
     ctx.l3_csum_replace(ip_off + IP_CSUM_OFF, old as u64, new as u64, 4)
         .map_err(failed)?;
     ctx.store(ip_off + addr_off, &new, 0).map_err(failed)
+}
+
+/// `bpf_l4_csum_replace` flag (kernel 6.16+): the packet is IPv6, so a pseudo-header change
+/// must not be folded into a CHECKSUM_COMPLETE `skb->csum`. Older kernels refuse the flag;
+/// the rewrite then retries without it (what every kernel before it did).
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// IPv6 DNAT: destination becomes `addr:port`.
+#[inline(always)]
+pub fn rewrite6_dst(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
+    rewrite6(ctx, flow, IP6_DST_OFF, 2, &flow.dst, &addr, flow.dport, port)
+}
+
+/// IPv6 reverse NAT: source becomes `addr:port`.
+#[inline(always)]
+pub fn rewrite6_src(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
+    rewrite6(ctx, flow, IP6_SRC_OFF, 0, &flow.src, &addr, flow.sport, port)
+}
+
+/// IPv6 has no header checksum: only the L4 checksum changes, through its pseudo-header
+/// for the address (a 16-byte difference from `bpf_csum_diff`) and directly for the port.
+/// UDP checksums are never zero here (the parser refused those), and an update that
+/// comes out zero is stored as 0xffff (`BPF_F_MARK_MANGLED_0`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; keeps both directions on one path"
+)]
+#[inline(always)]
+fn rewrite6(
+    ctx: &TcContext,
+    flow: &Flow<Ip6>,
+    addr_off: usize,
+    port_off: usize,
+    old_addr: &Ip6,
+    new_addr: &Ip6,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), Outcome> {
+    let mangled0 = if flow.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let l4_off = flow.l4_off as usize;
+    let csum_off = flow.csum_off(l4_off);
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    if old_addr != new_addr {
+        let diff = addr_diff(old_addr, new_addr);
+        pseudo_csum_replace(ctx, csum_off, diff, mangled0)?;
+        ctx.store(IP_OFF + addr_off, new_addr, 0).map_err(failed)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled0 | 2)
+            .map_err(failed)?;
+        ctx.store(l4_off + port_off, &new_port, 0).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// The checksum difference of replacing address `old` by `new` (16 bytes each).
+#[inline(always)]
+pub fn addr_diff(old: &Ip6, new: &Ip6) -> u64 {
+    // SAFETY: both are 16-byte stack values; the helper only reads them.
+    unsafe {
+        bpf_csum_diff(
+            old.as_ptr() as *mut u32,
+            16,
+            new.as_ptr() as *mut u32,
+            16,
+            0,
+        ) as u32 as u64
+    }
+}
+
+/// Applies an address difference to the L4 checksum at `csum_off` through its IPv6
+/// pseudo-header.
+#[inline(always)]
+pub fn pseudo_csum_replace(
+    ctx: &TcContext,
+    csum_off: usize,
+    diff: u64,
+    extra: u64,
+) -> Result<(), Outcome> {
+    let flags = BPF_F_PSEUDO_HDR as u64 | extra;
+    if ctx
+        .l4_csum_replace(csum_off, 0, diff, flags | BPF_F_IPV6)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(csum_off, 0, diff, flags)
+        .map_err(|_| outcome::DROP_REWRITE_FAILED)
 }

@@ -1,7 +1,7 @@
 //! Header parsing. Headers are copied out with `bpf_skb_load_bytes`, which works on
 //! non-linear skbs too and keeps bounds checks in one place: a short packet fails the load.
 use aya_ebpf::programs::TcContext;
-use lb_common::{Outcome, PROTO_ICMP, PROTO_TCP, PROTO_UDP, outcome};
+use lb_common::{Ip6, MapAddr, Outcome, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, outcome};
 
 pub const ETH_HLEN: usize = 14;
 pub const IP_OFF: usize = ETH_HLEN;
@@ -21,6 +21,25 @@ pub const UDP_CSUM_OFF: usize = 6;
 pub const ICMP_CSUM_OFF: usize = 2;
 
 const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+pub const IP6_HLEN: usize = 40;
+pub const IP6_SRC_OFF: usize = 8;
+pub const IP6_DST_OFF: usize = 24;
+pub const IP6_HOP_LIMIT_OFF: usize = 7;
+/// Extension headers walked to find the transport header; a longer chain is passed
+/// (`IP_OPTIONS`), as no stack sends one to a service.
+pub const IPV6_EXT_MAX: usize = 6;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -44,22 +63,38 @@ pub struct Ipv4Hdr {
     pub dst: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub nexthdr: u8,
+    pub hop_limit: u8,
+    pub src: Ip6,
+    pub dst: Ip6,
+}
+const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IP6_HLEN);
+
 /// A TCP or UDP packet (or the flow an ICMP error is about). Addresses/ports network order.
 #[derive(Clone, Copy)]
-pub struct Flow {
+pub struct Flow<A = u32> {
     pub proto: u8,
-    pub src: u32,
-    pub dst: u32,
+    pub src: A,
+    pub dst: A,
     pub sport: u16,
     pub dport: u16,
     /// TCP flags byte (0 for UDP and for embedded headers of ICMP errors).
     pub tcp_flags: u8,
+    /// Where the L4 header starts in the frame: after the IPv6 extension headers (IPv4
+    /// rewrites use the constant offsets of option-less headers).
+    pub l4_off: u16,
 }
 
-impl Flow {
+impl<A: MapAddr> Flow<A> {
     /// The same flow seen from the other end.
     #[inline(always)]
-    pub fn reversed(&self) -> Flow {
+    pub fn reversed(&self) -> Flow<A> {
         Flow {
             proto: self.proto,
             src: self.dst,
@@ -67,6 +102,7 @@ impl Flow {
             sport: self.dport,
             dport: self.sport,
             tcp_flags: 0,
+            l4_off: self.l4_off,
         }
     }
 
@@ -81,13 +117,18 @@ impl Flow {
     }
 }
 
-pub enum Packet {
-    /// TCP or UDP at `L4_OFF`.
-    Flow(Flow),
-    /// ICMP error at `L4_OFF` embedding the header of `inner` at `INNER_IP_OFF`; `outer` has
-    /// the ICMP packet's own addresses (ports unused).
-    IcmpError { outer: Flow, inner: Flow },
+pub enum Packet<A = u32> {
+    /// TCP or UDP at `l4_off`.
+    Flow(Flow<A>),
+    /// ICMP error at `outer.l4_off` embedding the header of `inner` 8 bytes on (its L4
+    /// header at `inner.l4_off`); `outer` has the ICMP packet's own addresses (ports unused).
+    IcmpError { outer: Flow<A>, inner: Flow<A> },
 }
+
+/// What [`parse`] returns for an IPv6 packet, which the IPv6 programs parse (with
+/// [`parse6`]). Not an outcome of the table: never counted. A sentinel rather than a variant
+/// of the result, whose extra copy of the packet would cost the IPv4 path 48 bytes of stack.
+pub const IPV6: Outcome = u32::MAX;
 
 /// Parses Ethernet + IPv4 + TCP/UDP/ICMP-error. Anything else is a pass outcome.
 /// Ethernet, IPv4 and the first 8 bytes of L4 (the ports), read with one helper call: the
@@ -106,7 +147,7 @@ const _: () = assert!(core::mem::size_of::<Head>() == L4_OFF + 8);
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
-    // Fast path: TCP and UDP, in one load (two for TCP's flags).
+    // Fast path: TCP and UDP over IPv4, in one load (two for TCP's flags).
     if let Ok(head) = ctx.load::<Head>(0) {
         let (ethertype, ip, ports) = (head.ethertype, head.ip, head.ports);
         if ethertype == ETH_P_IP.to_be()
@@ -117,8 +158,11 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
         }
     }
     let ethertype: u16 = ctx.load(12).map_err(|_| outcome::MALFORMED)?;
+    if ethertype == ETH_P_IPV6.to_be() {
+        return Err(IPV6);
+    }
     if ethertype != ETH_P_IP.to_be() {
-        return Err(outcome::NOT_IPV4);
+        return Err(outcome::NOT_IP);
     }
     let ip = load_ipv4(ctx, IP_OFF)?;
     if matches!(ip.proto, PROTO_TCP | PROTO_UDP) {
@@ -147,7 +191,7 @@ fn parse_flow(ctx: &TcContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<Packet, 
         let [offset, flags]: [u8; 2] = ctx
             .load(L4_OFF + TCP_FLAGS_OFF - 1)
             .map_err(|_| outcome::MALFORMED)?;
-        tcp_header_fits(offset, tot_len)?;
+        tcp_header_fits(offset, tot_len - IP_HLEN as u32)?;
         flags
     } else {
         0
@@ -159,18 +203,177 @@ fn parse_flow(ctx: &TcContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<Packet, 
         sport: ports[0],
         dport: ports[1],
         tcp_flags,
+        l4_off: L4_OFF as u16,
     }))
 }
 
 /// The parser contract's TCP part, shared by every hook: the data offset (high nibble of
-/// `offset_byte`) is at least 5 words and the header lies inside the datagram of `tot_len`.
+/// `offset_byte`) is at least 5 words and the header lies inside the `l4_len` bytes from
+/// the start of the TCP header to the end of the datagram.
 #[inline(always)]
-pub fn tcp_header_fits(offset_byte: u8, tot_len: u32) -> Result<(), Outcome> {
+pub fn tcp_header_fits(offset_byte: u8, l4_len: u32) -> Result<(), Outcome> {
     let header = u32::from(offset_byte >> 4) * 4;
-    if header < 20 || IP_HLEN as u32 + header > tot_len {
+    if header < 20 || header > l4_len {
         return Err(outcome::MALFORMED);
     }
     Ok(())
+}
+
+/// IPv6: the fixed header, extension headers skipped (hop-by-hop, routing, destination
+/// options; a fragment header is a fragment), then TCP, UDP or an ICMPv6 error. The same
+/// contract as IPv4: the datagram (40 + payload length) lies inside the frame, every header
+/// inside the datagram, or the packet is malformed.
+#[inline(always)]
+pub fn parse6(ctx: &TcContext) -> Result<Packet<Ip6>, Outcome> {
+    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(|_| outcome::MALFORMED)?;
+    // The version is the high nibble of the first byte (lowest in memory).
+    if (ip.vtc_flow & 0xf0) != 0x60 {
+        return Err(outcome::MALFORMED);
+    }
+    let end = (IP_OFF + IP6_HLEN) as u32 + u16::from_be(ip.payload_len) as u32;
+    if end > ctx.len() {
+        return Err(outcome::MALFORMED);
+    }
+    let (proto, l4_off) = skip_extensions(ctx, ip.nexthdr, (IP_OFF + IP6_HLEN) as u32, end)?;
+    match proto {
+        PROTO_TCP | PROTO_UDP => {
+            flow6(ctx, proto, &ip.src, &ip.dst, l4_off, end).map(Packet::Flow)
+        }
+        PROTO_ICMPV6 => icmp6_error(ctx, &ip, l4_off, end),
+        _ => Err(outcome::OTHER_PROTOCOL),
+    }
+}
+
+/// Walks up to `IPV6_EXT_MAX` extension headers from `off`; returns the transport protocol
+/// and where its header starts.
+#[inline(always)]
+fn skip_extensions(
+    ctx: &TcContext,
+    first: u8,
+    mut off: u32,
+    end: u32,
+) -> Result<(u8, u32), Outcome> {
+    let mut next = first;
+    for _ in 0..IPV6_EXT_MAX {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let [nh, len]: [u8; 2] = ctx
+                    .load(off as usize)
+                    .map_err(|_| outcome::MALFORMED)?;
+                next = nh;
+                off += (len as u32 + 1) * 8;
+                if off > end {
+                    return Err(outcome::MALFORMED);
+                }
+            }
+            NEXTHDR_FRAGMENT => return Err(outcome::FRAGMENT),
+            _ => return Ok((next, off)),
+        }
+    }
+    match next {
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
+            Err(outcome::IP_OPTIONS)
+        }
+        _ => Ok((next, off)),
+    }
+}
+
+/// TCP or UDP over IPv6 with its header at `l4_off` of a datagram ending at `end`. A zero
+/// UDP checksum is invalid over IPv6 (RFC 8200): malformed, left for the stack to discard.
+#[inline(always)]
+fn flow6(
+    ctx: &TcContext,
+    proto: u8,
+    src: &Ip6,
+    dst: &Ip6,
+    l4_off: u32,
+    end: u32,
+) -> Result<Flow<Ip6>, Outcome> {
+    let min = if proto == PROTO_TCP { 20 } else { 8 };
+    if l4_off + min > end {
+        return Err(outcome::MALFORMED);
+    }
+    // Ports, then UDP's length and checksum (TCP's sequence number).
+    let [sport, dport, _, udp_csum]: [u16; 4] = ctx
+        .load(l4_off as usize)
+        .map_err(|_| outcome::MALFORMED)?;
+    let tcp_flags = if proto == PROTO_TCP {
+        let [offset, flags]: [u8; 2] = ctx
+            .load(l4_off as usize + TCP_FLAGS_OFF - 1)
+            .map_err(|_| outcome::MALFORMED)?;
+        tcp_header_fits(offset, end - l4_off)?;
+        flags
+    } else {
+        if udp_csum == 0 {
+            return Err(outcome::MALFORMED);
+        }
+        0
+    };
+    Ok(Flow {
+        proto,
+        src: *src,
+        dst: *dst,
+        sport,
+        dport,
+        tcp_flags,
+        l4_off: l4_off as u16,
+    })
+}
+
+/// An ICMPv6 error (destination unreachable, packet too big, time exceeded, parameter
+/// problem) quoting a TCP or UDP packet; other ICMPv6 (neighbour discovery, echo) passes.
+#[inline(always)]
+fn icmp6_error(
+    ctx: &TcContext,
+    ip: &Ipv6Hdr,
+    l4_off: u32,
+    end: u32,
+) -> Result<Packet<Ip6>, Outcome> {
+    let icmp_type: u8 = ctx.load(l4_off as usize).map_err(|_| outcome::MALFORMED)?;
+    if !matches!(
+        icmp_type,
+        ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+    ) {
+        return Err(outcome::PASS_NOT_SERVICE);
+    }
+    let inner_ip_off = l4_off + ICMP_HLEN as u32;
+    let inner_l4_off = inner_ip_off + IP6_HLEN as u32;
+    // The quoted header and the 8 bytes of L4 translated must lie inside this datagram.
+    if inner_l4_off + 8 > end {
+        return Err(outcome::MALFORMED);
+    }
+    let inner: Ipv6Hdr = ctx
+        .load(inner_ip_off as usize)
+        .map_err(|_| outcome::MALFORMED)?;
+    if (inner.vtc_flow & 0xf0) != 0x60 {
+        return Err(outcome::MALFORMED);
+    }
+    if !matches!(inner.nexthdr, PROTO_TCP | PROTO_UDP) {
+        return Err(outcome::PASS_NOT_SERVICE);
+    }
+    let ports: [u16; 2] = ctx
+        .load(inner_l4_off as usize)
+        .map_err(|_| outcome::MALFORMED)?;
+    Ok(Packet::IcmpError {
+        outer: Flow {
+            proto: PROTO_ICMPV6,
+            src: ip.src,
+            dst: ip.dst,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            l4_off: l4_off as u16,
+        },
+        inner: Flow {
+            proto: inner.nexthdr,
+            src: inner.src,
+            dst: inner.dst,
+            sport: ports[0],
+            dport: ports[1],
+            tcp_flags: 0,
+            l4_off: inner_l4_off as u16,
+        },
+    })
 }
 
 /// Anything but TCP and UDP over option-less IPv4: ICMP errors about flows, or passed.
@@ -210,6 +413,7 @@ fn parse_other(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Packet, Outcome> {
                     sport: 0,
                     dport: 0,
                     tcp_flags: 0,
+                    l4_off: L4_OFF as u16,
                 },
                 inner: Flow {
                     proto: inner_ip.proto,
@@ -218,6 +422,7 @@ fn parse_other(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Packet, Outcome> {
                     sport: ports[0],
                     dport: ports[1],
                     tcp_flags: 0,
+                    l4_off: INNER_L4_OFF as u16,
                 },
             })
         }

@@ -1,12 +1,13 @@
 //! The pod interface's two packet paths (TC): pod → service (DNAT) and service → pod
 //! (reverse NAT).
 use aya_ebpf::programs::TcContext;
-use lb_common::{Outcome, SCOPE_INTERNAL, is_drop, outcome};
+use lb_common::{Ip6, Outcome, SCOPE_INTERNAL, is_drop, outcome};
 
 use crate::{
     ct,
+    family::{Family, V4, V6},
     icmp::{self, InnerEnd},
-    maps::CONNTRACK,
+    maps::PROGS6,
     nat,
     parse::{self, Flow, Packet},
     route,
@@ -14,12 +15,180 @@ use crate::{
     verdict::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
 };
 
-/// Runs the pod → service path; returns the TC verdict and the outcome to count.
+/// The packet rewrites of one family on TC.
+trait TcFamily: Family {
+    fn rewrite_dst(ctx: &TcContext, flow: &Flow<Self::Addr>, addr: Self::Addr, port: u16)
+    -> Result<(), Outcome>;
+    fn rewrite_src(ctx: &TcContext, flow: &Flow<Self::Addr>, addr: Self::Addr, port: u16)
+    -> Result<(), Outcome>;
+    fn forward(ctx: &TcContext) -> Result<i32, Outcome>;
+    fn reject(ctx: &TcContext, flow: &Flow<Self::Addr>) -> Result<i32, Outcome>;
+    /// `dnat`, `route_reply` and `icmp_error` of this family. IPv4 calls the last two as
+    /// subprograms (inlined, the verifier walks their paths once per caller path: twice
+    /// the instructions to verify); IPv6 inlines them (a subprogram's frame adds to the
+    /// caller's, which the IPv6 stages cannot spare).
+    fn dnat(
+        ctx: &TcContext,
+        flow: &Flow<Self::Addr>,
+        decision: Decision<Self::Addr>,
+    ) -> Result<(i32, Outcome), Outcome>;
+    fn route_reply(
+        ctx: &TcContext,
+        flow: &Flow<Self::Addr>,
+        reply: &svc::Reply<Self::Addr>,
+    ) -> Result<(i32, Outcome), Outcome>;
+    fn icmp_error(
+        ctx: &TcContext,
+        outer: &Flow<Self::Addr>,
+        inner: &Flow<Self::Addr>,
+        end: InnerEnd,
+    ) -> Result<(i32, Outcome), Outcome>;
+    fn translate_error(
+        ctx: &TcContext,
+        outer: &Flow<Self::Addr>,
+        inner: &Flow<Self::Addr>,
+        end: InnerEnd,
+        addr: Self::Addr,
+        port: u16,
+    ) -> Result<(), Outcome>;
+}
+
+impl TcFamily for V4 {
+    #[inline(always)]
+    fn rewrite_dst(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), Outcome> {
+        nat::rewrite_dst(ctx, flow, addr, port)
+    }
+    #[inline(always)]
+    fn rewrite_src(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), Outcome> {
+        nat::rewrite_src(ctx, flow, addr, port)
+    }
+    #[inline(always)]
+    fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
+        route::forward(ctx)
+    }
+    #[inline(always)]
+    fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
+        icmp::reject(ctx, flow)
+    }
+    #[inline(always)]
+    fn dnat(ctx: &TcContext, flow: &Flow, decision: Decision<u32>) -> Result<(i32, Outcome), Outcome> {
+        dnat::<V4>(ctx, flow, decision)
+    }
+    #[inline(always)]
+    fn route_reply(
+        ctx: &TcContext,
+        flow: &Flow,
+        reply: &svc::Reply<u32>,
+    ) -> Result<(i32, Outcome), Outcome> {
+        route_reply4(ctx, flow, reply)
+    }
+    #[inline(always)]
+    fn icmp_error(
+        ctx: &TcContext,
+        outer: &Flow,
+        inner: &Flow,
+        end: InnerEnd,
+    ) -> Result<(i32, Outcome), Outcome> {
+        icmp_error4(ctx, outer, inner, end)
+    }
+    #[inline(always)]
+    fn translate_error(
+        ctx: &TcContext,
+        outer: &Flow,
+        inner: &Flow,
+        end: InnerEnd,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), Outcome> {
+        icmp::translate_error(ctx, outer, inner, end, addr, port)
+    }
+}
+
+impl TcFamily for V6 {
+    #[inline(always)]
+    fn rewrite_dst(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
+        nat::rewrite6_dst(ctx, flow, addr, port)
+    }
+    #[inline(always)]
+    fn rewrite_src(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
+        nat::rewrite6_src(ctx, flow, addr, port)
+    }
+    #[inline(always)]
+    fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
+        forward6(ctx)
+    }
+    #[inline(always)]
+    fn reject(ctx: &TcContext, _flow: &Flow<Ip6>) -> Result<i32, Outcome> {
+        Err(tail_call(ctx, Stage6::FromPodRare))
+    }
+    #[inline(always)]
+    fn dnat(
+        ctx: &TcContext,
+        flow: &Flow<Ip6>,
+        decision: Decision<Ip6>,
+    ) -> Result<(i32, Outcome), Outcome> {
+        dnat::<V6>(ctx, flow, decision)
+    }
+    #[inline(always)]
+    fn route_reply(
+        ctx: &TcContext,
+        flow: &Flow<Ip6>,
+        reply: &svc::Reply<Ip6>,
+    ) -> Result<(i32, Outcome), Outcome> {
+        route_reply::<V6>(ctx, flow, reply)
+    }
+    #[inline(always)]
+    fn icmp_error(
+        ctx: &TcContext,
+        outer: &Flow<Ip6>,
+        inner: &Flow<Ip6>,
+        end: InnerEnd,
+    ) -> Result<(i32, Outcome), Outcome> {
+        icmp_error::<V6>(ctx, outer, inner, end)
+    }
+    #[inline(always)]
+    fn translate_error(
+        ctx: &TcContext,
+        outer: &Flow<Ip6>,
+        inner: &Flow<Ip6>,
+        end: InnerEnd,
+        addr: Ip6,
+        port: u16,
+    ) -> Result<(), Outcome> {
+        icmp::translate_error6(ctx, outer, inner, end, addr, port)
+    }
+}
+
+#[inline(never)]
+fn route_reply4(
+    ctx: &TcContext,
+    flow: &Flow,
+    reply: &svc::Reply<u32>,
+) -> Result<(i32, Outcome), Outcome> {
+    route_reply::<V4>(ctx, flow, reply)
+}
+
+#[inline(never)]
+fn icmp_error4(
+    ctx: &TcContext,
+    outer: &Flow,
+    inner: &Flow,
+    end: InnerEnd,
+) -> Result<(i32, Outcome), Outcome> {
+    icmp_error::<V4>(ctx, outer, inner, end)
+}
+
+/// Runs the pod → service path; returns the TC verdict and the outcome to count. IPv6
+/// packets continue in the IPv6 programs (tail calls): each program has its own 512-byte
+/// stack, which the IPv6 path needs, and the IPv4 path stays what it was.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
-        Ok(Packet::Flow(flow)) => pod_flow(ctx, &flow),
-        Ok(Packet::IcmpError { outer, inner }) => icmp_error(ctx, &outer, &inner, InnerEnd::Source),
+        Ok(Packet::Flow(flow)) => pod_flow::<V4>(ctx, &flow),
+        Ok(Packet::IcmpError { outer, inner }) => {
+            V4::icmp_error(ctx, &outer, &inner, InnerEnd::Source)
+        }
+        Err(parse::IPV6) => Err(tail_call(ctx, Stage6::FromPod)),
         Err(outcome) => Err(outcome),
     };
     finish(result)
@@ -29,13 +198,91 @@ pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> (i32, Outcome) {
     let result = match parse::parse(ctx) {
-        Ok(Packet::Flow(flow)) => revnat(ctx, &flow),
-        Ok(Packet::IcmpError { outer, inner }) => {
-            icmp_error(ctx, &outer, &inner, InnerEnd::Destination)
-        }
+        Ok(packet) => to_pod_packet::<V4>(ctx, packet),
+        Err(parse::IPV6) => Err(tail_call(ctx, Stage6::ToPod)),
         Err(outcome) => Err(outcome),
     };
     finish(result)
+}
+
+/// The IPv6 programs, by their index in `PROGS6` (the agent fills it after loading).
+#[derive(Clone, Copy)]
+pub enum Stage6 {
+    FromPod = 0,
+    ToPod = 1,
+    /// A pod's IPv6 packet of no tracked flow (a third program: with the tracked path in
+    /// the same one, the stack does not fit).
+    FromPodUntracked = 2,
+    /// The rare ones: a pod's ICMPv6 error about a flow, and the ICMPv6 port unreachable
+    /// for a pod's flow to a frontend without endpoints.
+    FromPodRare = 3,
+}
+
+#[inline(always)]
+fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
+    route::forward6(ctx)
+}
+
+/// `xlb_from_pod6_rare`: translates a pod's ICMPv6 error, or answers the pod's packet (to
+/// a frontend without endpoints: the caller decided so) with an ICMPv6 port unreachable.
+#[inline(always)]
+pub fn from_pod6_rare(ctx: &TcContext) -> (i32, Outcome) {
+    finish((|| match parse::parse6(ctx)? {
+        Packet::Flow(flow) => icmp::reject6(ctx, &flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
+        Packet::IcmpError { outer, inner } => {
+            icmp_error::<V6>(ctx, &outer, &inner, InnerEnd::Source)
+        }
+    })())
+}
+
+/// Continues in an IPv6 program; returns only if it cannot (not loaded: the packet is
+/// passed and counted as not handled).
+#[inline(always)]
+fn tail_call(ctx: &TcContext, stage: Stage6) -> Outcome {
+    // SAFETY: a tail call replaces this program run; on failure it returns.
+    unsafe { PROGS6.tail_call(ctx, stage as u32) };
+    outcome::NOT_IP
+}
+
+/// `xlb_from_pod6`: an IPv6 packet from a pod, of a tracked flow or an ICMPv6 error.
+#[inline(always)]
+pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
+    finish((|| match parse::parse6(ctx)? {
+        Packet::Flow(flow) => match tracked::<V6>(ctx, &flow, svc::now_ns()) {
+            Some(done) => done,
+            None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
+        },
+        Packet::IcmpError { .. } => Err(tail_call(ctx, Stage6::FromPodRare)),
+    })())
+}
+
+/// `xlb_from_pod6_untracked`: the rest of `from_pod6` (parsed again: nothing is handed
+/// over in a tail call but the packet).
+#[inline(always)]
+pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
+    finish((|| match parse::parse6(ctx)? {
+        Packet::Flow(flow) => untracked::<V6>(ctx, &flow, svc::now_ns()),
+        Packet::IcmpError { .. } => Err(outcome::PASS_NOT_SERVICE),
+    })())
+}
+
+/// `xlb_to_pod6`.
+#[inline(always)]
+pub fn to_pod6(ctx: &TcContext) -> (i32, Outcome) {
+    finish((|| to_pod_packet::<V6>(ctx, parse::parse6(ctx)?))())
+}
+
+#[inline(always)]
+fn to_pod_packet<F: TcFamily>(
+    ctx: &TcContext,
+    packet: Packet<F::Addr>,
+) -> Result<(i32, Outcome), Outcome> {
+    match packet {
+        Packet::Flow(flow) => revnat::<F>(ctx, &flow),
+        Packet::IcmpError { outer, inner } => {
+            F::icmp_error(ctx, &outer, &inner, InnerEnd::Destination)
+        }
+    }
 }
 
 /// Drops are dropped; every other non-translated outcome lets the packet continue untouched
@@ -52,44 +299,68 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 /// A pod's packet: of a tracked flow (looked up first: most packets are), a reply to route
 /// back, or a new flow to a service.
 #[inline(always)]
-fn pod_flow(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
+fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     let now = svc::now_ns();
-    let decision = match svc::follow(flow, SCOPE_INTERNAL, ctx.len(), now) {
-        Some(decision) => decision?,
-        None => {
-            let frontend = svc::find_frontend(flow, SCOPE_INTERNAL, false);
-            match frontend {
-                // Routed replies go to a client outside or to the node's SNAT address, not
-                // to a frontend on another address: a new flow skips that (missing) lookup.
-                Some(found) if !svc::is_node_ip(flow.dst) => {
-                    svc::new_flow(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
-                }
-                _ => {
-                    if let Some(done) = routed_reply(ctx, flow) {
-                        return done;
-                    }
-                    let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
-                    svc::new_flow(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
-                }
-            }
-        }
-    };
-    dnat(ctx, flow, decision)
+    match tracked::<F>(ctx, flow, now) {
+        Some(done) => done,
+        None => untracked::<F>(ctx, flow, now),
+    }
 }
 
-fn dnat(ctx: &TcContext, flow: &Flow, decision: Decision) -> Result<(i32, Outcome), Outcome> {
+/// The packet of a tracked flow, translated; `None` if it belongs to none.
+#[inline(always)]
+fn tracked<F: TcFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    now: u64,
+) -> Option<Result<(i32, Outcome), Outcome>> {
+    let decision = svc::follow::<F>(flow, SCOPE_INTERNAL, ctx.len(), now)?;
+    Some(decision.and_then(|decision| F::dnat(ctx, flow, decision)))
+}
+
+/// A packet of no tracked flow: a routed reply, or a new flow to a service.
+#[inline(always)]
+fn untracked<F: TcFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    now: u64,
+) -> Result<(i32, Outcome), Outcome> {
+    let frontend = svc::find_frontend::<F>(flow, SCOPE_INTERNAL, false);
+    let decision = match frontend {
+        // Routed replies go to a client outside or to the node's SNAT address, not to a
+        // frontend on another address: a new flow skips that (missing) lookup.
+        Some(found) if !svc::is_node_ip::<F>(flow.dst) => {
+            svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
+        }
+        _ => {
+            if let Some(done) = routed_reply::<F>(ctx, flow) {
+                return done;
+            }
+            let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
+            svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
+        }
+    };
+    F::dnat(ctx, flow, decision)
+}
+
+#[inline(always)]
+fn dnat<F: TcFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    decision: Decision<F::Addr>,
+) -> Result<(i32, Outcome), Outcome> {
     match decision {
         Decision::Translate { dst, src, outcome } => {
-            nat::rewrite_dst(ctx, flow, dst.0, dst.1)?;
+            F::rewrite_dst(ctx, flow, dst.0, dst.1)?;
             if let Some((addr, port)) = src {
                 // Hairpin: with a node address as source the stack would see a martian.
-                nat::rewrite_src(ctx, flow, addr, port)?;
+                F::rewrite_src(ctx, flow, addr, port)?;
             }
             // Straight to the backend's interface (FIB lookup + redirect), skipping the
             // stack's routing and netfilter, as Cilium's BPF host routing does.
-            Ok((route::forward(ctx)?, outcome))
+            Ok((F::forward(ctx)?, outcome))
         }
-        Decision::Reject => icmp::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
+        Decision::Reject => F::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
     }
 }
 
@@ -97,35 +368,47 @@ fn dnat(ctx: &TcContext, flow: &Flow, decision: Decision) -> Result<(i32, Outcom
 /// back to the frontend, destination back to the client if the flow was SNATed; then
 /// straight out of the route's interface.
 #[inline(always)]
-fn routed_reply(ctx: &TcContext, flow: &Flow) -> Option<Result<(i32, Outcome), Outcome>> {
-    let reply = svc::routed_reply(flow, ctx.len())?;
-    Some((|| {
-        if let Some((addr, port)) = reply.dst {
-            nat::rewrite_dst(ctx, flow, addr, port)?;
-        }
-        nat::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-        Ok((route::forward(ctx)?, reply.outcome))
-    })())
+#[inline(always)]
+fn routed_reply<F: TcFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+) -> Option<Result<(i32, Outcome), Outcome>> {
+    let reply = svc::routed_reply::<F>(flow, ctx.len())?;
+    Some(F::route_reply(ctx, flow, &reply))
 }
 
-fn revnat(ctx: &TcContext, flow: &Flow) -> Result<(i32, Outcome), Outcome> {
-    let entry = CONNTRACK
+#[inline(always)]
+fn route_reply<F: TcFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    reply: &svc::Reply<F::Addr>,
+) -> Result<(i32, Outcome), Outcome> {
+    if let Some((addr, port)) = reply.dst {
+        F::rewrite_dst(ctx, flow, addr, port)?;
+    }
+    F::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
+    Ok((F::forward(ctx)?, reply.outcome))
+}
+
+fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
+    let entry = F::conntrack()
         .get_ptr_mut(ct::reverse_key(flow))
         .ok_or(outcome::PASS_NOT_SERVICE)?;
-    // SAFETY: copy of a map value from this run's lookup.
-    let known = unsafe { *entry };
+    // SAFETY: the entry from this run's lookup.
+    let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
     ct::touch(entry, flow, svc::now_ns(), ctx.len());
-    nat::rewrite_src(ctx, flow, known.nat_addr, known.nat_port)?;
+    F::rewrite_src(ctx, flow, addr, port)?;
     Ok((TC_ACT_OK, outcome::REVNAT))
 }
 
 /// ICMP error about a NATed flow. `InnerEnd::Destination`: from a backend (or a router on
 /// its path) about a client → backend packet, found by the reverse entry. `InnerEnd::Source`:
 /// from a client about a reply it got from a VIP, found by the forward entry.
-fn icmp_error(
+#[inline(always)]
+fn icmp_error<F: TcFamily>(
     ctx: &TcContext,
-    outer: &Flow,
-    inner: &Flow,
+    outer: &Flow<F::Addr>,
+    inner: &Flow<F::Addr>,
     end: InnerEnd,
 ) -> Result<(i32, Outcome), Outcome> {
     let key = match end {
@@ -133,9 +416,9 @@ fn icmp_error(
         InnerEnd::Source => ct::forward_key(&inner.reversed()),
     };
     // SAFETY: value copied out immediately.
-    let known = unsafe { CONNTRACK.get(key) }
-        .copied()
+    let (addr, port) = unsafe { F::conntrack().get(key) }
+        .map(|known| (known.nat_addr, known.nat_port))
         .ok_or(outcome::PASS_NOT_SERVICE)?;
-    icmp::translate_error(ctx, outer, inner, end, known.nat_addr, known.nat_port)?;
+    F::translate_error(ctx, outer, inner, end, addr, port)?;
     Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
 }

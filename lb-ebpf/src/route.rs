@@ -12,11 +12,12 @@ use lb_common::{Outcome, outcome};
 
 use crate::{
     maps::POD_IFACES,
-    parse::{IP_CSUM_OFF, IP_OFF, Ipv4Hdr},
+    parse::{IP_CSUM_OFF, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const TTL_OFF: usize = 8;
@@ -29,6 +30,39 @@ pub fn fib_params<'a>(
     ip: &Ipv4Hdr,
     ifindex: u32,
 ) -> &'a mut FibParams {
+    let fib = zeroed(storage);
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = ip.src;
+    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
+    fib.ifindex = ifindex;
+    fib
+}
+
+/// The same for an IPv6 packet (`l4_protocol` is the first next-header: the lookup only
+/// uses it for policy routing on ports, which extension headers hide anyway).
+#[inline(always)]
+pub fn fib_params6<'a>(
+    storage: &'a mut MaybeUninit<FibParams>,
+    ip: &Ipv6Hdr,
+    ifindex: u32,
+) -> &'a mut FibParams {
+    let fib = zeroed(storage);
+    fib.family = AF_INET6;
+    fib.l4_protocol = ip.nexthdr;
+    fib.__bindgen_anon_1.tot_len = IP6_HLEN as u16 + u16::from_be(ip.payload_len);
+    // Traffic class and flow label: the first word without the version nibble.
+    fib.__bindgen_anon_2.flowinfo = ip.vtc_flow & 0x0fff_ffffu32.to_be();
+    fib.__bindgen_anon_3.ipv6_src = ip.src;
+    fib.__bindgen_anon_4.ipv6_dst = ip.dst;
+    fib.ifindex = ifindex;
+    fib
+}
+
+#[inline(always)]
+fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
     // Zeroed word by word: `mem::zeroed` becomes a call to a byte-at-a-time memset on
     // this target (64 iterations on every forwarded packet).
     const WORDS: usize = core::mem::size_of::<FibParams>() / 8;
@@ -39,15 +73,7 @@ pub fn fib_params<'a>(
         unsafe { words.add(i).write_volatile(0) };
     }
     // SAFETY: every byte was written; all-zero is a valid value of this plain C struct.
-    let fib = unsafe { storage.assume_init_mut() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = ip.src;
-    fib.__bindgen_anon_4.ipv4_dst = ip.dst;
-    fib.ifindex = ifindex;
-    fib
+    unsafe { storage.assume_init_mut() }
 }
 
 /// Sends the (already rewritten) packet out of the interface its destination routes to.
@@ -81,6 +107,41 @@ pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
         .map_err(failed)?;
     ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_word as u64, new_word as u64, 2)
         .map_err(failed)?;
+    redirect(ctx, fib, rc)
+}
+
+/// `forward` for IPv6: the hop limit is decremented (no header checksum to fix).
+#[inline(always)]
+pub fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
+    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(failed)?;
+    if ip.hop_limit <= 1 {
+        return Ok(TC_ACT_OK); // the stack sends time-exceeded
+    }
+    let mut storage = MaybeUninit::uninit();
+    // SAFETY: reading the skb's own ifindex field.
+    let fib = fib_params6(&mut storage, &ip, unsafe { (*ctx.skb.skb).ifindex });
+    // SAFETY: the helper reads and writes `fib` only.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut *fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Ok(TC_ACT_OK);
+    }
+    ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0)
+        .map_err(failed)?;
+    redirect(ctx, fib, rc)
+}
+
+/// Sends the packet out of the interface `fib` found (`rc`: success or no neighbour).
+#[inline(always)]
+fn redirect(ctx: &TcContext, fib: &FibParams, rc: i64) -> Result<i32, Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
     let verdict = if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&fib.dmac);

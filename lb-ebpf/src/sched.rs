@@ -5,40 +5,46 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_loop};
 use lb_common::{
-    LEAST_CONN_SCAN, LeastLoaded, ServiceKey, ServiceValue, client_hash, flow_hash, scheduler,
-    scheduler_of,
+    LEAST_CONN_SCAN, LeastLoaded, MapAddr, ServiceKey, ServiceValue, client_hash, flow_hash,
+    scheduler, scheduler_of,
 };
 
 use crate::{
     atomic,
-    maps::{CONNECTIONS, ROUND_ROBIN, SERVICES, XLB_MAGLEV},
+    family::Family,
+    maps::{CONNECTIONS, ROUND_ROBIN, XLB_MAGLEV},
     parse::Flow,
 };
 
 /// The backend id in `slot` (1..=count) of a frontend.
 #[inline(always)]
-pub fn slot_backend(frontend_key: &ServiceKey, slot: u16) -> Option<u32> {
+pub fn slot_backend<F: Family>(frontend_key: &ServiceKey<F::Addr>, slot: u16) -> Option<u32> {
     let key = ServiceKey {
         slot,
         ..*frontend_key
     };
     // SAFETY: value copied out immediately.
-    unsafe { SERVICES.get(key) }.map(|s| s.backend_id)
+    unsafe { F::services().get(key) }.map(|s| s.backend_id)
 }
 
 /// Picks a backend for a new flow with the frontend's algorithm (`count` ≥ 1).
 #[inline(always)]
-pub fn pick(frontend_key: &ServiceKey, frontend: &ServiceValue, flow: &Flow) -> Option<u32> {
+pub fn pick<F: Family>(
+    frontend_key: &ServiceKey<F::Addr>,
+    frontend: &ServiceValue,
+    flow: &Flow<F::Addr>,
+) -> Option<u32> {
     let count = frontend.count as u32;
     match scheduler_of(frontend.flags) {
         scheduler::ROUND_ROBIN => {
             let turn = next_turn(frontend.service_id);
-            slot_backend(frontend_key, (turn % u64::from(count)) as u16 + 1)
+            slot_backend::<F>(frontend_key, (turn % u64::from(count)) as u16 + 1)
         }
-        scheduler::SOURCE_HASH => {
-            slot_backend(frontend_key, (client_hash(flow.src) % count) as u16 + 1)
-        }
-        scheduler::LEAST_CONN => least_conn(frontend_key, frontend.count),
+        scheduler::SOURCE_HASH => slot_backend::<F>(
+            frontend_key,
+            (client_hash(flow.src.hash_word()) % count) as u16 + 1,
+        ),
+        scheduler::LEAST_CONN => least_conn::<F>(frontend_key, frontend.count),
         scheduler::MAGLEV => maglev(frontend.service_id, flow),
         _ => None,
     }
@@ -68,7 +74,7 @@ fn next_turn(service_id: u32) -> u64 {
 /// `LEAST_CONN_SCAN` backends; otherwise a window starting at a random slot), one slot per
 /// `bpf_loop` step.
 #[inline(always)]
-fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
+fn least_conn<F: Family>(frontend_key: &ServiceKey<F::Addr>, count: u16) -> Option<u32> {
     let start = if count > LEAST_CONN_SCAN {
         // SAFETY: helper without side effects.
         (unsafe { bpf_get_prandom_u32() } % count as u32) as u16
@@ -83,8 +89,8 @@ fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
     unsafe {
         bpf_loop(
             scan.state.steps(),
-            least_conn_step as *const () as *mut c_void,
-            (&mut scan as *mut LeastConnScan).cast(),
+            least_conn_step::<F> as *const () as *mut c_void,
+            (&mut scan as *mut LeastConnScan<F::Addr>).cast(),
             0,
         );
     }
@@ -92,17 +98,17 @@ fn least_conn(frontend_key: &ServiceKey, count: u16) -> Option<u32> {
 }
 
 #[repr(C)]
-struct LeastConnScan {
-    key: ServiceKey,
+struct LeastConnScan<A: MapAddr> {
+    key: ServiceKey<A>,
     state: LeastLoaded,
 }
 
 /// One `bpf_loop` step: offers slot `index`'s backend and its open flows.
-extern "C" fn least_conn_step(index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn least_conn_step<F: Family>(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `LeastConnScan` handed to `bpf_loop` by `least_conn`.
-    let scan = unsafe { &mut *(ctx as *mut LeastConnScan) };
+    let scan = unsafe { &mut *(ctx as *mut LeastConnScan<F::Addr>) };
     let slot = scan.state.slot(index as u32);
-    if let Some(id) = slot_backend(&scan.key, slot) {
+    if let Some(id) = slot_backend::<F>(&scan.key, slot) {
         // SAFETY: value copied out immediately.
         let open = unsafe { CONNECTIONS.get(id) }.copied().unwrap_or(0);
         scan.state.offer(id, open);
@@ -112,7 +118,7 @@ extern "C" fn least_conn_step(index: u64, ctx: *mut c_void) -> i64 {
 
 /// The backend id in the frontend's Maglev table at the flow's hash.
 #[inline(always)]
-fn maglev(service_id: u32, flow: &Flow) -> Option<u32> {
+fn maglev<A: MapAddr>(service_id: u32, flow: &Flow<A>) -> Option<u32> {
     // SAFETY: the agent never writes into a table the datapath can see (it swaps whole
     // tables), so one lookup gives a consistent table for size and entry alike.
     let table = unsafe { XLB_MAGLEV.get(&service_id) }?;
@@ -120,7 +126,13 @@ fn maglev(service_id: u32, flow: &Flow) -> Option<u32> {
     if size == 0 {
         return None;
     }
-    let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    let hash = flow_hash(
+        flow.src.hash_word(),
+        flow.dst.hash_word(),
+        flow.sport,
+        flow.dport,
+        flow.proto,
+    );
     let id = table.get(hash % size + 1).copied()?;
     (id != 0).then_some(id)
 }

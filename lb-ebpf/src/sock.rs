@@ -18,6 +18,7 @@ use lb_common::{
 };
 
 use crate::{
+    family::V4,
     maps::{HOST_NETNS, SOCK_REVNAT},
     parse::Flow,
     stats, svc,
@@ -49,8 +50,9 @@ pub fn connect(ctx: &SockAddrContext) -> (i32, Option<Outcome>) {
         sport: cookie as u16,
         dport,
         tcp_flags: 0,
+        l4_off: 0,
     };
-    let Some((key, frontend)) = svc::find_frontend(&flow, SCOPE_INTERNAL, true) else {
+    let Some((key, frontend)) = svc::find_frontend::<V4>(&flow, SCOPE_INTERNAL, true) else {
         return (ALLOW, None);
     };
     if frontend.count == 0 {
@@ -60,7 +62,8 @@ pub fn connect(ctx: &SockAddrContext) -> (i32, Option<Outcome>) {
         }
         return (DENY, Some(outcome::SOCK_REFUSED));
     }
-    let Ok((backend_id, backend)) = svc::select_backend(&key, &frontend, &flow, svc::now_ns())
+    let Ok((backend_id, backend)) =
+        svc::select_backend::<V4>(&key, &frontend, &flow, svc::now_ns())
     else {
         return (ALLOW, Some(outcome::DROP_BACKEND_MISSING));
     };

@@ -1,28 +1,25 @@
 //! Service balancing shared by every hook: find the frontend, follow a tracked flow or pick
 //! a backend for a new one, record it. The hooks only parse and rewrite packets.
-use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-    maps::lpm_trie::Key,
-};
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, Outcome,
     SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey, VIP_ANY_NODE_IP, outcome,
+    ServiceKey, ServiceValue, outcome,
 };
 
 use crate::{
     ct::{self, Nat},
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, NODE_IPS, SERVICES, SOURCE_RANGES},
+    family::Family,
     parse::Flow,
     sched, stats,
 };
 
 /// What to do with a packet to a frontend.
-pub enum Decision {
+pub enum Decision<A> {
     /// Rewrite the destination to `dst` (and the source to `src` if set).
     Translate {
-        dst: Addr,
-        src: Option<Addr>,
+        dst: Addr<A>,
+        src: Option<Addr<A>>,
         outcome: Outcome,
     },
     /// No usable endpoint: answer with ICMP port unreachable.
@@ -45,29 +42,30 @@ const REVERSE_CHECK_NS: u64 = 100_000_000;
 
 /// A backend that still belongs to `service_id` (ids are never shared between services).
 #[inline(always)]
-pub fn live_backend(backend_id: u32, service_id: u32) -> Option<Backend> {
+pub fn live_backend<F: Family>(backend_id: u32, service_id: u32) -> Option<Backend<F::Addr>> {
     // SAFETY: value copied out immediately.
-    let backend = unsafe { BACKENDS.get(backend_id) }.copied()?;
+    let backend = unsafe { F::backends().get(backend_id) }.copied()?;
     (backend.service_id == service_id).then_some(backend)
 }
 
 #[inline(always)]
-pub fn is_node_ip(addr: u32) -> bool {
+pub fn is_node_ip<F: Family>(addr: F::Addr) -> bool {
     // SAFETY: presence check only.
-    unsafe { NODE_IPS.get(addr) }.is_some()
+    unsafe { F::node_ips().get(addr) }.is_some()
 }
 
 /// The frontend `flow` is addressed to in `scope`: its exact VIP, else a NodePort when the
 /// destination is one of this node's addresses (or, for node processes, loopback).
 #[inline(always)]
-pub fn find_frontend(
-    flow: &Flow,
+pub fn find_frontend<F: Family>(
+    flow: &Flow<F::Addr>,
     scope: u8,
     loopback_is_node: bool,
-) -> Option<(ServiceKey, ServiceValue)> {
-    // 0.0.0.0 is where NodePorts are stored, not an address a packet may ask for: only real
-    // node addresses (and loopback for node processes) reach them, below.
-    if flow.dst == VIP_ANY_NODE_IP {
+) -> Option<(ServiceKey<F::Addr>, ServiceValue)> {
+    // 0.0.0.0 (::) is where NodePorts are stored, not an address a packet may ask for: only
+    // real node addresses (and loopback for node processes) reach them, below.
+    let any = F::Addr::default();
+    if flow.dst == any {
         return None;
     }
     let key = ServiceKey {
@@ -79,41 +77,29 @@ pub fn find_frontend(
         _pad: [0; 2],
     };
     // SAFETY: values copied out immediately.
-    if let Some(value) = unsafe { SERVICES.get(key) } {
+    if let Some(value) = unsafe { F::services().get(key) } {
         return Some((key, *value));
     }
-    // 127.0.0.0/8: the first address byte is the lowest in memory (network order).
-    let loopback = loopback_is_node && flow.dst & 0xff == 127;
-    if !loopback && !is_node_ip(flow.dst) {
+    let loopback = loopback_is_node && F::is_loopback(flow.dst);
+    if !loopback && !is_node_ip::<F>(flow.dst) {
         return None;
     }
-    let key = ServiceKey {
-        vip: VIP_ANY_NODE_IP,
-        ..key
-    };
-    unsafe { SERVICES.get(key) }.map(|value| (key, *value))
-}
-
-/// Whether `client` is inside the service's loadBalancerSourceRanges.
-#[inline(always)]
-fn source_allowed(service_id: u32, client: u32) -> bool {
-    let key = Key::new(
-        64,
-        SourceRangeKey {
-            service_id_be: service_id.to_be(),
-            addr: client,
-        },
-    );
-    SOURCE_RANGES.get(&key).is_some()
+    let key = ServiceKey { vip: any, ..key };
+    unsafe { F::services().get(key) }.map(|value| (key, *value))
 }
 
 /// The tracked backend of a known, live flow (`None`: not tracked, expired, or its backend
 /// left: balance it as a new flow). Hooks check this first: most packets belong to one.
 #[inline(always)]
-pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Decision, Outcome>> {
-    let entry = CONNTRACK.get_ptr_mut(ct::forward_key(flow))?;
+pub fn follow<F: Family>(
+    flow: &Flow<F::Addr>,
+    scope: u8,
+    bytes: u32,
+    now: u64,
+) -> Option<Result<Decision<F::Addr>, Outcome>> {
+    let entry = F::conntrack().get_ptr_mut(ct::forward_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
-    let known = unsafe { *entry };
+    let known = ct::known(entry);
     // Conntrack keys carry no hook: a packet from outside with a pod's 5-tuple (spoofed)
     // must not ride that pod's flow into the cluster, nor a pod's packet an outside one.
     if (known.flags & CT_FLAG_EXTERNAL != 0) != (scope == SCOPE_EXTERNAL) {
@@ -121,8 +107,8 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
     }
     // A flow whose backend left the service, or whose entry outlived its lifetime (the
     // tuple is being reused), is balanced again as a new flow.
-    let expired = ct::expired(&known, flow.proto, now);
-    if !expired && let Some(backend) = live_backend(known.backend_id, known.service_id) {
+    let expired = ct::aged_out(known.last_seen_ns, known.flags, flow.proto, now);
+    if !expired && let Some(backend) = live_backend::<F>(known.backend_id, known.service_id) {
         let flags = ct::touch(entry, flow, now, bytes);
         if flags & CT_FLAG_CLOSING != 0 && known.flags & CT_FLAG_CLOSING == 0 {
             sched::flow_closed(known.backend_id);
@@ -131,7 +117,7 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
         // would cost a lookup each, so only on the first packet of each REVERSE_CHECK_NS
         // window (a busy flow is still checked every window, an idle one on its return).
         if now / REVERSE_CHECK_NS != known.last_seen_ns / REVERSE_CHECK_NS
-            && let Err(o) = ct::ensure_reverse(flow, &known, &backend, now)
+            && let Err(o) = ct::ensure_reverse::<F>(flow, &known, &backend, now)
         {
             return Some(Err(o));
         }
@@ -157,22 +143,27 @@ pub fn follow(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Option<Result<Dec
 /// Picks a backend for a flow that is not (or no longer) tracked and records the flow.
 /// `Err` carries the outcome of packets that are not translated (passed or dropped).
 #[inline(always)]
-pub fn balance_new(flow: &Flow, scope: u8, bytes: u32, now: u64) -> Result<Decision, Outcome> {
-    let found = find_frontend(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
-    new_flow(flow, scope, found, bytes, now)
+pub fn balance_new<F: Family>(
+    flow: &Flow<F::Addr>,
+    scope: u8,
+    bytes: u32,
+    now: u64,
+) -> Result<Decision<F::Addr>, Outcome> {
+    let found = find_frontend::<F>(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
+    new_flow::<F>(flow, scope, found, bytes, now)
 }
 
 /// Picks a backend of `frontend` (found for `flow`) and records the flow.
 #[inline(always)]
-pub fn new_flow(
-    flow: &Flow,
+pub fn new_flow<F: Family>(
+    flow: &Flow<F::Addr>,
     scope: u8,
-    (frontend_key, frontend): (ServiceKey, ServiceValue),
+    (frontend_key, frontend): (ServiceKey<F::Addr>, ServiceValue),
     bytes: u32,
     now: u64,
-) -> Result<Decision, Outcome> {
+) -> Result<Decision<F::Addr>, Outcome> {
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
-        && !source_allowed(frontend.service_id, flow.src)
+        && !F::source_allowed(frontend.service_id, flow.src)
     {
         return Err(outcome::DROP_SOURCE_RANGE);
     }
@@ -182,15 +173,16 @@ pub fn new_flow(
         }
         return Ok(Decision::Reject);
     }
-    let (backend_id, backend) = select_backend(&frontend_key, &frontend, flow, now)?;
-    let mut nat = Nat::NONE;
+    let (backend_id, backend) = select_backend::<F>(&frontend_key, &frontend, flow, now)?;
+    let unset = F::Addr::default();
+    let mut nat = Nat::none();
     if scope != SCOPE_EXTERNAL && backend.ip == flow.src {
         // Hairpin: a pod reaching itself through its service. Its kernel would drop a
         // packet from its own address, so the source becomes the node's (kube-proxy
         // masquerades these too) and the reply comes back through us.
-        let config = CONFIG.get(0).copied().unwrap_or_default();
-        if config.snat_addr != 0 {
-            nat = ct::claim_snat_port(
+        let config = F::config();
+        if config.snat_addr != unset {
+            nat = ct::claim_snat_port::<F>(
                 flow,
                 backend_id,
                 &backend,
@@ -203,11 +195,11 @@ pub fn new_flow(
     } else if scope == SCOPE_EXTERNAL {
         nat.flags = CT_FLAG_EXTERNAL;
         if frontend.flags & SVC_FLAG_SNAT != 0 {
-            let config = CONFIG.get(0).copied().unwrap_or_default();
-            if config.snat_addr == 0 {
+            let config = F::config();
+            if config.snat_addr == unset {
                 return Err(outcome::DROP_SNAT_EXHAUSTED);
             }
-            nat = ct::claim_snat_port(
+            nat = ct::claim_snat_port::<F>(
                 flow,
                 backend_id,
                 &backend,
@@ -218,7 +210,7 @@ pub fn new_flow(
             )?;
         }
     }
-    ct::create(
+    ct::create::<F>(
         flow,
         backend_id,
         &backend,
@@ -243,25 +235,25 @@ pub fn new_flow(
 }
 
 /// An address and port, network byte order.
-pub type Addr = (u32, u16);
+pub type Addr<A> = (A, u16);
 
 /// How to translate the reply of a flow whose reply does not simply retrace a pod's path:
 /// flows from outside, and SNATed (hairpin) flows.
-pub struct Reply {
+pub struct Reply<A> {
     /// The new source: the frontend the client used.
-    pub src: Addr,
+    pub src: Addr<A>,
     /// For SNATed flows, the new destination: the client.
-    pub dst: Option<Addr>,
+    pub dst: Option<Addr<A>>,
     pub outcome: Outcome,
 }
 
 /// The reply of a flow from outside or of a SNATed flow, or `None` if `flow` is no such
 /// reply.
 #[inline(always)]
-pub fn routed_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
-    let entry = CONNTRACK.get_ptr_mut(ct::reverse_key(flow))?;
+pub fn routed_reply<F: Family>(flow: &Flow<F::Addr>, bytes: u32) -> Option<Reply<F::Addr>> {
+    let entry = F::conntrack().get_ptr_mut(ct::reverse_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
-    let known = unsafe { *entry };
+    let known = ct::known(entry);
     if known.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT) == 0 {
         return None;
     }
@@ -272,8 +264,10 @@ pub fn routed_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
     };
     ct::touch(entry, flow, now_ns(), bytes);
     let dst = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
+    // SAFETY: the entry from this run's lookup.
+    let src = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
     Some(Reply {
-        src: (known.nat_addr, known.nat_port),
+        src,
         dst,
         outcome,
     })
@@ -281,12 +275,12 @@ pub fn routed_reply(flow: &Flow, bytes: u32) -> Option<Reply> {
 
 /// Session affinity first (if set and fresh), else the frontend's algorithm.
 #[inline(always)]
-pub fn select_backend(
-    frontend_key: &ServiceKey,
+pub fn select_backend<F: Family>(
+    frontend_key: &ServiceKey<F::Addr>,
     frontend: &ServiceValue,
-    flow: &Flow,
+    flow: &Flow<F::Addr>,
     now: u64,
-) -> Result<(u32, Backend), Outcome> {
+) -> Result<(u32, Backend<F::Addr>), Outcome> {
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
     let affinity_key = AffinityKey {
         client: flow.src,
@@ -294,26 +288,26 @@ pub fn select_backend(
     };
     if affinity {
         // SAFETY: value copied out immediately.
-        if let Some(pinned) = unsafe { AFFINITY.get(affinity_key) }.copied() {
+        if let Some(pinned) = unsafe { F::affinity().get(affinity_key) }.copied() {
             let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
             if now.saturating_sub(pinned.last_used_ns) < timeout_ns
-                && let Some(backend) = live_backend(pinned.backend_id, frontend.service_id)
+                && let Some(backend) = live_backend::<F>(pinned.backend_id, frontend.service_id)
             {
-                remember_affinity(&affinity_key, pinned.backend_id, now);
+                remember_affinity::<F>(&affinity_key, pinned.backend_id, now);
                 stats::count(outcome::AFFINITY_HIT);
                 return Ok((pinned.backend_id, backend));
             }
         }
     }
-    let (backend_id, backend) = match sched::pick(frontend_key, frontend, flow) {
-        Some(id) => match live_backend(id, frontend.service_id) {
+    let (backend_id, backend) = match sched::pick::<F>(frontend_key, frontend, flow) {
+        Some(id) => match live_backend::<F>(id, frontend.service_id) {
             Some(backend) => (id, backend),
-            None => random_backend(frontend_key, frontend)?,
+            None => random_backend::<F>(frontend_key, frontend)?,
         },
-        None => random_backend(frontend_key, frontend)?,
+        None => random_backend::<F>(frontend_key, frontend)?,
     };
     if affinity {
-        remember_affinity(&affinity_key, backend_id, now);
+        remember_affinity::<F>(&affinity_key, backend_id, now);
     }
     Ok((backend_id, backend))
 }
@@ -321,10 +315,10 @@ pub fn select_backend(
 /// Uniform random over the slots, as kube-proxy's iptables mode does with
 /// `statistic --mode random`; also the fallback when an algorithm cannot decide.
 #[inline(always)]
-fn random_backend(
-    frontend_key: &ServiceKey,
+fn random_backend<F: Family>(
+    frontend_key: &ServiceKey<F::Addr>,
     frontend: &ServiceValue,
-) -> Result<(u32, Backend), Outcome> {
+) -> Result<(u32, Backend<F::Addr>), Outcome> {
     if lb_common::scheduler_of(frontend.flags) != lb_common::scheduler::RANDOM {
         stats::count(outcome::SCHED_FALLBACK);
     }
@@ -332,19 +326,19 @@ fn random_backend(
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = (random % frontend.count as u32) as u16 + 1;
     let backend_id =
-        sched::slot_backend(frontend_key, slot).ok_or(outcome::DROP_BACKEND_MISSING)?;
-    let backend =
-        live_backend(backend_id, frontend.service_id).ok_or(outcome::DROP_BACKEND_MISSING)?;
+        sched::slot_backend::<F>(frontend_key, slot).ok_or(outcome::DROP_BACKEND_MISSING)?;
+    let backend = live_backend::<F>(backend_id, frontend.service_id)
+        .ok_or(outcome::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 
 #[inline(always)]
-fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
+fn remember_affinity<F: Family>(key: &AffinityKey<F::Addr>, backend_id: u32, now: u64) {
     let value = AffinityValue {
         backend_id,
         _pad: 0,
         last_used_ns: now,
     };
     // Losing an affinity entry (map full) only costs stickiness, never the packet.
-    let _ = AFFINITY.insert(key, value, 0);
+    let _ = F::affinity().insert(key, value, 0);
 }

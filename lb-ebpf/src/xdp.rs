@@ -13,6 +13,7 @@ use aya_ebpf::{
 use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
+    family::V4,
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
@@ -50,7 +51,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     // SAFETY: bounds checked above.
     let ethertype = unsafe { ((data + 12) as *const u16).read_unaligned() };
     if ethertype != ETH_P_IP_BE {
-        return Err(outcome::NOT_IPV4);
+        return Err(outcome::NOT_IP);
     }
     let ip = (data + ETH_HLEN) as *mut Ipv4Hdr;
     // SAFETY: bounds checked above.
@@ -83,7 +84,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     let (ports, tcp_flags) = unsafe {
         let ports = (l4 as *const [u16; 2]).read_unaligned();
         let flags = if hdr.proto == PROTO_TCP {
-            parse::tcp_header_fits(*((l4 + 12) as *const u8), tot_len as u32)?;
+            parse::tcp_header_fits(*((l4 + 12) as *const u8), (tot_len - IP_HLEN) as u32)?;
             *((l4 + 13) as *const u8)
         } else {
             0
@@ -100,6 +101,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
             sport: ports[0],
             dport: ports[1],
             tcp_flags,
+            l4_off: (ETH_HLEN + IP_HLEN) as u16,
         },
     })
 }
@@ -110,12 +112,12 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     let now = svc::now_ns();
     // Most packets belong to a tracked flow: look that up first.
-    let decision = match svc::follow(&flow, SCOPE_EXTERNAL, bytes, now) {
+    let decision = match svc::follow::<V4>(&flow, SCOPE_EXTERNAL, bytes, now) {
         Some(decision) => decision?,
         None => {
             // Replies of SNATed flows come back to a node address.
-            if svc::is_node_ip(flow.dst)
-                && let Some(reply) = svc::routed_reply(&flow, bytes)
+            if svc::is_node_ip::<V4>(flow.dst)
+                && let Some(reply) = svc::routed_reply::<V4>(&flow, bytes)
             {
                 if let Some(dst) = reply.dst {
                     rewrite(&pkt, Field::Dst, dst);
@@ -123,7 +125,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
                 rewrite(&pkt, Field::Src, reply.src);
                 return Ok((forward(ctx, &pkt), reply.outcome));
             }
-            svc::balance_new(&flow, SCOPE_EXTERNAL, bytes, now)?
+            svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now)?
         }
     };
     match decision {

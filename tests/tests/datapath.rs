@@ -434,8 +434,8 @@ fn odd_packets_pass_untouched_and_are_counted() {
         ("first fragment", with(&|p| p[20] = 0x20), outcome::FRAGMENT),
         ("later fragment", with(&|p| p[21] = 0x10), outcome::FRAGMENT),
         ("ip options", options, outcome::IP_OPTIONS),
-        ("ipv6", ipv6, outcome::NOT_IPV4),
-        ("arp", arp, outcome::NOT_IPV4),
+        ("ipv6 payload beyond the frame", ipv6, outcome::MALFORMED),
+        ("arp", arp, outcome::NOT_IP),
         ("gre", gre, outcome::OTHER_PROTOCOL),
         (
             "tcp data offset below 5",

@@ -301,7 +301,7 @@ fn other_traffic_passes_untouched_and_is_counted() {
     let tcp_offset_below_5 = with(&|f| f[46] = 0x40);
     let tcp_offset_past_datagram = with(&|f| f[46] = 0xf0);
     for (frame, counter) in [
-        (arp, outcome::NOT_IPV4),
+        (arp, outcome::NOT_IP),
         (fragment, outcome::FRAGMENT),
         (options, outcome::IP_OPTIONS),
         (short, outcome::MALFORMED),

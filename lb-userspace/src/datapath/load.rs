@@ -3,12 +3,13 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use lb_common::{map_names, program_names};
 
 use super::{
-    DatapathError,
+    DatapathError, error_chain,
     pins::{Hook, PinLayout, check_pinned_layouts},
 };
 
@@ -40,6 +41,7 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
                 source: Box::new(source),
             })?;
     }
+    load_ipv6_stages(&mut ebpf)?;
     xdp_program(&mut ebpf)?
         .load()
         .map_err(|source| DatapathError::Program {
@@ -55,6 +57,45 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
             })?;
     }
     Ok(ebpf)
+}
+
+/// Loads the IPv6 TC stages and puts them in the program array the IPv4 programs tail-call
+/// through (indexes as in `program_names::TC_IPV6`).
+fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let mut fds = Vec::new();
+    for name in program_names::TC_IPV6 {
+        let program = program(ebpf, name)?;
+        program.load().map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })?;
+        let fd = program.fd().map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })?;
+        let fd = fd.try_clone().map_err(|e| DatapathError::Map {
+            name: program_names::PROGS6_MAP,
+            message: format!("duplicating the descriptor of {name}: {e}"),
+        })?;
+        fds.push(fd);
+    }
+    let map = ebpf
+        .map_mut(program_names::PROGS6_MAP)
+        .ok_or(DatapathError::MissingMap(program_names::PROGS6_MAP))?;
+    let mut stages =
+        ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
+            name: program_names::PROGS6_MAP,
+            message: error_chain(&e),
+        })?;
+    for (index, fd) in fds.iter().enumerate() {
+        stages
+            .set(index as u32, fd, 0)
+            .map_err(|e| DatapathError::Map {
+                name: program_names::PROGS6_MAP,
+                message: error_chain(&e),
+            })?;
+    }
+    Ok(())
 }
 
 /// A loaded cgroup sock_addr program by name.

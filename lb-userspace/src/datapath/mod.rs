@@ -23,6 +23,10 @@ pub enum DatapathError {
     },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("filling map {name} of the loaded object: {message}")]
+    Map { name: &'static str, message: String },
     #[error("attaching {program} to {iface} ({direction}) failed: {source}")]
     Attach {
         program: &'static str,

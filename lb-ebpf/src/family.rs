@@ -1,0 +1,131 @@
+//! The two address families. Balancing (`svc`, `ct`, `sched`) is written once, generic over
+//! [`Family`]; each family names its own maps, so an IPv4 packet only ever touches the IPv4
+//! tables (with their IPv4-sized keys) and an IPv6 packet the IPv6 ones.
+use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ServiceKey,
+    ServiceValue, SourceRangeKey,
+};
+
+use crate::ct::CtScratch;
+
+use crate::maps::{
+    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_SCRATCH,
+    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+};
+
+pub trait Family: 'static {
+    type Addr: MapAddr;
+    fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
+    fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
+    fn node_ips() -> &'static HashMap<Self::Addr, u32>;
+    /// The node's SNAT address and ports for this family (zeros until the agent wrote them).
+    fn config() -> NodeConfig<Self::Addr>;
+    /// Whether `client` is inside one of the service's loadBalancerSourceRanges.
+    fn source_allowed(service_id: u32, client: Self::Addr) -> bool;
+    /// 127.0.0.0/8, or ::1.
+    fn is_loopback(addr: Self::Addr) -> bool;
+    /// This CPU's slot for building conntrack entries.
+    fn ct_scratch() -> Option<*mut CtScratch<Self::Addr>>;
+
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
+        &SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend> {
+        &BACKENDS
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey, CtValue> {
+        &CONNTRACK
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
+        &AFFINITY
+    }
+    #[inline(always)]
+    fn node_ips() -> &'static HashMap<u32, u32> {
+        &NODE_IPS
+    }
+    #[inline(always)]
+    fn config() -> NodeConfig {
+        CONFIG.get(0).copied().unwrap_or_default()
+    }
+    #[inline(always)]
+    fn source_allowed(service_id: u32, client: u32) -> bool {
+        let key = Key::new(
+            64,
+            SourceRangeKey {
+                service_id_be: service_id.to_be(),
+                addr: client,
+            },
+        );
+        SOURCE_RANGES.get(&key).is_some()
+    }
+    #[inline(always)]
+    fn ct_scratch() -> Option<*mut CtScratch<u32>> {
+        CT_SCRATCH.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn is_loopback(addr: u32) -> bool {
+        // The first address byte is the lowest in memory (network order).
+        addr & 0xff == 127
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ip6;
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
+        &SERVICES6
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend<Ip6>> {
+        &BACKENDS6
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<Ip6>, CtValue<Ip6>> {
+        &CONNTRACK6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Ip6>, AffinityValue> {
+        &AFFINITY6
+    }
+    #[inline(always)]
+    fn node_ips() -> &'static HashMap<Ip6, u32> {
+        &NODE_IPS6
+    }
+    #[inline(always)]
+    fn config() -> NodeConfig<Ip6> {
+        CONFIG6.get(0).copied().unwrap_or_default()
+    }
+    #[inline(always)]
+    fn source_allowed(service_id: u32, client: Ip6) -> bool {
+        let key = Key::new(
+            32 + 128,
+            SourceRangeKey {
+                service_id_be: service_id.to_be(),
+                addr: client,
+            },
+        );
+        SOURCE_RANGES6.get(&key).is_some()
+    }
+    #[inline(always)]
+    fn ct_scratch() -> Option<*mut CtScratch<Ip6>> {
+        CT_SCRATCH6.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn is_loopback(addr: Ip6) -> bool {
+        addr == [0, 0, 0, 1u32.to_be()]
+    }
+}
