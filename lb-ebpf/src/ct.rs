@@ -1,7 +1,12 @@
 //! Connection tracking: a forward entry (client → frontend) pins the flow to its backend, a
 //! reverse entry (backend → client, or backend → node address for SNATed flows) restores the
 //! frontend on replies.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_get_prandom_u32, bpf_loop},
+};
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
     CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, outcome,
@@ -256,28 +261,81 @@ pub fn claim_snat_port<F: Family>(
     let start = unsafe { bpf_get_prandom_u32() } % span;
     // SAFETY: as in `create`.
     let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
-    for i in 0..SNAT_TRIES {
-        if i >= span {
-            break;
-        }
-        let port = (min + (start + i) % span) as u16;
-        let nat = Nat {
-            flags: nat_flags | CT_FLAG_SNAT,
-            snat_addr: config.snat_addr,
-            snat_port: port.to_be(),
-        };
-        fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
-        if insert::<F>(&s.key, &s.value, BPF_NOEXIST as u64).is_ok() {
-            return Ok(nat);
-        }
+    let mut nat = Nat {
+        flags: nat_flags | CT_FLAG_SNAT,
+        snat_addr: config.snat_addr,
+        snat_port: 0,
+    };
+    // The entry is the same for every port tried but for its key's destination port.
+    fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
+    let mut claim = Claim {
+        min,
+        span,
+        start,
+        proto: client.proto,
+        found: 0,
+        port: 0,
+        now,
+    };
+    // One `bpf_loop` step per port: the verifier checks one step, not every exit of an
+    // unrolled loop followed each by the rest of the program (eight times the instructions).
+    // SAFETY: the callback only touches `claim` (outliving the call) and the scratch slot.
+    unsafe {
+        bpf_loop(
+            SNAT_TRIES.min(span),
+            claim_step::<F> as *const () as *mut c_void,
+            (&mut claim as *mut Claim).cast(),
+            0,
+        );
+    }
+    if claim.found == 0 {
+        return Err(outcome::DROP_SNAT_EXHAUSTED);
+    }
+    nat.snat_port = claim.port;
+    Ok(nat)
+}
+
+/// The state of a SNAT port claim, for `claim_step`.
+#[repr(C)]
+struct Claim {
+    min: u32,
+    span: u32,
+    start: u32,
+    proto: u8,
+    found: u8,
+    /// Network byte order.
+    port: u16,
+    now: u64,
+}
+
+/// Tries port `start + i` (wrapping in the range) for the reverse entry in the scratch
+/// slot; stops the loop (1) once one is claimed.
+extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Claim` handed to `bpf_loop` by `claim_snat_port`.
+    let claim = unsafe { &mut *(ctx as *mut Claim) };
+    let Some(s) = F::ct_scratch() else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, filled by `claim_snat_port` before the loop.
+    let s = unsafe { &mut *s };
+    if claim.span == 0 {
+        return 1; // never: the range has at least one port (and `%` would need a panic path)
+    }
+    let port = ((claim.min + (claim.start + i as u32) % claim.span) as u16).to_be();
+    s.key.dport = port;
+    let mut claimed = insert::<F>(&s.key, &s.value, BPF_NOEXIST as u64).is_ok();
+    if !claimed {
         // SAFETY: copy of a map value.
         let stale = unsafe { F::conntrack().get(&s.key) }
-            .is_some_and(|held| expired(held, client.proto, now));
-        if stale && insert::<F>(&s.key, &s.value, 0).is_ok() {
-            return Ok(nat);
-        }
+            .is_some_and(|held| expired(held, claim.proto, claim.now));
+        claimed = stale && insert::<F>(&s.key, &s.value, 0).is_ok();
     }
-    Err(outcome::DROP_SNAT_EXHAUSTED)
+    if claimed {
+        claim.found = 1;
+        claim.port = port;
+        return 1;
+    }
+    0
 }
 
 /// An entry's flags after seeing `flow`'s packet. Forward entries become established on the
