@@ -136,20 +136,12 @@ fn reply_flow<A: MapAddr>(client: &Flow<A>, backend: &Backend<A>, nat: &Nat<A>) 
 
 /// Inserts from the scratch slot (map memory: no copy on the stack).
 #[inline(always)]
-fn insert<F: Family>(
-    key: &CtKey<F::Addr>,
-    value: &CtValue<F::Addr>,
-    flags: u64,
-) -> Result<(), ()> {
+fn insert<F: Family>(key: &CtKey<F::Addr>, value: &CtValue<F::Addr>, flags: u64) -> Result<(), ()> {
     F::conntrack().insert(key, value, flags).map_err(|_| ())
 }
 
 /// Writes the reply side's entry of `client`'s flow into `s`, field by field (an assigned
 /// struct would be built on the stack first, and its zero words become a memset call).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "inlined; the entry's fields come from all of them"
-)]
 #[inline(always)]
 fn fill_reverse<A: MapAddr>(
     s: &mut CtScratch<A>,
@@ -236,7 +228,8 @@ pub fn ensure_reverse<F: Family>(
         now,
         &nat,
     );
-    if F::conntrack().get_ptr(&s.key).is_some() {
+    let key = &s.key; // by reference: a copy of the key would be more stack
+    if F::conntrack().get_ptr(key).is_some() {
         return Ok(());
     }
     insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
@@ -326,7 +319,8 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     let mut claimed = insert::<F>(&s.key, &s.value, BPF_NOEXIST as u64).is_ok();
     if !claimed {
         // SAFETY: copy of a map value.
-        let stale = unsafe { F::conntrack().get(&s.key) }
+        let key = &s.key;
+        let stale = unsafe { F::conntrack().get(key) }
             .is_some_and(|held| expired(held, claim.proto, claim.now));
         claimed = stale && insert::<F>(&s.key, &s.value, 0).is_ok();
     }

@@ -29,7 +29,6 @@ pub trait Family: 'static {
     fn is_loopback(addr: Self::Addr) -> bool;
     /// This CPU's slot for building conntrack entries.
     fn ct_scratch() -> Option<*mut CtScratch<Self::Addr>>;
-
 }
 
 pub struct V4;

@@ -10,10 +10,10 @@ use crate::{
     csum,
     nat::{self, replace_ip_addr},
     parse::{
-        ETH_HLEN, ETH_P_IPV6, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN,
-        ICMP_PORT_UNREACH, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, INNER_IP_OFF, INNER_L4_OFF,
-        IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF,
-        Ipv4Hdr, Ipv6Hdr, L4_OFF,
+        ETH_HLEN, ETH_P_IPV6, Flow, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
+        ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, INNER_IP_OFF, INNER_L4_OFF, IP_CSUM_OFF,
+        IP_DST_OFF, IP_HLEN, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, Ipv4Hdr,
+        Ipv6Hdr, L4_OFF,
     },
     verdict::TC_ACT_REDIRECT,
 };
@@ -146,8 +146,7 @@ pub struct Unreachable6Body {
     pub quoted: [u8; IP6_HLEN + 8],
 }
 
-pub const REPLY6_LEN: u32 =
-    (ETH_HLEN + IP6_HLEN + core::mem::size_of::<Unreachable6Body>()) as u32;
+pub const REPLY6_LEN: u32 = (ETH_HLEN + IP6_HLEN + core::mem::size_of::<Unreachable6Body>()) as u32;
 
 /// The IPv6 header and ICMPv6 port unreachable (destination unreachable, code 4) from the
 /// frontend (`flow`'s destination) back to its client, quoting the offending packet's first
@@ -229,7 +228,8 @@ pub fn translate_error6(
     };
     let icmp_csum = outer.l4_off as usize + ICMP_CSUM_OFF;
     let diff = nat::addr_diff(&old_addr, &new_addr);
-    ctx.store(inner_ip + addr_off, &new_addr, 0).map_err(failed)?;
+    ctx.store(inner_ip + addr_off, &new_addr, 0)
+        .map_err(failed)?;
     ctx.l4_csum_replace(icmp_csum, 0, diff, 0).map_err(failed)?;
     ctx.store(inner.l4_off as usize + port_off, &new_port, 0)
         .map_err(failed)?;

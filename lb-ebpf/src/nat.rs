@@ -88,14 +88,42 @@ const BPF_F_IPV6: u64 = 1 << 7;
 
 /// IPv6 DNAT: destination becomes `addr:port`.
 #[inline(always)]
-pub fn rewrite6_dst(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
-    rewrite6(ctx, flow, IP6_DST_OFF, 2, &flow.dst, &addr, flow.dport, port)
+pub fn rewrite6_dst(
+    ctx: &TcContext,
+    flow: &Flow<Ip6>,
+    addr: Ip6,
+    port: u16,
+) -> Result<(), Outcome> {
+    rewrite6(
+        ctx,
+        flow,
+        IP6_DST_OFF,
+        2,
+        &flow.dst,
+        &addr,
+        flow.dport,
+        port,
+    )
 }
 
 /// IPv6 reverse NAT: source becomes `addr:port`.
 #[inline(always)]
-pub fn rewrite6_src(ctx: &TcContext, flow: &Flow<Ip6>, addr: Ip6, port: u16) -> Result<(), Outcome> {
-    rewrite6(ctx, flow, IP6_SRC_OFF, 0, &flow.src, &addr, flow.sport, port)
+pub fn rewrite6_src(
+    ctx: &TcContext,
+    flow: &Flow<Ip6>,
+    addr: Ip6,
+    port: u16,
+) -> Result<(), Outcome> {
+    rewrite6(
+        ctx,
+        flow,
+        IP6_SRC_OFF,
+        0,
+        &flow.src,
+        &addr,
+        flow.sport,
+        port,
+    )
 }
 
 /// IPv6 has no header checksum: only the L4 checksum changes, through its pseudo-header

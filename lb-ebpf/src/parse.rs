@@ -236,9 +236,7 @@ pub fn parse6(ctx: &TcContext) -> Result<Packet<Ip6>, Outcome> {
     }
     let (proto, l4_off) = skip_extensions(ctx, ip.nexthdr, (IP_OFF + IP6_HLEN) as u32, end)?;
     match proto {
-        PROTO_TCP | PROTO_UDP => {
-            flow6(ctx, proto, &ip.src, &ip.dst, l4_off, end).map(Packet::Flow)
-        }
+        PROTO_TCP | PROTO_UDP => flow6(ctx, proto, &ip.src, &ip.dst, l4_off, end).map(Packet::Flow),
         PROTO_ICMPV6 => icmp6_error(ctx, &ip, l4_off, end),
         _ => Err(outcome::OTHER_PROTOCOL),
     }
@@ -257,9 +255,7 @@ fn skip_extensions(
     for _ in 0..IPV6_EXT_MAX {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let [nh, len]: [u8; 2] = ctx
-                    .load(off as usize)
-                    .map_err(|_| outcome::MALFORMED)?;
+                let [nh, len]: [u8; 2] = ctx.load(off as usize).map_err(|_| outcome::MALFORMED)?;
                 next = nh;
                 off += (len as u32 + 1) * 8;
                 if off > end {
@@ -271,9 +267,7 @@ fn skip_extensions(
         }
     }
     match next {
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
-            Err(outcome::IP_OPTIONS)
-        }
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => Err(outcome::IP_OPTIONS),
         _ => Ok((next, off)),
     }
 }
@@ -294,9 +288,8 @@ fn flow6(
         return Err(outcome::MALFORMED);
     }
     // Ports, then UDP's length and checksum (TCP's sequence number).
-    let [sport, dport, _, udp_csum]: [u16; 4] = ctx
-        .load(l4_off as usize)
-        .map_err(|_| outcome::MALFORMED)?;
+    let [sport, dport, _, udp_csum]: [u16; 4] =
+        ctx.load(l4_off as usize).map_err(|_| outcome::MALFORMED)?;
     let tcp_flags = if proto == PROTO_TCP {
         let [offset, flags]: [u8; 2] = ctx
             .load(l4_off as usize + TCP_FLAGS_OFF - 1)

@@ -17,10 +17,18 @@ use crate::{
 
 /// The packet rewrites of one family on TC.
 trait TcFamily: Family {
-    fn rewrite_dst(ctx: &TcContext, flow: &Flow<Self::Addr>, addr: Self::Addr, port: u16)
-    -> Result<(), Outcome>;
-    fn rewrite_src(ctx: &TcContext, flow: &Flow<Self::Addr>, addr: Self::Addr, port: u16)
-    -> Result<(), Outcome>;
+    fn rewrite_dst(
+        ctx: &TcContext,
+        flow: &Flow<Self::Addr>,
+        addr: Self::Addr,
+        port: u16,
+    ) -> Result<(), Outcome>;
+    fn rewrite_src(
+        ctx: &TcContext,
+        flow: &Flow<Self::Addr>,
+        addr: Self::Addr,
+        port: u16,
+    ) -> Result<(), Outcome>;
     fn forward(ctx: &TcContext) -> Result<i32, Outcome>;
     fn reject(ctx: &TcContext, flow: &Flow<Self::Addr>) -> Result<i32, Outcome>;
     /// `dnat`, `route_reply` and `icmp_error` of this family. IPv4 calls the last two as
@@ -71,7 +79,11 @@ impl TcFamily for V4 {
         icmp::reject(ctx, flow)
     }
     #[inline(always)]
-    fn dnat(ctx: &TcContext, flow: &Flow, decision: Decision<u32>) -> Result<(i32, Outcome), Outcome> {
+    fn dnat(
+        ctx: &TcContext,
+        flow: &Flow,
+        decision: Decision<u32>,
+    ) -> Result<(i32, Outcome), Outcome> {
         dnat::<V4>(ctx, flow, decision)
     }
     #[inline(always)]
@@ -367,7 +379,6 @@ fn dnat<F: TcFamily>(
 /// A local backend's reply to a client outside, or to a SNATed (hairpin) client: source
 /// back to the frontend, destination back to the client if the flow was SNATed; then
 /// straight out of the route's interface.
-#[inline(always)]
 #[inline(always)]
 fn routed_reply<F: TcFamily>(
     ctx: &TcContext,

@@ -266,11 +266,7 @@ pub fn routed_reply<F: Family>(flow: &Flow<F::Addr>, bytes: u32) -> Option<Reply
     let dst = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
     // SAFETY: the entry from this run's lookup.
     let src = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    Some(Reply {
-        src,
-        dst,
-        outcome,
-    })
+    Some(Reply { src, dst, outcome })
 }
 
 /// Session affinity first (if set and fresh), else the frontend's algorithm.
@@ -327,8 +323,8 @@ fn random_backend<F: Family>(
     let slot = (random % frontend.count as u32) as u16 + 1;
     let backend_id =
         sched::slot_backend::<F>(frontend_key, slot).ok_or(outcome::DROP_BACKEND_MISSING)?;
-    let backend = live_backend::<F>(backend_id, frontend.service_id)
-        .ok_or(outcome::DROP_BACKEND_MISSING)?;
+    let backend =
+        live_backend::<F>(backend_id, frontend.service_id).ok_or(outcome::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 

@@ -9,8 +9,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig, Outcome, SCOPE_INTERNAL,
-    ServiceKey, ServiceValue, SourceRangeKey, map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, Outcome,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, ip6_from_octets, map_names,
+    program_names,
 };
 use xlb::datapath::{clock::before, load};
 
@@ -69,9 +70,9 @@ pub fn run_xdp(ebpf: &mut Ebpf, frame: &[u8]) -> TestRunOutput {
 
 /// A frontend as the maps hold it: the key fields and the slot-0 value's.
 #[derive(Debug, Clone, Copy)]
-pub struct FrontendEntry {
-    /// Network byte order (0: a NodePort on every node address).
-    pub vip: u32,
+pub struct FrontendEntry<A = u32> {
+    /// Network byte order (0 / `::`: a NodePort on every node address).
+    pub vip: A,
     pub port: u16,
     pub proto: u8,
     pub scope: u8,
@@ -83,6 +84,33 @@ pub struct FrontendEntry {
 /// Writes `frontend` with `backends` (`(id, address in network byte order, port)`) in slots
 /// 1..=n: backends, then slots, then slot 0, as the agent's sync orders them.
 pub fn put_frontend(ebpf: &mut Ebpf, frontend: FrontendEntry, backends: &[(u32, u32, u16)]) {
+    put_frontend_in(
+        ebpf,
+        (map_names::SERVICES, map_names::BACKENDS),
+        frontend,
+        backends,
+    );
+}
+
+/// `put_frontend` for an IPv6 frontend (the IPv6 maps).
+pub fn put_frontend6(ebpf: &mut Ebpf, frontend: FrontendEntry<Ip6>, backends: &[(u32, Ip6, u16)]) {
+    put_frontend_in(
+        ebpf,
+        (map_names::SERVICES6, map_names::BACKENDS6),
+        frontend,
+        backends,
+    );
+}
+
+fn put_frontend_in<A: MapAddr>(
+    ebpf: &mut Ebpf,
+    (services, backends_map): (&str, &str),
+    frontend: FrontendEntry<A>,
+    backends: &[(u32, A, u16)],
+) where
+    ServiceKey<A>: aya::Pod,
+    Backend<A>: aya::Pod,
+{
     let key = |slot| ServiceKey {
         vip: frontend.vip,
         port: frontend.port.to_be(),
@@ -92,8 +120,8 @@ pub fn put_frontend(ebpf: &mut Ebpf, frontend: FrontendEntry, backends: &[(u32, 
         _pad: [0; 2],
     };
     {
-        let mut be: HashMap<_, u32, Backend> =
-            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("map type");
+        let mut be: HashMap<_, u32, Backend<A>> =
+            HashMap::try_from(ebpf.map_mut(backends_map).expect("map")).expect("map type");
         for (id, addr, port) in backends {
             let b = Backend {
                 ip: *addr,
@@ -105,8 +133,8 @@ pub fn put_frontend(ebpf: &mut Ebpf, frontend: FrontendEntry, backends: &[(u32, 
             be.insert(id, b, 0).expect("insert backend");
         }
     }
-    let mut svc: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(ebpf.map_mut(map_names::SERVICES).expect("map")).expect("map type");
+    let mut svc: HashMap<_, ServiceKey<A>, ServiceValue> =
+        HashMap::try_from(ebpf.map_mut(services).expect("map")).expect("map type");
     for (slot, (id, _, _)) in backends.iter().enumerate() {
         let v = ServiceValue {
             backend_id: *id,
@@ -144,6 +172,25 @@ pub fn put_node(ebpf: &mut Ebpf, addresses: &[u32], ports: (u16, u16)) {
     config.set(0, node, 0).expect("config");
 }
 
+/// IPv6 node addresses and the SNAT port range (`put_node` for the IPv6 maps).
+pub fn put_node6(ebpf: &mut Ebpf, addresses: &[Ip6], ports: (u16, u16)) {
+    {
+        let mut ips: HashMap<_, Ip6, u32> =
+            HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS6).expect("map")).expect("map type");
+        for a in addresses {
+            ips.insert(a, 1, 0).expect("node ip");
+        }
+    }
+    let mut config: Array<_, NodeConfig<Ip6>> =
+        Array::try_from(ebpf.map_mut(map_names::CONFIG6).expect("map")).expect("map type");
+    let node = NodeConfig {
+        snat_addr: addresses.first().copied().unwrap_or_default(),
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+    };
+    config.set(0, node, 0).expect("config");
+}
+
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_REDIRECT: i32 = 7;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -155,6 +202,18 @@ pub const SERVICE_ID: u32 = 7;
 
 pub fn ip(s: &str) -> u32 {
     u32::from_ne_bytes(s.parse::<Ipv4Addr>().expect("test address").octets())
+}
+
+pub const CLIENT6: &str = "fd00:10:244::5";
+pub const VIP6: &str = "fd00:10:96::10";
+
+/// An IPv6 address as the maps hold it.
+pub fn ip6(s: &str) -> Ip6 {
+    ip6_from_octets(
+        s.parse::<std::net::Ipv6Addr>()
+            .expect("test address")
+            .octets(),
+    )
 }
 
 /// A freshly loaded object with private (unpinned) maps: every test starts from empty maps.
@@ -218,6 +277,66 @@ impl Datapath {
             affinity_timeout_s: 10,
         };
         put_frontend(&mut self.ebpf, frontend, &backends);
+    }
+
+    /// `service` for `VIP6` (the IPv6 maps), backends `(id, IPv6 address, port)`.
+    pub fn service6(&mut self, proto: u8, port: u16, backends: &[(u32, &str, u16)], flags: u16) {
+        self.frontend6(ip6(VIP6), SCOPE_INTERNAL, proto, port, backends, flags);
+    }
+
+    /// `frontend` for an IPv6 frontend (vip `::`: NodePort on any node address).
+    pub fn frontend6(
+        &mut self,
+        vip: Ip6,
+        scope: u8,
+        proto: u8,
+        port: u16,
+        backends: &[(u32, &str, u16)],
+        flags: u16,
+    ) {
+        let backends: Vec<(u32, Ip6, u16)> = backends
+            .iter()
+            .map(|(id, addr, port)| (*id, ip6(addr), *port))
+            .collect();
+        let frontend = FrontendEntry {
+            vip,
+            port,
+            proto,
+            scope,
+            service_id: SERVICE_ID,
+            flags,
+            affinity_timeout_s: 10,
+        };
+        put_frontend6(&mut self.ebpf, frontend, &backends);
+    }
+
+    /// IPv6 node addresses (the first is the SNAT source) and the SNAT port range.
+    pub fn set_node6(&mut self, addresses: &[&str], ports: (u16, u16)) {
+        let addresses: Vec<Ip6> = addresses.iter().map(|a| ip6(a)).collect();
+        put_node6(&mut self.ebpf, &addresses, ports);
+    }
+
+    /// Allows `cidr` (IPv6) for the test service's source ranges.
+    pub fn allow_source6(&mut self, cidr: &str) {
+        let (addr, prefix) = cidr.split_once('/').expect("cidr");
+        let mut ranges: LpmTrie<_, SourceRangeKey<Ip6>, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES6).expect("map"))
+                .expect("map type");
+        let key = Key::new(
+            32 + prefix.parse::<u32>().expect("prefix"),
+            SourceRangeKey {
+                service_id_be: SERVICE_ID.to_be(),
+                addr: ip6(addr),
+            },
+        );
+        ranges.insert(&key, 1, 0).expect("range");
+    }
+
+    pub fn ct6(&self) -> Vec<(CtKey<Ip6>, CtValue<Ip6>)> {
+        let ct: HashMap<_, CtKey<Ip6>, CtValue<Ip6>> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK6).expect("map"))
+                .expect("map type");
+        ct.iter().map(|r| r.expect("ct entry")).collect()
     }
 
     pub fn remove_backend(&mut self, id: u32) {

@@ -12,6 +12,7 @@ pub mod lan;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod privilege;
 pub mod topology;
 pub mod workload;

@@ -271,6 +271,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "--test",
             "datapath",
             "--test",
+            "datapath6",
+            "--test",
             "schedulers",
             "--test",
             "external",

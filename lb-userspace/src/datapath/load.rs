@@ -82,11 +82,10 @@ fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let map = ebpf
         .map_mut(program_names::PROGS6_MAP)
         .ok_or(DatapathError::MissingMap(program_names::PROGS6_MAP))?;
-    let mut stages =
-        ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
-            name: program_names::PROGS6_MAP,
-            message: error_chain(&e),
-        })?;
+    let mut stages = ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
+        name: program_names::PROGS6_MAP,
+        message: error_chain(&e),
+    })?;
     for (index, fd) in fds.iter().enumerate() {
         stages
             .set(index as u32, fd, 0)

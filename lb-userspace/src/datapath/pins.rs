@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 18] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 26] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -106,8 +106,61 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 18] = {
             LruHash,
         ),
         (map_names::POD_IFACES, 4, 4, map_sizes::POD_IFACES, Hash),
+        (
+            map_names::SERVICES6,
+            size_of::<ServiceKey<Ip6>>(),
+            size_of::<ServiceValue>(),
+            map_sizes::SERVICES,
+            Hash,
+        ),
+        (
+            map_names::BACKENDS6,
+            4,
+            size_of::<Backend<Ip6>>(),
+            map_sizes::BACKENDS,
+            Hash,
+        ),
+        (
+            map_names::CONNTRACK6,
+            size_of::<CtKey<Ip6>>(),
+            size_of::<CtValue<Ip6>>(),
+            map_sizes::CONNTRACK,
+            LruHash,
+        ),
+        (
+            map_names::AFFINITY6,
+            size_of::<AffinityKey<Ip6>>(),
+            size_of::<AffinityValue>(),
+            map_sizes::AFFINITY,
+            LruHash,
+        ),
+        (map_names::NODE_IPS6, 16, 4, map_sizes::NODE_IPS, Hash),
+        (
+            map_names::CONFIG6,
+            4,
+            size_of::<NodeConfig<Ip6>>(),
+            1,
+            Array,
+        ),
+        (
+            map_names::SOURCE_RANGES6,
+            4 + size_of::<SourceRangeKey<Ip6>>(),
+            1,
+            map_sizes::SOURCE_RANGES,
+            LpmTrie,
+        ),
+        (
+            map_names::SOCK_REVNAT6,
+            size_of::<SockKey6>(),
+            size_of::<SockFrontend<Ip6>>(),
+            map_sizes::SOCK_REVNAT,
+            LruHash,
+        ),
     ]
 };
+
+// Every pinned map has its layout checked.
+const _: () = assert!(MAP_LAYOUTS.len() == map_names::ALL.len());
 
 /// Refuses to reuse pinned maps whose layout differs from ours: aya would hand them to the
 /// programs unchecked, and the datapath would read garbage (or, for a smaller array, lose
