@@ -60,7 +60,10 @@ fn desired(services: u32, changed: Option<(u32, u32)>) -> DesiredState {
                         }
                         _ => endpoint(s, e),
                     };
-                    Endpoint { ip, port: 8080 }
+                    Endpoint {
+                        ip: ip.into(),
+                        port: 8080,
+                    }
                 })
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()

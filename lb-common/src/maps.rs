@@ -45,8 +45,12 @@ pub mod map_names {
     pub const CONFIG6: &str = "XLB_CONFIG6";
     pub const SOURCE_RANGES6: &str = "XLB_SRC_RANGES6";
     pub const SOCK_REVNAT6: &str = "XLB_SOCK_REVNAT6";
+    /// The IPv6 stages the IPv4 programs tail-call (`program_names::TC_IPV6`). Pinned like
+    /// the rest: the kernel empties a program array when no process holds it, and the
+    /// attached programs outlive the agent that loaded them.
+    pub const PROGS6: &str = "XLB_PROGS6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -73,6 +77,7 @@ pub mod map_names {
         CONFIG6,
         SOURCE_RANGES6,
         SOCK_REVNAT6,
+        PROGS6,
     ];
 }
 
@@ -106,8 +111,6 @@ pub mod program_names {
         "xlb_from_pod6_untracked",
         "xlb_from_pod6_rare",
     ];
-    /// The program array of the IPv6 stages (not pinned: each loaded object has its own).
-    pub const PROGS6_MAP: &str = "XLB_PROGS6";
 }
 
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).

@@ -147,6 +147,6 @@ pub static CT_SCRATCH6: PerCpuArray<crate::ct::CtScratch<Ip6>> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// The IPv6 programs (`pod::Stage6`), tail-called by the IPv4 ones; filled by the agent
-/// after loading. Private to each loaded object, like the programs it holds.
+/// after loading (and pinned: see `map_names::PROGS6`).
 #[map(name = "XLB_PROGS6")]
 pub static PROGS6: ProgramArray = ProgramArray::with_max_entries(4, 0);

@@ -115,11 +115,12 @@ pub struct AgentArgs {
     /// globs. None: no NodePort/externalIP/LoadBalancer traffic from outside.
     #[arg(long, value_name = "IF,...", default_value = "")]
     pub external_ifaces: IfacePatterns,
-    /// Addresses NodePorts answer on (comma-separated); default: the IPv4 addresses of
-    /// the external interfaces, or of every interface but lo without them (kube-proxy's
-    /// --nodeport-addresses). The first one is the SNAT (and hairpin) source.
+    /// Addresses NodePorts answer on (comma-separated, IPv4 and IPv6); default: the
+    /// addresses of the external interfaces, or of every interface but lo without them
+    /// (kube-proxy's --nodeport-addresses; IPv6 link-local ones left out). Each family's
+    /// first one is its SNAT (and hairpin) source.
     #[arg(long, value_name = "IP,...", value_delimiter = ',')]
-    pub node_ips: Vec<std::net::Ipv4Addr>,
+    pub node_ips: Vec<std::net::IpAddr>,
     /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral
     /// range, so they never collide with the node's own connections).
     #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
@@ -361,8 +362,28 @@ mod tests {
                     .to_string();
             assert!(err.contains("--snat-ports"), "{err}");
         }
+        // Both families; each family's first is its SNAT source.
+        match Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--manifests",
+            "d",
+            "--node-ips",
+            "fd00::1,192.168.0.1",
+        ]) {
+            Ok(Cli {
+                command: Command::Agent(args),
+            }) => assert_eq!(
+                args.node_ips,
+                [
+                    "fd00::1".parse::<std::net::IpAddr>().expect("ip"),
+                    "192.168.0.1".parse().expect("ip")
+                ]
+            ),
+            other => panic!("parsed as {other:?}"),
+        }
         assert!(
-            Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--node-ips", "fd00::1"])
+            Cli::try_parse_from(["xlb", "agent", "--manifests", "d", "--node-ips", "fd00::zz"])
                 .is_err()
         );
         let err = Cli::try_parse_from(["xlb", "agent", "--pod-ifaces", "veth[", "--cgroup", "x"])

@@ -1,5 +1,9 @@
 //! What the datapath should do, independent of Kubernetes types and of BPF maps.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use serde::Serialize;
 
@@ -65,11 +69,67 @@ impl Scope {
     }
 }
 
+/// An address family. Each family is balanced on its own (kube-proxy runs one proxier per
+/// family): a frontend's endpoints, source ranges and node addresses are of its family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The family's unspecified address (where NodePort frontends are stored).
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// As Kubernetes spells it (`ipFamilies`, `addressType`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `addr:port`, IPv6 in brackets (`[fd00::1]:80`).
+pub struct HostPort(pub IpAddr, pub u16);
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.1),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.1),
+        }
+    }
+}
+
 /// A virtual address clients connect to: ClusterIP, externalIP or LoadBalancer IP (or any
-/// node address, 0.0.0.0, for a NodePort), port, protocol, and the clients it serves.
+/// node address of the family, 0.0.0.0 or ::, for a NodePort), port, protocol, and the
+/// clients it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub scope: Scope,
@@ -77,9 +137,9 @@ pub struct Frontend {
 
 impl Frontend {
     /// A frontend for pods and node processes.
-    pub fn internal(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
+    pub fn internal(ip: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Frontend {
         Frontend {
-            ip,
+            ip: ip.into(),
             port,
             protocol,
             scope: Scope::Internal,
@@ -88,14 +148,17 @@ impl Frontend {
     pub fn is_node_port(&self) -> bool {
         self.ip.is_unspecified()
     }
+    pub fn family(&self) -> Family {
+        Family::of(self.ip)
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_node_port() {
-            write!(f, "*:{}/{}", self.port, self.protocol)?;
-        } else {
-            write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        match (self.is_node_port(), self.ip) {
+            (true, IpAddr::V4(_)) => write!(f, "*:{}/{}", self.port, self.protocol)?,
+            (true, IpAddr::V6(_)) => write!(f, "[*]:{}/{}", self.port, self.protocol)?,
+            (false, ip) => write!(f, "{}/{}", HostPort(ip, self.port), self.protocol)?,
         }
         if self.scope == Scope::External {
             f.write_str(" (external)")?;
@@ -107,13 +170,13 @@ impl fmt::Display for Frontend {
 /// A backend address (pod IP and target port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        HostPort(self.ip, self.port).fmt(f)
     }
 }
 
@@ -134,67 +197,85 @@ pub struct FrontendSpec {
     /// No usable endpoint means drop rather than reject (a Local traffic policy without
     /// local endpoints, as kube-proxy does).
     pub drop_when_empty: bool,
-    /// loadBalancerSourceRanges: clients outside every range are dropped; empty = anyone.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// loadBalancerSourceRanges of the frontend's family: clients outside every range are
+    /// dropped; empty = anyone.
+    pub source_ranges: Vec<IpNet>,
 }
 
-/// An IPv4 prefix (`10.0.0.0/8`).
+/// An IPv4 or IPv6 prefix (`10.0.0.0/8`, `fd00::/64`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Net {
-    pub addr: Ipv4Addr,
+pub struct IpNet {
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
-impl fmt::Display for Ipv4Net {
+impl fmt::Display for IpNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
-impl Ipv4Net {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix)
-        };
-        u32::from(ip) & mask == u32::from(self.addr)
+/// The `prefix` leading bits of `addr` (host bits cleared), as a 128-bit number.
+fn masked(addr: IpAddr, prefix: u8) -> u128 {
+    let (bits, width) = match addr {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    if prefix == 0 {
+        0
+    } else {
+        bits & (u128::MAX >> (128 - width)) & !((1u128 << (width - u32::from(prefix))) - 1)
     }
 }
 
-impl Serialize for Ipv4Net {
+impl IpNet {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+
+    /// Whether `ip` (of the same family) is inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Family::of(ip) == self.family() && masked(ip, self.prefix) == masked(self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl std::str::FromStr for Ipv4Net {
+impl std::str::FromStr for IpNet {
     type Err = String;
-    /// `a.b.c.d/n` (host bits are cleared) or a bare address (/32).
+    /// `a.b.c.d/n` or `x::y/n` (host bits are cleared), or a bare address (/32, /128).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (addr, prefix) = match text.trim().split_once('/') {
             Some((a, p)) => (
                 a,
-                p.parse::<u8>()
-                    .map_err(|_| format!("bad prefix in {text:?}"))?,
+                Some(
+                    p.parse::<u8>()
+                        .map_err(|_| format!("bad prefix in {text:?}"))?,
+                ),
             ),
-            None => (text.trim(), 32),
+            None => (text.trim(), None),
         };
-        let addr: Ipv4Addr = addr
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 address or prefix"))?;
-        if prefix > 32 {
-            return Err(format!("prefix of {text:?} is longer than 32"));
-        }
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
+            .map_err(|_| format!("{text:?} is not an IP address or prefix"))?;
+        let width = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
         };
-        Ok(Ipv4Net {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
-        })
+        let prefix = prefix.unwrap_or(width);
+        if prefix > width {
+            return Err(format!("prefix of {text:?} is longer than {width}"));
+        }
+        let bits = masked(addr, prefix);
+        let addr = match addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(bits as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
+        };
+        Ok(IpNet { addr, prefix })
     }
 }
 

@@ -235,6 +235,13 @@ pub struct Cluster {
 impl Cluster {
     /// A node with `pods` (name, IP); every pod runs the TCP and UDP servers.
     pub fn new(pods: &[(&str, &str)]) -> Result<Cluster> {
+        let pods: Vec<(&str, &str, Option<&str>)> =
+            pods.iter().map(|(name, ip)| (*name, *ip, None)).collect();
+        Cluster::dual_stack(&pods)
+    }
+
+    /// A node with `pods` (name, IPv4, IPv6 if any); the servers answer on both families.
+    pub fn dual_stack(pods: &[(&str, &str, Option<&str>)]) -> Result<Cluster> {
         let mut node = Node::new()?;
         let xlb = xlb_binary();
         if !xlb.exists() {
@@ -252,8 +259,8 @@ impl Cluster {
         // Test threads in the node's namespace are node processes.
         node.ns.set_cgroup(cgroup.path.clone());
         let mut servers = Vec::new();
-        for (name, ip) in pods {
-            let index = node.add_pod(name, ip)?;
+        for (name, ip, ip6) in pods {
+            let index = node.add_dual_stack_pod(name, ip, *ip6)?;
             node.pods[index].ns.set_cgroup(cgroup.pod(name)?);
             servers.push(serve(&node.pods[index])?);
         }
@@ -375,14 +382,20 @@ impl Cluster {
         }
     }
 
-    /// Backend addresses programmed for `frontend` ("IP:PORT/TCP"), if it exists.
+    /// Backend addresses programmed for `frontend` ("IP:PORT/TCP", "[IPv6]:PORT/TCP"), if
+    /// it exists.
     pub fn programmed(&self, frontend: &str) -> Option<Vec<String>> {
         let services = self.services().ok()?;
         services.as_array()?.iter().find_map(|row| {
             let f = &row["frontend"];
+            let ip = f["ip"].as_str()?;
+            let ip = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            };
             let name = format!(
-                "{}:{}/{}",
-                f["ip"].as_str()?,
+                "{ip}:{}/{}",
                 f["port"],
                 f["protocol"].as_str()?.to_uppercase()
             );

@@ -274,14 +274,7 @@ fn datapath(dir: &PathBuf) -> anyhow::Result<Ebpf> {
     let translation = translate(&objects, &options);
     Syncer::new().apply(&translation.desired, &mut maps)?;
     let node = NODE_IP.parse::<Ipv4Addr>()?;
-    maps.set_node(
-        &[node],
-        &lb_common::NodeConfig {
-            snat_addr: u32::from_ne_bytes(node.octets()),
-            snat_port_min: 61000,
-            snat_port_max: 65535,
-        },
-    )?;
+    maps.set_node(&[node.into()], (61000, 65535))?;
     Ok(ebpf)
 }
 

@@ -30,6 +30,41 @@ pub fn slice(service: &str, endpoints: &[(&str, bool)]) -> String {
     out
 }
 
+/// `slice` for the IPv6 addresses of a dual-stack or IPv6 Service (one slice per family,
+/// as the EndpointSlice controller writes them).
+pub fn slice6(service: &str, endpoints: &[(&str, bool)]) -> String {
+    slice(service, endpoints)
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace(
+            &format!("name: {service}-abc12"),
+            &format!("name: {service}-v6xyz"),
+        )
+}
+
+/// A Service with `cluster_ips` (one per family, the first the primary) and the ports of
+/// `service`, `ipFamilyPolicy` as the API server sets it for that many families.
+pub fn dual_stack_service(name: &str, cluster_ips: &[&str]) -> String {
+    let families: Vec<&str> = cluster_ips
+        .iter()
+        .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+        .collect();
+    let policy = if cluster_ips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
+    let quoted: Vec<String> = cluster_ips.iter().map(|ip| format!("'{ip}'")).collect();
+    service(name, cluster_ips[0], None).replace(
+        &format!("  clusterIP: {ip}\n  clusterIPs: [{ip}]\n", ip = cluster_ips[0]),
+        &format!(
+            "  clusterIP: '{}'\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  ipFamilyPolicy: {policy}\n",
+            cluster_ips[0],
+            quoted.join(", "),
+            families.join(", ")
+        ),
+    )
+}
+
 /// `service_yaml` with the `xlb.io/scheduler` annotation set to `scheduler`.
 pub fn with_scheduler(service_yaml: &str, scheduler: &str) -> String {
     service_yaml.replacen(

@@ -2,7 +2,7 @@
 //! ends of pod interfaces live) and pods wired to it with veth pairs, routed like Calico or
 //! Cilium do (/32 pod addresses, a static gateway neighbour). Nothing touches the root
 //! namespace, and everything goes away when the `Node` is dropped.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 
@@ -14,11 +14,15 @@ pub const POD_IFACE_GLOB: &str = "xp*";
 /// The pods' default gateway: a link-local address no one owns; pods reach it through a
 /// permanent neighbour entry pointing at the host side's fixed MAC (Calico's scheme).
 const GATEWAY: &str = "169.254.1.1";
+/// The IPv6 twin: a link-local gateway reached through a permanent neighbour entry.
+const GATEWAY6: &str = "fe80::1";
 const HOST_SIDE_MAC: &str = "ee:ee:ee:ee:ee:ee";
 
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address on a dual-stack node.
+    pub ip6: Option<Ipv6Addr>,
     pub host_iface: String,
     pub ns: Netns,
 }
@@ -35,6 +39,10 @@ impl Node {
         let tag = unique_tag();
         let ns = Netns::new(&tag, "node")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // Addresses (the host sides' link-local ones too) usable at once, without the
+        // second of duplicate address detection.
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         Ok(Node {
             tag,
             pods: Vec::new(),
@@ -44,8 +52,15 @@ impl Node {
 
     /// Adds a pod named `name` with address `ip`, returns its index.
     pub fn add_pod(&mut self, name: &str, ip: &str) -> Result<usize> {
+        self.add_dual_stack_pod(name, ip, None)
+    }
+
+    /// Adds a pod with an IPv4 address and, if given, an IPv6 one (routed the same way:
+    /// a /128, a link-local gateway with a permanent neighbour); returns its index.
+    pub fn add_dual_stack_pod(&mut self, name: &str, ip: &str, ip6: Option<&str>) -> Result<usize> {
         let index = self.pods.len();
         let ns = Netns::new(&self.tag, name)?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         let host_iface = format!("{POD_IFACE_PREFIX}{index}{}", &self.tag);
         let host_iface: String = host_iface.chars().take(15).collect();
         self.ns.add_veth(&host_iface, Some(HOST_SIDE_MAC), &ns)?;
@@ -64,12 +79,50 @@ impl Node {
             "nud",
             "permanent",
         ])?;
+        if let Some(ip6) = ip6 {
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&["-6", "route", "add", GATEWAY6, "dev", "eth0"])?;
+            ns.ip(&[
+                "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+            ])?;
+            ns.ip(&[
+                "-6",
+                "neigh",
+                "add",
+                GATEWAY6,
+                "lladdr",
+                HOST_SIDE_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
         self.ns.ip(&["link", "set", &host_iface, "up"])?;
         self.ns
             .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+        if let Some(ip6) = ip6 {
+            self.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &host_iface,
+            ])?;
+        }
         self.pods.push(Pod {
             name: name.to_string(),
             ip: ip.parse()?,
+            ip6: ip6.map(str::parse).transpose()?,
             host_iface,
             ns,
         });

@@ -3,7 +3,7 @@
 //! timeouts.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -35,58 +35,59 @@ impl Drop for Servers {
 }
 
 /// Starts, in `pod`'s namespace, a TCP server on 8080 (sends "NAME\n", then echoes) and a
-/// UDP server on 5353 (answers "NAME", or "NAME CLIENT-IP" to "whoami").
+/// UDP server on 5353 (answers "NAME", or "NAME CLIENT-IP" to "whoami"), on every IPv4
+/// address and on the pod's IPv6 address if it has one.
 pub fn serve(pod: &Pod) -> Result<Servers> {
     let stop = Arc::new(AtomicBool::new(false));
-    let name = pod.name.clone();
-    let tcp = pod
-        .ns
-        .enter(move || TcpListener::bind(("0.0.0.0", TCP_PORT)))??;
-    let udp = pod
-        .ns
-        .enter(move || UdpSocket::bind(("0.0.0.0", UDP_PORT)))??;
-    tcp.set_nonblocking(true)?;
-    udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut addresses = vec![IpAddr::from(Ipv4Addr::UNSPECIFIED)];
+    addresses.extend(pod.ip6.map(IpAddr::from));
     let mut threads = Vec::new();
-    {
-        let stop = Arc::clone(&stop);
-        let name = name.clone();
-        threads.push(std::thread::spawn(move || {
-            let mut handlers = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((conn, _)) => {
-                        let stop = Arc::clone(&stop);
-                        let name = name.clone();
-                        handlers.push(std::thread::spawn(move || echo(conn, &name, &stop)));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-                handlers.retain(|h: &JoinHandle<()>| !h.is_finished());
-            }
-            for h in handlers {
-                let _ = h.join();
-            }
-        }));
-    }
-    {
-        let stop = Arc::clone(&stop);
-        threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                    // "whoami": also say which client address arrived (NAT tests).
-                    let answer = if &buf[..n] == b"whoami" {
-                        format!("{name} {}", from.ip())
-                    } else {
-                        name.clone()
-                    };
-                    let _ = udp.send_to(answer.as_bytes(), from);
-                }
-            }
-        }));
+    for ip in addresses {
+        let tcp = pod.ns.enter(move || TcpListener::bind((ip, TCP_PORT)))??;
+        let udp = pod.ns.enter(move || UdpSocket::bind((ip, UDP_PORT)))??;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        threads.push(serve_tcp(tcp, pod.name.clone(), Arc::clone(&stop)));
+        threads.push(serve_udp(udp, pod.name.clone(), Arc::clone(&stop)));
     }
     Ok(Servers { stop, threads })
+}
+
+fn serve_tcp(tcp: TcpListener, name: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut handlers = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match tcp.accept() {
+                Ok((conn, _)) => {
+                    let stop = Arc::clone(&stop);
+                    let name = name.clone();
+                    handlers.push(std::thread::spawn(move || echo(conn, &name, &stop)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+            handlers.retain(|h: &JoinHandle<()>| !h.is_finished());
+        }
+        for h in handlers {
+            let _ = h.join();
+        }
+    })
+}
+
+fn serve_udp(udp: UdpSocket, name: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                // "whoami": also say which client address arrived (NAT tests).
+                let answer = if &buf[..n] == b"whoami" {
+                    format!("{name} {}", from.ip())
+                } else {
+                    name.clone()
+                };
+                let _ = udp.send_to(answer.as_bytes(), from);
+            }
+        }
+    })
 }
 
 fn echo(mut conn: TcpStream, name: &str, stop: &AtomicBool) {
@@ -137,8 +138,17 @@ pub fn tcp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String>
 }
 
 /// One UDP request from a fresh socket (fresh source port, so a new flow): who answered.
+/// A UDP socket of `addr`'s family on an ephemeral port.
+fn udp_client(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    if addr.is_ipv6() {
+        UdpSocket::bind("[::]:0")
+    } else {
+        UdpSocket::bind("0.0.0.0:0")
+    }
+}
+
 pub fn udp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_client(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello", addr)?;
     let mut buf = [0u8; 256];
@@ -148,7 +158,7 @@ pub fn udp_hello(addr: SocketAddr, timeout: Duration) -> std::io::Result<String>
 
 /// One UDP "whoami" from a fresh socket: (backend name, client address the backend saw).
 pub fn udp_whoami(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, String)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_client(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"whoami", addr)?;
     let mut buf = [0u8; 256];

@@ -102,14 +102,14 @@ fn annotation_changes_the_spread_of_real_connections() {
     for be in ["10.244.0.11", "10.244.0.12", "10.244.0.13"] {
         let line = format!(
             "xlb_backend_new_flows_total{{frontend=\"10.96.0.10:80/TCP\",\
-             service=\"default/web:http\",backend=\"{be}:8080\"}} 10"
+             service=\"default/web:http\",family=\"IPv4\",backend=\"{be}:8080\"}} 10"
         );
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
     assert!(
         metrics.contains(
             "xlb_frontend_info{frontend=\"10.96.0.10:80/TCP\",service=\"default/web:http\",\
-             scheduler=\"round-robin\"} 1"
+             family=\"IPv4\",scheduler=\"round-robin\"} 1"
         ),
         "{metrics}"
     );

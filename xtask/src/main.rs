@@ -298,6 +298,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "e2e_north_south",
             "--test",
             "e2e_conformance",
+            "--test",
+            "e2e_ipv6",
             "--",
             "--include-ignored",
             "--test-threads=1",

@@ -1,12 +1,12 @@
 //! The agent's configuration, built from `xlb agent`'s flags: everything resolved here (node
 //! name, cgroup) so the loop itself never looks at the environment.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::path::PathBuf;
 
 use crate::{
     cli::{AgentArgs, CgroupArg},
     datapath::{attach::XdpAttach, bpffs, ifaces::IfacePatterns},
     kube_proxy::config::{self as kube_proxy_config, ConfigFileError},
-    model::{Ipv4Net, Scheduler},
+    model::{IpNet, Scheduler},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -42,13 +42,13 @@ pub struct AgentConfig {
     pub node_name: String,
     pub external_ifaces: IfacePatterns,
     /// Empty: the external interfaces' addresses.
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<std::net::IpAddr>,
     pub snat_ports: (u16, u16),
     pub xdp_mode: XdpAttach,
     /// Where node processes live: the socket hooks attach here. `None`: not attached.
     pub cgroup: Option<PathBuf>,
     /// NodePorts answer only on node addresses inside these (empty: every one).
-    pub node_port_cidrs: Vec<Ipv4Net>,
+    pub node_port_cidrs: Vec<IpNet>,
     /// ClusterIPs reached from outside the node are balanced and masqueraded (kube-proxy
     /// with clusterCIDR or masqueradeAll).
     pub masquerade_outside: bool,
@@ -114,7 +114,7 @@ impl AgentConfig {
             }
             node_port_cidrs = file.node_port_cidrs;
             ct_timeouts = file.ct_timeouts;
-            masquerade_outside = file.cluster_cidr.is_some() || file.masquerade_all;
+            masquerade_outside = !file.cluster_cidrs.is_empty() || file.masquerade_all;
             if file.masquerade_all {
                 ignored_settings.push(
                     "masqueradeAll: pods' ClusterIP traffic keeps its source (only traffic \

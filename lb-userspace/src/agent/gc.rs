@@ -46,7 +46,7 @@ impl ConntrackGc {
                 let mut second_pass = false;
                 while !thread_stop.load(Ordering::Relaxed) {
                     let collected = maps.collect_garbage(monotonic_ns());
-                    walked.record(collected.conntrack, collected.affinity);
+                    walked.record(&collected);
                     if collected.removed > 0 {
                         log::debug!("conntrack gc: removed {} dead entries", collected.removed);
                     }

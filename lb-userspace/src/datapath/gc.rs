@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtTimeouts, CtValue,
+    AffinityKey, AffinityValue, CT_FLAG_CLOSING, CT_FORWARD, CtKey, CtTimeouts, CtValue, MapAddr,
 };
 
 /// A backend added after the live set was read is missing from it: flows and affinities
@@ -14,12 +14,12 @@ pub const LIVE_SET_GRACE_NS: u64 = 1_000_000_000;
 
 /// Entries to delete: idle past their lifetime, or pointing at a backend that is gone.
 /// `now_ns` is when `live_backends` was read.
-pub fn stale_flows(
-    entries: impl IntoIterator<Item = (CtKey, CtValue)>,
+pub fn stale_flows<A: MapAddr>(
+    entries: impl IntoIterator<Item = (CtKey<A>, CtValue<A>)>,
     live_backends: &BTreeSet<u32>,
     timeouts: &CtTimeouts,
     now_ns: u64,
-) -> Vec<CtKey> {
+) -> Vec<CtKey<A>> {
     entries
         .into_iter()
         .filter(|(key, value)| {
@@ -33,8 +33,8 @@ pub fn stale_flows(
 
 /// Open flows per live backend: forward entries neither closing nor idle past their
 /// lifetime (what least-conn compares).
-pub fn open_flows(
-    entries: impl IntoIterator<Item = (CtKey, CtValue)>,
+pub fn open_flows<A: MapAddr>(
+    entries: impl IntoIterator<Item = (CtKey<A>, CtValue<A>)>,
     live_backends: &BTreeSet<u32>,
     timeouts: &CtTimeouts,
     now_ns: u64,
@@ -54,11 +54,11 @@ pub fn open_flows(
 }
 
 /// Affinity entries whose backend is gone (expiry by time is checked by the datapath).
-pub fn stale_affinities(
-    entries: impl IntoIterator<Item = (AffinityKey, AffinityValue)>,
+pub fn stale_affinities<A: MapAddr>(
+    entries: impl IntoIterator<Item = (AffinityKey<A>, AffinityValue)>,
     live_backends: &BTreeSet<u32>,
     now_ns: u64,
-) -> Vec<AffinityKey> {
+) -> Vec<AffinityKey<A>> {
     entries
         .into_iter()
         .filter(|(_, value)| {

@@ -36,9 +36,11 @@ fn accept_local_sources(iface: &str) {
     }
 }
 
-/// IPv4 addresses of the interfaces matching `patterns`, in interface-name order; with no
-/// patterns, of every interface but loopback (kube-proxy's default NodePort addresses).
-pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
+/// IPv4 and IPv6 addresses of the interfaces matching `patterns`, in interface-name order
+/// within each family; with no patterns, of every interface but loopback (kube-proxy's
+/// default NodePort addresses). IPv6 link-local addresses are left out: they are no
+/// NodePort address a client elsewhere can use, nor a SNAT source replies can route back to.
+pub fn node_addresses(patterns: &IfacePatterns) -> Vec<std::net::IpAddr> {
     let wanted = |name: &str| {
         if patterns.is_empty() {
             name != "lo"
@@ -49,15 +51,25 @@ pub fn ipv4_addresses(patterns: &IfacePatterns) -> Vec<std::net::Ipv4Addr> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
-    let mut found: Vec<(String, std::net::Ipv4Addr)> = addresses
+    let mut found: Vec<(bool, String, std::net::IpAddr)> = addresses
         .filter(|entry| wanted(&entry.interface_name))
         .filter_map(|entry| {
-            let ip = entry.address?.as_sockaddr_in()?.ip();
-            Some((entry.interface_name, ip))
+            let address = entry.address?;
+            let ip: std::net::IpAddr = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => v4.ip().into(),
+                (None, Some(v6)) if !is_link_local(&v6.ip()) => v6.ip().into(),
+                _ => return None,
+            };
+            Some((ip.is_ipv6(), entry.interface_name, ip))
         })
         .collect();
     found.sort();
-    found.into_iter().map(|(_, addr)| addr).collect()
+    found.into_iter().map(|(_, _, addr)| addr).collect()
+}
+
+/// fe80::/10.
+fn is_link_local(ip: &std::net::Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
 /// Comma-separated globs, e.g. `veth*,cali*`.

@@ -60,7 +60,9 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
 }
 
 /// Loads the IPv6 TC stages and puts them in the program array the IPv4 programs tail-call
-/// through (indexes as in `program_names::TC_IPV6`).
+/// through (indexes as in `program_names::TC_IPV6`). A reused (pinned) array gets this
+/// object's stages: programs still attached from the previous agent tail-call them until
+/// they are replaced too, and the stages read the same maps.
 fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let mut fds = Vec::new();
     for name in program_names::TC_IPV6 {
@@ -74,23 +76,23 @@ fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
             source: Box::new(source),
         })?;
         let fd = fd.try_clone().map_err(|e| DatapathError::Map {
-            name: program_names::PROGS6_MAP,
+            name: map_names::PROGS6,
             message: format!("duplicating the descriptor of {name}: {e}"),
         })?;
         fds.push(fd);
     }
     let map = ebpf
-        .map_mut(program_names::PROGS6_MAP)
-        .ok_or(DatapathError::MissingMap(program_names::PROGS6_MAP))?;
+        .map_mut(map_names::PROGS6)
+        .ok_or(DatapathError::MissingMap(map_names::PROGS6))?;
     let mut stages = ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
-        name: program_names::PROGS6_MAP,
+        name: map_names::PROGS6,
         message: error_chain(&e),
     })?;
     for (index, fd) in fds.iter().enumerate() {
         stages
             .set(index as u32, fd, 0)
             .map_err(|e| DatapathError::Map {
-                name: program_names::PROGS6_MAP,
+                name: map_names::PROGS6,
                 message: error_chain(&e),
             })?;
     }

@@ -4,15 +4,18 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, NodeConfig,
-    ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SourceRangeKey, TrafficCounter,
-    map_names,
+    AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, Ip6, MapAddr,
+    NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
+    SourceRangeKey, TrafficCounter, map_names,
 };
 
 use crate::{
     datapath::pins::PinLayout,
-    model::Ipv4Net,
-    sync::{MapStore, StoreError},
+    model::{Family, IpNet},
+    sync::{
+        BackendEntry, MapStore, SlotKey, StoreError,
+        keys::{map_v4, map_v6},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,19 @@ pub struct PinnedMaps {
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
+    pub v6: PinnedMaps6,
+}
+
+/// The IPv6 twins of the address-keyed maps.
+pub struct PinnedMaps6 {
+    pub services: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend<Ip6>>,
+    pub conntrack: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
+    pub affinity: HashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
+    pub node_ips: HashMap<MapData, Ip6, u32>,
+    pub config: Array<MapData, NodeConfig<Ip6>>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ip6>, u8>,
+    pub sock_revnat: HashMap<MapData, SockKey6, SockFrontend<Ip6>>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -122,6 +138,16 @@ impl PinnedMaps {
             service_names: typed!(layout, map_names::SERVICE_NAMES, HashMap),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
+            v6: PinnedMaps6 {
+                services: typed!(layout, map_names::SERVICES6, HashMap),
+                backends: typed!(layout, map_names::BACKENDS6, HashMap),
+                conntrack: typed!(layout, map_names::CONNTRACK6, HashMap),
+                affinity: typed!(layout, map_names::AFFINITY6, HashMap),
+                node_ips: typed!(layout, map_names::NODE_IPS6, HashMap),
+                config: typed!(layout, map_names::CONFIG6, Array),
+                source_ranges: typed!(layout, map_names::SOURCE_RANGES6, LpmTrie),
+                sock_revnat: typed!(layout, map_names::SOCK_REVNAT6, HashMap),
+            },
         })
     }
 
@@ -138,7 +164,19 @@ impl PinnedMaps {
             .filter(|(_, shown)| backend_ids.contains(&shown.backend_id))
             .map(|(key, _)| key)
             .collect();
-        let cookies = stale.iter().map(|k| k.cookie).collect();
+        let stale6: Vec<SockKey6> = self
+            .v6
+            .sock_revnat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, shown)| backend_ids.contains(&shown.backend_id))
+            .map(|(key, _)| key)
+            .collect();
+        let cookies = stale
+            .iter()
+            .map(|k| k.cookie)
+            .chain(stale6.iter().map(|k| k.cookie))
+            .collect();
         let destroyed = crate::datapath::sockets::destroy_udp(&cookies).unwrap_or_else(|e| {
             log::warn!("destroying UDP sockets of removed backends: {e}");
             0
@@ -146,33 +184,38 @@ impl PinnedMaps {
         for key in stale {
             let _ = self.sock_revnat.remove(&key);
         }
+        for key in stale6 {
+            let _ = self.v6.sock_revnat.remove(&key);
+        }
         destroyed
     }
 
     /// Makes `addresses` the node's addresses (NodePorts answer on them) and writes the
     /// node-wide settings.
+    /// `addresses` of both families; each family's SNAT source is its first address.
     pub fn set_node(
         &mut self,
-        addresses: &[std::net::Ipv4Addr],
-        config: &NodeConfig,
+        addresses: &[std::net::IpAddr],
+        snat_ports: (u16, u16),
     ) -> Result<(), MapError> {
-        let wanted: std::collections::BTreeSet<u32> = addresses
-            .iter()
-            .map(|a| u32::from_ne_bytes(a.octets()))
-            .collect();
-        for addr in &wanted {
-            self.node_ips.insert(addr, 1, 0)?;
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for a in addresses {
+            match a {
+                std::net::IpAddr::V4(a) => v4.push(map_v4(*a)),
+                std::net::IpAddr::V6(a) => v6.push(map_v6(*a)),
+            }
         }
-        let stale: Vec<u32> = self
-            .node_ips
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|a| !wanted.contains(a))
-            .collect();
-        for addr in stale {
-            ignore_missing(self.node_ips.remove(&addr))?;
+        set_addresses(&mut self.node_ips, &v4)?;
+        set_addresses(&mut self.v6.node_ips, &v6)?;
+        fn config<A: MapAddr>(first: Option<&A>, (min, max): (u16, u16)) -> NodeConfig<A> {
+            NodeConfig {
+                snat_addr: first.copied().unwrap_or_default(),
+                snat_port_min: min,
+                snat_port_max: max,
+            }
         }
-        self.config.set(0, config, 0)
+        self.config.set(0, config(v4.first(), snat_ports), 0)?;
+        self.v6.config.set(0, config(v6.first(), snat_ports), 0)
     }
 
     /// Records the network namespace whose sockets the socket hooks balance: the calling
@@ -222,38 +265,60 @@ impl PinnedMaps {
         (1..=size).map(|i| table.get(&i, 0).ok()).collect()
     }
 
-    /// Every `SERVICES` entry (entries that vanish while iterating are skipped).
-    pub fn service_slots(&self) -> Vec<(ServiceKey, ServiceValue)> {
-        self.services.iter().filter_map(Result::ok).collect()
+    /// Every `SERVICES` and `SERVICES6` entry (entries that vanish while iterating are
+    /// skipped).
+    pub fn service_slots(&self) -> Vec<(SlotKey, ServiceValue)> {
+        let v4 = self.services.iter().filter_map(Result::ok);
+        let v6 = self.v6.services.iter().filter_map(Result::ok);
+        v4.map(|(k, v)| (SlotKey::V4(k), v))
+            .chain(v6.map(|(k, v)| (SlotKey::V6(k), v)))
+            .collect()
     }
 
-    pub fn all_backends(&self) -> Vec<(u32, Backend)> {
-        self.backends.iter().filter_map(Result::ok).collect()
+    /// The backend with `id`, from the map of whichever family holds it.
+    pub fn backend(&self, id: u32) -> Option<BackendEntry> {
+        match self.backends.get(&id, 0) {
+            Ok(b) => Some(BackendEntry::V4(b)),
+            Err(_) => self.v6.backends.get(&id, 0).ok().map(BackendEntry::V6),
+        }
+    }
+
+    pub fn all_backends(&self) -> Vec<(u32, BackendEntry)> {
+        let v4 = self.backends.iter().filter_map(Result::ok);
+        let v6 = self.v6.backends.iter().filter_map(Result::ok);
+        v4.map(|(id, b)| (id, BackendEntry::V4(b)))
+            .chain(v6.map(|(id, b)| (id, BackendEntry::V6(b))))
+            .collect()
     }
 
     /// Deletes dead conntrack and affinity entries (see `gc`); says how many, and how many
     /// remain. `now_ns`: CLOCK_MONOTONIC, read before this call.
     pub fn collect_garbage(&mut self, now_ns: u64) -> Collected {
-        let live: std::collections::BTreeSet<u32> =
-            self.backends.keys().filter_map(Result::ok).collect();
-        let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
-        let affinities: Vec<_> = self.affinity.iter().filter_map(Result::ok).collect();
-        let mut removed = 0;
+        let live: std::collections::BTreeSet<u32> = self
+            .backends
+            .keys()
+            .filter_map(Result::ok)
+            .chain(self.v6.backends.keys().filter_map(Result::ok))
+            .collect();
         let timeouts = self.ct_timeouts();
-        for key in crate::datapath::gc::stale_flows(flows, &live, &timeouts, now_ns) {
-            removed += usize::from(self.conntrack.remove(&key).is_ok());
+        let v4 = collect_family(
+            &mut self.conntrack,
+            &mut self.affinity,
+            &live,
+            &timeouts,
+            now_ns,
+        );
+        let v6 = collect_family(
+            &mut self.v6.conntrack,
+            &mut self.v6.affinity,
+            &live,
+            &timeouts,
+            now_ns,
+        );
+        let mut open = v4.open;
+        for (id, n) in v6.open {
+            *open.entry(id).or_insert(0) += n;
         }
-        let mut affinity_left = affinities.len();
-        for key in crate::datapath::gc::stale_affinities(affinities, &live, now_ns) {
-            let gone = self.affinity.remove(&key).is_ok();
-            removed += usize::from(gone);
-            affinity_left -= usize::from(gone);
-        }
-        // Least-conn's counts, recounted from the flows that remain: corrects what the
-        // datapath cannot see (expiry without FIN, LRU eviction, UDP).
-        let flows: Vec<_> = self.conntrack.iter().filter_map(Result::ok).collect();
-        let conntrack_left = flows.len();
-        let open = crate::datapath::gc::open_flows(flows, &live, &timeouts, now_ns);
         let counted: std::collections::BTreeMap<u32, u64> =
             self.connections.iter().filter_map(Result::ok).collect();
         for id in counted.keys().filter(|id| !open.contains_key(id)) {
@@ -265,11 +330,77 @@ impl PinnedMaps {
             }
         }
         Collected {
+            removed: v4.collected.removed + v6.collected.removed,
+            conntrack: v4.collected.conntrack,
+            affinity: v4.collected.affinity,
+            conntrack6: v6.collected.conntrack,
+            affinity6: v6.collected.affinity,
+        }
+    }
+}
+
+/// One family's garbage collection, and its open flows per backend.
+struct FamilyCollected {
+    collected: Collected,
+    open: std::collections::BTreeMap<u32, u64>,
+}
+
+fn collect_family<A: MapAddr>(
+    conntrack: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
+    affinity: &mut HashMap<MapData, AffinityKey<A>, AffinityValue>,
+    live: &std::collections::BTreeSet<u32>,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+) -> FamilyCollected
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+    AffinityKey<A>: aya::Pod,
+{
+    let flows: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
+    let affinities: Vec<_> = affinity.iter().filter_map(Result::ok).collect();
+    let mut removed = 0;
+    for key in crate::datapath::gc::stale_flows(flows, live, timeouts, now_ns) {
+        removed += usize::from(conntrack.remove(&key).is_ok());
+    }
+    let mut affinity_left = affinities.len();
+    for key in crate::datapath::gc::stale_affinities(affinities, live, now_ns) {
+        let gone = affinity.remove(&key).is_ok();
+        removed += usize::from(gone);
+        affinity_left -= usize::from(gone);
+    }
+    // Least-conn's counts, recounted from the flows that remain: corrects what the
+    // datapath cannot see (expiry without FIN, LRU eviction, UDP).
+    let flows: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
+    let conntrack_left = flows.len();
+    FamilyCollected {
+        open: crate::datapath::gc::open_flows(flows, live, timeouts, now_ns),
+        collected: Collected {
             removed,
             conntrack: conntrack_left,
             affinity: affinity_left,
-        }
+            ..Collected::default()
+        },
     }
+}
+
+/// Makes `wanted` the addresses in a node-address map.
+fn set_addresses<A: MapAddr + aya::Pod>(
+    map: &mut HashMap<MapData, A, u32>,
+    wanted: &[A],
+) -> Result<(), MapError> {
+    for addr in wanted {
+        map.insert(addr, 1, 0)?;
+    }
+    let stale: Vec<A> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|a| !wanted.contains(a))
+        .collect();
+    for addr in stale {
+        ignore_missing(map.remove(&addr))?;
+    }
+    Ok(())
 }
 
 /// What one garbage collection did.
@@ -277,18 +408,20 @@ impl PinnedMaps {
 pub struct Collected {
     /// Entries deleted.
     pub removed: usize,
-    /// Entries left in the conntrack and affinity maps.
+    /// Entries left in the conntrack and affinity maps, IPv4 then IPv6.
     pub conntrack: usize,
     pub affinity: usize,
+    pub conntrack6: usize,
+    pub affinity6: usize,
 }
 
 /// The LPM key of a service's source range: the service id always matched whole.
-fn range_key(service_id: u32, range: &Ipv4Net) -> Key<SourceRangeKey> {
+fn range_key<A: MapAddr>(service_id: u32, addr: A, prefix: u8) -> Key<SourceRangeKey<A>> {
     Key::new(
-        32 + u32::from(range.prefix),
+        32 + u32::from(prefix),
         SourceRangeKey {
             service_id_be: service_id.to_be(),
-            addr: u32::from_ne_bytes(range.addr.octets()),
+            addr,
         },
     )
 }
@@ -322,23 +455,47 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapStore for PinnedMaps {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), StoreError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|e| store_err("insert", map_names::BACKENDS, e))
+    fn set_backend(&mut self, id: u32, backend: &BackendEntry) -> Result<(), StoreError> {
+        match backend {
+            BackendEntry::V4(b) => self
+                .backends
+                .insert(id, b, 0)
+                .map_err(|e| store_err("insert", map_names::BACKENDS, e)),
+            BackendEntry::V6(b) => self
+                .v6
+                .backends
+                .insert(id, b, 0)
+                .map_err(|e| store_err("insert", map_names::BACKENDS6, e)),
+        }
     }
-    fn remove_backend(&mut self, id: u32) -> Result<(), StoreError> {
-        ignore_missing(self.backends.remove(&id))
-            .map_err(|e| store_err("delete", map_names::BACKENDS, e))
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), StoreError> {
+        match family {
+            Family::V4 => ignore_missing(self.backends.remove(&id))
+                .map_err(|e| store_err("delete", map_names::BACKENDS, e)),
+            Family::V6 => ignore_missing(self.v6.backends.remove(&id))
+                .map_err(|e| store_err("delete", map_names::BACKENDS6, e)),
+        }
     }
-    fn set_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), StoreError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| store_err("insert", map_names::SERVICES, e))
+    fn set_slot(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), StoreError> {
+        match key {
+            SlotKey::V4(k) => self
+                .services
+                .insert(k, value, 0)
+                .map_err(|e| store_err("insert", map_names::SERVICES, e)),
+            SlotKey::V6(k) => self
+                .v6
+                .services
+                .insert(k, value, 0)
+                .map_err(|e| store_err("insert", map_names::SERVICES6, e)),
+        }
     }
-    fn remove_slot(&mut self, key: &ServiceKey) -> Result<(), StoreError> {
-        ignore_missing(self.services.remove(key))
-            .map_err(|e| store_err("delete", map_names::SERVICES, e))
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), StoreError> {
+        match key {
+            SlotKey::V4(k) => ignore_missing(self.services.remove(k))
+                .map_err(|e| store_err("delete", map_names::SERVICES, e)),
+            SlotKey::V6(k) => ignore_missing(self.v6.services.remove(k))
+                .map_err(|e| store_err("delete", map_names::SERVICES6, e)),
+        }
     }
     fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError> {
         let err = |e| store_err("write table", map_names::MAGLEV, e);
@@ -355,14 +512,34 @@ impl MapStore for PinnedMaps {
         ignore_missing(self.maglev.remove(&service_id))
             .map_err(|e| store_err("delete", map_names::MAGLEV, e))
     }
-    fn add_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
-        self.source_ranges
-            .insert(&range_key(service_id, range), 1, 0)
-            .map_err(|e| store_err("insert", map_names::SOURCE_RANGES, e))
+    fn add_source_range(&mut self, service_id: u32, range: &IpNet) -> Result<(), StoreError> {
+        match range.addr {
+            std::net::IpAddr::V4(a) => self
+                .source_ranges
+                .insert(&range_key(service_id, map_v4(a), range.prefix), 1, 0)
+                .map_err(|e| store_err("insert", map_names::SOURCE_RANGES, e)),
+            std::net::IpAddr::V6(a) => self
+                .v6
+                .source_ranges
+                .insert(&range_key(service_id, map_v6(a), range.prefix), 1, 0)
+                .map_err(|e| store_err("insert", map_names::SOURCE_RANGES6, e)),
+        }
     }
-    fn remove_source_range(&mut self, service_id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
-        ignore_missing(self.source_ranges.remove(&range_key(service_id, range)))
-            .map_err(|e| store_err("delete", map_names::SOURCE_RANGES, e))
+    fn remove_source_range(&mut self, service_id: u32, range: &IpNet) -> Result<(), StoreError> {
+        match range.addr {
+            std::net::IpAddr::V4(a) => ignore_missing(self.source_ranges.remove(&range_key(
+                service_id,
+                map_v4(a),
+                range.prefix,
+            )))
+            .map_err(|e| store_err("delete", map_names::SOURCE_RANGES, e)),
+            std::net::IpAddr::V6(a) => ignore_missing(self.v6.source_ranges.remove(&range_key(
+                service_id,
+                map_v6(a),
+                range.prefix,
+            )))
+            .map_err(|e| store_err("delete", map_names::SOURCE_RANGES6, e)),
+        }
     }
     fn set_service_name(&mut self, service_id: u32, name: &str) {
         if let Err(e) = self

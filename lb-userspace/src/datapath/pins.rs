@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 26] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 27] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -156,6 +156,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 26] = {
             map_sizes::SOCK_REVNAT,
             LruHash,
         ),
+        (map_names::PROGS6, 4, 4, 4, ProgramArray),
     ]
 };
 

@@ -6,16 +6,17 @@ use std::{net::SocketAddr, path::Path};
 
 use lb_common::CtTimeouts;
 
-use crate::model::{Ipv4Net, Scheduler};
+use crate::model::{IpNet, Scheduler};
 
 /// What xlb takes from a `KubeProxyConfiguration`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KubeProxySettings {
     /// `nodePortAddresses`: NodePorts answer on node addresses inside these.
-    pub node_port_cidrs: Vec<Ipv4Net>,
-    /// `clusterCIDR`: ClusterIP traffic from outside it (arriving from outside the node)
-    /// is balanced and masqueraded, as kube-proxy's KUBE-MARK-MASQ rule does.
-    pub cluster_cidr: Option<Ipv4Net>,
+    pub node_port_cidrs: Vec<IpNet>,
+    /// `clusterCIDR` (one per family when dual-stack): ClusterIP traffic from outside it
+    /// (arriving from outside the node) is balanced and masqueraded, as kube-proxy's
+    /// KUBE-MARK-MASQ rule does.
+    pub cluster_cidrs: Vec<IpNet>,
     /// `masqueradeAll`.
     pub masquerade_all: bool,
     /// `ipvs.scheduler`, as the node's default algorithm.
@@ -151,11 +152,12 @@ pub fn parse(text: &str, path: &str) -> Result<KubeProxySettings, ConfigFileErro
             "nodePortAddresses" => {
                 for cidr in v.as_array().into_iter().flatten() {
                     let cidr = text_of(cidr);
-                    match cidr.parse::<Ipv4Net>() {
+                    match cidr.parse::<IpNet>() {
                         Ok(net) => out.node_port_cidrs.push(net),
-                        Err(_) if cidr.contains(':') || cidr == "primary" => out.ignored.push(
-                            format!("nodePortAddresses {cidr:?}: only IPv4 CIDRs are used"),
-                        ),
+                        Err(_) if cidr == "primary" => out.ignored.push(format!(
+                            "nodePortAddresses {cidr:?}: give the node's addresses as CIDRs \
+                             (or --node-ips)"
+                        )),
                         Err(e) => return Err(field_err(name, e.to_string())),
                     }
                 }
@@ -166,11 +168,8 @@ pub fn parse(text: &str, path: &str) -> Result<KubeProxySettings, ConfigFileErro
                     .map(str::trim)
                     .filter(|c| !c.is_empty())
                 {
-                    match cidr.parse::<Ipv4Net>() {
-                        Ok(net) => out.cluster_cidr = Some(net),
-                        Err(_) if cidr.contains(':') => out
-                            .ignored
-                            .push(format!("clusterCIDR {cidr}: IPv6 is not supported yet")),
+                    match cidr.parse::<IpNet>() {
+                        Ok(net) => out.cluster_cidrs.push(net),
                         Err(e) => return Err(field_err(name, e.to_string())),
                     }
                 }
@@ -257,12 +256,18 @@ nodePortAddresses: ["192.168.0.0/16", "fd00::/64"]
     #[test]
     fn kubeadm_configuration_maps_and_reports_the_rest() {
         let s = parse(KUBEADM, "config.conf").expect("valid");
-        assert_eq!(s.cluster_cidr, "10.244.0.0/16".parse().ok());
+        assert_eq!(s.cluster_cidrs, ["10.244.0.0/16".parse().expect("cidr")]);
         assert_eq!(s.scheduler, Some(Scheduler::RoundRobin));
         assert_eq!(s.metrics_addr, "127.0.0.1:10249".parse().ok());
         assert_eq!(s.healthz_addr, None, "empty means kube-proxy's default");
         assert_eq!(s.node_name, None);
-        assert_eq!(s.node_port_cidrs, ["192.168.0.0/16".parse().expect("cidr")]);
+        assert_eq!(
+            s.node_port_cidrs,
+            [
+                "192.168.0.0/16".parse().expect("cidr"),
+                "fd00::/64".parse().expect("cidr")
+            ]
+        );
         assert_eq!(
             s.ct_timeouts,
             CtTimeouts {
@@ -280,7 +285,6 @@ nodePortAddresses: ["192.168.0.0/16", "fd00::/64"]
             "clientConnection",
             "conntrack.maxPerCore",
             "mode ipvs",
-            "fd00::/64",
         ] {
             assert!(
                 s.ignored.iter().any(|i| i.contains(field)),

@@ -1,23 +1,45 @@
 //! The read commands (`xlb services`, `xlb conntrack`, `xlb stats`): reports built from the
 //! pinned maps alone, so they work with or without a running agent.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use lb_common::{
-    CT_FORWARD, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome, outcome_name, scheduler_of,
+    CT_FORWARD, CtKey, CtValue, MapAddr, SVC_FLAG_AFFINITY, map_names, map_sizes, outcome,
+    outcome_name, scheduler_of,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::{
         clock::monotonic_ns,
-        maps::{PinnedMaps, sum_counter},
+        maps::{Collected, PinnedMaps, sum_counter},
     },
-    model::{Frontend, Protocol, Scheduler},
-    sync::frontend_of,
+    model::{Frontend, HostPort, Protocol, Scheduler},
+    sync::{
+        frontend_of,
+        keys::{from_map_v4, from_map_v6},
+    },
 };
 
-fn addr(ip: u32) -> Ipv4Addr {
-    ip.to_ne_bytes().into()
+/// A map address as an `IpAddr`, for either family's maps.
+pub trait ShowAddr: MapAddr {
+    fn ip(self) -> IpAddr;
+}
+
+impl ShowAddr for u32 {
+    fn ip(self) -> IpAddr {
+        from_map_v4(self).into()
+    }
+}
+
+impl ShowAddr for lb_common::Ip6 {
+    fn ip(self) -> IpAddr {
+        from_map_v6(self).into()
+    }
+}
+
+/// `addr:port` (IPv6 in brackets) from map values (network byte order).
+fn host_port<A: ShowAddr>(addr: A, port: u16) -> String {
+    HostPort(addr.ip(), u16::from_be(port)).to_string()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,7 +76,7 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
     let mut slots: BTreeMap<Frontend, BTreeMap<u16, lb_common::ServiceValue>> = BTreeMap::new();
     for (key, value) in maps.service_slots() {
         if let Some(frontend) = frontend_of(&key) {
-            slots.entry(frontend).or_default().insert(key.slot, value);
+            slots.entry(frontend).or_default().insert(key.slot(), value);
         }
     }
     let mut rows = Vec::new();
@@ -74,10 +96,9 @@ pub fn services(maps: &PinnedMaps) -> Vec<ServiceRow> {
             .filter_map(|slot| slots.get(&slot))
             .map(|s| {
                 let address = maps
-                    .backends
-                    .get(&s.backend_id, 0)
-                    .map(|b| format!("{}:{}", addr(b.ip), u16::from_be(b.port)))
-                    .unwrap_or_else(|_| "(missing)".into());
+                    .backend(s.backend_id)
+                    .map(|b| b.endpoint().to_string())
+                    .unwrap_or_else(|| "(missing)".into());
                 let c = counter(&maps.backend_stats, s.backend_id);
                 BackendRow {
                     id: s.backend_id,
@@ -170,34 +191,40 @@ pub struct FlowRow {
     pub bytes: u64,
 }
 
-/// NATed flows (forward entries), like `conntrack -L`.
+/// NATed flows (forward entries) of both families, like `conntrack -L`.
 pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
     let now = monotonic_ns();
-    let mut rows: Vec<FlowRow> = maps
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
+    let v4 = maps.conntrack.iter().filter_map(Result::ok);
+    let v6 = maps.v6.conntrack.iter().filter_map(Result::ok);
+    let mut rows: Vec<FlowRow> = v4
         .filter(|(k, _)| k.dir == CT_FORWARD)
-        .map(|(k, v)| FlowRow {
-            protocol: Protocol::from_number(k.proto)
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| k.proto.to_string()),
-            client: format!("{}:{}", addr(k.src), u16::from_be(k.sport)),
-            frontend: format!("{}:{}", addr(k.dst), u16::from_be(k.dport)),
-            backend: format!("{}:{}", addr(v.nat_addr), u16::from_be(v.nat_port)),
-            backend_id: v.backend_id,
-            service_id: v.service_id,
-            snat: (v.flags & lb_common::CT_FLAG_SNAT != 0)
-                .then(|| format!("{}:{}", addr(v.snat_addr), u16::from_be(v.snat_port))),
-            external: v.flags & lb_common::CT_FLAG_EXTERNAL != 0,
-            age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
-            idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-            packets: v.packets,
-            bytes: v.bytes,
-        })
+        .map(|(k, v)| flow_row(&k, &v, now))
+        .chain(
+            v6.filter(|(k, _)| k.dir == CT_FORWARD)
+                .map(|(k, v)| flow_row(&k, &v, now)),
+        )
         .collect();
     rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
     rows
+}
+
+fn flow_row<A: ShowAddr>(k: &CtKey<A>, v: &CtValue<A>, now: u64) -> FlowRow {
+    FlowRow {
+        protocol: Protocol::from_number(k.proto)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| k.proto.to_string()),
+        client: host_port(k.src, k.sport),
+        frontend: host_port(k.dst, k.dport),
+        backend: host_port(v.nat_addr, v.nat_port),
+        backend_id: v.backend_id,
+        service_id: v.service_id,
+        snat: (v.flags & lb_common::CT_FLAG_SNAT != 0).then(|| host_port(v.snat_addr, v.snat_port)),
+        external: v.flags & lb_common::CT_FLAG_EXTERNAL != 0,
+        age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
+        idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+        packets: v.packets,
+        bytes: v.bytes,
+    }
 }
 
 pub fn conntrack_text(rows: &[FlowRow]) -> String {
@@ -239,7 +266,7 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
 
 /// [`stats`], with the conntrack and affinity entry counts given (`walked`, from the GC's
 /// walk) instead of walked again.
-pub fn stats_with(maps: &PinnedMaps, walked: Option<(usize, usize)>) -> StatsReport {
+pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
     let mut outcomes = BTreeMap::new();
     for code in 0..outcome::COUNT {
         let total = maps
@@ -267,12 +294,32 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<(usize, usize)>) -> StatsRep
         ),
         fill(
             map_names::CONNTRACK,
-            walked.map_or_else(|| maps.conntrack.keys().count(), |(ct, _)| ct),
+            walked.map_or_else(|| maps.conntrack.keys().count(), |w| w.conntrack),
             map_sizes::CONNTRACK,
         ),
         fill(
             map_names::AFFINITY,
-            walked.map_or_else(|| maps.affinity.keys().count(), |(_, aff)| aff),
+            walked.map_or_else(|| maps.affinity.keys().count(), |w| w.affinity),
+            map_sizes::AFFINITY,
+        ),
+        fill(
+            map_names::SERVICES6,
+            maps.v6.services.keys().count(),
+            map_sizes::SERVICES,
+        ),
+        fill(
+            map_names::BACKENDS6,
+            maps.v6.backends.keys().count(),
+            map_sizes::BACKENDS,
+        ),
+        fill(
+            map_names::CONNTRACK6,
+            walked.map_or_else(|| maps.v6.conntrack.keys().count(), |w| w.conntrack6),
+            map_sizes::CONNTRACK,
+        ),
+        fill(
+            map_names::AFFINITY6,
+            walked.map_or_else(|| maps.v6.affinity.keys().count(), |w| w.affinity6),
             map_sizes::AFFINITY,
         ),
         fill(

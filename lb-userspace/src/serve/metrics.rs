@@ -19,7 +19,10 @@ use prometheus_client::{
 use tokio::runtime::Handle;
 
 use crate::{
-    datapath::{maps::PinnedMaps, pins::PinLayout},
+    datapath::{
+        maps::{Collected, PinnedMaps},
+        pins::PinLayout,
+    },
     report::inspect::{self, BackendRow, ServiceRow, StatsReport},
     serve::http::{self, Handler, Response, Server},
 };
@@ -64,33 +67,41 @@ pub type SharedMetrics = Arc<Mutex<AgentMetrics>>;
 
 /// Entry counts of the big LRU maps, from the conntrack GC's walk (every few seconds), so
 /// a scrape does not walk half a million entries again. `u64::MAX`: not counted yet.
+/// (conntrack, affinity, conntrack6, affinity6).
 #[derive(Debug)]
-pub struct WalkedCounts {
-    pub conntrack: AtomicU64,
-    pub affinity: AtomicU64,
-}
+pub struct WalkedCounts([AtomicU64; 4]);
 
 impl Default for WalkedCounts {
     fn default() -> Self {
-        WalkedCounts {
-            conntrack: AtomicU64::new(u64::MAX),
-            affinity: AtomicU64::new(u64::MAX),
-        }
+        WalkedCounts(std::array::from_fn(|_| AtomicU64::new(u64::MAX)))
     }
 }
 
 impl WalkedCounts {
-    pub fn record(&self, conntrack: usize, affinity: usize) {
-        self.conntrack.store(conntrack as u64, Ordering::Relaxed);
-        self.affinity.store(affinity as u64, Ordering::Relaxed);
+    pub fn record(&self, collected: &Collected) {
+        let counts = [
+            collected.conntrack,
+            collected.affinity,
+            collected.conntrack6,
+            collected.affinity6,
+        ];
+        for (cell, n) in self.0.iter().zip(counts) {
+            cell.store(n as u64, Ordering::Relaxed);
+        }
     }
 
-    fn get(&self) -> Option<(usize, usize)> {
-        let (ct, aff) = (
-            self.conntrack.load(Ordering::Relaxed),
-            self.affinity.load(Ordering::Relaxed),
-        );
-        (ct != u64::MAX && aff != u64::MAX).then_some((ct as usize, aff as usize))
+    fn get(&self) -> Option<Collected> {
+        let [ct, aff, ct6, aff6] = self.0.each_ref().map(|c| c.load(Ordering::Relaxed));
+        [ct, aff, ct6, aff6]
+            .iter()
+            .all(|n| *n != u64::MAX)
+            .then_some(Collected {
+                removed: 0,
+                conntrack: ct as usize,
+                affinity: aff as usize,
+                conntrack6: ct6 as usize,
+                affinity6: aff6 as usize,
+            })
     }
 }
 
@@ -116,10 +127,14 @@ where
 type Family<R> = (&'static str, &'static str, MetricType, fn(&R) -> u64);
 
 impl Scrape<'_> {
-    fn frontend_labels(&self, row: &ServiceRow) -> [(&'static str, String); 2] {
+    fn frontend_labels(&self, row: &ServiceRow) -> [(&'static str, String); 3] {
         // The Service port as the agent recorded it in the pinned maps (`xlb services`'s).
         let service = row.service.clone().unwrap_or_default();
-        [("frontend", row.frontend.to_string()), ("service", service)]
+        [
+            ("frontend", row.frontend.to_string()),
+            ("service", service),
+            ("family", row.frontend.family().name().to_string()),
+        ]
     }
 
     fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
@@ -198,8 +213,13 @@ impl Scrape<'_> {
             MetricType::Gauge,
         )?;
         for row in self.services {
-            let [frontend, service] = self.frontend_labels(row);
-            let labels = [frontend, service, ("scheduler", row.scheduler.clone())];
+            let [frontend, service, family] = self.frontend_labels(row);
+            let labels = [
+                frontend,
+                service,
+                family,
+                ("scheduler", row.scheduler.clone()),
+            ];
             ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
         }
         let per_frontend: [Family<ServiceRow>; 3] = [
@@ -258,11 +278,12 @@ impl Scrape<'_> {
         for (name, help, kind, value) in per_backend {
             let mut family = enc.encode_descriptor(name, help, None, kind)?;
             for row in self.services {
-                let [frontend, service] = self.frontend_labels(row);
+                let [frontend, service, ip_family] = self.frontend_labels(row);
                 for b in &row.backends {
                     let labels = [
                         frontend.clone(),
                         service.clone(),
+                        ip_family.clone(),
                         ("backend", b.address.clone()),
                     ];
                     let sample = family.encode_family(&labels)?;
@@ -405,7 +426,7 @@ mod tests {
             bytes: 1000,
         };
         let services = [ServiceRow {
-            frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
+            frontend: Frontend::internal(std::net::Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp),
             service: Some("default/web:http".into()),
             service_id: 1,
             scheduler: "round-robin".into(),
@@ -427,7 +448,7 @@ mod tests {
             }],
         };
         let text = exposition(Fixed(agent, services.to_vec(), stats));
-        let labels = r#"frontend="10.96.0.10:80/TCP",service="default/web:http""#;
+        let labels = r#"frontend="10.96.0.10:80/TCP",service="default/web:http",family="IPv4""#;
         for line in [
             format!(r#"xlb_backend_new_flows_total{{{labels},backend="10.244.0.11:8080"}} 20"#),
             format!(r#"xlb_backend_new_flows_total{{{labels},backend="10.244.0.12:8080"}} 10"#),
@@ -469,7 +490,7 @@ mod tests {
     fn label_values_are_escaped() {
         let agent = AgentMetrics::default();
         let services = [ServiceRow {
-            frontend: Frontend::internal([10, 96, 0, 10].into(), 80, Protocol::Tcp),
+            frontend: Frontend::internal(std::net::Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp),
             service: Some(r#"a"b\c"#.into()),
             service_id: 1,
             scheduler: "random".into(),

@@ -1,10 +1,13 @@
 //! Rebuilding what is programmed from the pinned maps after an agent restart.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, ServiceKey, ServiceValue, scheduler, scheduler_of};
+use lb_common::{ServiceValue, scheduler, scheduler_of};
 
-use super::{Programmed, Syncer, keys::frontend_of};
-use crate::model::{Endpoint, Frontend};
+use super::{
+    Programmed, Syncer,
+    keys::{BackendEntry, SlotKey, frontend_of},
+};
+use crate::model::Frontend;
 
 impl Syncer {
     /// Rebuilds the tracked state from existing map contents (agent restart), so ids of
@@ -12,18 +15,18 @@ impl Syncer {
     /// Incomplete frontends (slot 0 missing, or a slot pointing nowhere) are left out and
     /// get rewritten by the next sync.
     pub fn adopt(
-        slots: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
-        backends: impl IntoIterator<Item = (u32, Backend)>,
+        slots: impl IntoIterator<Item = (SlotKey, ServiceValue)>,
+        backends: impl IntoIterator<Item = (u32, BackendEntry)>,
         maglev_tables: impl IntoIterator<Item = u32>,
     ) -> Self {
-        let backends: BTreeMap<u32, Backend> = backends.into_iter().collect();
+        let backends: BTreeMap<u32, BackendEntry> = backends.into_iter().collect();
         let mut by_frontend: BTreeMap<Frontend, BTreeMap<u16, ServiceValue>> = BTreeMap::new();
         for (key, value) in slots {
             if let Some(frontend) = frontend_of(&key) {
                 by_frontend
                     .entry(frontend)
                     .or_default()
-                    .insert(key.slot, value);
+                    .insert(key.slot(), value);
             }
         }
         let mut syncer = Syncer::new();
@@ -34,14 +37,14 @@ impl Syncer {
                 let Some(id) = slots.get(&slot).map(|s| s.backend_id) else {
                     break;
                 };
-                let Some(b) = backends.get(&id) else { break };
-                list.push((
-                    Endpoint {
-                        ip: b.ip.to_ne_bytes().into(),
-                        port: u16::from_be(b.port),
-                    },
-                    id,
-                ));
+                // A backend of the other family cannot be this frontend's.
+                let Some(b) = backends
+                    .get(&id)
+                    .filter(|b| b.family() == frontend.family())
+                else {
+                    break;
+                };
+                list.push((b.endpoint(), id));
             }
             let highest_slot = slots.keys().copied().max().unwrap_or(0) as usize;
             syncer.service_ids.adopt(front.service_id);
@@ -69,11 +72,11 @@ impl Syncer {
         // Backends no frontend references (crash between writes) must not leak forever.
         let referenced: BTreeSet<u32> = syncer.backend_ids.used.clone();
         syncer.orphans = backends
-            .keys()
-            .copied()
-            .filter(|id| !referenced.contains(id))
+            .iter()
+            .filter(|(id, _)| !referenced.contains(id))
+            .map(|(id, b)| (*id, b.family()))
             .collect();
-        for id in &syncer.orphans {
+        for (id, _) in &syncer.orphans {
             syncer.backend_ids.adopt(*id);
         }
         syncer.backend_ids.settle();

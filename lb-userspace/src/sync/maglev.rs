@@ -45,12 +45,12 @@ fn is_prime(n: u32) -> bool {
 /// hasher), which keeps tables identical across agent versions.
 fn hash(seed: u64, endpoint: &Endpoint) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for byte in endpoint
-        .ip
-        .octets()
-        .into_iter()
-        .chain(endpoint.port.to_be_bytes())
-    {
+    // IPv4 hashes its 4 bytes, as before there was IPv6: the tables of IPv4 frontends stay.
+    let octets: Vec<u8> = match endpoint.ip {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    for byte in octets.into_iter().chain(endpoint.port.to_be_bytes()) {
         h ^= u64::from(byte);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -137,7 +137,13 @@ mod tests {
         (0..n)
             .map(|i| {
                 let ip = Ipv4Addr::from(0x0a00_0000 + i * 7 + 1);
-                (Endpoint { ip, port: 8080 }, 1000 + i)
+                (
+                    Endpoint {
+                        ip: ip.into(),
+                        port: 8080,
+                    },
+                    1000 + i,
+                )
             })
             .collect()
     }

@@ -3,7 +3,7 @@
 //! frontend (slot 0) with its count; removals in reverse.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, ServiceValue};
+use lb_common::{MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, ServiceValue};
 
 mod adopt;
 mod ids;
@@ -13,10 +13,12 @@ mod store;
 
 use ids::IdAllocator;
 use keys::frontend_value;
-pub use keys::{frontend_of, service_key};
+pub use keys::{BackendEntry, SlotKey, frontend_of, service_key};
 pub use store::{MapStore, StoreError};
 
-use crate::model::{DesiredState, Endpoint, Frontend, FrontendSpec, Ipv4Net, Protocol, Scheduler};
+use crate::model::{
+    DesiredState, Endpoint, Family, Frontend, FrontendSpec, IpNet, Protocol, Scheduler,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -45,7 +47,7 @@ pub struct Programmed {
     /// maps with unknown content, after adoption).
     pub maglev: Option<Vec<u32>>,
     /// loadBalancerSourceRanges written for this frontend.
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// Whether the maps already hold `spec` as `old` records it (`endpoints` are `spec`'s after
@@ -93,8 +95,9 @@ pub struct Syncer {
     current: BTreeMap<Frontend, Programmed>,
     pub(super) service_ids: IdAllocator,
     pub(super) backend_ids: IdAllocator,
-    /// Adopted backends no frontend references; removed by the next apply.
-    orphans: Vec<u32>,
+    /// Adopted backends no frontend references (with the family of the map holding them);
+    /// removed by the next apply.
+    orphans: Vec<(u32, Family)>,
     /// Adopted Maglev tables of frontends that do not use Maglev; removed by the next apply.
     orphan_tables: Vec<u32>,
     /// Backend ids freed since the last [`Syncer::take_removed_backends`].
@@ -184,14 +187,14 @@ impl Syncer {
     fn remove_orphans(&mut self, store: &mut impl MapStore) -> Result<(), SyncError> {
         // Unreferenced backends first: nothing can reach them, and their ids must not be
         // handed out again while they still exist.
-        for id in std::mem::take(&mut self.orphans) {
+        for (id, family) in std::mem::take(&mut self.orphans) {
             let wrap = |source| SyncError::Store {
-                frontend: Frontend::internal([0, 0, 0, 0].into(), 0, Protocol::Tcp),
+                frontend: Frontend::internal(family.unspecified(), 0, Protocol::Tcp),
                 service: "(orphaned backend)".into(),
                 source,
             };
-            if let Err(e) = store.remove_backend(id).map_err(wrap) {
-                self.orphans.push(id);
+            if let Err(e) = store.remove_backend(id, family).map_err(wrap) {
+                self.orphans.push((id, family));
                 return Err(e);
             }
             store.forget_counters(None, Some(id));
@@ -202,7 +205,7 @@ impl Syncer {
             if let Err(source) = store.remove_maglev(service_id) {
                 self.orphan_tables.push(service_id);
                 return Err(SyncError::Store {
-                    frontend: Frontend::internal([0, 0, 0, 0].into(), 0, Protocol::Tcp),
+                    frontend: Frontend::internal(Family::V4.unspecified(), 0, Protocol::Tcp),
                     service: "(orphaned Maglev table)".into(),
                     source,
                 });
@@ -253,7 +256,7 @@ impl Syncer {
                 .map_err(wrap)?;
         }
         for (_, id) in &old.backends {
-            store.remove_backend(*id).map_err(wrap)?;
+            store.remove_backend(*id, frontend.family()).map_err(wrap)?;
             store.forget_counters(None, Some(*id));
             self.backend_ids.free(*id);
             self.removed_backends.push(*id);
@@ -365,13 +368,7 @@ impl Syncer {
                 Some(id) => *id,
                 None => {
                     let id = self.backend_ids.allocate("backend")?;
-                    let backend = Backend {
-                        ip: u32::from_ne_bytes(endpoint.ip.octets()),
-                        port: endpoint.port.to_be(),
-                        proto: frontend.protocol.number(),
-                        _pad: 0,
-                        service_id,
-                    };
+                    let backend = BackendEntry::new(endpoint, frontend.protocol, service_id);
                     store
                         .set_backend(id, &backend)
                         .map_err(|source| SyncError::Store {
@@ -404,7 +401,7 @@ impl Syncer {
         let kept: BTreeSet<u32> = backends.iter().map(|(_, id)| *id).collect();
         for (_, id) in &old.backends {
             if !kept.contains(id) {
-                store.remove_backend(*id)?;
+                store.remove_backend(*id, frontend.family())?;
                 store.forget_counters(None, Some(*id));
                 self.backend_ids.free(*id);
                 self.removed_backends.push(*id);
@@ -444,7 +441,7 @@ fn write_frontend(
     service_id: u32,
     value: &ServiceValue,
     table: &Option<Vec<u32>>,
-    ranges: &[Ipv4Net],
+    ranges: &[IpNet],
     old: Option<&Programmed>,
     store: &mut impl MapStore,
 ) -> Result<(), StoreError> {

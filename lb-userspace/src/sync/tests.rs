@@ -1,7 +1,7 @@
 //! Unit tests of sync: ordering invariants checked after every write, adoption, Maglev.
 use std::net::Ipv4Addr;
 
-use lb_common::{SVC_FLAG_AFFINITY, ServiceKey, scheduler, scheduler_of};
+use lb_common::{Backend, SVC_FLAG_AFFINITY, scheduler, scheduler_of};
 
 use super::*;
 
@@ -10,10 +10,10 @@ use super::*;
 /// frontend's table exists and names only live backends of its own.
 #[derive(Default)]
 struct FakeMaps {
-    slots: BTreeMap<ServiceKey, ServiceValue>,
-    backends: BTreeMap<u32, Backend>,
+    slots: BTreeMap<SlotKey, ServiceValue>,
+    backends: BTreeMap<u32, BackendEntry>,
     tables: BTreeMap<u32, Vec<u32>>,
-    ranges: BTreeSet<(u32, Ipv4Net)>,
+    ranges: BTreeSet<(u32, IpNet)>,
     names: BTreeMap<u32, String>,
     writes: usize,
     fail_after: Option<usize>,
@@ -21,9 +21,9 @@ struct FakeMaps {
 
 impl FakeMaps {
     fn check(&self) {
-        for (key, front) in self.slots.iter().filter(|(k, _)| k.slot == 0) {
+        for (key, front) in self.slots.iter().filter(|(k, _)| k.slot() == 0) {
             for slot in 1..=front.count {
-                let slot_key = ServiceKey { slot, ..*key };
+                let slot_key = key.with_slot(slot);
                 let id = self.slots.get(&slot_key).map(|v| v.backend_id);
                 let id = id.unwrap_or_else(|| panic!("slot {slot} of {key:?} missing"));
                 let b = self
@@ -31,8 +31,14 @@ impl FakeMaps {
                     .get(&id)
                     .unwrap_or_else(|| panic!("backend {id} missing"));
                 assert_eq!(
-                    b.service_id, front.service_id,
+                    b.service_id(),
+                    front.service_id,
                     "backend {id} of another service"
+                );
+                assert_eq!(
+                    matches!(key, SlotKey::V6(_)),
+                    matches!(b, BackendEntry::V6(_)),
+                    "backend {id} of the other family"
                 );
             }
             if scheduler_of(front.flags) == scheduler::MAGLEV && front.count > 0 {
@@ -43,7 +49,7 @@ impl FakeMaps {
                 for id in table {
                     let b = self.backends.get(id);
                     assert!(
-                        b.is_some_and(|b| b.service_id == front.service_id),
+                        b.is_some_and(|b| b.service_id() == front.service_id),
                         "Maglev table of {key:?} names backend {id}, not live in it"
                     );
                 }
@@ -66,36 +72,39 @@ impl FakeMaps {
         (1..=front.count)
             .map(|s| {
                 let id = self.slots[&service_key(frontend, s)].backend_id;
-                let b = self.backends[&id];
-                Endpoint {
-                    ip: b.ip.to_ne_bytes().into(),
-                    port: u16::from_be(b.port),
-                }
+                self.backends[&id].endpoint()
             })
             .collect()
     }
 }
 
 impl MapStore for FakeMaps {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), StoreError> {
+    fn set_backend(&mut self, id: u32, backend: &BackendEntry) -> Result<(), StoreError> {
         self.op()?;
         self.backends.insert(id, *backend);
         self.check();
         Ok(())
     }
-    fn remove_backend(&mut self, id: u32) -> Result<(), StoreError> {
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), StoreError> {
         self.op()?;
+        if let Some(b) = self.backends.get(&id) {
+            assert_eq!(
+                b.family(),
+                family,
+                "backend {id} removed from the other map"
+            );
+        }
         self.backends.remove(&id);
         self.check();
         Ok(())
     }
-    fn set_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), StoreError> {
+    fn set_slot(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), StoreError> {
         self.op()?;
         self.slots.insert(*key, *value);
         self.check();
         Ok(())
     }
-    fn remove_slot(&mut self, key: &ServiceKey) -> Result<(), StoreError> {
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), StoreError> {
         self.op()?;
         self.slots.remove(key);
         self.check();
@@ -113,13 +122,13 @@ impl MapStore for FakeMaps {
         self.check();
         Ok(())
     }
-    fn add_source_range(&mut self, id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+    fn add_source_range(&mut self, id: u32, range: &IpNet) -> Result<(), StoreError> {
         self.op()?;
         self.ranges.insert((id, *range));
         self.check();
         Ok(())
     }
-    fn remove_source_range(&mut self, id: u32, range: &Ipv4Net) -> Result<(), StoreError> {
+    fn remove_source_range(&mut self, id: u32, range: &IpNet) -> Result<(), StoreError> {
         self.op()?;
         self.ranges.remove(&(id, *range));
         self.check();
@@ -145,7 +154,7 @@ fn spec(endpoints: &[u8]) -> FrontendSpec {
         endpoints: endpoints
             .iter()
             .map(|e| Endpoint {
-                ip: Ipv4Addr::new(10, 244, 0, *e),
+                ip: Ipv4Addr::new(10, 244, 0, *e).into(),
                 port: 8080,
             })
             .collect(),
@@ -177,7 +186,7 @@ fn add_change_remove_keeps_maps_consistent_at_every_write() {
         for (f, s) in &want {
             assert_eq!(maps.endpoints_of(f), s.endpoints, "{f}");
         }
-        let slot0 = maps.slots.keys().filter(|k| k.slot == 0).count();
+        let slot0 = maps.slots.keys().filter(|k| k.slot() == 0).count();
         assert_eq!(slot0, want.len(), "no stale frontends");
         let slots: usize = want.values().map(|s| s.endpoints.len() + 1).sum();
         assert_eq!(maps.slots.len(), slots, "no stale slots");
@@ -268,8 +277,7 @@ fn adopt_after_restart_keeps_ids_and_cleans_half_written_state() {
     let before = syncer.current()[&frontend(1)].clone();
 
     // Simulate a crash mid-update: an extra slot past the count and an orphan backend.
-    let mut extra = service_key(&frontend(1), 4);
-    extra.slot = 4;
+    let extra = service_key(&frontend(1), 4);
     maps.slots.insert(
         extra,
         ServiceValue {
@@ -279,10 +287,10 @@ fn adopt_after_restart_keeps_ids_and_cleans_half_written_state() {
     );
     maps.backends.insert(
         999,
-        Backend {
+        BackendEntry::V4(Backend {
             service_id: 12345,
             ..Default::default()
-        },
+        }),
     );
 
     let mut adopted = Syncer::adopt(
@@ -365,7 +373,7 @@ fn affinity_and_too_many_backends() {
     let mut big = spec(&[]);
     big.endpoints = (0..MAX_BACKENDS as u32 + 10)
         .map(|i| Endpoint {
-            ip: Ipv4Addr::from(0x0af4_0000 + i),
+            ip: Ipv4Addr::from(0x0af4_0000 + i).into(),
             port: 1,
         })
         .collect();
@@ -472,13 +480,13 @@ fn adoption_rewrites_maglev_tables_and_drops_orphaned_ones() {
 /// starts from zero.
 #[derive(Default)]
 struct CountingStore {
-    backends: BTreeMap<u32, Backend>,
+    backends: BTreeMap<u32, BackendEntry>,
     /// Packets counted per backend id since it was last forgotten.
     counters: BTreeMap<u32, u64>,
 }
 
 impl MapStore for CountingStore {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), StoreError> {
+    fn set_backend(&mut self, id: u32, backend: &BackendEntry) -> Result<(), StoreError> {
         assert!(
             id > 0 && id < lb_common::map_sizes::BACKEND_STATS,
             "id {id}"
@@ -491,14 +499,14 @@ impl MapStore for CountingStore {
         self.backends.insert(id, *backend);
         Ok(())
     }
-    fn remove_backend(&mut self, id: u32) -> Result<(), StoreError> {
+    fn remove_backend(&mut self, id: u32, _: Family) -> Result<(), StoreError> {
         self.backends.remove(&id);
         Ok(())
     }
-    fn set_slot(&mut self, _: &ServiceKey, _: &ServiceValue) -> Result<(), StoreError> {
+    fn set_slot(&mut self, _: &SlotKey, _: &ServiceValue) -> Result<(), StoreError> {
         Ok(())
     }
-    fn remove_slot(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
+    fn remove_slot(&mut self, _: &SlotKey) -> Result<(), StoreError> {
         Ok(())
     }
     fn set_maglev(&mut self, _: u32, _: &[u32]) -> Result<(), StoreError> {
@@ -507,10 +515,10 @@ impl MapStore for CountingStore {
     fn remove_maglev(&mut self, _: u32) -> Result<(), StoreError> {
         Ok(())
     }
-    fn add_source_range(&mut self, _: u32, _: &Ipv4Net) -> Result<(), StoreError> {
+    fn add_source_range(&mut self, _: u32, _: &IpNet) -> Result<(), StoreError> {
         Ok(())
     }
-    fn remove_source_range(&mut self, _: u32, _: &Ipv4Net) -> Result<(), StoreError> {
+    fn remove_source_range(&mut self, _: u32, _: &IpNet) -> Result<(), StoreError> {
         Ok(())
     }
     fn set_service_name(&mut self, _: u32, _: &str) {}
@@ -531,7 +539,7 @@ fn a_million_endpoint_replacements_keep_ids_inside_the_counter_arrays() {
     for round in 0u32..100_000 {
         let endpoints: Vec<Endpoint> = (0..10u32)
             .map(|e| Endpoint {
-                ip: Ipv4Addr::from(0x0af4_0000 + (round % 50_000) * 10 + e),
+                ip: Ipv4Addr::from(0x0af4_0000 + (round % 50_000) * 10 + e).into(),
                 port: 8080,
             })
             .collect();

@@ -2,12 +2,12 @@
 //! `CategorizeEndpoints` (pkg/proxy/topology.go) decides it: first the facts of each
 //! endpoint ([`endpoints_of_port`], as the endpoint-slice cache builds them), then one pure
 //! decision over them ([`categorize`]).
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::protocol;
-use crate::model::{Endpoint, Protocol};
+use crate::model::{Endpoint, Family, Protocol};
 
 /// What the translation needs to know of one endpoint of a Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,17 +27,20 @@ pub struct EndpointInfo {
     pub node_hints: Vec<String>,
 }
 
-/// Every IPv4 endpoint of `slices` for the Service port named `port_name`, with the target
-/// port the slices resolved (EndpointSlices name their ports after the Service's ports).
-/// An endpoint in several slices counts once: the first, unless a later copy is local.
+/// Every endpoint of `family` in `slices` for the Service port named `port_name`, with the
+/// target port the slices resolved (EndpointSlices name their ports after the Service's
+/// ports). Only slices of the family's `addressType` count (the EndpointSlice controller
+/// writes one per family, and kube-proxy's proxier of a family reads only its own). An
+/// endpoint in several slices counts once: the first, unless a later copy is local.
 pub fn endpoints_of_port(
     slices: &[&EndpointSlice],
+    family: Family,
     port_name: &str,
     proto: Protocol,
     node: Option<&str>,
 ) -> Vec<EndpointInfo> {
     let mut out: Vec<EndpointInfo> = Vec::new();
-    for slice in slices {
+    for slice in slices.iter().filter(|s| s.address_type == family.name()) {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name && protocol(&p.protocol) == Some(proto)
         }) else {
@@ -48,9 +51,12 @@ pub fn endpoints_of_port(
         };
         for endpoint in &slice.endpoints {
             // An endpoint's addresses are one pod: the first one is used (as kube-proxy does).
-            let Some(Ok(ip)) = endpoint.addresses.first().map(|a| a.parse::<Ipv4Addr>()) else {
+            let Some(Ok(ip)) = endpoint.addresses.first().map(|a| a.parse::<IpAddr>()) else {
                 continue;
             };
+            if Family::of(ip) != family {
+                continue;
+            }
             let conditions = endpoint.conditions.as_ref();
             let hints = endpoint.hints.as_ref();
             let info = EndpointInfo {

@@ -101,7 +101,7 @@ pub struct Translator {
     /// The Services claiming each frontend; the first one has it.
     claims: HashMap<Frontend, Claims>,
     /// Every EndpointSlice by the address of its object (kept alive here), with the Service
-    /// it belongs to (`None`: no service label, or not IPv4).
+    /// it belongs to (`None`: no service label, or FQDN).
     slices: ByAddress<(Arc<EndpointSlice>, Option<ServiceName>)>,
     /// The slices of each Service name.
     slices_of: HashMap<ServiceName, Vec<usize>>,
@@ -222,7 +222,7 @@ impl Translator {
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .filter(|_| slice.address_type == "IPv4")
+                .filter(|_| matches!(slice.address_type.as_str(), "IPv4" | "IPv6"))
                 .map(|service| {
                     Arc::new((
                         namespace(&slice.metadata.namespace).to_string(),

@@ -1,6 +1,6 @@
 //! One Service translated as if it were alone: its frontends (ClusterIPs, externalIPs,
 //! LoadBalancer IPs, NodePorts, each port) with their endpoints and policies.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -10,7 +10,7 @@ use super::{
     endpoints::{categorize, endpoints_of_port},
     namespace, protocol,
 };
-use crate::model::{Frontend, FrontendSpec, HealthCheck, Ipv4Net, Protocol, Scope};
+use crate::model::{Family, Frontend, FrontendSpec, HealthCheck, IpNet, Protocol, Scope};
 
 /// One Service's frontends, translated as if it were alone (`merge` settles conflicts).
 pub(super) fn translate_service(
@@ -43,9 +43,7 @@ pub(super) fn translate_service(
     if cluster_ips.iter().any(|ip| ip.as_str() == "None") || cluster_ips.is_empty() {
         return; // headless, or not allocated yet
     }
-    let mut vips: Vec<Ipv4Addr> = Vec::new();
-    let mut cluster_vips: Vec<Ipv4Addr> = Vec::new();
-    let mut lb_ips_v4: Vec<Ipv4Addr> = Vec::new();
+    // Each address of the Service, by role, in the order the Service lists them.
     let lb_ips = service
         .status
         .as_ref()
@@ -53,32 +51,38 @@ pub(super) fn translate_service(
         .and_then(|lb| lb.ingress.as_ref())
         .map(|ing| ing.iter().filter_map(|i| i.ip.as_ref()).collect::<Vec<_>>())
         .unwrap_or_default();
-    let n_cluster = cluster_ips.len();
-    let n_external = spec.external_ips.iter().flatten().count();
-    let external = spec.external_ips.iter().flatten();
-    for (i, ip) in cluster_ips
-        .into_iter()
-        .chain(external)
-        .chain(lb_ips)
-        .enumerate()
-    {
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => {
-                if i < n_cluster {
-                    cluster_vips.push(v4);
-                } else if i >= n_cluster + n_external {
-                    lb_ips_v4.push(v4);
-                }
-                if !vips.contains(&v4) {
-                    vips.push(v4)
-                }
+    let mut addresses: Vec<(IpAddr, Role)> = Vec::new();
+    for (role, list) in [
+        (Role::Cluster, cluster_ips),
+        (Role::External, spec.external_ips.iter().flatten().collect()),
+        (Role::LoadBalancer, lb_ips),
+    ] {
+        for ip in list {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => addresses.push((ip, role)),
+                Err(_) => out
+                    .warnings
+                    .push(format!("service {ns}/{name}: invalid IP {ip:?} ignored")),
             }
-            Ok(std::net::IpAddr::V6(_)) => out.warnings.push(format!(
-                "service {ns}/{name}: IPv6 address {ip} skipped (IPv6 is not supported yet)"
-            )),
-            Err(_) => out
-                .warnings
-                .push(format!("service {ns}/{name}: invalid IP {ip:?} ignored")),
+        }
+    }
+    // The families the Service has a ClusterIP of (`ipFamilies`, as the API server
+    // allocated them): kube-proxy's proxier of another family ignores the Service, so an
+    // externalIP or LoadBalancer IP of that family is not served either.
+    let families: Vec<Family> = Family::ALL
+        .into_iter()
+        .filter(|f| {
+            addresses
+                .iter()
+                .any(|(ip, role)| *role == Role::Cluster && Family::of(*ip) == *f)
+        })
+        .collect();
+    for (ip, role) in &addresses {
+        if *role != Role::Cluster && !families.contains(&Family::of(*ip)) {
+            out.warnings.push(format!(
+                "service {ns}/{name}: {ip} ignored: the Service has no {} ClusterIP",
+                Family::of(*ip)
+            ));
         }
     }
     let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -112,19 +116,13 @@ pub(super) fn translate_service(
     let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
     let mut source_ranges = Vec::new();
     for range in spec.load_balancer_source_ranges.iter().flatten() {
-        match range.parse::<Ipv4Net>() {
+        match range.parse::<IpNet>() {
             Ok(net) => source_ranges.push(net),
-            Err(_) if range.contains(':') => {} // IPv6 range: no IPv6 clients yet
             Err(e) => out.warnings.push(format!(
                 "service {ns}/{name}: loadBalancerSourceRanges: {e}; range ignored"
             )),
         }
     }
-    let lb_ips: Vec<Ipv4Addr> = vips
-        .iter()
-        .copied()
-        .filter(|ip| lb_ips_v4.contains(ip))
-        .collect();
     let node = options.node_name.as_deref();
     if external_local
         && type_ == "LoadBalancer"
@@ -136,11 +134,12 @@ pub(super) fn translate_service(
             .ports
             .iter()
             .flatten()
-            .map(|p| {
+            .flat_map(|p| families.iter().map(move |f| (p, *f)))
+            .map(|(p, family)| {
                 let proto = protocol(&p.protocol).unwrap_or(Protocol::Tcp);
                 let port_name = p.name.as_deref().unwrap_or("");
                 categorize(
-                    &endpoints_of_port(service_slices, port_name, proto, node),
+                    &endpoints_of_port(service_slices, family, port_name, proto, node),
                     node,
                     options.zone.as_deref(),
                 )
@@ -173,99 +172,123 @@ pub(super) fn translate_service(
             ));
             continue;
         };
-        let categorized = categorize(
-            &endpoints_of_port(service_slices, port_name, proto, node),
-            node,
-            options.zone.as_deref(),
-        );
-        let all = categorized.cluster;
-        let local = || categorized.local.clone();
-        // A Local policy without local endpoints drops only while the Service has endpoints
-        // elsewhere; with none anywhere it rejects, as a Cluster one does (kube-proxy).
-        let drop_when_empty = categorized.any;
-        let base = FrontendSpec {
-            service: format!("{ns}/{name}:{port_name}"),
-            endpoints: all.clone(),
-            affinity_timeout_s,
-            scheduler,
-            snat: false,
-            drop_when_empty: false,
-            source_ranges: Vec::new(),
-        };
-        // From outside: only this node's endpoints with the client address kept (Local), or
-        // any endpoint with the client SNATed to the node (Cluster).
-        let external = FrontendSpec {
-            endpoints: if external_local { local() } else { all.clone() },
-            snat: !external_local,
-            drop_when_empty: external_local && drop_when_empty,
-            ..base.clone()
-        };
-        let mut add = |frontend: Frontend, spec: FrontendSpec| {
-            if let Some(existing) = out.desired.get(&frontend) {
-                out.warnings.push(format!(
-                    "service {ns}/{name}: {frontend} already used by {}, skipped",
-                    existing.service
-                ));
-                return;
-            }
-            out.desired.insert(frontend, spec);
-        };
-        for vip in &vips {
-            let internal = Frontend::internal(*vip, number, proto);
-            if cluster_vips.contains(vip) {
-                // internalTrafficPolicy applies to ClusterIP traffic only.
-                let spec = if internal_local {
-                    FrontendSpec {
-                        endpoints: local(),
-                        drop_when_empty,
-                        ..base.clone()
-                    }
-                } else {
-                    base.clone()
-                };
-                // From outside the node (XDP on the external interfaces): the same
-                // endpoints, the client masqueraded to the node as kube-proxy marks it.
-                if options.masquerade_outside {
-                    let outside = FrontendSpec {
-                        snat: true,
-                        ..spec.clone()
-                    };
-                    add(
-                        Frontend {
-                            scope: Scope::External,
-                            ..internal
-                        },
-                        outside,
-                    );
+        for family in &families {
+            let family = *family;
+            let categorized = categorize(
+                &endpoints_of_port(service_slices, family, port_name, proto, node),
+                node,
+                options.zone.as_deref(),
+            );
+            let all = categorized.cluster;
+            let local = || categorized.local.clone();
+            // A Local policy without local endpoints drops only while the Service has endpoints
+            // elsewhere; with none anywhere it rejects, as a Cluster one does (kube-proxy).
+            let drop_when_empty = categorized.any;
+            let base = FrontendSpec {
+                service: format!("{ns}/{name}:{port_name}"),
+                endpoints: all.clone(),
+                affinity_timeout_s,
+                scheduler,
+                snat: false,
+                drop_when_empty: false,
+                source_ranges: Vec::new(),
+            };
+            // From outside: only this node's endpoints with the client address kept (Local), or
+            // any endpoint with the client SNATed to the node (Cluster).
+            let external = FrontendSpec {
+                endpoints: if external_local { local() } else { all.clone() },
+                snat: !external_local,
+                drop_when_empty: external_local && drop_when_empty,
+                ..base.clone()
+            };
+            let mut add = |frontend: Frontend, spec: FrontendSpec| {
+                if let Some(existing) = out.desired.get(&frontend) {
+                    out.warnings.push(format!(
+                        "service {ns}/{name}: {frontend} already used by {}, skipped",
+                        existing.service
+                    ));
+                    return;
                 }
-                add(internal, spec);
-                continue;
+                out.desired.insert(frontend, spec);
+            };
+            let mut seen: Vec<IpAddr> = Vec::new();
+            for (vip, role) in addresses.iter().filter(|(ip, _)| Family::of(*ip) == family) {
+                // An address listed twice (a LoadBalancer IP that is also an externalIP) is one
+                // frontend, of its first role.
+                if seen.contains(vip) {
+                    continue;
+                }
+                seen.push(*vip);
+                let internal = Frontend::internal(*vip, number, proto);
+                if *role == Role::Cluster {
+                    // internalTrafficPolicy applies to ClusterIP traffic only.
+                    let spec = if internal_local {
+                        FrontendSpec {
+                            endpoints: local(),
+                            drop_when_empty,
+                            ..base.clone()
+                        }
+                    } else {
+                        base.clone()
+                    };
+                    // From outside the node (XDP on the external interfaces): the same
+                    // endpoints, the client masqueraded to the node as kube-proxy marks it.
+                    if options.masquerade_outside {
+                        let outside = FrontendSpec {
+                            snat: true,
+                            ..spec.clone()
+                        };
+                        add(
+                            Frontend {
+                                scope: Scope::External,
+                                ..internal
+                            },
+                            outside,
+                        );
+                    }
+                    add(internal, spec);
+                    continue;
+                }
+                // externalIPs and LoadBalancer IPs: pods reach every endpoint (kube-proxy's
+                // short-circuit); outsiders get the external policy and the source ranges.
+                add(internal, base.clone());
+                let mut spec = external.clone();
+                if *role == Role::LoadBalancer || addresses.contains(&(*vip, Role::LoadBalancer)) {
+                    spec.source_ranges = source_ranges
+                        .iter()
+                        .filter(|r| r.family() == family)
+                        .copied()
+                        .collect();
+                }
+                add(
+                    Frontend {
+                        scope: Scope::External,
+                        ..internal
+                    },
+                    spec,
+                );
             }
-            // externalIPs and LoadBalancer IPs: pods reach every endpoint (kube-proxy's
-            // short-circuit); outsiders get the external policy and the source ranges.
-            add(internal, base.clone());
-            let mut spec = external.clone();
-            if lb_ips.contains(vip) {
-                spec.source_ranges = source_ranges.clone();
+            if node_ports
+                && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok())
+            {
+                let any = Frontend::internal(family.unspecified(), node_port, proto);
+                add(any, base.clone());
+                add(
+                    Frontend {
+                        scope: Scope::External,
+                        ..any
+                    },
+                    external.clone(),
+                );
             }
-            add(
-                Frontend {
-                    scope: Scope::External,
-                    ..internal
-                },
-                spec,
-            );
-        }
-        if node_ports && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
-            let any = Frontend::internal(Ipv4Addr::UNSPECIFIED, node_port, proto);
-            add(any, base.clone());
-            add(
-                Frontend {
-                    scope: Scope::External,
-                    ..any
-                },
-                external.clone(),
-            );
         }
     }
+}
+
+/// What an address of a Service is to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Cluster,
+    External,
+    LoadBalancer,
 }

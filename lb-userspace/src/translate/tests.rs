@@ -1,8 +1,8 @@
 //! Table tests: real YAML in, frontends out.
-use std::{net::Ipv4Addr, path::Path};
+use std::path::Path;
 
 use super::*;
-use crate::model::{Endpoint, Scope};
+use crate::model::{Endpoint, Family, Scope};
 use crate::source::manifests::parse_file_text;
 
 fn objects(yaml: &str) -> Objects {
@@ -10,7 +10,7 @@ fn objects(yaml: &str) -> Objects {
 }
 
 fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend::internal(ip.parse().expect("ip"), port, protocol)
+    Frontend::internal(ip.parse::<std::net::IpAddr>().expect("ip"), port, protocol)
 }
 
 fn eps(list: &[(&str, u16)]) -> Vec<Endpoint> {
@@ -175,7 +175,7 @@ fn cases() -> Vec<Case> {
             expect: vec![(http, vec![], None), (dns, vec![], None)],
         },
         Case {
-            name: "externalIPs and LoadBalancer ingress IPs become frontends too; IPv6 skipped",
+            name: "externalIPs and LoadBalancer ingress IPs become frontends too, of each family; IPv6 ones have IPv6 endpoints only (none here)",
             yaml: format!(
                 "{}status:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.10}}, {{ip: '2001:db8::1'}}]\n{ready_two}",
                 WEB.replace(
@@ -191,6 +191,9 @@ fn cases() -> Vec<Case> {
                         (fe(ip, 53, Protocol::Udp), eps(&[("10.244.1.2", 5353), ("10.244.2.3", 5353)]), None),
                     ]
                 })
+                .chain(["fd00::10", "2001:db8::1"].iter().flat_map(|ip| {
+                    [(fe(ip, 80, Protocol::Tcp), vec![], None), (fe(ip, 53, Protocol::Udp), vec![], None)]
+                }))
                 .collect(),
         },
         Case {
@@ -422,22 +425,135 @@ fn bad_source_range_is_reported_and_ignored() {
     assert!(after > before, "counted as a rejection");
 }
 
-#[test]
-fn ipv6_addresses_are_skipped_with_a_warning() {
-    let yaml = WEB.replace(
+/// A dual-stack `web` (ClusterIPs of both families) with one slice per family, as the
+/// EndpointSlice controller writes them.
+fn dual_stack(policy: &str, extra_spec: &str, status: &str) -> String {
+    let service = WEB.replace(
         "  clusterIP: 10.96.0.10\n",
-        "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']\n",
+        &format!(
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:10:96::10']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: {policy}\n{extra_spec}"
+        ),
+    );
+    let v4 = slice(
+        "web-v4",
+        "- {addresses: [10.244.1.2], nodeName: node-a}\n- {addresses: [10.244.2.3], nodeName: node-b}",
+    );
+    let v6 = slice(
+        "web-v6",
+        "- {addresses: ['fd00:10:244:1::2'], nodeName: node-a}\n- {addresses: ['fd00:10:244:2::3'], nodeName: node-b}",
+    )
+    .replace("addressType: IPv4", "addressType: IPv6");
+    format!("{service}{status}{v4}{v6}")
+}
+
+#[test]
+fn dual_stack_services_balance_each_family_to_its_own_endpoints() {
+    for policy in ["PreferDualStack", "RequireDualStack"] {
+        let t = translate(&objects(&dual_stack(policy, "", "")), &Options::default());
+        let got: Vec<(Frontend, Vec<Endpoint>)> = t
+            .desired
+            .iter()
+            .map(|(f, s)| (*f, s.endpoints.clone()))
+            .collect();
+        let mut want = vec![
+            (
+                fe("10.96.0.10", 80, Protocol::Tcp),
+                eps(&[("10.244.1.2", 8080), ("10.244.2.3", 8080)]),
+            ),
+            (
+                fe("10.96.0.10", 53, Protocol::Udp),
+                eps(&[("10.244.1.2", 5353), ("10.244.2.3", 5353)]),
+            ),
+            (
+                fe("fd00:10:96::10", 80, Protocol::Tcp),
+                eps(&[("fd00:10:244:1::2", 8080), ("fd00:10:244:2::3", 8080)]),
+            ),
+            (
+                fe("fd00:10:96::10", 53, Protocol::Udp),
+                eps(&[("fd00:10:244:1::2", 5353), ("fd00:10:244:2::3", 5353)]),
+            ),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{policy}");
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    // SingleStack IPv6: only IPv6 frontends; the IPv4 slice is not read.
+    let yaml = dual_stack("SingleStack", "", "").replace(
+        "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:10:96::10']\n  ipFamilies: [IPv4, IPv6]",
+        "clusterIP: 'fd00:10:96::10'\n  clusterIPs: ['fd00:10:96::10']\n  ipFamilies: [IPv6]",
     );
     let t = translate(&objects(&yaml), &Options::default());
-    assert!(
-        t.desired
-            .keys()
-            .all(|f| f.ip == Ipv4Addr::new(10, 96, 0, 10))
+    assert!(!t.desired.is_empty());
+    for (frontend, spec) in &t.desired {
+        assert_eq!(frontend.family(), Family::V6, "{frontend}");
+        assert!(spec.endpoints.iter().all(|e| e.ip.is_ipv6()), "{frontend}");
+    }
+}
+
+#[test]
+fn dual_stack_node_ports_policies_and_source_ranges_are_per_family() {
+    let extra = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [203.0.113.0/24, '2001:db8:1::/48']\n";
+    let status = "status:\n  loadBalancer:\n    ingress: [{ip: 192.0.2.10}, {ip: '2001:db8::1'}]\n";
+    let yaml = dual_stack("RequireDualStack", extra, status).replace(
+        "- {name: http, port: 80, targetPort: http}",
+        "- {name: http, port: 80, targetPort: http, nodePort: 30080}",
     );
+    let options = Options {
+        node_name: Some("node-a".into()),
+        ..Options::default()
+    };
+    let t = translate(&objects(&yaml), &options);
+    let external = |ip: &str, port| {
+        let frontend = Frontend {
+            scope: Scope::External,
+            ..fe(ip, port, Protocol::Tcp)
+        };
+        t.desired
+            .get(&frontend)
+            .unwrap_or_else(|| panic!("{frontend} missing: {:?}", t.desired.keys()))
+    };
+    // NodePorts on the node's addresses of both families, Local: this node's endpoint only,
+    // of the family.
+    assert_eq!(
+        external("0.0.0.0", 30080).endpoints,
+        eps(&[("10.244.1.2", 8080)])
+    );
+    assert_eq!(
+        external("::", 30080).endpoints,
+        eps(&[("fd00:10:244:1::2", 8080)])
+    );
+    // Each LoadBalancer IP checks the ranges of its family only.
+    let ranges = |ip: &str| -> Vec<String> {
+        external(ip, 80)
+            .source_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect()
+    };
+    assert_eq!(ranges("192.0.2.10"), ["203.0.113.0/24"]);
+    assert_eq!(ranges("2001:db8::1"), ["2001:db8:1::/48"]);
+    assert!(
+        !external("2001:db8::1", 80).snat,
+        "Local keeps the client address"
+    );
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+}
+
+#[test]
+fn addresses_of_a_family_the_service_lacks_are_ignored_with_a_warning() {
+    // An IPv4-only Service with an IPv6 externalIP: kube-proxy's IPv6 proxier does not
+    // know the Service at all.
+    let yaml = WEB.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  externalIPs: ['2001:db8::7']\n",
+    );
+    let t = translate(&objects(&yaml), &Options::default());
+    assert!(t.desired.keys().all(|f| f.family() == Family::V4));
     assert!(
         t.warnings
             .iter()
-            .any(|w| w.contains("shop/web") && w.contains("fd00::10")),
+            .any(|w| w.contains("shop/web") && w.contains("2001:db8::7")),
         "{:?}",
         t.warnings
     );

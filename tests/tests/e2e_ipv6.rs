@@ -1,0 +1,226 @@
+//! IPv6 and dual-stack end to end: pods with IPv6 addresses in namespaces, the real agent
+//! (the DaemonSet's arguments), real TCP/UDP sockets over IPv6. Needs root.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    cluster::{Cluster, wait_until},
+    manifests::{dual_stack_service, slice, slice6},
+    netns::Netns,
+    privilege::require_privileges,
+    workload::{tcp_connect, tcp_hello, udp_hello, udp_whoami},
+};
+
+const VIP4: &str = "10.96.0.10";
+const VIP6: &str = "fd00:10:96::10";
+const EMPTY_VIP6: &str = "fd00:10:96::20";
+const T: Duration = Duration::from_secs(2);
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+    .parse()
+    .expect("address")
+}
+
+/// A client and three backends with both families; `web` is dual-stack: its IPv4 slice
+/// lists be1 and be2, its IPv6 slice be2 and be3 (so each family's answers show which
+/// slice it used).
+fn dual_stack_cluster() -> Cluster {
+    let mut c = Cluster::dual_stack(&[
+        ("client", "10.244.0.2", Some("fd00:10:244::2")),
+        ("be1", "10.244.0.11", Some("fd00:10:244::11")),
+        ("be2", "10.244.0.12", Some("fd00:10:244::12")),
+        ("be3", "10.244.0.13", Some("fd00:10:244::13")),
+    ])
+    .expect("topology");
+    c.write_manifest("web.yaml", &dual_stack_service("web", &[VIP4, VIP6]))
+        .expect("write");
+    c.write_manifest(
+        "web-v4.yaml",
+        &slice("web", &[("10.244.0.11", true), ("10.244.0.12", true)]),
+    )
+    .expect("write");
+    c.write_manifest(
+        "web-v6.yaml",
+        &slice6(
+            "web",
+            &[("fd00:10:244::12", true), ("fd00:10:244::13", true)],
+        ),
+    )
+    .expect("write");
+    c.write_manifest("empty.yaml", &dual_stack_service("empty", &[EMPTY_VIP6]))
+        .expect("write");
+    c.write_manifest("empty-v6.yaml", &slice6("empty", &[]))
+        .expect("write");
+    c.start_agent().expect("agent");
+    c.wait_attached(Duration::from_secs(10)).expect("attached");
+    wait_until(Duration::from_secs(5), || {
+        c.programmed(&format!("[{VIP6}]:80/TCP"))
+            .is_some_and(|b| b.len() == 2)
+            && c.programmed(&format!("{VIP4}:80/TCP"))
+                .is_some_and(|b| b.len() == 2)
+    })
+    .unwrap_or_else(|e| panic!("programmed: {e}\n{}", c.log()));
+    c
+}
+
+/// `n` TCP connections (or UDP requests) from `ns`, answers counted per backend.
+fn spread(ns: &Netns, target: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
+    ns.enter(move || {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let who = if udp {
+                udp_hello(target, T)
+            } else {
+                tcp_hello(target, T)
+            };
+            *counts
+                .entry(who.unwrap_or_else(|e| format!("error: {e}")))
+                .or_insert(0) += 1;
+        }
+        counts
+    })
+    .expect("client thread")
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_dual_stack_service_answers_each_family_from_its_own_backends() {
+    require_privileges();
+    let c = dual_stack_cluster();
+    let client = &c.node.pod("client").ns;
+    for (family, vip, want) in [
+        ("IPv4", VIP4, ["be1", "be2"]),
+        ("IPv6", VIP6, ["be2", "be3"]),
+    ] {
+        for udp in [false, true] {
+            let port = if udp { 53 } else { 80 };
+            let counts = spread(client, addr(vip, port), 200, udp);
+            let keys: Vec<&str> = counts.keys().map(String::as_str).collect();
+            assert_eq!(keys, want, "{family} udp={udp}: {counts:?}\n{}", c.log());
+            for (backend, n) in &counts {
+                // Uniform random over 2: 100 each expected; 40 is > 8 standard deviations.
+                assert!(
+                    *n >= 40,
+                    "{family} udp={udp}: {backend} got {n}: {counts:?}"
+                );
+            }
+        }
+    }
+    // The backend sees the client's own IPv6 address (no SNAT for pods).
+    let (_, seen) = client
+        .enter(|| udp_whoami(addr(VIP6, 53), T))
+        .expect("thread")
+        .expect("whoami");
+    assert_eq!(seen, "fd00:10:244::2");
+
+    // The read commands show IPv6 frontends, backends and flows in [addr]:port notation.
+    let services = c.xlb(&["services"]).expect("services");
+    assert!(services.contains(&format!("[{VIP6}]:80/TCP")), "{services}");
+    assert!(services.contains("[fd00:10:244::13]:8080"), "{services}");
+    let ct = c.xlb(&["conntrack"]).expect("conntrack");
+    assert!(ct.contains(&format!("dst=[{VIP6}]:80")), "{ct}");
+    assert!(ct.contains("src=[fd00:10:244::2]:"), "{ct}");
+    let metrics = c.metrics().expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("xlb_frontend_info{")
+            && l.contains(&format!("frontend=\"[{VIP6}]:80/TCP\""))
+            && l.contains("family=\"IPv6\"")),
+        "{metrics}"
+    );
+    let stats = c.xlb(&["stats"]).expect("stats");
+    assert!(stats.contains("XLB_CT6"), "{stats}");
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn an_ipv6_service_without_endpoints_refuses_connections_fast() {
+    require_privileges();
+    let c = dual_stack_cluster();
+    let client = &c.node.pod("client").ns;
+    let started = Instant::now();
+    let err = client
+        .enter(|| tcp_hello(addr(EMPTY_VIP6, 80), Duration::from_secs(5)))
+        .expect("thread")
+        .expect_err("no endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // Refused, not timed out. The ICMPv6 error about the first SYN reaches the client while
+    // its connect() still holds the socket (the reply is made in the same softirq pass), and
+    // the kernel keeps such an error only as a soft one (TcpExtLockDroppedIcmps): the
+    // refusal comes with the SYN's retransmission, after 1 s. (IPv4's error, in the same
+    // race, ends the connect at once.)
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let err = client
+        .enter(|| {
+            let s = std::net::UdpSocket::bind("[::]:0")?;
+            s.connect(addr(EMPTY_VIP6, 53))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send(b"x")?;
+            s.recv(&mut [0u8; 16])
+        })
+        .expect("thread")
+        .expect_err("no endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn ipv6_session_affinity_and_a_tcp_stream_across_an_agent_restart() {
+    require_privileges();
+    let mut c = dual_stack_cluster();
+    c.write_manifest(
+        "web.yaml",
+        &dual_stack_service("web", &[VIP4, VIP6]).replace(
+            "  ports:\n",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n  ports:\n",
+        ),
+    )
+    .expect("write");
+    // Affinity is written with the frontend: wait until a connection lands twice alike.
+    let client = &c.node.pod("client").ns;
+    wait_until(Duration::from_secs(5), || {
+        let counts = spread(client, addr(VIP6, 80), 20, false);
+        counts.len() == 1
+    })
+    .expect("one backend for one IPv6 client");
+    let counts = spread(client, addr(VIP6, 80), 50, false);
+    assert_eq!(counts.len(), 1, "{counts:?}");
+
+    // An open IPv6 stream keeps its backend while the agent restarts (pinned CT6).
+    let (mut stream, backend) = client
+        .enter(|| tcp_connect(addr(VIP6, 80), T))
+        .expect("thread")
+        .expect("connect");
+    let mut exchange = |round: u32| {
+        let msg = format!("round {round}\n");
+        stream.write_all(msg.as_bytes()).expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        stream.read_exact(&mut buf).expect("echo");
+        assert_eq!(buf, msg.as_bytes());
+    };
+    exchange(1);
+    c.agent.take().expect("agent").stop().expect("stop");
+    exchange(2);
+    c.start_agent().expect("restart");
+    c.wait_attached(Duration::from_secs(10)).expect("attached");
+    exchange(3);
+    assert!(["be2", "be3"].contains(&backend.as_str()), "{backend}");
+}
