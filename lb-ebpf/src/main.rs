@@ -110,6 +110,27 @@ pub fn xlb_sock_getpeername(ctx: SockAddrContext) -> i32 {
     sock_verdict((sock::ALLOW, sock::revnat(&ctx)))
 }
 
+/// The IPv6 twins of the four hooks above (IPv4-mapped addresses balanced as IPv4).
+#[cgroup_sock_addr(connect6)]
+pub fn xlb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::connect6(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn xlb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock::connect6(&ctx))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn xlb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock_verdict((sock::ALLOW, sock::revnat6(&ctx)))
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn xlb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock_verdict((sock::ALLOW, sock::revnat6(&ctx)))
+}
+
 #[inline(always)]
 fn sock_verdict((verdict, outcome): (i32, Option<lb_common::Outcome>)) -> i32 {
     if let Some(outcome) = outcome {

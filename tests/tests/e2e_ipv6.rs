@@ -224,3 +224,75 @@ fn ipv6_session_affinity_and_a_tcp_stream_across_an_agent_restart() {
     exchange(3);
     assert!(["be2", "be3"].contains(&backend.as_str()), "{backend}");
 }
+
+/// A node process's TCP client over either family: prints the backend's greeting and the
+/// peer its socket believes in. `--mapped`: a dual-stack IPv6 socket given an IPv4 address
+/// as `::ffff:a.b.c.d`.
+const TCP_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+if host.startswith("::ffff:"):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.settimeout(2)
+    s.connect((host, port))
+else:
+    s = socket.create_connection((host, port), timeout=2)
+name = s.makefile().readline().strip()
+print(name, s.getpeername()[0], s.getpeername()[1])
+"#;
+
+/// A node process's unconnected UDP exchange over IPv6: the answer and where it came from.
+const UDP_SENDTO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"whoami", (sys.argv[1], int(sys.argv[2])))
+data, peer = s.recvfrom(64)
+print(data.decode().split()[0], peer[0], peer[1])
+"#;
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn node_processes_reach_ipv6_services_and_ipv4_through_mapped_addresses() {
+    require_privileges();
+    let c = dual_stack_cluster();
+    // The node's own addresses (a real node has them on its uplink; here on lo, which
+    // the agent does not take for NodePorts): sources for node processes' connections.
+    c.node
+        .ns
+        .ip(&["-6", "addr", "add", "fd00:10:0:1::1/128", "dev", "lo"])
+        .expect("node IPv6 address");
+    c.node
+        .ns
+        .ip(&["addr", "add", "10.0.1.1/32", "dev", "lo"])
+        .expect("node IPv4 address");
+    let run = |script: &str, args: &[&str]| -> Vec<String> {
+        let out = c
+            .node_process(script, args)
+            .expect("spawn")
+            .wait_with_output()
+            .expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.split_whitespace().map(String::from).collect()
+    };
+    for (ip, port, backends) in [
+        (VIP6, "80", ["be2", "be3"]),
+        ("::ffff:10.96.0.10", "80", ["be1", "be2"]),
+    ] {
+        for _ in 0..4 {
+            let fields = run(TCP_CLIENT, &[ip, port]);
+            assert!(backends.contains(&fields[0].as_str()), "{ip}: {fields:?}");
+            // The process sees the address it asked for as its peer, not the backend's.
+            assert_eq!(&fields[1..], [ip, port], "{ip}");
+        }
+    }
+    let fields = run(UDP_SENDTO, &[VIP6, "53"]);
+    assert!(["be2", "be3"].contains(&fields[0].as_str()), "{fields:?}");
+    assert_eq!(&fields[1..], [VIP6, "53"]);
+}

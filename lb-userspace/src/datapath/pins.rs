@@ -240,6 +240,10 @@ pub enum Hook {
     SockSendmsg,
     SockRecvmsg,
     SockGetpeername,
+    SockConnect6,
+    SockSendmsg6,
+    SockRecvmsg6,
+    SockGetpeername6,
 }
 
 impl Hook {
@@ -247,12 +251,16 @@ impl Hook {
     pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
     /// The hooks of an external interface.
     pub const EXTERNAL: [Hook; 1] = [Hook::External];
-    /// The socket hooks on the node processes' cgroup.
-    pub const CGROUP: [Hook; 4] = [
+    /// The socket hooks on the node processes' cgroup (IPv4, then IPv6).
+    pub const CGROUP: [Hook; 8] = [
         Hook::SockConnect,
         Hook::SockSendmsg,
         Hook::SockRecvmsg,
         Hook::SockGetpeername,
+        Hook::SockConnect6,
+        Hook::SockSendmsg6,
+        Hook::SockRecvmsg6,
+        Hook::SockGetpeername6,
     ];
     pub(super) fn program(self) -> &'static str {
         match self {
@@ -263,6 +271,10 @@ impl Hook {
             Hook::SockSendmsg => program_names::SOCK_SENDMSG,
             Hook::SockRecvmsg => program_names::SOCK_RECVMSG,
             Hook::SockGetpeername => program_names::SOCK_GETPEERNAME,
+            Hook::SockConnect6 => program_names::SOCK_CONNECT6,
+            Hook::SockSendmsg6 => program_names::SOCK_SENDMSG6,
+            Hook::SockRecvmsg6 => program_names::SOCK_RECVMSG6,
+            Hook::SockGetpeername6 => program_names::SOCK_GETPEERNAME6,
         }
     }
     pub(super) fn attach_type(self) -> aya::programs::TcAttachType {
@@ -280,6 +292,10 @@ impl Hook {
             Hook::SockSendmsg => "sock_sendmsg",
             Hook::SockRecvmsg => "sock_recvmsg",
             Hook::SockGetpeername => "sock_getpeername",
+            Hook::SockConnect6 => "sock_connect6",
+            Hook::SockSendmsg6 => "sock_sendmsg6",
+            Hook::SockRecvmsg6 => "sock_recvmsg6",
+            Hook::SockGetpeername6 => "sock_getpeername6",
         }
     }
 }
