@@ -49,8 +49,10 @@ pub mod map_names {
     /// the rest: the kernel empties a program array when no process holds it, and the
     /// attached programs outlive the agent that loaded them.
     pub const PROGS6: &str = "XLB_PROGS6";
+    /// The IPv6 XDP stages `xlb_external` tail-calls (`program_names::XDP_IPV6`).
+    pub const PROGS6_XDP: &str = "XLB_PROGS6_XDP";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -78,6 +80,7 @@ pub mod map_names {
         SOURCE_RANGES6,
         SOCK_REVNAT6,
         PROGS6,
+        PROGS6_XDP,
     ];
 }
 
@@ -103,6 +106,9 @@ pub mod program_names {
     pub const TC_FROM_POD: &str = "xlb_from_pod";
     /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
     pub const TC_TO_POD: &str = "xlb_to_pod";
+    /// The IPv6 XDP stages, tail-called from `XDP_EXTERNAL` through `XLB_PROGS6_XDP`, in
+    /// the order of their indexes there.
+    pub const XDP_IPV6: [&str; 2] = ["xlb_external6", "xlb_external6_untracked"];
     /// The IPv6 stages, tail-called from the two above through the object's program array
     /// (`XLB_PROGS6`), in the order of their indexes there.
     pub const TC_IPV6: [&str; 4] = [

@@ -22,6 +22,7 @@ mod stats;
 mod svc;
 mod verdict;
 mod xdp;
+mod xdp6;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
@@ -82,6 +83,22 @@ pub fn xlb_to_pod6(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn xlb_external(ctx: XdpContext) -> u32 {
     let (verdict, outcome) = xdp::external(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// IPv6 from outside (tail-called by `xlb_external`): tracked flows.
+#[xdp]
+pub fn xlb_external6(ctx: XdpContext) -> u32 {
+    let (verdict, outcome) = xdp6::external6(&ctx);
+    stats::count(outcome);
+    verdict
+}
+
+/// IPv6 from outside, packets of no tracked flow (tail-called by `xlb_external6`).
+#[xdp]
+pub fn xlb_external6_untracked(ctx: XdpContext) -> u32 {
+    let (verdict, outcome) = xdp6::external6_untracked(&ctx);
     stats::count(outcome);
     verdict
 }

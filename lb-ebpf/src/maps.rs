@@ -150,3 +150,8 @@ pub static CT_SCRATCH6: PerCpuArray<crate::ct::CtScratch<Ip6>> =
 /// after loading (and pinned: see `map_names::PROGS6`).
 #[map(name = "XLB_PROGS6")]
 pub static PROGS6: ProgramArray = ProgramArray::with_max_entries(4, 0);
+
+/// The IPv6 XDP stages (`xdp6::Stage`), tail-called by `xlb_external` (a program array
+/// serves one program type, so XDP has its own); pinned, as `PROGS6`.
+#[map(name = "XLB_PROGS6_XDP")]
+pub static PROGS6_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);

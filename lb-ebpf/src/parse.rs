@@ -1,6 +1,9 @@
 //! Header parsing. Headers are copied out with `bpf_skb_load_bytes`, which works on
 //! non-linear skbs too and keeps bounds checks in one place: a short packet fails the load.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    helpers::generated::bpf_xdp_load_bytes,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{Ip6, MapAddr, Outcome, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, outcome};
 
 pub const ETH_HLEN: usize = 14;
@@ -75,6 +78,51 @@ pub struct Ipv6Hdr {
     pub dst: Ip6,
 }
 const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IP6_HLEN);
+
+/// A frame the IPv6 parser reads with copying loads (`bpf_skb_load_bytes` on TC,
+/// `bpf_xdp_load_bytes` on XDP): offsets past extension headers are variable, which a
+/// load helper takes as a plain argument and a packet pointer would make the verifier track.
+pub trait Frame {
+    fn read<T>(&self, offset: usize) -> Result<T, Outcome>;
+    /// Bytes in the frame.
+    fn frame_len(&self) -> u32;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
+        self.load(offset).map_err(|_| outcome::MALFORMED)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        self.len()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes `size_of::<T>()` bytes into `value` or fails.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(outcome::MALFORMED);
+        }
+        // SAFETY: fully written by the helper.
+        Ok(unsafe { value.assume_init() })
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+}
 
 /// A TCP or UDP packet (or the flow an ICMP error is about). Addresses/ports network order.
 #[derive(Clone, Copy)]
@@ -224,14 +272,14 @@ pub fn tcp_header_fits(offset_byte: u8, l4_len: u32) -> Result<(), Outcome> {
 /// contract as IPv4: the datagram (40 + payload length) lies inside the frame, every header
 /// inside the datagram, or the packet is malformed.
 #[inline(always)]
-pub fn parse6(ctx: &TcContext) -> Result<Packet<Ip6>, Outcome> {
-    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(|_| outcome::MALFORMED)?;
+pub fn parse6(ctx: &impl Frame) -> Result<Packet<Ip6>, Outcome> {
+    let ip: Ipv6Hdr = ctx.read(IP_OFF)?;
     // The version is the high nibble of the first byte (lowest in memory).
     if (ip.vtc_flow & 0xf0) != 0x60 {
         return Err(outcome::MALFORMED);
     }
     let end = (IP_OFF + IP6_HLEN) as u32 + u16::from_be(ip.payload_len) as u32;
-    if end > ctx.len() {
+    if end > ctx.frame_len() {
         return Err(outcome::MALFORMED);
     }
     let (proto, l4_off) = skip_extensions(ctx, ip.nexthdr, (IP_OFF + IP6_HLEN) as u32, end)?;
@@ -246,7 +294,7 @@ pub fn parse6(ctx: &TcContext) -> Result<Packet<Ip6>, Outcome> {
 /// and where its header starts.
 #[inline(always)]
 fn skip_extensions(
-    ctx: &TcContext,
+    ctx: &impl Frame,
     first: u8,
     mut off: u32,
     end: u32,
@@ -255,7 +303,7 @@ fn skip_extensions(
     for _ in 0..IPV6_EXT_MAX {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let [nh, len]: [u8; 2] = ctx.load(off as usize).map_err(|_| outcome::MALFORMED)?;
+                let [nh, len]: [u8; 2] = ctx.read(off as usize)?;
                 next = nh;
                 off += (len as u32 + 1) * 8;
                 if off > end {
@@ -276,7 +324,7 @@ fn skip_extensions(
 /// UDP checksum is invalid over IPv6 (RFC 8200): malformed, left for the stack to discard.
 #[inline(always)]
 fn flow6(
-    ctx: &TcContext,
+    ctx: &impl Frame,
     proto: u8,
     src: &Ip6,
     dst: &Ip6,
@@ -288,12 +336,9 @@ fn flow6(
         return Err(outcome::MALFORMED);
     }
     // Ports, then UDP's length and checksum (TCP's sequence number).
-    let [sport, dport, _, udp_csum]: [u16; 4] =
-        ctx.load(l4_off as usize).map_err(|_| outcome::MALFORMED)?;
+    let [sport, dport, _, udp_csum]: [u16; 4] = ctx.read(l4_off as usize)?;
     let tcp_flags = if proto == PROTO_TCP {
-        let [offset, flags]: [u8; 2] = ctx
-            .load(l4_off as usize + TCP_FLAGS_OFF - 1)
-            .map_err(|_| outcome::MALFORMED)?;
+        let [offset, flags]: [u8; 2] = ctx.read(l4_off as usize + TCP_FLAGS_OFF - 1)?;
         tcp_header_fits(offset, end - l4_off)?;
         flags
     } else {
@@ -317,12 +362,12 @@ fn flow6(
 /// problem) quoting a TCP or UDP packet; other ICMPv6 (neighbour discovery, echo) passes.
 #[inline(always)]
 fn icmp6_error(
-    ctx: &TcContext,
+    ctx: &impl Frame,
     ip: &Ipv6Hdr,
     l4_off: u32,
     end: u32,
 ) -> Result<Packet<Ip6>, Outcome> {
-    let icmp_type: u8 = ctx.load(l4_off as usize).map_err(|_| outcome::MALFORMED)?;
+    let icmp_type: u8 = ctx.read(l4_off as usize)?;
     if !matches!(
         icmp_type,
         ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
@@ -335,18 +380,14 @@ fn icmp6_error(
     if inner_l4_off + 8 > end {
         return Err(outcome::MALFORMED);
     }
-    let inner: Ipv6Hdr = ctx
-        .load(inner_ip_off as usize)
-        .map_err(|_| outcome::MALFORMED)?;
+    let inner: Ipv6Hdr = ctx.read(inner_ip_off as usize)?;
     if (inner.vtc_flow & 0xf0) != 0x60 {
         return Err(outcome::MALFORMED);
     }
     if !matches!(inner.nexthdr, PROTO_TCP | PROTO_UDP) {
         return Err(outcome::PASS_NOT_SERVICE);
     }
-    let ports: [u16; 2] = ctx
-        .load(inner_l4_off as usize)
-        .map_err(|_| outcome::MALFORMED)?;
+    let ports: [u16; 2] = ctx.read(inner_l4_off as usize)?;
     Ok(Packet::IcmpError {
         outer: Flow {
             proto: PROTO_ICMPV6,

@@ -21,6 +21,7 @@ use crate::{
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 
@@ -50,6 +51,9 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     }
     // SAFETY: bounds checked above.
     let ethertype = unsafe { ((data + 12) as *const u16).read_unaligned() };
+    if ethertype == ETH_P_IPV6_BE {
+        return Err(crate::xdp6::tail_call(ctx, crate::xdp6::Stage::External));
+    }
     if ethertype != ETH_P_IP_BE {
         return Err(outcome::NOT_IP);
     }
@@ -185,7 +189,7 @@ fn rewrite(pkt: &Packet, field: Field, (addr, port): (u32, u16)) {
 
 /// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
 #[inline(always)]
-fn replace4(check: u16, old: u32, new: u32) -> u16 {
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
     let sum = u64::from(!check)
         + u64::from(!old & 0xffff)
         + u64::from(!old >> 16)
@@ -195,7 +199,7 @@ fn replace4(check: u16, old: u32, new: u32) -> u16 {
 }
 
 #[inline(always)]
-fn replace2(check: u16, old: u16, new: u16) -> u16 {
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
     !fold(u64::from(!check) + u64::from(!old) + u64::from(new))
 }
 

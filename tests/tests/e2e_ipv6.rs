@@ -296,3 +296,203 @@ fn node_processes_reach_ipv6_services_and_ipv4_through_mapped_addresses() {
     assert!(["be2", "be3"].contains(&fields[0].as_str()), "{fields:?}");
     assert_eq!(&fields[1..], [VIP6, "53"]);
 }
+
+const NODE1_6: &str = "fd00:192:168:50::1";
+const NODE2_6: &str = "fd00:192:168:50::2";
+const CLIENT_6: &str = "fd00:192:168:50::100";
+const LB_IP6: &str = "2001:db8::10";
+
+/// Two nodes and an outside client on one IPv6 segment, each node with the real agent
+/// (XDP on its external interface) and a pod: `web` is an IPv6 NodePort Service (Cluster
+/// policy, a backend on each node); `local` an IPv6 LoadBalancer Service (Local policy,
+/// its only backend on node1), the client routing its address to node1.
+struct Site6 {
+    nodes: Vec<Cluster>,
+    client: Netns,
+    _lan: xlb_tests::lan::Lan,
+}
+
+fn site6() -> Site6 {
+    use xlb_tests::netns::unique_tag;
+    let manifests = [
+        dual_stack_service("web", &["fd00:10:96::30"])
+            .replace("  type: ClusterIP\n", "  type: NodePort\n")
+            .replace(
+                "targetPort: http\n",
+                "targetPort: http\n    nodePort: 30080\n",
+            )
+            .replace(
+                "targetPort: 5353\n",
+                "targetPort: 5353\n    nodePort: 30053\n",
+            ),
+        slice6(
+            "web",
+            &[("fd00:10:244:1::11", true), ("fd00:10:244:2::11", true)],
+        )
+        .replace(
+            "- addresses: [\"fd00:10:244:1::11\"]\n",
+            "- addresses: [\"fd00:10:244:1::11\"]\n  nodeName: node1\n",
+        )
+        .replace(
+            "- addresses: [\"fd00:10:244:2::11\"]\n",
+            "- addresses: [\"fd00:10:244:2::11\"]\n  nodeName: node2\n",
+        ),
+        dual_stack_service("local", &["fd00:10:96::40"])
+            .replace(
+                "  type: ClusterIP\n",
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
+            )
+            .replace(
+                "targetPort: http\n",
+                "targetPort: http\n    nodePort: 30081\n",
+            )
+            .replace(
+                "targetPort: 5353\n",
+                "targetPort: 5353\n    nodePort: 30054\n",
+            )
+            + &format!("status:\n  loadBalancer:\n    ingress: [{{ip: '{LB_IP6}'}}]\n"),
+        slice6("local", &[("fd00:10:244:1::12", true)]).replace(
+            "- addresses: [\"fd00:10:244:1::12\"]\n",
+            "- addresses: [\"fd00:10:244:1::12\"]\n  nodeName: node1\n",
+        ),
+    ]
+    .join("---\n");
+    let tag = unique_tag();
+    let mut lan = xlb_tests::lan::Lan::new(&tag).expect("lan");
+    let client = Netns::new(&tag, "client").expect("client ns");
+    client
+        .sysctl("net.ipv6.conf.default.accept_dad", "0")
+        .expect("sysctl");
+    lan.connect(&client, "eth0", &format!("{CLIENT_6}/64"))
+        .expect("client on the lan");
+    client
+        .ip(&["-6", "route", "add", LB_IP6, "via", NODE1_6])
+        .expect("route");
+    let mut nodes = Vec::new();
+    for (n, node_ip, pods) in [
+        (
+            1,
+            NODE1_6,
+            [
+                ("web1", "10.244.1.11", Some("fd00:10:244:1::11")),
+                ("local1", "10.244.1.12", Some("fd00:10:244:1::12")),
+            ],
+        ),
+        (
+            2,
+            NODE2_6,
+            [
+                ("web2", "10.244.2.11", Some("fd00:10:244:2::11")),
+                ("spare2", "10.244.2.12", Some("fd00:10:244:2::12")),
+            ],
+        ),
+    ] {
+        let mut c = Cluster::dual_stack(&pods).expect("node");
+        lan.connect(&c.node.ns, "ext0", &format!("{node_ip}/64"))
+            .expect("node on the lan");
+        let (other_pods, other_ip) = if n == 1 {
+            ("fd00:10:244:2::/64", NODE2_6)
+        } else {
+            ("fd00:10:244:1::/64", NODE1_6)
+        };
+        c.node
+            .ns
+            .ip(&["-6", "route", "add", other_pods, "via", other_ip])
+            .expect("pod route");
+        c.write_manifest("all.yaml", &manifests).expect("manifests");
+        c.agent_args = [
+            "--external-ifaces",
+            "ext0",
+            "--xdp-mode",
+            "generic",
+            "--node-name",
+            &format!("node{n}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        c.start_agent().expect("agent");
+        c.wait_attached(Duration::from_secs(10)).expect("attached");
+        wait_until(Duration::from_secs(5), || {
+            c.log().contains("attached to ext0 ")
+                && c.programmed("[::]:30080/TCP").is_some_and(|b| b.len() == 2)
+        })
+        .unwrap_or_else(|_| panic!("node{n} not programmed; log:\n{}", c.log()));
+        nodes.push(c);
+    }
+    // Addresses usable (no duplicate address detection pending) before the first packet.
+    for ns in std::iter::once(&client).chain(nodes.iter().map(|c| &c.node.ns)) {
+        wait_until(Duration::from_secs(5), || {
+            let ns_name = ns.name().to_string();
+            std::process::Command::new("ip")
+                .args(["-n", &ns_name, "-6", "addr", "show", "tentative"])
+                .output()
+                .map(|o| o.stdout.is_empty())
+                .unwrap_or(false)
+        })
+        .expect("IPv6 addresses ready");
+    }
+    Site6 {
+        nodes,
+        client,
+        _lan: lan,
+    }
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn ipv6_node_ports_and_load_balancer_ips_from_outside_on_two_nodes() {
+    require_privileges();
+    let site = site6();
+    let whoami = |target: SocketAddr, n: usize| -> BTreeMap<(String, String), usize> {
+        site.client
+            .enter(move || {
+                let mut seen = BTreeMap::new();
+                for _ in 0..n {
+                    let answer = udp_whoami(target, T)
+                        .unwrap_or_else(|e| (format!("error: {e}"), String::new()));
+                    *seen.entry(answer).or_insert(0) += 1;
+                }
+                seen
+            })
+            .expect("client thread")
+    };
+    // Cluster policy: both nodes' backends answer on either node's address; the backends
+    // see the node the client used (SNAT), so replies come back through it.
+    for node_ip in [NODE1_6, NODE2_6] {
+        let seen = whoami(addr(node_ip, 30053), 60);
+        let backends: Vec<&str> = seen.keys().map(|(b, _)| b.as_str()).collect();
+        assert!(
+            backends.contains(&"web1") && backends.contains(&"web2"),
+            "{node_ip}: {seen:?}\n{}",
+            site.nodes[0].log()
+        );
+        assert!(
+            seen.keys().all(|(_, saw)| saw == node_ip),
+            "{node_ip}: backends see the node: {seen:?}"
+        );
+        let tcp = site
+            .client
+            .enter(move || tcp_hello(addr(node_ip, 30080), T))
+            .expect("thread")
+            .expect("TCP over the NodePort");
+        assert!(["web1", "web2"].contains(&tcp.as_str()), "{tcp}");
+    }
+    // Local policy LoadBalancer IP: node1's own backend, the client's address kept.
+    let seen = whoami(addr(LB_IP6, 53), 20);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        [&("local1".to_string(), CLIENT_6.to_string())],
+        "{seen:?}"
+    );
+    // node2 has no endpoint of `local`: its NodePort drops rather than forwards.
+    let dropped = whoami(addr(NODE2_6, 30054), 3);
+    assert!(
+        dropped.keys().all(|(b, _)| b.starts_with("error")),
+        "{dropped:?}"
+    );
+    let ct = site.nodes[0].xlb(&["conntrack"]).expect("conntrack");
+    assert!(
+        ct.contains("[external]") && ct.contains(&format!("src=[{CLIENT_6}]:")),
+        "{ct}"
+    );
+}

@@ -277,6 +277,8 @@ fn test(root: &Workspace, unit_only: bool) -> Result<()> {
             "--test",
             "external",
             "--test",
+            "external6",
+            "--test",
             "fuzz",
             "--",
             "--include-ignored",

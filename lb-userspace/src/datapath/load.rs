@@ -59,40 +59,62 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
     Ok(ebpf)
 }
 
-/// Loads the IPv6 TC stages and puts them in the program array the IPv4 programs tail-call
-/// through (indexes as in `program_names::TC_IPV6`). A reused (pinned) array gets this
-/// object's stages: programs still attached from the previous agent tail-call them until
-/// they are replaced too, and the stages read the same maps.
+/// Loads the IPv6 stages and puts them in the program arrays the IPv4 programs tail-call
+/// through (indexes as in `program_names::TC_IPV6` and `XDP_IPV6`). A reused (pinned) array
+/// gets this object's stages: programs still attached from the previous agent tail-call
+/// them until they are replaced too, and the stages read the same maps.
 fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    let mut fds = Vec::new();
+    let mut tc = Vec::new();
     for name in program_names::TC_IPV6 {
         let program = program(ebpf, name)?;
         program.load().map_err(|source| DatapathError::Program {
             name,
             source: Box::new(source),
         })?;
-        let fd = program.fd().map_err(|source| DatapathError::Program {
+        tc.push(stage_fd(name, program.fd())?);
+    }
+    let mut xdp = Vec::new();
+    for name in program_names::XDP_IPV6 {
+        let program: &mut Xdp = typed_program(ebpf, name)?;
+        program.load().map_err(|source| DatapathError::Program {
             name,
             source: Box::new(source),
         })?;
-        let fd = fd.try_clone().map_err(|e| DatapathError::Map {
-            name: map_names::PROGS6,
-            message: format!("duplicating the descriptor of {name}: {e}"),
-        })?;
-        fds.push(fd);
+        xdp.push(stage_fd(name, program.fd())?);
     }
-    let map = ebpf
-        .map_mut(map_names::PROGS6)
-        .ok_or(DatapathError::MissingMap(map_names::PROGS6))?;
-    let mut stages = ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
+    fill_stages(ebpf, map_names::PROGS6, &tc)?;
+    fill_stages(ebpf, map_names::PROGS6_XDP, &xdp)
+}
+
+fn stage_fd(
+    name: &'static str,
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<aya::programs::ProgramFd, DatapathError> {
+    let fd = fd.map_err(|source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    })?;
+    fd.try_clone().map_err(|e| DatapathError::Map {
         name: map_names::PROGS6,
+        message: format!("duplicating the descriptor of {name}: {e}"),
+    })
+}
+
+fn fill_stages(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    fds: &[aya::programs::ProgramFd],
+) -> Result<(), DatapathError> {
+    let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+    let mut stages = ProgramArray::try_from(map).map_err(|e| DatapathError::Map {
+        name,
         message: error_chain(&e),
     })?;
     for (index, fd) in fds.iter().enumerate() {
         stages
             .set(index as u32, fd, 0)
             .map_err(|e| DatapathError::Map {
-                name: map_names::PROGS6,
+                name,
                 message: error_chain(&e),
             })?;
     }

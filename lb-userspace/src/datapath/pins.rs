@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 27] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 28] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -157,6 +157,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 27] = {
             LruHash,
         ),
         (map_names::PROGS6, 4, 4, 4, ProgramArray),
+        (map_names::PROGS6_XDP, 4, 4, 2, ProgramArray),
     ]
 };
 

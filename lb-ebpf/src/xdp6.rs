@@ -1,0 +1,225 @@
+//! IPv6 from outside (XDP), tail-called by `xlb_external` for IPv6 frames: NodePort,
+//! externalIP and LoadBalancer-IP frontends of the external scope, and replies of SNATed
+//! flows, as `xdp` does for IPv4. Two stages (tracked flows, then the rest), each its own
+//! program: one stack frame does not hold both with IPv6 entries.
+//!
+//! Headers are read and written with `bpf_xdp_load_bytes`/`bpf_xdp_store_bytes` (offsets
+//! past extension headers are variable); checksums are updated incrementally (IPv6 has no
+//! header checksum, and a UDP checksum is never zero: the parser refuses those).
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
+    programs::XdpContext,
+};
+use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
+
+use crate::{
+    family::V6,
+    icmp::{REPLY6_LEN, unreachable6},
+    maps::PROGS6_XDP,
+    parse::{
+        self, ETH_HLEN, ETH_P_IPV6, Flow, Frame, IP_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF,
+        IP6_SRC_OFF, Ipv6Hdr, Packet,
+    },
+    route,
+    svc::{self, Addr, Decision},
+    xdp::{replace2, replace4},
+};
+
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+/// The IPv6 XDP stages, by their index in `PROGS6_XDP`.
+#[derive(Clone, Copy)]
+pub enum Stage {
+    External = 0,
+    Untracked = 1,
+}
+
+/// Continues in an IPv6 XDP stage; returns only if it cannot (not loaded: passed).
+#[inline(always)]
+pub fn tail_call(ctx: &XdpContext, stage: Stage) -> Outcome {
+    // SAFETY: a tail call replaces this program run; on failure it returns.
+    unsafe { PROGS6_XDP.tail_call(ctx, stage as u32) };
+    outcome::NOT_IP
+}
+
+#[inline(always)]
+fn finish(result: Result<(u32, Outcome), Outcome>) -> (u32, Outcome) {
+    match result {
+        Ok(done) => done,
+        Err(o) if lb_common::is_drop(o) => (xdp_action::XDP_DROP, o),
+        Err(o) => (xdp_action::XDP_PASS, o),
+    }
+}
+
+/// TCP or UDP over IPv6; anything else (ICMPv6 included) passes, as on IPv4.
+#[inline(always)]
+fn flow_of(ctx: &XdpContext) -> Result<Flow<Ip6>, Outcome> {
+    match parse::parse6(ctx)? {
+        Packet::Flow(flow) => Ok(flow),
+        Packet::IcmpError { .. } => Err(outcome::OTHER_PROTOCOL),
+    }
+}
+
+/// `xlb_external6`: a packet of a tracked flow, translated; any other continues in
+/// `xlb_external6_untracked`.
+#[inline(always)]
+pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
+    finish((|| {
+        let flow = flow_of(ctx)?;
+        match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns()) {
+            Some(decision) => translate(ctx, &flow, decision?),
+            None => Err(tail_call(ctx, Stage::Untracked)),
+        }
+    })())
+}
+
+/// `xlb_external6_untracked`: a SNATed flow's reply, or a new flow to a frontend.
+#[inline(always)]
+pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
+    finish((|| {
+        let flow = flow_of(ctx)?;
+        let bytes = ctx.frame_len();
+        if svc::is_node_ip::<V6>(flow.dst)
+            && let Some(reply) = svc::routed_reply::<V6>(&flow, bytes)
+        {
+            if let Some(dst) = reply.dst {
+                rewrite(ctx, &flow, Field::Dst, dst)?;
+            }
+            rewrite(ctx, &flow, Field::Src, reply.src)?;
+            return Ok((forward(ctx), reply.outcome));
+        }
+        let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns())?;
+        translate(ctx, &flow, decision)
+    })())
+}
+
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    flow: &Flow<Ip6>,
+    decision: Decision<Ip6>,
+) -> Result<(u32, Outcome), Outcome> {
+    match decision {
+        Decision::Translate { dst, src, outcome } => {
+            rewrite(ctx, flow, Field::Dst, dst)?;
+            if let Some(src) = src {
+                rewrite(ctx, flow, Field::Src, src)?;
+            }
+            Ok((forward(ctx), outcome))
+        }
+        Decision::Reject => reject(ctx, flow),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Src,
+    Dst,
+}
+
+#[inline(always)]
+fn store<T>(ctx: &XdpContext, offset: usize, value: &T) -> Result<(), Outcome> {
+    // SAFETY: the helper copies `size_of::<T>()` bytes from `value` into the packet, or
+    // fails without writing.
+    let rc = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            offset as u32,
+            (value as *const T).cast_mut().cast(),
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(outcome::DROP_REWRITE_FAILED)
+    }
+}
+
+/// Sets the packet's source or destination address and port, updating the L4 checksum
+/// (the address through the pseudo-header) incrementally.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    flow: &Flow<Ip6>,
+    field: Field,
+    (addr, port): Addr<Ip6>,
+) -> Result<(), Outcome> {
+    let l4 = flow.l4_off as usize;
+    let (addr_off, port_off, old_addr, old_port) = match field {
+        Field::Src => (IP6_SRC_OFF, 0, flow.src, flow.sport),
+        Field::Dst => (IP6_DST_OFF, 2, flow.dst, flow.dport),
+    };
+    let csum_off = flow.csum_off(l4);
+    let old: u16 = ctx.read(csum_off)?;
+    let mut sum = old;
+    for i in 0..4 {
+        sum = replace4(sum, old_addr[i], addr[i]);
+    }
+    sum = replace2(sum, old_port, port);
+    if flow.proto == PROTO_UDP && sum == 0 {
+        sum = 0xffff;
+    }
+    store(ctx, IP_OFF + addr_off, &addr)?;
+    store(ctx, l4 + port_off, &port)?;
+    store(ctx, csum_off, &sum)
+}
+
+/// Sends a translated packet on: straight back out when the route leaves through the
+/// interface it came in on (hop limit decremented), otherwise to the kernel.
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> u32 {
+    let Ok(ip) = ctx.read::<Ipv6Hdr>(IP_OFF) else {
+        return xdp_action::XDP_PASS;
+    };
+    if ip.hop_limit <= 1 {
+        return xdp_action::XDP_PASS; // the kernel sends time-exceeded
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut storage = core::mem::MaybeUninit::uninit();
+    let fib = route::fib_params6(&mut storage, &ip, ingress);
+    // SAFETY: helper reads and writes `fib` only.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut *fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ingress {
+        return xdp_action::XDP_PASS;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    if store(ctx, IP_OFF + IP6_HOP_LIMIT_OFF, &(ip.hop_limit - 1)).is_err()
+        || store(ctx, 0, &macs).is_err()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    xdp_action::XDP_TX
+}
+
+/// ICMPv6 port unreachable from the frontend back to the client, out of the same
+/// interface.
+#[inline(always)]
+fn reject(ctx: &XdpContext, flow: &Flow<Ip6>) -> Result<(u32, Outcome), Outcome> {
+    let macs: [u8; 12] = ctx.read(0)?;
+    let quoted: [u8; IP6_HLEN + 8] = ctx.read(IP_OFF)?;
+    let (ip, body) = unreachable6(flow, quoted);
+    let delta = REPLY6_LEN as i32 - ctx.frame_len() as i32;
+    // SAFETY: plain helper call on our own packet.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx.cast(), delta) } != 0 {
+        return Err(outcome::DROP_REWRITE_FAILED);
+    }
+    let mut eth = [0u8; ETH_HLEN];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    store(ctx, 0, &eth)?;
+    store(ctx, IP_OFF, &ip)?;
+    store(ctx, IP_OFF + IP6_HLEN, &body)?;
+    Ok((xdp_action::XDP_TX, outcome::REJECT_NO_BACKEND))
+}

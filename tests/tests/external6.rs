@@ -1,0 +1,164 @@
+//! XDP tables for IPv6 traffic from outside: packet in + map state → verdict, packet out
+//! (exact bytes, checksums recomputed independently), counters. The IPv4 XDP entry point
+//! tail-calls the IPv6 stages. BPF_PROG_TEST_RUN on the real programs; needs root.
+use lb_common::{SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, outcome};
+use xlb_tests::datapath::*;
+use xlb_tests::{
+    packet::{ACK, PROTO_TCP, PROTO_UDP, SYN},
+    packet6::{Frame6, L4, NEXTHDR_DEST, PROTO_ICMPV6, checksum_errors6, view6},
+    privilege::require_privileges,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const NODE_A: &str = "fd00:192:168:50::1";
+const NODE_B: &str = "fd00:192:168:60::1";
+const OUTSIDER: &str = "2001:db8:9::9";
+const BACKEND: (u32, &str, u16) = (1, "fd00:10:244:2::5", 8080);
+
+fn ends(frame: &[u8]) -> ((String, u16), (String, u16)) {
+    let v = view6(frame);
+    ((v.src.to_string(), v.sport), (v.dst.to_string(), v.dport))
+}
+
+fn end(addr: &str, port: u16) -> (String, u16) {
+    (
+        addr.parse::<std::net::Ipv6Addr>()
+            .expect("address")
+            .to_string(),
+        port,
+    )
+}
+
+/// A node with two IPv6 addresses, SNAT ports 61000..=61002, and NodePort 30080 (TCP, UDP)
+/// on `[::]`.
+fn node(flags: u16, backends: &[(u32, &str, u16)]) -> Datapath {
+    let mut dp = Datapath::new();
+    dp.set_node6(&[NODE_A, NODE_B], (61_000, 61_002));
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        dp.frontend6([0; 4], SCOPE_EXTERNAL, proto, 30080, backends, flags);
+    }
+    dp
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn nodeport_on_every_ipv6_node_address_is_snated_and_replies_go_back() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    for (i, node_ip) in [NODE_A, NODE_B].into_iter().enumerate() {
+        let client_port = 40_000 + i as u16;
+        let syn = Frame6::tcp(OUTSIDER, client_port, node_ip, 30080, SYN).build();
+        let (verdict, out) = dp.run_external(&syn);
+        // No route to the backend in the test's namespace: handed to the kernel.
+        assert_eq!(verdict, XDP_PASS, "{node_ip}");
+        assert_eq!(checksum_errors6(&out), Vec::<String>::new(), "{node_ip}");
+        let ((src, sport), dst) = ends(&out);
+        assert_eq!(dst, end(BACKEND.1, BACKEND.2), "{node_ip}");
+        // Source: the node's IPv6 SNAT address (the first one), a port from the range.
+        assert_eq!(src, end(NODE_A, 0).0);
+        assert!((61_000..=61_002).contains(&sport), "{sport}");
+        assert_eq!(out.len(), syn.len());
+        assert_eq!(&out[..14], &syn[..14], "Ethernet header untouched on PASS");
+        assert_eq!(
+            out[21], syn[21],
+            "hop limit: the kernel forwards and decrements"
+        );
+        assert_eq!(
+            &out[L4 + 4..L4 + 16],
+            &syn[L4 + 4..L4 + 16],
+            "TCP sequence and flags"
+        );
+
+        // The backend's reply, from another node: back to the client, from its address.
+        let reply = Frame6::tcp(BACKEND.1, BACKEND.2, NODE_A, sport, SYN | ACK).build();
+        let (verdict, back) = dp.run_external(&reply);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(checksum_errors6(&back), Vec::<String>::new());
+        assert_eq!(
+            ends(&back),
+            (end(node_ip, 30080), end(OUTSIDER, client_port))
+        );
+    }
+    assert_eq!(dp.stat(outcome::EXTERNAL_NEW), 2);
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 2);
+    assert_eq!(
+        dp.ct6().len(),
+        4,
+        "forward and reverse entries of two flows"
+    );
+    assert!(dp.ct().is_empty(), "nothing in the IPv4 table");
+
+    // Later packets of a flow keep backend and SNAT port.
+    let ack = Frame6::tcp(OUTSIDER, 40_000, NODE_A, 30080, ACK).build();
+    let (_, out) = dp.run_external(&ack);
+    let (_, again) = dp.run_external(&ack);
+    assert_eq!(out, again);
+    assert_eq!(checksum_errors6(&out), Vec::<String>::new());
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 2);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn udp_and_extension_headers_and_a_local_policy_keep_the_client() {
+    require_privileges();
+    // Local: no SNAT, the client's address reaches the backend.
+    let mut dp = node(0, &[BACKEND]);
+    let dgram = Frame6::udp(OUTSIDER, 5000, NODE_B, 30080)
+        .with_extension(NEXTHDR_DEST)
+        .build();
+    let (verdict, out) = dp.run_external(&dgram);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(checksum_errors6(&out), Vec::<String>::new());
+    assert_eq!(ends(&out), (end(OUTSIDER, 5000), end(BACKEND.1, 8080)));
+    assert_ne!(
+        &out[L4 + 8 + 6..L4 + 8 + 8],
+        &[0, 0],
+        "UDP checksum never zero"
+    );
+    // A local backend's reply leaves through its pod interface (TC), source restored.
+    let reply = Frame6::udp(BACKEND.1, 8080, OUTSIDER, 5000).build();
+    let (verdict, back) = dp.run(Hook::FromPod, &reply);
+    assert_eq!(verdict, TC_ACT_OK, "routed on by the kernel");
+    assert_eq!(checksum_errors6(&back), Vec::<String>::new());
+    assert_eq!(ends(&back), (end(NODE_B, 30080), end(OUTSIDER, 5000)));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 1);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn rejects_drops_and_strangers_from_outside() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[]);
+    // No endpoints anywhere: ICMPv6 port unreachable back out of the same interface.
+    let syn = Frame6::tcp(OUTSIDER, 40_000, NODE_A, 30080, SYN).build();
+    let (verdict, out) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out.len(), L4 + 8 + 48);
+    assert_eq!(&out[0..6], &syn[6..12], "to the sender's MAC");
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let v = view6(&out);
+    assert_eq!(
+        (v.src.to_string(), v.dst.to_string(), v.proto),
+        (end(NODE_A, 0).0, end(OUTSIDER, 0).0, PROTO_ICMPV6)
+    );
+    assert_eq!((out[L4], out[L4 + 1]), (1, 4));
+    assert_eq!(&out[L4 + 8..], &syn[14..14 + 48]);
+    assert_eq!(checksum_errors6(&out), Vec::<String>::new());
+
+    // Local policy without local endpoints: dropped.
+    let mut dp = node(SVC_FLAG_DROP_EMPTY, &[]);
+    let (verdict, _) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(dp.stat(outcome::DROP_NO_LOCAL_ENDPOINT), 1);
+
+    // Not a node address, nor a frontend: passed untouched; `::` is no address either.
+    for dst in ["2001:db8:1::1", "::"] {
+        let stranger = Frame6::tcp(OUTSIDER, 40_001, dst, 30080, SYN).build();
+        let (verdict, out) = dp.run_external(&stranger);
+        assert_eq!((verdict, out), (XDP_PASS, stranger), "{dst}");
+    }
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 2);
+}
