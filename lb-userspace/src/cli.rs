@@ -160,12 +160,14 @@ impl std::str::FromStr for CgroupArg {
 
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
-    /// The client: IP, or IP:PORT to look up its tracked flow and exact Maglev pick.
+    /// The client: IP, or IP:PORT ([IPv6]:PORT) to look up its tracked flow and exact
+    /// Maglev pick.
     #[arg(long, value_name = "IP[:PORT]", value_parser = ip_port_opt)]
-    pub src: (std::net::Ipv4Addr, Option<u16>),
-    /// The destination: a ClusterIP, externalIP, LoadBalancer IP or node address, and port.
+    pub src: (std::net::IpAddr, Option<u16>),
+    /// The destination: a ClusterIP, externalIP, LoadBalancer IP or node address, and port
+    /// (IP:PORT, [IPv6]:PORT); of the client's family.
     #[arg(long, value_name = "IP:PORT", value_parser = ip_port)]
-    pub dst: (std::net::Ipv4Addr, u16),
+    pub dst: (std::net::IpAddr, u16),
     #[arg(long, value_enum, default_value = "tcp")]
     pub proto: ProtoArg,
     /// Where the packet comes from.
@@ -181,27 +183,20 @@ pub enum ProtoArg {
     Udp,
 }
 
-fn ip_port_opt(value: &str) -> Result<(std::net::Ipv4Addr, Option<u16>), String> {
-    match value.split_once(':') {
-        Some(_) => ip_port(value).map(|(ip, port)| (ip, Some(port))),
-        None => value
-            .parse()
-            .map(|ip| (ip, None))
-            .map_err(|_| format!("{value:?} is not an IPv4 address")),
+/// `IP`, `IP:PORT` or `[IPv6]:PORT` (a bare IPv6 address has no port).
+fn ip_port_opt(value: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(ip) = value.parse::<std::net::IpAddr>() {
+        return Ok((ip, None));
     }
+    ip_port(value).map(|(ip, port)| (ip, Some(port)))
 }
 
-fn ip_port(value: &str) -> Result<(std::net::Ipv4Addr, u16), String> {
-    let (ip, port) = value
-        .split_once(':')
-        .ok_or_else(|| format!("{value:?}: expected IP:PORT"))?;
-    let ip = ip
-        .parse()
-        .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("{port:?} is not a port number"))?;
-    Ok((ip, port))
+/// `IP:PORT` or `[IPv6]:PORT`.
+fn ip_port(value: &str) -> Result<(std::net::IpAddr, u16), String> {
+    value
+        .parse::<std::net::SocketAddr>()
+        .map(|a| (a.ip(), a.port()))
+        .map_err(|_| format!("{value:?}: expected IP:PORT or [IPv6]:PORT"))
 }
 
 #[derive(Debug, clap::Args)]

@@ -66,6 +66,14 @@ fn run(cli: Cli, given: impl Fn(&str) -> bool) -> Result<()> {
             })
         }),
         Command::Explain(args) => read(&args.read, |maps| {
+            if args.src.0.is_ipv4() != args.dst.0.is_ipv4() {
+                anyhow::bail!(
+                    "--src {} and --dst {} are of different address families: xlb balances \
+                     each family on its own (no NAT46/64), so such a packet reaches no service",
+                    args.src.0,
+                    args.dst.0
+                );
+            }
             let query = explain::Query {
                 src: args.src.0,
                 sport: args.src.1,

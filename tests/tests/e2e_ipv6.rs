@@ -138,6 +138,29 @@ fn a_dual_stack_service_answers_each_family_from_its_own_backends() {
     );
     let stats = c.xlb(&["stats"]).expect("stats");
     assert!(stats.contains("XLB_CT6"), "{stats}");
+    // `xlb explain` takes IPv6 addresses and reads the IPv6 maps.
+    let explained = c
+        .xlb(&[
+            "explain",
+            "--src",
+            "fd00:10:244::2",
+            "--dst",
+            &format!("[{VIP6}]:80"),
+        ])
+        .expect("explain");
+    assert!(
+        explained.contains("DNAT to one of 2 backend(s) (Service default/web:http)")
+            && explained.contains("[fd00:10:244::12]:8080"),
+        "{explained}"
+    );
+    let mixed = c.xlb(&[
+        "explain",
+        "--src",
+        "10.244.0.2",
+        "--dst",
+        &format!("[{VIP6}]:80"),
+    ]);
+    assert!(mixed.is_err(), "a family mix is refused: {mixed:?}");
 }
 
 #[test]

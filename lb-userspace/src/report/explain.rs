@@ -1,17 +1,23 @@
 //! `xlb explain`: what the datapath would do with a packet, and why, from the live maps.
 //! The decision itself (`decide`) is pure over a snapshot of the relevant map entries, so
 //! it is table-tested; `snapshot` reads those entries from the pinned maps.
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::IpAddr};
 
+use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use lb_common::{
-    CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CtKey, CtTimeouts, CtValue,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, VIP_ANY_NODE_IP, client_hash, flow_hash,
-    scheduler, scheduler_of,
+    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT,
+    CT_FORWARD, CtKey, CtTimeouts, CtValue, MapAddr, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, client_hash, flow_hash, scheduler, scheduler_of,
 };
 use serde::Serialize;
 
-use crate::{datapath::maps::PinnedMaps, model::Protocol};
+use crate::{
+    datapath::maps::PinnedMaps,
+    model::{HostPort, Protocol},
+    report::inspect::ShowAddr,
+    sync::keys::{map_v4, map_v6},
+};
 
 /// Where the packet comes from: decides the hook and the frontend scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -27,9 +33,10 @@ pub enum Origin {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Query {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: Option<u16>,
-    pub dst: Ipv4Addr,
+    /// Of the family of `src` (the CLI refuses a mix).
+    pub dst: IpAddr,
     pub dport: u16,
     pub proto: Protocol,
     pub origin: Origin,
@@ -39,7 +46,7 @@ pub struct Query {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// The forward conntrack entry of the exact 5-tuple, if a source port was given.
-    pub tracked: Option<CtValue>,
+    pub tracked: Option<Tracked>,
     pub frontend: Option<SnapshotFrontend>,
     /// The frontend's Service port ("namespace/name:port"), as the agent recorded it.
     pub service: Option<String>,
@@ -51,24 +58,50 @@ pub struct Snapshot {
     pub round_robin_next: Option<u64>,
     /// The Maglev table of the frontend.
     pub maglev: Option<Vec<u32>>,
-    pub node_ips: Vec<Ipv4Addr>,
-    pub snat_addr: Option<Ipv4Addr>,
+    /// The node's addresses of the query's family, and that family's SNAT address.
+    pub node_ips: Vec<IpAddr>,
+    pub snat_addr: Option<IpAddr>,
     /// The node's conntrack lifetimes.
     pub timeouts: CtTimeouts,
     pub now_ns: u64,
 }
 
-/// The frontend that matched: its key (slot 0) and value.
+/// What a tracked flow's forward entry says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tracked {
+    pub backend_id: u32,
+    pub flags: u16,
+    pub last_seen_ns: u64,
+    /// The source the client was SNATed to, if it was.
+    pub snat: Option<(IpAddr, u16)>,
+}
+
+impl<A: ShowAddr> From<&CtValue<A>> for Tracked {
+    fn from(v: &CtValue<A>) -> Tracked {
+        Tracked {
+            backend_id: v.backend_id,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+            snat: (v.flags & CT_FLAG_SNAT != 0)
+                .then(|| (v.snat_addr.ip(), u16::from_be(v.snat_port))),
+        }
+    }
+}
+
+/// The frontend that matched (its slot 0): address (unspecified for a NodePort), port
+/// (host order), scope, value.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotFrontend {
-    pub key: ServiceKey,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub scope: u8,
     pub value: ServiceValue,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotBackend {
     pub id: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// Flows open to it on this node (least-conn's count).
     pub open_flows: u64,
@@ -76,7 +109,7 @@ pub struct SnapshotBackend {
 
 impl SnapshotBackend {
     fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        HostPort(self.ip, self.port).to_string()
     }
 }
 
@@ -101,12 +134,17 @@ pub struct Explanation {
     pub steps: Vec<String>,
 }
 
-fn addr(v: u32) -> Ipv4Addr {
-    v.to_ne_bytes().into()
+/// An address as the schedulers' hashes take it (`MapAddr::hash_word` of the map form).
+fn hash_word(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(ip) => map_v4(ip).hash_word(),
+        IpAddr::V6(ip) => map_v6(ip).hash_word(),
+    }
 }
 
-fn ne(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+/// Node processes reach NodePorts on loopback too.
+fn is_node_address(q: &Query, s: &Snapshot) -> bool {
+    s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.is_loopback())
 }
 
 /// The decision, as the programs would take it: a tracked flow, else the frontend, its
@@ -181,15 +219,10 @@ fn tracked_flow(q: &Query, s: &Snapshot, steps: &mut Vec<String>) -> Option<Expl
     };
     match (expired, endpoint(s, ct.backend_id)) {
         (false, Some(backend)) => {
-            let snat = if ct.flags & CT_FLAG_SNAT != 0 {
-                format!(
-                    ", SNATed to {}:{}",
-                    addr(ct.snat_addr),
-                    u16::from_be(ct.snat_port)
-                )
-            } else {
-                String::new()
-            };
+            let snat = ct
+                .snat
+                .map(|(ip, port)| format!(", SNATed to {}", HostPort(ip, port)))
+                .unwrap_or_default();
             steps.push(format!(
                 "conntrack: known flow ({state}, idle {}s) to backend {backend}{snat}",
                 idle / 1_000_000_000,
@@ -214,12 +247,10 @@ fn tracked_flow(q: &Query, s: &Snapshot, steps: &mut Vec<String>) -> Option<Expl
 }
 
 fn no_frontend(q: &Query, s: &Snapshot) -> String {
-    let nodeport =
-        s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
+    let nodeport = is_node_address(q, s);
     format!(
-        "no frontend {}:{}/{} for {:?} traffic{}",
-        q.dst,
-        q.dport,
+        "no frontend {}/{} for {:?} traffic{}",
+        HostPort(q.dst, q.dport),
         q.proto,
         q.origin,
         if nodeport {
@@ -231,11 +262,13 @@ fn no_frontend(q: &Query, s: &Snapshot) -> String {
 }
 
 fn describe_frontend(q: &Query, front: &SnapshotFrontend, service: Option<&str>) -> String {
-    let (key, value) = (&front.key, &front.value);
-    let shown = if key.vip == VIP_ANY_NODE_IP {
-        format!("NodePort *:{}/{}", u16::from_be(key.port), q.proto)
-    } else {
-        format!("{}:{}/{}", addr(key.vip), u16::from_be(key.port), q.proto)
+    let value = &front.value;
+    let shown = match front.vip {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("NodePort *:{}/{}", front.port, q.proto),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            format!("NodePort [*]:{}/{}", front.port, q.proto)
+        }
+        vip => format!("{}/{}", HostPort(vip, front.port), q.proto),
     };
     let algorithm = scheduler::NAMES
         .get(scheduler_of(value.flags) as usize)
@@ -246,7 +279,7 @@ fn describe_frontend(q: &Query, front: &SnapshotFrontend, service: Option<&str>)
         .unwrap_or_default();
     format!(
         "frontend {shown}{named} ({} scope), service id {}, {} backend(s), scheduler {algorithm}",
-        if key.scope == SCOPE_EXTERNAL {
+        if front.scope == SCOPE_EXTERNAL {
             "external"
         } else {
             "internal"
@@ -316,7 +349,7 @@ fn pick(q: &Query, s: &Snapshot, front: &ServiceValue, steps: &mut Vec<String>) 
         }
         scheduler::SOURCE_HASH => {
             steps.push(format!("source-hash of {}", q.src));
-            slot(u64::from(client_hash(ne(q.src))) % count)
+            slot(u64::from(client_hash(hash_word(q.src))) % count)
         }
         scheduler::LEAST_CONN => {
             let counts: Vec<String> = s
@@ -333,8 +366,8 @@ fn pick(q: &Query, s: &Snapshot, front: &ServiceValue, steps: &mut Vec<String>) 
         scheduler::MAGLEV => match (&s.maglev, q.sport) {
             (Some(table), Some(sport)) if !table.is_empty() => {
                 let hash = flow_hash(
-                    ne(q.src),
-                    ne(q.dst),
+                    hash_word(q.src),
+                    hash_word(q.dst),
                     sport.to_be(),
                     q.dport.to_be(),
                     q.proto.number(),
@@ -376,49 +409,115 @@ fn translation(
             .snat_addr
             .map(|a| format!("source SNATed to {a} (externalTrafficPolicy Cluster)")),
         Origin::Outside => Some("client address kept (externalTrafficPolicy Local)".into()),
-        Origin::Pod if chosen.is_some_and(|c| c.starts_with(&format!("{}:", q.src))) => s
-            .snat_addr
-            .map(|a| format!("hairpin: the pod reaches itself, source SNATed to {a}")),
+        Origin::Pod
+            if chosen.is_some_and(|c| {
+                s.backends
+                    .iter()
+                    .any(|b| b.ip == q.src && b.endpoint() == c)
+            }) =>
+        {
+            s.snat_addr
+                .map(|a| format!("hairpin: the pod reaches itself, source SNATed to {a}"))
+        }
         Origin::Node => Some("socket connected straight to the backend (no per-packet NAT)".into()),
         Origin::Pod => None,
     }
 }
 
-/// Reads the entries `decide` needs from the pinned maps.
+/// The maps of one family that a snapshot reads.
+struct FamilyMaps<'a, A: MapAddr> {
+    services: &'a HashMap<MapData, ServiceKey<A>, ServiceValue>,
+    backends: &'a HashMap<MapData, u32, Backend<A>>,
+    conntrack: &'a HashMap<MapData, CtKey<A>, CtValue<A>>,
+    affinity: &'a HashMap<MapData, AffinityKey<A>, AffinityValue>,
+    node_ips: &'a HashMap<MapData, A, u32>,
+    config: &'a Array<MapData, NodeConfig<A>>,
+    source_ranges: &'a LpmTrie<MapData, SourceRangeKey<A>, u8>,
+}
+
+/// Reads the entries `decide` needs from the pinned maps of the query's family.
 pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
-    let mut s = Snapshot {
+    let s = Snapshot {
         now_ns: crate::datapath::clock::monotonic_ns(),
         timeouts: maps.ct_timeouts(),
         ..Default::default()
     };
-    s.node_ips = maps
+    match (q.src, q.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let family = FamilyMaps {
+                services: &maps.services,
+                backends: &maps.backends,
+                conntrack: &maps.conntrack,
+                affinity: &maps.affinity,
+                node_ips: &maps.node_ips,
+                config: &maps.config,
+                source_ranges: &maps.source_ranges,
+            };
+            snapshot_in(maps, &family, q, (map_v4(src), map_v4(dst)), s)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let v6 = &maps.v6;
+            let family = FamilyMaps {
+                services: &v6.services,
+                backends: &v6.backends,
+                conntrack: &v6.conntrack,
+                affinity: &v6.affinity,
+                node_ips: &v6.node_ips,
+                config: &v6.config,
+                source_ranges: &v6.source_ranges,
+            };
+            snapshot_in(maps, &family, q, (map_v6(src), map_v6(dst)), s)
+        }
+        // A client of one family never reaches a frontend of the other (no NAT46/64).
+        _ => s,
+    }
+}
+
+fn snapshot_in<A: ShowAddr + aya::Pod>(
+    maps: &PinnedMaps,
+    family: &FamilyMaps<'_, A>,
+    q: &Query,
+    (src, dst): (A, A),
+    mut s: Snapshot,
+) -> Snapshot
+where
+    ServiceKey<A>: aya::Pod,
+    Backend<A>: aya::Pod,
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+    AffinityKey<A>: aya::Pod,
+    NodeConfig<A>: aya::Pod,
+    SourceRangeKey<A>: aya::Pod,
+{
+    s.node_ips = family
         .node_ips
         .keys()
         .filter_map(Result::ok)
-        .map(addr)
+        .map(ShowAddr::ip)
         .collect();
-    s.snat_addr = maps
+    s.snat_addr = family
         .config
         .get(&0, 0)
         .ok()
-        .filter(|c| c.snat_addr != 0)
-        .map(|c| addr(c.snat_addr));
+        .filter(|c| c.snat_addr != A::default())
+        .map(|c| c.snat_addr.ip());
     if let Some(sport) = q.sport {
         let key = CtKey {
-            src: ne(q.src),
-            dst: ne(q.dst),
+            src,
+            dst,
             sport: sport.to_be(),
             dport: q.dport.to_be(),
             proto: q.proto.number(),
             dir: CT_FORWARD,
             _pad: [0; 2],
         };
-        s.tracked = maps.conntrack.get(&key, 0).ok();
-        if let Some(ct) = &s.tracked
-            && (ct.flags & CT_FLAG_EXTERNAL != 0) != (q.origin == Origin::Outside)
-        {
-            s.tracked = None; // another hook's flow
-        }
+        s.tracked = family
+            .conntrack
+            .get(&key, 0)
+            .ok()
+            // Another hook's flow is not followed by this one.
+            .filter(|ct| (ct.flags & CT_FLAG_EXTERNAL != 0) == (q.origin == Origin::Outside))
+            .map(|ct| Tracked::from(&ct));
     }
     let scope = if q.origin == Origin::Outside {
         SCOPE_EXTERNAL
@@ -426,67 +525,68 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
         SCOPE_INTERNAL
     };
     let exact = ServiceKey {
-        vip: ne(q.dst),
+        vip: dst,
         port: q.dport.to_be(),
         slot: 0,
         proto: q.proto.number(),
         scope,
         _pad: [0; 2],
     };
-    let node_address =
-        s.node_ips.contains(&q.dst) || (q.origin == Origin::Node && q.dst.octets()[0] == 127);
-    s.frontend = maps
+    let node_address = is_node_address(q, &s);
+    let found = family
         .services
         .get(&exact, 0)
         .ok()
-        .map(|value| SnapshotFrontend { key: exact, value })
+        .map(|value| (exact, value))
         .or_else(|| {
             let any = ServiceKey {
-                vip: VIP_ANY_NODE_IP,
+                vip: A::default(),
                 ..exact
             };
             node_address
-                .then(|| {
-                    maps.services
-                        .get(&any, 0)
-                        .ok()
-                        .map(|value| SnapshotFrontend { key: any, value })
-                })
+                .then(|| family.services.get(&any, 0).ok().map(|value| (any, value)))
                 .flatten()
         });
-    let Some(SnapshotFrontend { key, value: front }) = s.frontend else {
+    let Some((key, front)) = found else {
         return s;
     };
+    s.frontend = Some(SnapshotFrontend {
+        vip: key.vip.ip(),
+        port: q.dport,
+        scope,
+        value: front,
+    });
     s.service = maps.service_name(front.service_id);
     for slot in 1..=front.count {
-        let Ok(v) = maps.services.get(&ServiceKey { slot, ..key }, 0) else {
+        let Ok(v) = family.services.get(&ServiceKey { slot, ..key }, 0) else {
             continue;
         };
-        if let Ok(b) = maps.backends.get(&v.backend_id, 0) {
+        if let Ok(b) = family.backends.get(&v.backend_id, 0) {
             let open = maps.connections.get(&v.backend_id, 0).unwrap_or(0);
             s.backends.push(SnapshotBackend {
                 id: v.backend_id,
-                ip: addr(b.ip),
+                ip: b.ip.ip(),
                 port: u16::from_be(b.port),
                 open_flows: open,
             });
         }
     }
     s.source_allowed = {
+        let bits = 8 * std::mem::size_of::<A>() as u32;
         let range_key = aya::maps::lpm_trie::Key::new(
-            64,
-            lb_common::SourceRangeKey {
+            32 + bits,
+            SourceRangeKey {
                 service_id_be: front.service_id.to_be(),
-                addr: ne(q.src),
+                addr: src,
             },
         );
-        maps.source_ranges.get(&range_key, 0).is_ok()
+        family.source_ranges.get(&range_key, 0).is_ok()
     };
-    let affinity_key = lb_common::AffinityKey {
-        client: ne(q.src),
+    let affinity_key = AffinityKey {
+        client: src,
         service_id: front.service_id,
     };
-    s.affinity = maps
+    s.affinity = family
         .affinity
         .get(&affinity_key, 0)
         .ok()
@@ -515,15 +615,17 @@ pub fn text(e: &Explanation) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use lb_common::{SVC_FLAG_AFFINITY, with_scheduler};
 
     use super::*;
 
     fn query(origin: Origin) -> Query {
         Query {
-            src: Ipv4Addr::new(10, 244, 0, 2),
+            src: Ipv4Addr::new(10, 244, 0, 2).into(),
             sport: Some(40000),
-            dst: Ipv4Addr::new(10, 96, 0, 10),
+            dst: Ipv4Addr::new(10, 96, 0, 10).into(),
             dport: 80,
             proto: Protocol::Tcp,
             origin,
@@ -531,15 +633,11 @@ mod tests {
     }
 
     fn snap(flags: u16, count: u16) -> Snapshot {
-        let key = ServiceKey {
-            vip: ne(Ipv4Addr::new(10, 96, 0, 10)),
-            port: 80u16.to_be(),
-            proto: 6,
-            ..Default::default()
-        };
         Snapshot {
             frontend: Some(SnapshotFrontend {
-                key,
+                vip: Ipv4Addr::new(10, 96, 0, 10).into(),
+                port: 80,
+                scope: SCOPE_INTERNAL,
                 value: ServiceValue {
                     service_id: 7,
                     count,
@@ -551,12 +649,12 @@ mod tests {
             backends: (0..count)
                 .map(|i| SnapshotBackend {
                     id: i as u32 + 1,
-                    ip: Ipv4Addr::new(10, 244, 1, i as u8 + 1),
+                    ip: Ipv4Addr::new(10, 244, 1, i as u8 + 1).into(),
                     port: 8080,
                     open_flows: i as u64,
                 })
                 .collect(),
-            snat_addr: Some(Ipv4Addr::new(192, 168, 50, 1)),
+            snat_addr: Some(Ipv4Addr::new(192, 168, 50, 1).into()),
             ..Default::default()
         }
     }
@@ -566,7 +664,7 @@ mod tests {
         let q = query(Origin::Pod);
         // Tracked flow wins.
         let mut s = snap(0, 2);
-        s.tracked = Some(CtValue {
+        s.tracked = Some(Tracked {
             backend_id: 2,
             last_seen_ns: 0,
             ..Default::default()
@@ -580,7 +678,7 @@ mod tests {
         assert_eq!(decide(&q, &s).backend.as_deref(), Some("10.244.1.1:8080"));
         // Source-hash: the same rule as the datapath.
         let s = snap(with_scheduler(0, scheduler::SOURCE_HASH), 3);
-        let want = client_hash(ne(q.src)) % 3 + 1;
+        let want = client_hash(hash_word(q.src)) % 3 + 1;
         assert_eq!(
             decide(&q, &s).backend,
             Some(format!("10.244.1.{want}:8080"))
@@ -637,6 +735,39 @@ mod tests {
         assert!(
             e.steps.iter().any(|s| s.contains("SNATed to 192.168.50.1")),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn ipv6_queries_are_explained_with_bracketed_addresses_and_ipv6_hashes() {
+        let vip: IpAddr = "fd00:10:96::10".parse().expect("ip");
+        let client: IpAddr = "fd00:10:244::2".parse().expect("ip");
+        let q = Query {
+            src: client,
+            dst: vip,
+            ..query(Origin::Pod)
+        };
+        let mut s = snap(with_scheduler(0, scheduler::SOURCE_HASH), 3);
+        s.frontend = s.frontend.map(|f| SnapshotFrontend { vip, ..f });
+        for (i, b) in s.backends.iter_mut().enumerate() {
+            b.ip = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, i as u16 + 1));
+        }
+        let e = decide(&q, &s);
+        // The datapath's IPv6 hash: the folded address (lb_common::fold_ip6).
+        let want = client_hash(map_v6("fd00:10:244::2".parse().expect("ip")).hash_word()) % 3 + 1;
+        assert_eq!(e.backend, Some(format!("[fd00:10:244:1::{want}]:8080")));
+        assert!(
+            e.steps
+                .iter()
+                .any(|s| s.contains("[fd00:10:96::10]:80/TCP")),
+            "{e:?}"
+        );
+        let none = decide(&q, &Snapshot::default());
+        assert!(
+            none.steps
+                .iter()
+                .any(|s| s.contains("no frontend [fd00:10:96::10]:80/TCP")),
+            "{none:?}"
         );
     }
 }
