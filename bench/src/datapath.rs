@@ -12,17 +12,24 @@
 //! - *cold*: one fresh packet per call, each to another service: new flows (which cannot
 //!   repeat) and the spread over many services, cache misses and call overhead included
 //!   (the `floor_non_ip` row is that overhead).
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
-use lb_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, VIP_ANY_NODE_IP, program_names};
+use lb_common::{
+    Ip6, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, VIP_ANY_NODE_IP, ip6_from_octets,
+    program_names,
+};
 use serde::Serialize;
 use xlb::datapath::{attach, load};
 use xlb_tests::{
-    datapath::{FrontendEntry, TC_ACT_REDIRECT, TestRunOutput, put_frontend, put_node, test_run},
+    datapath::{
+        FrontendEntry, TC_ACT_REDIRECT, TestRunOutput, put_frontend, put_frontend6, put_node,
+        put_node6, test_run,
+    },
     netns::{Netns, unique_tag},
     packet::{ACK, Frame, SYN},
+    packet6::Frame6,
 };
 
 pub const ENDPOINTS: u32 = 10;
@@ -57,6 +64,56 @@ fn backend_ip(service: u32, e: u32) -> Ipv4Addr {
 
 fn ne(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
+}
+
+const NODE_IP6: &str = "fd00:192:168:50::1";
+
+fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd00_0010_0096_0000_0000_0000_0000_0000u128 + u128::from(i))
+}
+
+fn backend_ip6(service: u32, e: u32) -> Ipv6Addr {
+    Ipv6Addr::from(
+        0xfd00_0010_0244_0000_0000_0000_0000_0000u128 + u128::from(service * ENDPOINTS + e),
+    )
+}
+
+fn ne6(ip: Ipv6Addr) -> Ip6 {
+    ip6_from_octets(ip.octets())
+}
+
+/// The IPv6 twin of `populate`: `services` IPv6 ClusterIPs and one IPv6 NodePort, with
+/// ids after the IPv4 ones (one id space, as the agent hands them out).
+pub fn populate6(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
+    let (service_base, backend_base) = (services + 1, (services + 1) * ENDPOINTS);
+    for s in 0..=services {
+        let (vip, port, scope, flags) = if s == services {
+            ([0; 4], NODE_PORT, SCOPE_EXTERNAL, SVC_FLAG_SNAT)
+        } else {
+            (ne6(vip6(s)), 80, SCOPE_INTERNAL, 0)
+        };
+        let backends: Vec<(u32, Ip6, u16)> = (0..ENDPOINTS)
+            .map(|e| {
+                (
+                    backend_base + s * ENDPOINTS + e + 1,
+                    ne6(backend_ip6(s, e)),
+                    8080,
+                )
+            })
+            .collect();
+        let frontend = FrontendEntry {
+            vip,
+            port,
+            proto,
+            scope,
+            service_id: service_base + s + 1,
+            flags,
+            affinity_timeout_s: 0,
+        };
+        put_frontend6(ebpf, frontend, &backends);
+    }
+    put_node6(ebpf, &[ne6(NODE_IP6.parse()?)], (1024, 65535));
+    Ok(())
 }
 
 /// Fills the maps with `services` ClusterIPs (port 80 → 8080 of protocol `proto`) of 10
@@ -191,6 +248,7 @@ impl Node {
         let tag = unique_tag();
         let (ns, peer) = (Netns::new(&tag, "bdp")?, Netns::new(&tag, "bdpeer")?);
         ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         ns.add_veth("bd0", None, &peer)?;
         ns.ip(&["link", "set", "bd0", "up"])?;
         peer.ip(&["link", "set", "eth0", "up"])?;
@@ -200,6 +258,30 @@ impl Node {
             "neigh",
             "add",
             "169.254.3.3",
+            "lladdr",
+            "02:00:00:00:03:03",
+            "dev",
+            "bd0",
+            "nud",
+            "permanent",
+        ])?;
+        // The same for IPv6: every fd00::/16 address behind a permanent neighbour.
+        ns.ip(&["-6", "route", "add", "fe80::303", "dev", "bd0"])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00::/16",
+            "via",
+            "fe80::303",
+            "dev",
+            "bd0",
+        ])?;
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "add",
+            "fe80::303",
             "lladdr",
             "02:00:00:00:03:03",
             "dev",
@@ -316,5 +398,120 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
     results.push(summarize_as("passthrough", "warm", services, pass));
     let pass = warm(&mut ebpf, Hook::FromPod, &arp, calls)?;
     results.push(summarize_as("floor_non_ip", "warm", services, pass));
+    results.extend(measure_ipv6(&mut ebpf, services, samples, calls)?);
+    Ok(results)
+}
+
+/// The same scenarios over IPv6 (the IPv4 programs tail-call the IPv6 stages), beside the
+/// IPv4 ones in the same run.
+fn measure_ipv6(
+    ebpf: &mut Ebpf,
+    services: u32,
+    samples: u32,
+    calls: u32,
+) -> Result<Vec<PacketCost>> {
+    populate6(ebpf, services, 6)?;
+    let target_service = services / 2;
+    // Mirrors of the middle service's backends, as for IPv4.
+    for e in 0..ENDPOINTS {
+        let id = MIRROR_ID_BASE + ENDPOINTS + e;
+        let frontend = FrontendEntry {
+            vip: ne6(backend_ip6(target_service, e)),
+            port: 8080,
+            proto: 6,
+            scope: SCOPE_INTERNAL,
+            service_id: id,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        put_frontend6(ebpf, frontend, &[(id, ne6(vip6(target_service)), 80)]);
+    }
+    let client = |i: u32| {
+        Ipv6Addr::from(0xfd00_0010_0240_0000_0000_0000_0000_0000u128 + u128::from(i % 60_000 + 1))
+            .to_string()
+    };
+    let target = |i: u32| vip6((i.wrapping_mul(2_654_435_761)) % services).to_string();
+    let mut results = Vec::new();
+    let (mut new, mut est, mut reply) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..samples {
+        let (c, port, t) = (client(i), 10_000 + (i / 60_000) as u16, target(i));
+        new.push(
+            run(
+                ebpf,
+                Hook::FromPod,
+                &Frame6::tcp(&c, port, &t, 80, SYN).build(),
+            )?
+            .1,
+        );
+        let ack = Frame6::tcp(&c, port, &t, 80, ACK).build();
+        let out = run_repeated(ebpf, Hook::FromPod, &ack, 1)?;
+        est.push(out.duration_ns);
+        let backend = xlb_tests::packet6::view6(&out.packet).dst;
+        let back = Frame6::tcp(&backend.to_string(), 8080, &c, port, ACK).build();
+        reply.push(run(ebpf, Hook::ToPod, &back)?.1);
+    }
+    results.push(summarize("clusterip_new_flow_ipv6", services, new));
+    results.push(summarize("clusterip_established_ipv6", services, est));
+    results.push(summarize("reply_revnat_ipv6", services, reply));
+
+    let outsider = |i: u32| {
+        Ipv6Addr::from(0x2001_0db8_0071_0000_0000_0000_0000_0000u128 + u128::from(i % 60_000 + 1))
+            .to_string()
+    };
+    let (mut new, mut est) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let port = 20_000 + (i / 60_000) as u16;
+        let syn = Frame6::tcp(&outsider(i), port, NODE_IP6, NODE_PORT, SYN).build();
+        new.push(run(ebpf, Hook::External, &syn)?.1);
+        let ack = Frame6::tcp(&outsider(i), port, NODE_IP6, NODE_PORT, ACK).build();
+        est.push(run(ebpf, Hook::External, &ack)?.1);
+    }
+    results.push(summarize("nodeport_snat_new_flow_ipv6", services, new));
+    results.push(summarize("nodeport_snat_established_ipv6", services, est));
+
+    let mut pass = Vec::new();
+    for i in 0..samples {
+        let frame = Frame6::tcp(&client(i), 30_000, "fd00:250::1", 80, ACK).build();
+        pass.push(run(ebpf, Hook::FromPod, &frame)?.1);
+    }
+    results.push(summarize("passthrough_ipv6", services, pass));
+
+    // Warm, as for IPv4: hop limit 255 (no header checksum to redo).
+    let max_hops = |mut f: Vec<u8>| {
+        f[21] = 255;
+        f
+    };
+    let client_ip = "fd00:10:240:ffff::1";
+    let ack = max_hops(
+        Frame6::tcp(
+            client_ip,
+            55_555,
+            &vip6(target_service).to_string(),
+            80,
+            ACK,
+        )
+        .build(),
+    );
+    let primed = run_repeated(ebpf, Hook::FromPod, &ack, 3)?;
+    if primed.retval != TC_ACT_REDIRECT {
+        bail!(
+            "the warm IPv6 established flow was not forwarded (verdict {}): FIB lookup failed?",
+            primed.retval
+        );
+    }
+    let backend = xlb_tests::packet6::view6(&primed.packet).dst;
+    let est = warm(ebpf, Hook::FromPod, &ack, calls)?;
+    results.push(summarize_as(
+        "clusterip_established_ipv6",
+        "warm",
+        services,
+        est,
+    ));
+    let reply = max_hops(Frame6::tcp(&backend.to_string(), 8080, client_ip, 55_555, ACK).build());
+    let rev = warm(ebpf, Hook::ToPod, &reply, calls)?;
+    results.push(summarize_as("reply_revnat_ipv6", "warm", services, rev));
+    let other = Frame6::tcp(client_ip, 30_000, "fd00:250::1", 80, ACK).build();
+    let pass = warm(ebpf, Hook::FromPod, &other, calls)?;
+    results.push(summarize_as("passthrough_ipv6", "warm", services, pass));
     Ok(results)
 }
