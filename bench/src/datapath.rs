@@ -68,11 +68,11 @@ fn ne(ip: Ipv4Addr) -> u32 {
 
 const NODE_IP6: &str = "fd00:192:168:50::1";
 
-fn vip6(i: u32) -> Ipv6Addr {
+pub fn vip6(i: u32) -> Ipv6Addr {
     Ipv6Addr::from(0xfd00_0010_0096_0000_0000_0000_0000_0000u128 + u128::from(i))
 }
 
-fn backend_ip6(service: u32, e: u32) -> Ipv6Addr {
+pub fn backend_ip6(service: u32, e: u32) -> Ipv6Addr {
     Ipv6Addr::from(
         0xfd00_0010_0244_0000_0000_0000_0000_0000u128 + u128::from(service * ENDPOINTS + e),
     )

@@ -5,7 +5,7 @@
 //! every packet a new source port (a new flow), `established` keeps one 5-tuple. The
 //! services are UDP here: a TCP flow would need a real handshake for netfilter's conntrack.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     process::Command,
     time::{Duration, Instant},
 };
@@ -33,7 +33,17 @@ pub enum Mode {
     Iptables,
     Nftables,
     Routing,
+    /// The same client → backend path over IPv6: xlb, and plain routing to the pod.
+    Xlb6,
+    Routing6,
 }
+
+const CLIENT6: &str = "fd00:250::2";
+const GATEWAY6: &str = "fe80::1";
+const BACKEND_GW6: &str = "fe80::2:2";
+/// Sources of the IPv6 new flows (trafgen counts up the last 4 bytes).
+const NEW_FLOW_BASE6: &str = "fd00:128::1";
+const NEW_FLOW_NET6: &str = "fd00:128::/64";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Forwarding {
@@ -81,6 +91,10 @@ impl Topology {
             Netns::new(&tag, "bbackend")?,
         );
         node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for ns in [&client, &node, &backend] {
+            ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        }
         let host_c: String = format!("bc{tag}").chars().take(15).collect();
         let host_b: String = format!("bb{tag}").chars().take(15).collect();
         node.add_veth(&host_c, Some(NODE_MAC), &client)?;
@@ -140,6 +154,86 @@ impl Topology {
                 "permanent",
             ],
         )?;
+        // IPv6, the same way: the client's /128 behind a link-local gateway, every fd00::/16
+        // endpoint behind the backend's interface.
+        ip(
+            &client,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{CLIENT6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        ip(&client, &["-6", "route", "add", GATEWAY6, "dev", "eth0"])?;
+        ip(
+            &client,
+            &[
+                "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+            ],
+        )?;
+        ip(
+            &client,
+            &[
+                "-6",
+                "neigh",
+                "add",
+                GATEWAY6,
+                "lladdr",
+                NODE_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip(
+            &node,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{CLIENT6}/128"),
+                "dev",
+                &host_c,
+            ],
+        )?;
+        ip(
+            &node,
+            &["-6", "route", "add", NEW_FLOW_NET6, "dev", &host_c],
+        )?;
+        ip(&node, &["-6", "route", "add", BACKEND_GW6, "dev", &host_b])?;
+        ip(
+            &node,
+            &[
+                "-6",
+                "route",
+                "add",
+                "fd00:10::/32",
+                "via",
+                BACKEND_GW6,
+                "dev",
+                &host_b,
+            ],
+        )?;
+        ip(
+            &node,
+            &[
+                "-6",
+                "neigh",
+                "add",
+                BACKEND_GW6,
+                "lladdr",
+                &backend_mac,
+                "dev",
+                &host_b,
+                "nud",
+                "permanent",
+            ],
+        )?;
         Ok(Topology {
             client,
             node,
@@ -182,14 +276,27 @@ fn busy_jiffies() -> u64 {
 /// source address (10.128.0.1, .2, …), so each one is a flow nobody has seen — a random
 /// source port alone repeats after 65 536 packets and most "new" packets would hit
 /// conntrack. Established: one 5-tuple throughout.
-fn trafgen_config(dst: Ipv4Addr, dport: u16, new_flows: bool, dst_mac: &str) -> String {
-    let saddr = if new_flows {
-        format!("saddr={NEW_FLOW_BASE}, saddr=dinc()")
-    } else {
-        format!("saddr={CLIENT}")
+fn trafgen_config(dst: IpAddr, dport: u16, new_flows: bool, dst_mac: &str) -> String {
+    let ip = match dst {
+        IpAddr::V4(dst) => {
+            let saddr = if new_flows {
+                format!("saddr={NEW_FLOW_BASE}, saddr=dinc()")
+            } else {
+                format!("saddr={CLIENT}")
+            };
+            format!("ipv4({saddr}, daddr={dst}, ttl=64)")
+        }
+        IpAddr::V6(dst) => {
+            let saddr = if new_flows {
+                format!("sa={NEW_FLOW_BASE6}, sa=dinc()")
+            } else {
+                format!("sa={CLIENT6}")
+            };
+            format!("ip6({saddr}, da={dst}, hl=64)")
+        }
     };
     format!(
-        "{{\n  eth(da={dst_mac}, sa=02:00:00:00:00:01),\n  ipv4({saddr}, daddr={dst}, ttl=64),\n  udp(sp=40000, dp={dport}),\n  \"xlb-bench-payload\"\n}}\n"
+        "{{\n  eth(da={dst_mac}, sa=02:00:00:00:00:01),\n  {ip},\n  udp(sp=40000, dp={dport}),\n  \"xlb-bench-payload\"\n}}\n"
     )
 }
 
@@ -205,7 +312,7 @@ const NEW_FLOWS_MAX: u64 = 200_000;
 /// Sends `count` packets and measures what arrives at the backend.
 fn blast(
     t: &Topology,
-    dst: Ipv4Addr,
+    dst: IpAddr,
     dport: u16,
     new_flows: bool,
     count: u64,
@@ -286,7 +393,15 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
     let target = services / 2;
     let vip = Ipv4Addr::from(0x0a60_0000 + target);
     let endpoint = Ipv4Addr::from(0x0af4_0000 + target * datapath::ENDPOINTS);
-    for mode in [Mode::Routing, Mode::Xlb, Mode::Iptables, Mode::Nftables] {
+    let (vip6, endpoint6) = (datapath::vip6(target), datapath::backend_ip6(target, 0));
+    for mode in [
+        Mode::Routing,
+        Mode::Xlb,
+        Mode::Iptables,
+        Mode::Nftables,
+        Mode::Routing6,
+        Mode::Xlb6,
+    ] {
         if matches!(mode, Mode::Iptables | Mode::Nftables) && services > KUBE_PROXY_MAX {
             eprintln!(
                 "   {mode:?} skipped above {KUBE_PROXY_MAX} services (loading its ruleset takes many minutes)"
@@ -296,7 +411,7 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
         let t = Topology::new()?;
         let mut from_pod_id = None;
         let _pins = match mode {
-            Mode::Xlb => {
+            Mode::Xlb | Mode::Xlb6 => {
                 let pins = Pins(std::path::PathBuf::from(format!(
                     "/sys/fs/bpf/xlb-bench-fwd-{}",
                     std::process::id()
@@ -312,6 +427,7 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                     let layout = PinLayout::new(&path);
                     let mut ebpf = load::load(Some(&layout))?;
                     datapath::populate(&mut ebpf, services, 17)?;
+                    datapath::populate6(&mut ebpf, services, 17)?;
                     for iface in &ifaces {
                         attach::attach(&mut ebpf, iface, &layout)?;
                     }
@@ -331,12 +447,13 @@ pub fn measure(services: u32, count: u64) -> Result<Vec<Forwarding>> {
                 in_ns(&t.node, "nft", &["-f", "-"], Some(&rules))?;
                 None
             }
-            Mode::Routing => None,
+            Mode::Routing | Mode::Routing6 => None,
         };
-        let (dst, dport) = if mode == Mode::Routing {
-            (endpoint, 8080)
-        } else {
-            (vip, 80)
+        let (dst, dport): (IpAddr, u16) = match mode {
+            Mode::Routing => (endpoint.into(), 8080),
+            Mode::Routing6 => (endpoint6.into(), 8080),
+            Mode::Xlb6 => (vip6.into(), 80),
+            _ => (vip.into(), 80),
         };
         // Counts run time only while this descriptor is open.
         let _stats = from_pod_id
