@@ -1,6 +1,7 @@
 //! `cargo xtask run`: a single node in throw-away namespaces, the real agent with the example
-//! manifests, bounded TCP/UDP traffic from two client pods and from a client outside the
-//! node (NodePort and LoadBalancer IP through XDP), live per-backend counters.
+//! manifests, bounded TCP/UDP traffic from two client pods (to a dual-stack Service over
+//! both families) and from a client outside the node (NodePort and LoadBalancer IP through
+//! XDP), live per-backend counters.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -24,15 +25,16 @@ const NODE_IP: &str = "192.168.50.1";
 const OUTSIDE_IP: &str = "192.168.50.100";
 const LB_IP: &str = "192.0.2.10";
 
-const PODS: [(&str, &str); 8] = [
-    ("client-a", "10.244.0.2"),
-    ("client-b", "10.244.0.3"),
-    ("web-1", "10.244.0.11"),
-    ("web-2", "10.244.0.12"),
-    ("web-3", "10.244.0.13"),
-    ("web-unready", "10.244.0.14"),
-    ("sticky-1", "10.244.0.21"),
-    ("sticky-2", "10.244.0.22"),
+/// Dual-stack pods: `web` is a dual-stack Service (both families' ClusterIPs).
+const PODS: [(&str, &str, Option<&str>); 8] = [
+    ("client-a", "10.244.0.2", Some("fd00:10:244::2")),
+    ("client-b", "10.244.0.3", Some("fd00:10:244::3")),
+    ("web-1", "10.244.0.11", Some("fd00:10:244::11")),
+    ("web-2", "10.244.0.12", Some("fd00:10:244::12")),
+    ("web-3", "10.244.0.13", Some("fd00:10:244::13")),
+    ("web-unready", "10.244.0.14", Some("fd00:10:244::14")),
+    ("sticky-1", "10.244.0.21", None),
+    ("sticky-2", "10.244.0.22", None),
 ];
 
 type Tally = Arc<Mutex<BTreeMap<String, usize>>>;
@@ -48,7 +50,7 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         "building the demo node and {} pods in fresh namespaces...",
         PODS.len()
     );
-    let mut cluster = Cluster::new(&PODS)?;
+    let mut cluster = Cluster::dual_stack(&PODS)?;
     // A client outside the cluster, on the node's external segment; the LB IP is routed to
     // the node, as a provider's load balancer would.
     let mut lan = Lan::new(&cluster.node.tag)?;
@@ -82,6 +84,9 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         cluster
             .programmed("10.96.0.10:80/TCP")
             .is_some_and(|b| b.len() == 3)
+            && cluster
+                .programmed("[fd00:10:96::10]:80/TCP")
+                .is_some_and(|b| b.len() == 3)
     })
     .context("services not programmed")?;
     println!(
@@ -101,26 +106,28 @@ pub fn run(xlb: &Path, root: &Path, seconds: u64) -> Result<()> {
         (
             "client-a",
             &cluster.node.pod("client-a").ns,
-            [
+            vec![
                 ("web tcp", "10.96.0.10:80", false),
                 ("web udp", "10.96.0.10:53", true),
+                ("web6 tcp", "[fd00:10:96::10]:80", false),
+                ("web6 udp", "[fd00:10:96::10]:53", true),
             ],
         ),
         (
             "client-b",
             &cluster.node.pod("client-b").ns,
-            [
+            vec![
                 ("sticky tcp", "10.96.0.20:80", false),
                 ("empty tcp", "10.96.0.30:80", false),
             ],
         ),
-        ("outside", &outside, outside_targets),
+        ("outside", &outside, outside_targets.to_vec()),
     ] {
         let stop = Arc::clone(&stop);
         let tally = Arc::clone(&tally);
         clients.push(ns.spawn(move || {
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for (label, target, udp) in targets {
+                for &(label, target, udp) in &targets {
                     let target: SocketAddr = target.parse().expect("demo address");
                     let timeout = Duration::from_millis(500);
                     let who = if udp {
