@@ -578,9 +578,9 @@ fn pod_interfaces_are_attached_and_detached_as_they_come_and_go() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!pins.iter().any(|p| p.ends_with(&iface)), "{pins:?}");
-    // Two per pod interface, plus the four socket hooks on the node cgroup.
+    // Two per pod interface, plus the socket hooks on the node cgroup (four per family).
     let cgroup_pins = pins.iter().filter(|p| p.ends_with("@cgroup")).count();
-    assert_eq!(cgroup_pins, 4, "{pins:?}");
+    assert_eq!(cgroup_pins, 8, "{pins:?}");
     assert_eq!(pins.len() - cgroup_pins, 2 * c.node.pods.len(), "{pins:?}");
     let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 30, false);
     assert!(counts.keys().all(|k| k.starts_with("be")), "{counts:?}");
