@@ -51,8 +51,10 @@ pub mod map_names {
     pub const PROGS6: &str = "XLB_PROGS6";
     /// The IPv6 XDP stages `xlb_external` tail-calls (`program_names::XDP_IPV6`).
     pub const PROGS6_XDP: &str = "XLB_PROGS6_XDP";
+    /// Outcome counters of IPv6 packets (and of the IPv6 socket hooks), as `STATS`.
+    pub const STATS6: &str = "XLB_STATS6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -81,6 +83,7 @@ pub mod map_names {
         SOCK_REVNAT6,
         PROGS6,
         PROGS6_XDP,
+        STATS6,
     ];
 }
 

@@ -1,7 +1,7 @@
 //! The two address families. Balancing (`svc`, `ct`, `sched`) is written once, generic over
 //! [`Family`]; each family names its own maps, so an IPv4 packet only ever touches the IPv4
 //! tables (with their IPv4-sized keys) and an IPv6 packet the IPv6 ones.
-use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ServiceKey,
     ServiceValue, SourceRangeKey,
@@ -11,7 +11,8 @@ use crate::ct::CtScratch;
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_SCRATCH,
-    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6, STATS,
+    STATS6,
 };
 
 pub trait Family: 'static {
@@ -29,6 +30,8 @@ pub trait Family: 'static {
     fn is_loopback(addr: Self::Addr) -> bool;
     /// This CPU's slot for building conntrack entries.
     fn ct_scratch() -> Option<*mut CtScratch<Self::Addr>>;
+    /// The family's outcome counters.
+    fn stats() -> &'static PerCpuArray<u64>;
 }
 
 pub struct V4;
@@ -74,6 +77,10 @@ impl Family for V4 {
     #[inline(always)]
     fn ct_scratch() -> Option<*mut CtScratch<u32>> {
         CT_SCRATCH.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn stats() -> &'static PerCpuArray<u64> {
+        &STATS
     }
     #[inline(always)]
     fn is_loopback(addr: u32) -> bool {
@@ -122,6 +129,10 @@ impl Family for V6 {
     #[inline(always)]
     fn ct_scratch() -> Option<*mut CtScratch<Ip6>> {
         CT_SCRATCH6.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn stats() -> &'static PerCpuArray<u64> {
+        &STATS6
     }
     #[inline(always)]
     fn is_loopback(addr: Ip6) -> bool {

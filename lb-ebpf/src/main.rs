@@ -49,7 +49,7 @@ pub fn xlb_to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_from_pod6(ctx: TcContext) -> i32 {
     let (verdict, outcome) = pod::from_pod6(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -57,7 +57,7 @@ pub fn xlb_from_pod6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_from_pod6_untracked(ctx: TcContext) -> i32 {
     let (verdict, outcome) = pod::from_pod6_untracked(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -66,7 +66,7 @@ pub fn xlb_from_pod6_untracked(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_from_pod6_rare(ctx: TcContext) -> i32 {
     let (verdict, outcome) = pod::from_pod6_rare(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -74,7 +74,7 @@ pub fn xlb_from_pod6_rare(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xlb_to_pod6(ctx: TcContext) -> i32 {
     let (verdict, outcome) = pod::to_pod6(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -91,7 +91,7 @@ pub fn xlb_external(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_external6(ctx: XdpContext) -> u32 {
     let (verdict, outcome) = xdp6::external6(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -99,7 +99,7 @@ pub fn xlb_external6(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_external6_untracked(ctx: XdpContext) -> u32 {
     let (verdict, outcome) = xdp6::external6_untracked(&ctx);
-    stats::count(outcome);
+    stats::count6(outcome);
     verdict
 }
 
@@ -128,24 +128,33 @@ pub fn xlb_sock_getpeername(ctx: SockAddrContext) -> i32 {
 }
 
 /// The IPv6 twins of the four hooks above (IPv4-mapped addresses balanced as IPv4).
+/// Counted as IPv6: the hooks of IPv6 sockets (IPv4-mapped addresses included).
 #[cgroup_sock_addr(connect6)]
 pub fn xlb_sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock::connect6(&ctx))
+    sock_verdict6(sock::connect6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn xlb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock::connect6(&ctx))
+    sock_verdict6(sock::connect6(&ctx))
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn xlb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock_verdict((sock::ALLOW, sock::revnat6(&ctx)))
+    sock_verdict6((sock::ALLOW, sock::revnat6(&ctx)))
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn xlb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock_verdict((sock::ALLOW, sock::revnat6(&ctx)))
+    sock_verdict6((sock::ALLOW, sock::revnat6(&ctx)))
+}
+
+#[inline(always)]
+fn sock_verdict6((verdict, outcome): (i32, Option<lb_common::Outcome>)) -> i32 {
+    if let Some(outcome) = outcome {
+        stats::count6(outcome);
+    }
+    verdict
 }
 
 #[inline(always)]

@@ -31,6 +31,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "XLB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(outcome::COUNT, 0);
 
+/// The outcomes of IPv6 packets (metrics carry the family).
+#[map(name = "XLB_STATS6")]
+pub static STATS6: PerCpuArray<u64> = PerCpuArray::with_max_entries(outcome::COUNT, 0);
+
 /// Traffic per service id, then per backend id: arrays indexed by id (the agent hands out
 /// the lowest free id and zeroes a slot when its id is freed), so counting costs no hash
 /// lookup. Ids beyond the capacity are not counted.

@@ -2,11 +2,32 @@
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::{Outcome, TrafficCounter};
 
-use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
+use crate::{
+    family::Family,
+    maps::{BACKEND_STATS, SERVICE_STATS, STATS, STATS6},
+};
 
+/// Counts an outcome of an IPv4 program run.
 #[inline(always)]
 pub fn count(outcome: Outcome) {
-    if let Some(counter) = STATS.get_ptr_mut(outcome) {
+    count_in(&STATS, outcome);
+}
+
+/// Counts an outcome of an IPv6 program run.
+#[inline(always)]
+pub fn count6(outcome: Outcome) {
+    count_in(&STATS6, outcome);
+}
+
+/// Counts an outcome in family `F`'s counters.
+#[inline(always)]
+pub fn count_family<F: Family>(outcome: Outcome) {
+    count_in(F::stats(), outcome);
+}
+
+#[inline(always)]
+fn count_in(map: &PerCpuArray<u64>, outcome: Outcome) {
+    if let Some(counter) = map.get_ptr_mut(outcome) {
         // SAFETY: per-CPU slot, only this CPU writes it.
         unsafe { *counter += 1 };
     }

@@ -290,7 +290,7 @@ pub fn select_backend<F: Family>(
                 && let Some(backend) = live_backend::<F>(pinned.backend_id, frontend.service_id)
             {
                 remember_affinity::<F>(&affinity_key, pinned.backend_id, now);
-                stats::count(outcome::AFFINITY_HIT);
+                stats::count_family::<F>(outcome::AFFINITY_HIT);
                 return Ok((pinned.backend_id, backend));
             }
         }
@@ -316,7 +316,7 @@ fn random_backend<F: Family>(
     frontend: &ServiceValue,
 ) -> Result<(u32, Backend<F::Addr>), Outcome> {
     if lb_common::scheduler_of(frontend.flags) != lb_common::scheduler::RANDOM {
-        stats::count(outcome::SCHED_FALLBACK);
+        stats::count_family::<F>(outcome::SCHED_FALLBACK);
     }
     // SAFETY: helper without side effects.
     let random = unsafe { bpf_get_prandom_u32() };

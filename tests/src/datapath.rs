@@ -191,6 +191,17 @@ pub fn put_node6(ebpf: &mut Ebpf, addresses: &[Ip6], ports: (u16, u16)) {
     config.set(0, node, 0).expect("config");
 }
 
+/// Packets counted under `o` in both families' counters.
+pub fn outcome_count(ebpf: &Ebpf, o: Outcome) -> u64 {
+    family_count(ebpf, map_names::STATS, o) + family_count(ebpf, map_names::STATS6, o)
+}
+
+fn family_count(ebpf: &Ebpf, map: &str, o: Outcome) -> u64 {
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map(map).expect("map")).expect("map type");
+    stats.get(&o, 0).expect("stat").iter().sum()
+}
+
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_REDIRECT: i32 = 7;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -384,10 +395,14 @@ impl Datapath {
         ranges.insert(&key, 1, 0).expect("range");
     }
 
+    /// Packets counted under `o`, both families together.
     pub fn stat(&self, o: Outcome) -> u64 {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).expect("map")).expect("map type");
-        stats.get(&o, 0).expect("stat").iter().sum()
+        outcome_count(&self.ebpf, o)
+    }
+
+    /// Packets counted under `o` by the IPv6 programs.
+    pub fn stat6(&self, o: Outcome) -> u64 {
+        family_count(&self.ebpf, map_names::STATS6, o)
     }
 
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {

@@ -65,6 +65,7 @@ fn tcp_flow_is_dnated_tracked_and_its_replies_reverse_natted() {
     assert_only_changed6("syn", &syn, &out, &[IP6_DST, DPORT, TCP_CSUM]);
     assert_eq!(ends(&out), (end(CLIENT6, 40000), end(BACKEND_A, 8080)));
     assert_eq!(dp.stat(outcome::DNAT_NEW), 1);
+    assert_eq!(dp.stat6(outcome::DNAT_NEW), 1, "counted as IPv6");
     assert_eq!(dp.ct6().len(), 2, "forward and reverse entries");
 
     let ack = Frame6::tcp(CLIENT6, 40000, VIP6, 80, ACK).build();

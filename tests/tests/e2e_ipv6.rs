@@ -138,6 +138,19 @@ fn a_dual_stack_service_answers_each_family_from_its_own_backends() {
     );
     let stats = c.xlb(&["stats"]).expect("stats");
     assert!(stats.contains("XLB_CT6"), "{stats}");
+    // Outcomes per family: IPv6 new flows counted as IPv6.
+    let stats: serde_json::Value =
+        serde_json::from_str(&c.xlb(&["stats", "--json"]).expect("stats")).expect("json");
+    let new6 = stats["outcomes_by_family"]["IPv6"]["dnat_new"]
+        .as_u64()
+        .expect("count");
+    assert!(new6 >= 200, "{stats}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("xlb_packets_total{outcome=\"dnat_new\",family=\"IPv6\"}")),
+        "{metrics}"
+    );
     // `xlb explain` takes IPv6 addresses and reads the IPv6 maps.
     let explained = c
         .xlb(&[

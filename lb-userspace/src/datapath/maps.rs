@@ -98,6 +98,7 @@ pub struct PinnedMaps6 {
     pub config: Array<MapData, NodeConfig<Ip6>>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ip6>, u8>,
     pub sock_revnat: HashMap<MapData, SockKey6, SockFrontend<Ip6>>,
+    pub stats: PerCpuArray<MapData, u64>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -147,6 +148,7 @@ impl PinnedMaps {
                 config: typed!(layout, map_names::CONFIG6, Array),
                 source_ranges: typed!(layout, map_names::SOURCE_RANGES6, LpmTrie),
                 sock_revnat: typed!(layout, map_names::SOCK_REVNAT6, HashMap),
+                stats: typed!(layout, map_names::STATS6, PerCpuArray),
             },
         })
     }

@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 28] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 29] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -158,6 +158,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 28] = {
         ),
         (map_names::PROGS6, 4, 4, 4, ProgramArray),
         (map_names::PROGS6_XDP, 4, 4, 2, ProgramArray),
+        (map_names::STATS6, 4, 8, outcome::COUNT, PerCpuArray),
     ]
 };
 

@@ -255,7 +255,10 @@ pub struct MapFill {
 
 #[derive(Debug, Default, Serialize)]
 pub struct StatsReport {
+    /// Packets per outcome, both families together.
     pub outcomes: BTreeMap<&'static str, u64>,
+    /// The same per family ("IPv4", "IPv6").
+    pub outcomes_by_family: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     pub maps: Vec<MapFill>,
 }
 
@@ -268,13 +271,15 @@ pub fn stats(maps: &PinnedMaps) -> StatsReport {
 /// walk) instead of walked again.
 pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
     let mut outcomes = BTreeMap::new();
-    for code in 0..outcome::COUNT {
-        let total = maps
-            .stats
-            .get(&code, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0);
-        outcomes.insert(outcome_name(code), total);
+    let mut outcomes_by_family = BTreeMap::new();
+    for (family, counters) in [("IPv4", &maps.stats), ("IPv6", &maps.v6.stats)] {
+        let mut of_family = BTreeMap::new();
+        for code in 0..outcome::COUNT {
+            let n: u64 = counters.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            of_family.insert(outcome_name(code), n);
+            *outcomes.entry(outcome_name(code)).or_insert(0) += n;
+        }
+        outcomes_by_family.insert(family, of_family);
     }
     let fill = |name, entries, capacity| MapFill {
         name,
@@ -338,13 +343,30 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
             map_sizes::MAGLEV,
         ),
     ];
-    StatsReport { outcomes, maps }
+    StatsReport {
+        outcomes,
+        outcomes_by_family,
+        maps,
+    }
 }
 
 pub fn stats_text(report: &StatsReport) -> String {
-    let mut out = String::from("OUTCOME                    PACKETS\n");
+    let mut out = String::from("OUTCOME                    PACKETS      IPV4      IPV6\n");
+    let of = |family: &str, name: &str| {
+        report
+            .outcomes_by_family
+            .get(family)
+            .and_then(|f| f.get(name))
+            .copied()
+            .unwrap_or(0)
+    };
     for (name, count) in &report.outcomes {
-        let _ = writeln!(out, "{name:<24} {count:>9}");
+        let _ = writeln!(
+            out,
+            "{name:<24} {count:>9} {:>9} {:>9}",
+            of("IPv4", name),
+            of("IPv6", name)
+        );
     }
     out.push_str("\nMAP                  ENTRIES   CAPACITY  FILL\n");
     for m in &report.maps {

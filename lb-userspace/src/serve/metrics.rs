@@ -175,8 +175,12 @@ impl Scrape<'_> {
             None,
             MetricType::Counter,
         )?;
-        for (outcome, count) in &self.stats.outcomes {
-            ConstCounter::new(*count).encode(packets.encode_family(&[("outcome", *outcome)])?)?;
+        for (family, outcomes) in &self.stats.outcomes_by_family {
+            for (outcome, count) in outcomes {
+                ConstCounter::new(*count).encode(
+                    packets.encode_family(&[("outcome", *outcome), ("family", *family)])?,
+                )?;
+            }
         }
         for (name, help, value) in [
             (
@@ -441,6 +445,11 @@ mod tests {
         }];
         let stats = StatsReport {
             outcomes: [("dnat_new", 30u64), ("drop_ct_full", 0)].into(),
+            outcomes_by_family: [
+                ("IPv4", [("dnat_new", 30u64), ("drop_ct_full", 0)].into()),
+                ("IPv6", [("dnat_new", 0u64), ("drop_ct_full", 0)].into()),
+            ]
+            .into(),
             maps: vec![MapFill {
                 name: "XLB_CT",
                 entries: 60,
@@ -458,7 +467,8 @@ mod tests {
             r#"xlb_sync_duration_seconds_bucket{le="0.25"} 2"#.to_string(),
             r#"xlb_sync_duration_seconds_bucket{le="+Inf"} 2"#.to_string(),
             "xlb_sync_duration_seconds_count 2".to_string(),
-            r#"xlb_packets_total{outcome="dnat_new"} 30"#.to_string(),
+            r#"xlb_packets_total{outcome="dnat_new",family="IPv4"} 30"#.to_string(),
+            r#"xlb_packets_total{outcome="dnat_new",family="IPv6"} 0"#.to_string(),
             r#"xlb_map_entries{map="XLB_CT"} 60"#.to_string(),
             "xlb_frontends_programmed 1".to_string(),
         ] {
