@@ -531,4 +531,24 @@ fn ipv6_node_ports_and_load_balancer_ips_from_outside_on_two_nodes() {
         ct.contains("[external]") && ct.contains(&format!("src=[{CLIENT_6}]:")),
         "{ct}"
     );
+
+    // Hairpin over IPv6: local1 reaching itself through its Service's ClusterIP is
+    // SNATed to node1's IPv6 address (kube-proxy's masquerade), so its reply comes back.
+    let answers = site.nodes[0]
+        .node
+        .pod("local1")
+        .ns
+        .enter(|| {
+            let tcp = tcp_hello(addr("fd00:10:96::40", 80), T).unwrap_or_else(|e| format!("{e}"));
+            let udp = udp_whoami(addr("fd00:10:96::40", 53), T)
+                .unwrap_or_else(|e| (format!("{e}"), String::new()));
+            (tcp, udp)
+        })
+        .expect("pod thread");
+    assert_eq!(answers.0, "local1", "TCP hairpin");
+    assert_eq!(
+        answers.1,
+        ("local1".to_string(), NODE1_6.to_string()),
+        "UDP hairpin"
+    );
 }
