@@ -3,7 +3,8 @@
 //! per run: the verdict is one the hook may return; a TC packet left to the stack is byte
 //! for byte the input; a rewritten packet that came in with valid checksums leaves with
 //! valid ones (a zero UDP checksum stays zero); and at the end every run was counted under
-//! exactly one outcome. A failure names the seed and the packet as hex, for a table case.
+//! exactly one outcome. IPv4 and IPv6 frames alike (a dual-stack Service, IPv6 seeds with
+//! extension headers and ICMPv6, IPv6 edge values). A failure names the seed and the packet as hex, for a table case.
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use aya::Ebpf;
@@ -19,7 +20,15 @@ use crate::{
     datapath::{TestRunOutput, run_tc, run_xdp},
     netns::{Netns, unique_tag},
     packet::{ACK, FIN, Frame, SYN, checksum_errors, fix_checksums, icmp_error, well_formed},
+    packet6::{
+        Frame6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, checksum_errors6,
+        fix_checksums6, icmp6, icmp6_error, well_formed6,
+    },
 };
+
+const NODE_IP6: &str = "fd00:192:168:50::1";
+const CLIENT6: &str = "fd00:10:244::5";
+const OUTSIDER6: &str = "2001:db8:9::9";
 
 const NODE_IP: &str = "192.168.50.1";
 const CLIENT: &str = "10.244.0.5";
@@ -34,7 +43,10 @@ metadata: {name: web, namespace: fuzz}
 spec:
   type: NodePort
   clusterIP: 10.96.0.10
-  externalIPs: [198.51.100.7]
+  clusterIPs: [10.96.0.10, "fd00:10:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: [198.51.100.7, "2001:db8:7::7"]
   ports:
   - {name: http, port: 80, protocol: TCP, nodePort: 30080}
   - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
@@ -47,6 +59,15 @@ ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protoco
 endpoints:
 - {addresses: [10.244.1.2], nodeName: fuzz-node}
 - {addresses: [10.244.2.3], nodeName: other}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: fuzz, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: ["fd00:10:244:1::2"], nodeName: fuzz-node}
+- {addresses: ["fd00:10:244:2::3"], nodeName: other}
 ---
 apiVersion: v1
 kind: Service
@@ -144,7 +165,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let dnated = Frame::udp(CLIENT, 5000, "10.244.1.2", 5353).build();
     let mut arp = Frame::tcp(CLIENT, 1, "10.96.0.10", 80, SYN).build();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
-    vec![
+    let mut seeds = vec![
         Frame::tcp(CLIENT, 40000, "10.96.0.10", 80, SYN).build(),
         Frame::tcp(CLIENT, 40000, "10.96.0.10", 80, ACK).build(),
         Frame::tcp(CLIENT, 40000, "10.96.0.10", 80, FIN | ACK).build(),
@@ -161,7 +182,29 @@ fn seeds() -> Vec<Vec<u8>> {
         Frame::tcp(CLIENT, 1234, "10.250.0.1", 80, SYN).build(),
         icmp_error("10.244.1.2", CLIENT, 3, 3, &dnated),
         arp,
-    ]
+    ];
+    let dnated6 = Frame6::udp(CLIENT6, 5000, "fd00:10:244:1::2", 5353).build();
+    seeds.extend([
+        Frame6::tcp(CLIENT6, 40000, "fd00:10:96::10", 80, SYN).build(),
+        Frame6::tcp(CLIENT6, 40000, "fd00:10:96::10", 80, ACK).build(),
+        Frame6::udp(CLIENT6, 5000, "fd00:10:96::10", 53).build(),
+        Frame6::udp(CLIENT6, 5002, "fd00:10:96::10", 53)
+            .with_extension(NEXTHDR_HOP)
+            .with_extension(NEXTHDR_ROUTING)
+            .with_extension(NEXTHDR_DEST)
+            .build(),
+        Frame6::tcp(CLIENT6, 40003, "fd00:10:96::10", 80, SYN)
+            .with_extension(NEXTHDR_FRAGMENT)
+            .build(),
+        Frame6::tcp("fd00:10:244:1::2", 8080, CLIENT6, 40000, SYN | ACK).build(),
+        Frame6::tcp(OUTSIDER6, 50000, NODE_IP6, 30080, SYN).build(),
+        Frame6::udp(OUTSIDER6, 50001, NODE_IP6, 30053).build(),
+        Frame6::tcp(OUTSIDER6, 50002, "2001:db8:7::7", 80, SYN).build(),
+        Frame6::tcp(OUTSIDER6, 50003, "::", 30080, SYN).build(),
+        icmp6_error("fd00:10:244:1::2", CLIENT6, 1, 4, &dnated6),
+        icmp6("fe80::1", "ff02::1:ff00:5", 135, &[0; 20]),
+    ]);
+    seeds
 }
 
 /// One mutation of `frame`: byte flips and sets (weighted towards the headers), length
@@ -179,19 +222,28 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
                 frame[at] = rng.next_u64() as u8;
             }
             4 => {
-                // Never below Ethernet + IPv4: BPF_PROG_TEST_RUN refuses those (EINVAL).
-                let keep = 34 + rng.below(len.saturating_sub(34).max(1));
+                // Never below Ethernet + the IP header: BPF_PROG_TEST_RUN refuses those.
+                let floor = if is_ipv6(frame) { 54 } else { 34 };
+                let keep = floor + rng.below(len.saturating_sub(floor).max(1));
                 frame.truncate(keep.min(len));
             }
             5 => {
                 let extra = rng.below(64);
                 frame.extend((0..extra).map(|_| rng.next_u64() as u8));
             }
+            6 if is_ipv6(frame) => {
+                // Payload length.
+                let len = [0u16, 7, 8, 19, 20, 40, 1500, 65535][rng.below(8)];
+                frame[18..20].copy_from_slice(&len.to_be_bytes());
+            }
             6 => {
                 let tot = [0u16, 19, 20, 27, 28, 40, 1500, 65535][rng.below(8)];
                 frame[16..18].copy_from_slice(&tot.to_be_bytes());
             }
+            7 if is_ipv6(frame) => frame[14] = [0x60, 0x40, 0x70, 0x6f][rng.below(4)],
             7 => frame[14] = [0x45, 0x44, 0x46, 0x4f, 0x65, 0x40][rng.below(6)],
+            // IPv6 next header: the transport protocols, extension headers, none.
+            8 if is_ipv6(frame) => frame[20] = [0, 6, 17, 43, 44, 58, 59, 60][rng.below(8)],
             8 => frame[23] = [1, 6, 17, 47, 0][rng.below(5)],
             _ => {
                 if len > 46 {
@@ -202,17 +254,67 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
     }
 }
 
+fn is_ipv6(frame: &[u8]) -> bool {
+    frame.len() >= 14 && frame[12..14] == [0x86, 0xdd]
+}
+
 /// Whether a destination address is one the XDP program serves: the node's address or the
-/// externalIP of [`MANIFESTS`].
+/// externalIP of [`MANIFESTS`], of either family.
 fn is_ours_from_outside(dst: &[u8]) -> bool {
-    let node: [u8; 4] = [192, 168, 50, 1];
-    let external: [u8; 4] = [198, 51, 100, 7];
-    dst == node || dst == external
+    let ours: [std::net::IpAddr; 4] = [
+        [192, 168, 50, 1].into(),
+        [198, 51, 100, 7].into(),
+        NODE_IP6.parse().expect("address"),
+        "2001:db8:7::7".parse().expect("address"),
+    ];
+    ours.iter().any(|ip| match ip {
+        std::net::IpAddr::V4(v4) => dst == v4.octets(),
+        std::net::IpAddr::V6(v6) => dst == v6.octets(),
+    })
+}
+
+/// `contract_violation` for IPv6: the same rules over the IPv6 header and the extension
+/// headers the programs walk.
+fn contract_violation6(frame: &[u8]) -> Option<&'static str> {
+    if frame[14] >> 4 != 6 {
+        return Some("IPv6 version");
+    }
+    let end = 54 + usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    if end > frame.len() {
+        return Some("payload length");
+    }
+    let (mut next, mut at) = (frame[20], 54);
+    for _ in 0..6 {
+        if !matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST) {
+            break;
+        }
+        if at + 2 > frame.len() {
+            return Some("extension header past the frame");
+        }
+        next = frame[at];
+        at += (usize::from(frame[at + 1]) + 1) * 8;
+        if at > end {
+            return Some("extension header past the datagram");
+        }
+    }
+    match next {
+        6 if at + 20 > end => Some("TCP header past the datagram"),
+        6 => {
+            let header = usize::from(frame[at + 12] >> 4) * 4;
+            (header < 20 || header > end - at).then_some("TCP data offset")
+        }
+        17 if at + 8 > end => Some("UDP header past the datagram"),
+        17 if frame[at + 6..at + 8] == [0, 0] => Some("zero UDP checksum"),
+        _ => None,
+    }
 }
 
 /// Which rule of the parser contract `frame` breaks, if any (worked out here, not by the
 /// programs): such a frame must pass every hook untouched.
 pub fn contract_violation(frame: &[u8]) -> Option<&'static str> {
+    if frame.len() >= 54 && is_ipv6(frame) {
+        return contract_violation6(frame);
+    }
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -274,7 +376,8 @@ fn datapath(dir: &PathBuf) -> anyhow::Result<Ebpf> {
     let translation = translate(&objects, &options);
     Syncer::new().apply(&translation.desired, &mut maps)?;
     let node = NODE_IP.parse::<Ipv4Addr>()?;
-    maps.set_node(&[node.into()], (61000, 65535))?;
+    let node6 = NODE_IP6.parse::<std::net::Ipv6Addr>()?;
+    maps.set_node(&[node.into(), node6.into()], (61000, 65535))?;
     Ok(ebpf)
 }
 
@@ -307,8 +410,13 @@ fn fuzz(ebpf: &mut Ebpf, packets: u64, seed: u64) -> Result<FuzzReport, FuzzFail
         // Half the packets keep consistent checksums, so the rewrite oracle has work.
         if rng.below(2) == 0 {
             fix_checksums(&mut input);
+            fix_checksums6(&mut input);
         }
-        let checksums_valid = well_formed(&input) && checksum_errors(&input).is_empty();
+        let checksums_valid = if is_ipv6(&input) {
+            well_formed6(&input) && checksum_errors6(&input).is_empty()
+        } else {
+            well_formed(&input) && checksum_errors(&input).is_empty()
+        };
         report.contract_breaking += u64::from(contract_violation(&input).is_some());
         for program in [Program::FromPod, Program::ToPod, Program::External] {
             let out: TestRunOutput = match program {
@@ -346,16 +454,20 @@ fn fuzz(ebpf: &mut Ebpf, packets: u64, seed: u64) -> Result<FuzzReport, FuzzFail
                 )));
             }
             // From outside, only node addresses and the externalIP are anyone's business.
+            let dst = match &input {
+                f if f.len() >= 34 && f[12..14] == [0x08, 0x00] => Some(&f[30..34]),
+                f if f.len() >= 54 && is_ipv6(f) => Some(&f[38..54]),
+                _ => None,
+            };
             if program == Program::External
-                && input.len() >= 34
-                && input[12..14] == [0x08, 0x00]
-                && !is_ours_from_outside(&input[30..34])
+                && let Some(dst) = dst
+                && !is_ours_from_outside(dst)
                 && !(passed && untouched)
             {
                 return Err(fail(format!(
-                    "to {}.{}.{}.{}, no node address or externalIP, but not passed untouched \
+                    "to {dst:02x?}, no node address or externalIP, but not passed untouched \
                      (verdict {})",
-                    input[30], input[31], input[32], input[33], out.retval
+                    out.retval
                 )));
             }
             if out.retval == -1 && !untouched {
@@ -367,7 +479,13 @@ fn fuzz(ebpf: &mut Ebpf, packets: u64, seed: u64) -> Result<FuzzReport, FuzzFail
                 continue;
             }
             report.rewritten += 1;
-            if checksums_valid && well_formed(&out.packet) {
+            if checksums_valid && is_ipv6(&out.packet) && well_formed6(&out.packet) {
+                report.checksums_checked += 1;
+                let errors = checksum_errors6(&out.packet);
+                if !errors.is_empty() {
+                    return Err(fail(format!("rewritten with bad checksums: {errors:?}")));
+                }
+            } else if checksums_valid && well_formed(&out.packet) {
                 report.checksums_checked += 1;
                 let errors = checksum_errors(&out.packet);
                 if !errors.is_empty() {

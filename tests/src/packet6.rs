@@ -231,6 +231,51 @@ pub fn view6(frame: &[u8]) -> Ipv6View {
     }
 }
 
+/// An IPv6 frame whose headers the checksum helpers can walk: version 6, the payload
+/// inside the frame, extension headers (hop-by-hop, routing, destination options) inside
+/// the datagram, then TCP, UDP or ICMPv6 with its header inside too.
+pub fn well_formed6(frame: &[u8]) -> bool {
+    if frame.len() < L4 || frame[12..14] != [0x86, 0xdd] || frame[ETH_HLEN] >> 4 != 6 {
+        return false;
+    }
+    let end = L4 + usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    if end > frame.len() {
+        return false;
+    }
+    let (mut next, mut at) = (frame[ETH_HLEN + 6], L4);
+    for _ in 0..8 {
+        if !matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST) {
+            break;
+        }
+        if at + 2 > end {
+            return false;
+        }
+        next = frame[at];
+        at += (usize::from(frame[at + 1]) + 1) * 8;
+    }
+    let min = match next {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_ICMPV6 => 8,
+        _ => return false,
+    };
+    at + min <= end
+}
+
+/// Recomputes the upper-layer checksum of a [`well_formed6`] frame; leaves others alone.
+pub fn fix_checksums6(frame: &mut [u8]) {
+    if !well_formed6(frame) {
+        return;
+    }
+    let v = view6(frame);
+    let end = L4 + usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    let (src, dst) = (frame[IP6_SRC].to_vec(), frame[IP6_DST].to_vec());
+    let at = csum_at(v.proto);
+    let segment = &mut frame[v.l4..end];
+    segment[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = upper_checksum(&src, &dst, v.proto, segment);
+    segment[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
 /// The checksum problems of an IPv6 frame (TCP, UDP or ICMPv6), recomputed from scratch.
 pub fn checksum_errors6(frame: &[u8]) -> Vec<String> {
     let v = view6(frame);
