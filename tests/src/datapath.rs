@@ -155,34 +155,41 @@ fn put_frontend_in<A: MapAddr>(
 /// Node addresses (network byte order; NodePorts answer on them, the first is the SNAT
 /// source) and the SNAT port range.
 pub fn put_node(ebpf: &mut Ebpf, addresses: &[u32], ports: (u16, u16)) {
-    {
-        let mut ips: HashMap<_, u32, u32> =
-            HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS).expect("map")).expect("map type");
-        for a in addresses {
-            ips.insert(a, 1, 0).expect("node ip");
-        }
-    }
-    let mut config: Array<_, NodeConfig> =
-        Array::try_from(ebpf.map_mut(map_names::CONFIG).expect("map")).expect("map type");
-    let node = NodeConfig {
-        snat_addr: addresses.first().copied().unwrap_or(0),
-        snat_port_min: ports.0,
-        snat_port_max: ports.1,
-    };
-    config.set(0, node, 0).expect("config");
+    put_node_in(
+        ebpf,
+        (map_names::NODE_IPS, map_names::CONFIG),
+        addresses,
+        ports,
+    );
 }
 
 /// IPv6 node addresses and the SNAT port range (`put_node` for the IPv6 maps).
 pub fn put_node6(ebpf: &mut Ebpf, addresses: &[Ip6], ports: (u16, u16)) {
+    put_node_in(
+        ebpf,
+        (map_names::NODE_IPS6, map_names::CONFIG6),
+        addresses,
+        ports,
+    );
+}
+
+fn put_node_in<A: MapAddr + aya::Pod>(
+    ebpf: &mut Ebpf,
+    (node_ips, config_map): (&str, &str),
+    addresses: &[A],
+    ports: (u16, u16),
+) where
+    NodeConfig<A>: aya::Pod,
+{
     {
-        let mut ips: HashMap<_, Ip6, u32> =
-            HashMap::try_from(ebpf.map_mut(map_names::NODE_IPS6).expect("map")).expect("map type");
+        let mut ips: HashMap<_, A, u32> =
+            HashMap::try_from(ebpf.map_mut(node_ips).expect("map")).expect("map type");
         for a in addresses {
             ips.insert(a, 1, 0).expect("node ip");
         }
     }
-    let mut config: Array<_, NodeConfig<Ip6>> =
-        Array::try_from(ebpf.map_mut(map_names::CONFIG6).expect("map")).expect("map type");
+    let mut config: Array<_, NodeConfig<A>> =
+        Array::try_from(ebpf.map_mut(config_map).expect("map")).expect("map type");
     let node = NodeConfig {
         snat_addr: addresses.first().copied().unwrap_or_default(),
         snat_port_min: ports.0,

@@ -200,27 +200,13 @@ impl Frame {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = match self.proto {
-            PROTO_TCP => {
-                let mut h = vec![0u8; 20];
-                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
-                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                h[4..8].copy_from_slice(&1000u32.to_be_bytes());
-                h[12] = 5 << 4;
-                h[13] = self.tcp_flags;
-                h[14..16].copy_from_slice(&64240u16.to_be_bytes());
-                h
-            }
-            _ => {
-                let mut h = vec![0u8; 8];
-                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
-                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                let len = (8 + self.payload.len()) as u16;
-                h[4..6].copy_from_slice(&len.to_be_bytes());
-                h
-            }
-        };
-        l4.extend_from_slice(&self.payload);
+        let mut l4 = transport(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
         let csum_off = if self.proto == PROTO_TCP { 16 } else { 6 };
         if !(self.proto == PROTO_UDP && self.zero_udp_checksum) {
             let c = l4_checksum(self.src.octets(), self.dst.octets(), self.proto, &l4);
@@ -228,6 +214,33 @@ impl Frame {
         }
         ipv4_frame(self.src, self.dst, self.proto, &l4)
     }
+}
+
+/// A TCP (20-byte header, sequence 1000, the given flags) or UDP header with `payload`,
+/// checksum field zero: the L4 part of test frames of either family.
+pub fn transport(proto: u8, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = match proto {
+        PROTO_TCP => {
+            let mut h = vec![0u8; 20];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            h[12] = 5 << 4;
+            h[13] = tcp_flags;
+            h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            h
+        }
+        _ => {
+            let mut h = vec![0u8; 8];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            let len = (8 + payload.len()) as u16;
+            h[4..6].copy_from_slice(&len.to_be_bytes());
+            h
+        }
+    };
+    l4.extend_from_slice(payload);
+    l4
 }
 
 /// Ethernet + option-less IPv4 header (valid checksum) around `l4`.

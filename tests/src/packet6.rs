@@ -1,7 +1,7 @@
 //! IPv6 test packets and an independent check of their checksums (the twin of `packet`).
 use std::net::Ipv6Addr;
 
-use crate::packet::{CLIENT_MAC, NODE_MAC, PROTO_TCP, PROTO_UDP, checksum};
+use crate::packet::{CLIENT_MAC, NODE_MAC, PROTO_TCP, PROTO_UDP, checksum, transport};
 
 pub const PROTO_ICMPV6: u8 = 58;
 pub const NEXTHDR_HOP: u8 = 0;
@@ -98,27 +98,13 @@ impl Frame6 {
     }
 
     pub fn l4(&self) -> Vec<u8> {
-        let mut l4 = match self.proto {
-            PROTO_TCP => {
-                let mut h = vec![0u8; 20];
-                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
-                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                h[4..8].copy_from_slice(&1000u32.to_be_bytes());
-                h[12] = 5 << 4;
-                h[13] = self.tcp_flags;
-                h[14..16].copy_from_slice(&64240u16.to_be_bytes());
-                h
-            }
-            _ => {
-                let mut h = vec![0u8; 8];
-                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
-                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                let len = (8 + self.payload.len()) as u16;
-                h[4..6].copy_from_slice(&len.to_be_bytes());
-                h
-            }
-        };
-        l4.extend_from_slice(&self.payload);
+        let mut l4 = transport(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
         let c = upper_checksum(&self.src.octets(), &self.dst.octets(), self.proto, &l4);
         let at = csum_at(self.proto);
         l4[at..at + 2].copy_from_slice(&c.to_be_bytes());

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Result;
 
-use crate::topology::Pod;
+use crate::{netns::Netns, topology::Pod};
 
 pub const TCP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
@@ -166,4 +166,30 @@ pub fn udp_whoami(addr: SocketAddr, timeout: Duration) -> std::io::Result<(Strin
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     let (name, seen) = text.split_once(' ').unwrap_or((&text, ""));
     Ok((name.to_string(), seen.to_string()))
+}
+
+/// `n` TCP connections (or UDP requests) from `ns` to `target`, each with `timeout`: the
+/// answers counted per backend name (failures as "error: ...").
+pub fn spread(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    udp: bool,
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, usize> {
+    ns.enter(move || {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let who = if udp {
+                udp_hello(target, timeout)
+            } else {
+                tcp_hello(target, timeout)
+            };
+            *counts
+                .entry(who.unwrap_or_else(|e| format!("error: {e}")))
+                .or_insert(0) += 1;
+        }
+        counts
+    })
+    .expect("client thread")
 }

@@ -11,7 +11,7 @@ use xlb_tests::{
     manifests::{service, slice},
     netns::{Netns, leftover},
     privilege::require_privileges,
-    workload::{tcp_connect, tcp_hello, udp_hello},
+    workload::{tcp_connect, tcp_hello},
 };
 
 const WEB_VIP: &str = "10.96.0.10";
@@ -57,23 +57,9 @@ fn web_cluster(affinity: Option<u32>) -> Cluster {
     c
 }
 
-/// Runs `n` TCP connections (or UDP requests) from `ns` and counts answers per backend.
+/// `n` TCP connections (or UDP requests) from `ns`, answers counted per backend.
 fn spread(ns: &Netns, target: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
-    ns.enter(move || {
-        let mut counts = BTreeMap::new();
-        for _ in 0..n {
-            let who = if udp {
-                udp_hello(target, T)
-            } else {
-                tcp_hello(target, T)
-            };
-            *counts
-                .entry(who.unwrap_or_else(|e| format!("error: {e}")))
-                .or_insert(0) += 1;
-        }
-        counts
-    })
-    .expect("client thread")
+    xlb_tests::workload::spread(ns, target, n, udp, T)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use xlb_tests::{
     manifests::{dual_stack_service, slice, slice6},
     netns::Netns,
     privilege::require_privileges,
-    workload::{tcp_connect, tcp_hello, udp_hello, udp_whoami},
+    workload::{tcp_connect, tcp_hello, udp_whoami},
 };
 
 const VIP4: &str = "10.96.0.10";
@@ -74,21 +74,7 @@ fn dual_stack_cluster() -> Cluster {
 
 /// `n` TCP connections (or UDP requests) from `ns`, answers counted per backend.
 fn spread(ns: &Netns, target: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
-    ns.enter(move || {
-        let mut counts = BTreeMap::new();
-        for _ in 0..n {
-            let who = if udp {
-                udp_hello(target, T)
-            } else {
-                tcp_hello(target, T)
-            };
-            *counts
-                .entry(who.unwrap_or_else(|e| format!("error: {e}")))
-                .or_insert(0) += 1;
-        }
-        counts
-    })
-    .expect("client thread")
+    xlb_tests::workload::spread(ns, target, n, udp, T)
 }
 
 #[test]
