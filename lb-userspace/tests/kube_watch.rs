@@ -364,6 +364,23 @@ fn programs_the_datapath_from(api: &FakeApi, command: impl FnOnce(&Path) -> Comm
         ("10.244.2.3", "ready", ""),
     ]));
     wait(&["10.244.1.2:8080", "10.244.2.3:8080"]);
+    // The Service made dual-stack, its IPv6 slice added (the EndpointSlice controller
+    // writes one per family): IPv6 backends programmed beside the IPv4 ones.
+    api.apply(&WEB.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:10:96::10']\n  \
+         ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n",
+    ));
+    api.apply(
+        &slice(&[("fd00:10:244:1::2", "ready", "")])
+            .replace("name: web-1", "name: web-v6")
+            .replace("addressType: IPv4", "addressType: IPv6"),
+    );
+    wait(&[
+        "10.244.1.2:8080",
+        "10.244.2.3:8080",
+        "[fd00:10:244:1::2]:8080",
+    ]);
     api.delete(Kind::Service, "shop", "web");
     wait(&[]);
 }
