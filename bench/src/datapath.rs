@@ -44,6 +44,8 @@ const MIRROR_ID_BASE: u32 = 2_000_000;
 #[derive(Debug, Clone, Serialize)]
 pub struct PacketCost {
     pub scenario: &'static str,
+    /// "tc" or "xdp": the hook whose floor this scenario is compared with.
+    pub hook: &'static str,
     /// "warm" (repetitions of one packet) or "cold" (one packet per call).
     pub method: &'static str,
     pub services: u32,
@@ -187,6 +189,11 @@ fn summarize_as(
     let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize];
     PacketCost {
         scenario,
+        hook: if scenario.starts_with("nodeport_") || scenario.starts_with("floor_trivial_xdp") {
+            "xdp"
+        } else {
+            "tc"
+        },
         method,
         services,
         median_ns: at(0.5),
@@ -398,7 +405,57 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
     results.push(summarize_as("passthrough", "warm", services, pass));
     let pass = warm(&mut ebpf, Hook::FromPod, &arp, calls)?;
     results.push(summarize_as("floor_non_ip", "warm", services, pass));
+    results.extend(measure_floors(&mut ebpf, services, samples, calls)?);
     results.extend(measure_ipv6(&mut ebpf, services, samples, calls)?);
+    Ok(results)
+}
+
+/// The floors: a trivial TC and a trivial XDP program (a verdict and nothing else) run on
+/// a TCP frame, cold and warm, in the same run as everything else. Every scenario is also
+/// reported as a multiple of its hook's floor, which compares across machines.
+fn measure_floors(
+    ebpf: &mut Ebpf,
+    services: u32,
+    samples: u32,
+    calls: u32,
+) -> Result<Vec<PacketCost>> {
+    let tc: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(program_names::FLOOR_TC)
+        .context("the TC floor program")?
+        .try_into()?;
+    tc.load()?;
+    let xdp: &mut aya::programs::Xdp = ebpf
+        .program_mut(program_names::FLOOR_XDP)
+        .context("the XDP floor program")?
+        .try_into()?;
+    xdp.load()?;
+    let frame = Frame::tcp("10.240.0.1", 40_000, "10.250.0.1", 80, ACK).build();
+    let mut results = Vec::new();
+    for (name, program) in [
+        ("floor_trivial_tc", program_names::FLOOR_TC),
+        ("floor_trivial_xdp", program_names::FLOOR_XDP),
+    ] {
+        let run = |ebpf: &mut Ebpf, repeat: u32| -> Result<u64> {
+            let out = if program == program_names::FLOOR_TC {
+                test_run(load::program(ebpf, program)?, &frame, repeat)?
+            } else {
+                let xdp: &mut aya::programs::Xdp = ebpf
+                    .program_mut(program)
+                    .context("the XDP floor program")?
+                    .try_into()?;
+                test_run(xdp, &frame, repeat)?
+            };
+            Ok(out.duration_ns)
+        };
+        let cold = (0..samples)
+            .map(|_| run(ebpf, 1))
+            .collect::<Result<Vec<u64>>>()?;
+        results.push(summarize(name, services, cold));
+        let warm = (0..calls)
+            .map(|_| run(ebpf, WARM_REPEAT))
+            .collect::<Result<Vec<u64>>>()?;
+        results.push(summarize_as(name, "warm", services, warm));
+    }
     Ok(results)
 }
 

@@ -187,16 +187,27 @@ fn write(dir: &Path, r: &Results, quick: bool) -> Result<()> {
          packets come back through a mirror frontend, so each repetition is a translation), \
          median over calls of the per-packet average. *cold*: one fresh packet per call, each \
          to another service, call overhead (`floor_non_ip`) and cache misses included; new \
-         flows can only be measured this way.\n\n\
-         | scenario | method | services | median | p90 |\n|---|---|---:|---:|---:|\n",
+         flows can only be measured this way. *× floor*: the median over the median of a \
+         trivial program of the same hook (`floor_trivial_tc`, `floor_trivial_xdp`), method \
+         and scale in the same run, which compares across machines.\n\n\
+         | scenario | method | services | median | p90 | × floor |\n|---|---|---:|---:|---:|---:|\n",
         r.date, r.machine.cpu_model, r.machine.cpus, r.machine.kernel, r.command
     );
     let mut packet_rows: Vec<&datapath::PacketCost> = r.packet.iter().collect();
     packet_rows.sort_by_key(|p| (p.method, p.scenario, p.services));
-    for p in packet_rows {
+    for p in &packet_rows {
+        let floor = packet_rows.iter().find(|f| {
+            f.scenario == format!("floor_trivial_{}", p.hook)
+                && f.method == p.method
+                && f.services == p.services
+        });
+        let times = floor.filter(|f| f.median_ns > 0).map_or_else(
+            || "–".to_string(),
+            |f| format!("{:.1}", p.median_ns as f64 / f.median_ns as f64),
+        );
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {times} |",
             p.scenario, p.method, p.services, p.median_ns, p.p90_ns
         );
     }

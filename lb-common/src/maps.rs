@@ -109,6 +109,10 @@ pub mod program_names {
     pub const TC_FROM_POD: &str = "xlb_from_pod";
     /// Service → pod: reverse NAT of replies and related ICMP errors (host side, egress).
     pub const TC_TO_POD: &str = "xlb_to_pod";
+    /// Trivial programs (a verdict and nothing else) the bench measures as the floor of
+    /// each hook; never attached.
+    pub const FLOOR_TC: &str = "xlb_floor_tc";
+    pub const FLOOR_XDP: &str = "xlb_floor_xdp";
     /// The IPv6 XDP stages, tail-called from `XDP_EXTERNAL` through `XLB_PROGS6_XDP`, in
     /// the order of their indexes there.
     pub const XDP_IPV6: [&str; 2] = ["xlb_external6", "xlb_external6_untracked"];

@@ -165,6 +165,19 @@ fn sock_verdict((verdict, outcome): (i32, Option<lb_common::Outcome>)) -> i32 {
     verdict
 }
 
+/// The bench's floor: a TC program that does nothing, so every scenario can be reported
+/// as a multiple of what running any TC program costs in the same run. Never attached.
+#[classifier]
+pub fn xlb_floor_tc(_ctx: TcContext) -> i32 {
+    verdict::TC_ACT_UNSPEC
+}
+
+/// The bench's XDP floor (see `xlb_floor_tc`).
+#[xdp]
+pub fn xlb_floor_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
