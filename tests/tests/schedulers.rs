@@ -238,6 +238,14 @@ fn programs_stay_well_inside_the_verifier_budget() {
             .expect("program info");
         counts.push((name, info.verified_instruction_count()));
     }
+    // The IPv6 stages (loaded with the object: the IPv4 entry points tail-call them).
+    for name in lb_common::program_names::TC_IPV6 {
+        let info = xlb::datapath::load::program(&mut dp.ebpf, name)
+            .expect("program")
+            .info()
+            .expect("program info");
+        counts.push((name, info.verified_instruction_count()));
+    }
     let xdp = xlb::datapath::load::xdp_program(&mut dp.ebpf)
         .expect("program")
         .info()
@@ -246,6 +254,16 @@ fn programs_stay_well_inside_the_verifier_budget() {
         lb_common::program_names::XDP_EXTERNAL,
         xdp.verified_instruction_count(),
     ));
+    for name in lb_common::program_names::XDP_IPV6 {
+        let program: &mut aya::programs::Xdp = dp
+            .ebpf
+            .program_mut(name)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        let info = program.info().expect("program info");
+        counts.push((name, info.verified_instruction_count()));
+    }
     for (name, verified) in counts {
         let verified = verified.expect("kernel ≥ 5.16 reports verified instructions");
         eprintln!("{name}: {verified} instructions verified");
