@@ -412,18 +412,15 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
 
 /// The floors: a trivial TC and a trivial XDP program (a verdict and nothing else) run on
 /// a TCP frame, cold and warm, in the same run as everything else. Every scenario is also
-/// reported as a multiple of its hook's floor, which compares across machines.
+/// reported as a multiple of its hook's floor, which compares across machines. Then the
+/// cost probes (`cost_*`: one datapath step each, TC) on the same frame: each minus the TC
+/// floor is what that step costs a packet.
 fn measure_floors(
     ebpf: &mut Ebpf,
     services: u32,
     samples: u32,
     calls: u32,
 ) -> Result<Vec<PacketCost>> {
-    let tc: &mut aya::programs::SchedClassifier = ebpf
-        .program_mut(program_names::FLOOR_TC)
-        .context("the TC floor program")?
-        .try_into()?;
-    tc.load()?;
     let xdp: &mut aya::programs::Xdp = ebpf
         .program_mut(program_names::FLOOR_XDP)
         .context("the XDP floor program")?
@@ -431,19 +428,30 @@ fn measure_floors(
     xdp.load()?;
     let frame = Frame::tcp("10.240.0.1", 40_000, "10.250.0.1", 80, ACK).build();
     let mut results = Vec::new();
-    for (name, program) in [
-        ("floor_trivial_tc", program_names::FLOOR_TC),
-        ("floor_trivial_xdp", program_names::FLOOR_XDP),
-    ] {
+    let tc_programs = std::iter::once(program_names::FLOOR_TC).chain(program_names::COST_PROBES);
+    for program in tc_programs.chain([program_names::FLOOR_XDP]) {
+        let name = match program {
+            program_names::FLOOR_TC => "floor_trivial_tc",
+            program_names::FLOOR_XDP => "floor_trivial_xdp",
+            probe => probe.strip_prefix("xlb_").unwrap_or(probe),
+        };
+        if program != program_names::FLOOR_XDP {
+            let tc: &mut aya::programs::SchedClassifier = ebpf
+                .program_mut(program)
+                .with_context(|| format!("the bench program {program}"))?
+                .try_into()?;
+            tc.load()
+                .with_context(|| format!("loading the bench program {program}"))?;
+        }
         let run = |ebpf: &mut Ebpf, repeat: u32| -> Result<u64> {
-            let out = if program == program_names::FLOOR_TC {
-                test_run(load::program(ebpf, program)?, &frame, repeat)?
-            } else {
+            let out = if program == program_names::FLOOR_XDP {
                 let xdp: &mut aya::programs::Xdp = ebpf
                     .program_mut(program)
                     .context("the XDP floor program")?
                     .try_into()?;
                 test_run(xdp, &frame, repeat)?
+            } else {
+                test_run(load::program(ebpf, program)?, &frame, repeat)?
             };
             Ok(out.duration_ns)
         };

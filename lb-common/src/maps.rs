@@ -53,8 +53,12 @@ pub mod map_names {
     pub const PROGS6_XDP: &str = "XLB_PROGS6_XDP";
     /// Outcome counters of IPv6 packets (and of the IPv6 socket hooks), as `STATS`.
     pub const STATS6: &str = "XLB_STATS6";
+    /// Bits of addresses that may be a frontend's or this node's, both families
+    /// ([`addr_filter`](crate::addr_filter)): a packet to any other address skips every
+    /// frontend and conntrack lookup a frontend needs.
+    pub const ADDR_FILTER: &str = "XLB_ADDR_FILTER";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 30] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -84,6 +88,7 @@ pub mod map_names {
         PROGS6,
         PROGS6_XDP,
         STATS6,
+        ADDR_FILTER,
     ];
 }
 
@@ -113,6 +118,18 @@ pub mod program_names {
     /// each hook; never attached.
     pub const FLOOR_TC: &str = "xlb_floor_tc";
     pub const FLOOR_XDP: &str = "xlb_floor_xdp";
+    /// The bench's cost probes (TC): one datapath step each (suffix: the step); never
+    /// attached.
+    pub const COST_PROBES: [&str; 8] = [
+        "xlb_cost_parse",
+        "xlb_cost_hash_miss",
+        "xlb_cost_ct_miss",
+        "xlb_cost_ct_insert",
+        "xlb_cost_clock",
+        "xlb_cost_count",
+        "xlb_cost_rewrite",
+        "xlb_cost_fib",
+    ];
     /// The IPv6 XDP stages, tail-called from `XDP_EXTERNAL` through `XLB_PROGS6_XDP`, in
     /// the order of their indexes there.
     pub const XDP_IPV6: [&str; 2] = ["xlb_external6", "xlb_external6_untracked"];
@@ -124,6 +141,33 @@ pub mod program_names {
         "xlb_from_pod6_untracked",
         "xlb_from_pod6_rare",
     ];
+}
+
+/// The address filter (`XLB_ADDR_FILTER`): an array of 64-bit words, a bit per hash of an
+/// address. The agent sets the bit of every frontend address (ClusterIPs, externalIPs,
+/// LoadBalancer IPs) and of every node address before writing what uses them, and clears a
+/// bit only after the last such address left, so the set bits are always a superset: a
+/// clear bit proves a destination is neither (one array read, which the verifier inlines,
+/// instead of the conntrack and frontend lookups), a set bit proves nothing (the full
+/// lookups follow). Word 0 is the armed flag: until the agent filled the bits, nothing is
+/// filtered.
+pub mod addr_filter {
+    /// 2^20 bits (128 KiB): 100k frontend addresses set about a tenth of them.
+    pub const BITS_LOG2: u32 = 20;
+    /// Words of bits, after word 0.
+    pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
+    /// The array's entries: the armed flag, then the words.
+    pub const ENTRIES: u32 = WORDS + 1;
+    /// Word 0's value once the agent filled the bits.
+    pub const ARMED: u64 = 1;
+
+    /// The word (1..=WORDS) and the bit in it of an address, from its hash word
+    /// ([`MapAddr::hash_word`](crate::MapAddr::hash_word)).
+    #[inline(always)]
+    pub const fn slot(hash_word: u32) -> (u32, u64) {
+        let bit = crate::mix32(hash_word) & ((1 << BITS_LOG2) - 1);
+        (1 + (bit >> 6), 1u64 << (bit & 63))
+    }
 }
 
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).

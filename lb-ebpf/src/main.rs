@@ -7,9 +7,11 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod atomic;
+mod cost;
 mod csum;
 mod ct;
 mod family;
+mod filter;
 mod icmp;
 mod maps;
 mod nat;
@@ -176,6 +178,55 @@ pub fn xlb_floor_tc(_ctx: TcContext) -> i32 {
 #[xdp]
 pub fn xlb_floor_xdp(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// The bench's cost probes (`cost`): one datapath step each. Never attached.
+/// A SERVICES lookup that misses.
+#[classifier]
+pub fn xlb_cost_hash_miss(_ctx: TcContext) -> i32 {
+    cost::hash_miss()
+}
+
+/// A conntrack lookup that misses.
+#[classifier]
+pub fn xlb_cost_ct_miss(_ctx: TcContext) -> i32 {
+    cost::ct_miss()
+}
+
+/// One conntrack insert.
+#[classifier]
+pub fn xlb_cost_ct_insert(_ctx: TcContext) -> i32 {
+    cost::ct_insert()
+}
+
+/// The FIB lookup of a forwarded packet.
+#[classifier]
+pub fn xlb_cost_fib(ctx: TcContext) -> i32 {
+    cost::fib(&ctx)
+}
+
+/// A DNAT rewrite (parse included).
+#[classifier]
+pub fn xlb_cost_rewrite(ctx: TcContext) -> i32 {
+    cost::rewrite(&ctx)
+}
+
+/// Parsing alone.
+#[classifier]
+pub fn xlb_cost_parse(ctx: TcContext) -> i32 {
+    cost::parse_only(&ctx)
+}
+
+/// The clock read.
+#[classifier]
+pub fn xlb_cost_clock(_ctx: TcContext) -> i32 {
+    cost::clock()
+}
+
+/// An outcome count.
+#[classifier]
+pub fn xlb_cost_count(_ctx: TcContext) -> i32 {
+    cost::count()
 }
 
 #[cfg(not(target_arch = "bpf"))]

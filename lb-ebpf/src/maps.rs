@@ -159,3 +159,8 @@ pub static PROGS6: ProgramArray = ProgramArray::with_max_entries(4, 0);
 /// serves one program type, so XDP has its own); pinned, as `PROGS6`.
 #[map(name = "XLB_PROGS6_XDP")]
 pub static PROGS6_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Bits of the addresses that may be a frontend's or this node's (`lb_common::addr_filter`),
+/// written by the agent; read by `filter`.
+#[map(name = "XLB_ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(lb_common::addr_filter::ENTRIES, 0);

@@ -6,6 +6,7 @@ use lb_common::{Ip6, Outcome, SCOPE_INTERNAL, is_drop, outcome};
 use crate::{
     ct,
     family::{Family, V4, V6},
+    filter,
     icmp::{self, InnerEnd},
     maps::PROGS6,
     nat,
@@ -260,9 +261,12 @@ fn tail_call(ctx: &TcContext, stage: Stage6) -> Outcome {
 #[inline(always)]
 pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
     finish((|| match parse::parse6(ctx)? {
-        Packet::Flow(flow) => match tracked::<V6>(ctx, &flow, svc::now_ns()) {
-            Some(done) => done,
-            None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
+        Packet::Flow(flow) => match filter::may_be_local(flow.dst) {
+            true => match tracked::<V6>(ctx, &flow, svc::now_ns()) {
+                Some(done) => done,
+                None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
+            },
+            false => Err(tail_call(ctx, Stage6::FromPodUntracked)),
         },
         Packet::IcmpError { .. } => Err(tail_call(ctx, Stage6::FromPodRare)),
     })())
@@ -273,7 +277,9 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
 #[inline(always)]
 pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
     finish((|| match parse::parse6(ctx)? {
-        Packet::Flow(flow) => untracked::<V6>(ctx, &flow, svc::now_ns()),
+        Packet::Flow(flow) => {
+            untracked::<V6>(ctx, &flow, filter::may_be_local(flow.dst), svc::now_ns())
+        }
         Packet::IcmpError { .. } => Err(outcome::PASS_NOT_SERVICE),
     })())
 }
@@ -312,11 +318,12 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 /// back, or a new flow to a service.
 #[inline(always)]
 fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
+    let local = filter::may_be_local(flow.dst);
     let now = svc::now_ns();
-    match tracked::<F>(ctx, flow, now) {
-        Some(done) => done,
-        None => untracked::<F>(ctx, flow, now),
+    if local && let Some(done) = tracked::<F>(ctx, flow, now) {
+        return done;
     }
+    untracked::<F>(ctx, flow, local, now)
 }
 
 /// The packet of a tracked flow, translated; `None` if it belongs to none.
@@ -330,14 +337,21 @@ fn tracked<F: TcFamily>(
     Some(decision.and_then(|decision| F::dnat(ctx, flow, decision)))
 }
 
-/// A packet of no tracked flow: a routed reply, or a new flow to a service.
+/// A packet of no tracked flow: a routed reply, or a new flow to a service. `local`: the
+/// destination may be a frontend or a node address (`filter`); if not, only a routed reply
+/// (to a client outside) is looked for.
 #[inline(always)]
 fn untracked<F: TcFamily>(
     ctx: &TcContext,
     flow: &Flow<F::Addr>,
+    local: bool,
     now: u64,
 ) -> Result<(i32, Outcome), Outcome> {
-    let frontend = svc::find_frontend::<F>(flow, SCOPE_INTERNAL, false);
+    let frontend = if local {
+        svc::find_frontend::<F>(flow, SCOPE_INTERNAL, false)
+    } else {
+        None
+    };
     let decision = match frontend {
         // Routed replies go to a client outside or to the node's SNAT address, not to a
         // frontend on another address: a new flow skips that (missing) lookup.

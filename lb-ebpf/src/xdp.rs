@@ -14,6 +14,7 @@ use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
     family::V4,
+    filter,
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
@@ -113,6 +114,11 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
 fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = parse(ctx)?;
     let flow = pkt.flow;
+    // Everything this hook translates (new and tracked flows, SNATed flows' replies) is
+    // addressed to a frontend or a node address: one filter read lets the rest go.
+    if !filter::may_be_local(flow.dst) {
+        return Err(outcome::PASS_NOT_SERVICE);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     let now = svc::now_ns();
     // Most packets belong to a tracked flow: look that up first.

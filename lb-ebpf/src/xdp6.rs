@@ -15,6 +15,7 @@ use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
     family::V6,
+    filter,
     icmp::{REPLY6_LEN, unreachable6},
     maps::PROGS6_XDP,
     parse::{
@@ -67,6 +68,10 @@ fn flow_of(ctx: &XdpContext) -> Result<Flow<Ip6>, Outcome> {
 pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
     finish((|| {
         let flow = flow_of(ctx)?;
+        // Everything this hook translates is addressed to a frontend or a node address.
+        if !filter::may_be_local(flow.dst) {
+            return Err(outcome::PASS_NOT_SERVICE);
+        }
         match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns()) {
             Some(decision) => translate(ctx, &flow, decision?),
             None => Err(tail_call(ctx, Stage::Untracked)),

@@ -10,8 +10,8 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, Outcome,
-    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, ip6_from_octets, map_names,
-    program_names,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_filter, ip6_from_octets,
+    map_names, program_names,
 };
 use xlb::datapath::{clock::before, load};
 
@@ -111,6 +111,7 @@ fn put_frontend_in<A: MapAddr>(
     ServiceKey<A>: aya::Pod,
     Backend<A>: aya::Pod,
 {
+    mark_local(ebpf, frontend.vip);
     let key = |slot| ServiceKey {
         vip: frontend.vip,
         port: frontend.port.to_be(),
@@ -152,6 +153,39 @@ fn put_frontend_in<A: MapAddr>(
     svc.insert(key(0), front, 0).expect("insert frontend");
 }
 
+/// Sets `addr`'s bit in the address filter (none for the unspecified address, where
+/// NodePorts live) and arms the filter, as the agent does before it writes a frontend or a
+/// node address.
+pub fn mark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
+    let mut filter: Array<_, u64> =
+        Array::try_from(ebpf.map_mut(map_names::ADDR_FILTER).expect("map")).expect("map type");
+    if addr != A::default() {
+        let (index, bit) = addr_filter::slot(addr.hash_word());
+        let word = filter.get(&index, 0).expect("filter word");
+        filter.set(index, word | bit, 0).expect("filter word");
+    }
+    filter
+        .set(0, addr_filter::ARMED, 0)
+        .expect("arm the filter");
+}
+
+/// Clears `addr`'s bit in the address filter (a test's way to show the programs read it).
+pub fn unmark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
+    let mut filter: Array<_, u64> =
+        Array::try_from(ebpf.map_mut(map_names::ADDR_FILTER).expect("map")).expect("map type");
+    let (index, bit) = addr_filter::slot(addr.hash_word());
+    let word = filter.get(&index, 0).expect("filter word");
+    filter.set(index, word & !bit, 0).expect("filter word");
+}
+
+/// Whether `addr`'s bit is set in the address filter.
+pub fn marked<A: MapAddr>(ebpf: &Ebpf, addr: A) -> bool {
+    let filter: Array<_, u64> =
+        Array::try_from(ebpf.map(map_names::ADDR_FILTER).expect("map")).expect("map type");
+    let (index, bit) = addr_filter::slot(addr.hash_word());
+    filter.get(&index, 0).expect("filter word") & bit != 0
+}
+
 /// Node addresses (network byte order; NodePorts answer on them, the first is the SNAT
 /// source) and the SNAT port range.
 pub fn put_node(ebpf: &mut Ebpf, addresses: &[u32], ports: (u16, u16)) {
@@ -181,6 +215,9 @@ fn put_node_in<A: MapAddr + aya::Pod>(
 ) where
     NodeConfig<A>: aya::Pod,
 {
+    for a in addresses {
+        mark_local(ebpf, *a);
+    }
     {
         let mut ips: HashMap<_, A, u32> =
             HashMap::try_from(ebpf.map_mut(node_ips).expect("map")).expect("map type");

@@ -339,3 +339,56 @@ fn an_outside_packet_cannot_ride_a_pods_flow() {
     let spoofed = Frame::tcp("10.244.0.5", 40000, "10.96.0.10", 80, ACK).build();
     assert_eq!(dp.run_external(&spoofed), (XDP_PASS, spoofed.clone()));
 }
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_address_filter_turns_away_only_what_is_no_frontend_and_no_node_address() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_DROP_EMPTY, &[BACKEND]);
+    dp.frontend(
+        ip(LB_IP),
+        SCOPE_EXTERNAL,
+        PROTO_TCP,
+        443,
+        &[BACKEND],
+        SVC_FLAG_DROP_EMPTY,
+    );
+    for a in [NODE_A, NODE_B, LB_IP] {
+        assert!(marked(&dp.ebpf, ip(a)), "{a} is marked");
+    }
+    assert!(!marked(&dp.ebpf, ip(OUTSIDER)), "the client's bit is clear");
+    // A flow through the LoadBalancer IP, client address kept; the local backend's reply
+    // to the client (an address of no bit) is still found and translated on TC.
+    let syn = Frame::tcp(OUTSIDER, 7100, LB_IP, 443, SYN).build();
+    let (_, out) = dp.run_external(&syn);
+    assert_eq!(view(&out).dst, addr(BACKEND.1));
+    let reply = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7100, SYN | ACK).build();
+    let (_, back) = dp.run(Hook::FromPod, &reply);
+    let b = view(&back);
+    assert_eq!((b.src, b.sport, b.dst), (addr(LB_IP), 443, addr(OUTSIDER)));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 1);
+
+    // The programs read the filter: with the LB IP's bit cleared, its tracked flow and a
+    // new one pass untouched on XDP; with it set again, the flow goes on.
+    unmark_local(&mut dp.ebpf, ip(LB_IP));
+    let ack = Frame::tcp(OUTSIDER, 7100, LB_IP, 443, ACK).build();
+    assert_eq!(dp.run_external(&ack), (XDP_PASS, ack.clone()));
+    let other = Frame::tcp(OUTSIDER, 7101, LB_IP, 443, SYN).build();
+    assert_eq!(dp.run_external(&other), (XDP_PASS, other.clone()));
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 2);
+    mark_local(&mut dp.ebpf, ip(LB_IP));
+    let (_, out) = dp.run_external(&ack);
+    assert_eq!(view(&out).dst, addr(BACKEND.1));
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 1);
+
+    // The same on TC for a pod's packet to a ClusterIP.
+    dp.service(PROTO_TCP, 80, &[BACKEND], 0);
+    let to_vip = Frame::tcp(CLIENT, 7200, VIP, 80, SYN).build();
+    unmark_local(&mut dp.ebpf, ip(VIP));
+    assert_eq!(dp.run(Hook::FromPod, &to_vip), (PASS, to_vip.clone()));
+    assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 3);
+    mark_local(&mut dp.ebpf, ip(VIP));
+    let (_, out) = dp.run(Hook::FromPod, &to_vip);
+    assert_eq!(view(&out).dst, addr(BACKEND.1));
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 1);
+}

@@ -6,15 +6,18 @@ use aya::maps::{
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, Ip6, MapAddr,
     NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
-    SourceRangeKey, TrafficCounter, map_names,
+    SourceRangeKey, TrafficCounter, addr_filter, map_names,
 };
 
 use crate::{
-    datapath::pins::PinLayout,
+    datapath::{
+        addr_filter::{AddrFilter, WordWrite},
+        pins::PinLayout,
+    },
     model::{Family, IpNet},
     sync::{
         BackendEntry, MapStore, SlotKey, StoreError,
-        keys::{map_v4, map_v6},
+        keys::{from_map_v4, from_map_v6, map_v4, map_v6},
     },
 };
 
@@ -85,7 +88,10 @@ pub struct PinnedMaps {
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
+    pub addr_filter: Array<MapData, u64>,
     pub v6: PinnedMaps6,
+    /// What `addr_filter` must hold; built from the maps on the first write.
+    filter: Option<AddrFilter>,
 }
 
 /// The IPv6 twins of the address-keyed maps.
@@ -139,6 +145,8 @@ impl PinnedMaps {
             service_names: typed!(layout, map_names::SERVICE_NAMES, HashMap),
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
+            addr_filter: typed!(layout, map_names::ADDR_FILTER, Array),
+            filter: None,
             v6: PinnedMaps6 {
                 services: typed!(layout, map_names::SERVICES6, HashMap),
                 backends: typed!(layout, map_names::BACKENDS6, HashMap),
@@ -207,8 +215,11 @@ impl PinnedMaps {
                 std::net::IpAddr::V6(a) => v6.push(map_v6(*a)),
             }
         }
+        let (before, after) = self.filter()?.set_node(addresses);
+        self.write_filter(before)?;
         set_addresses(&mut self.node_ips, &v4)?;
         set_addresses(&mut self.v6.node_ips, &v6)?;
+        self.write_filter(after)?;
         fn config<A: MapAddr>(first: Option<&A>, (min, max): (u16, u16)) -> NodeConfig<A> {
             NodeConfig {
                 snat_addr: first.copied().unwrap_or_default(),
@@ -218,6 +229,48 @@ impl PinnedMaps {
         }
         self.config.set(0, config(v4.first(), snat_ports), 0)?;
         self.v6.config.set(0, config(v6.first(), snat_ports), 0)
+    }
+
+    /// The address filter's mirror. Built on first use from the frontends and node
+    /// addresses the maps hold (a restarted agent's predecessor's), after which the map is
+    /// made to match it (bits nothing needs any more cleared) and armed.
+    fn filter(&mut self) -> Result<&mut AddrFilter, MapError> {
+        if self.filter.is_none() {
+            let mut filter = AddrFilter::default();
+            for (key, _) in self.service_slots() {
+                filter.add_frontend(&key);
+            }
+            let node: Vec<std::net::IpAddr> = self
+                .node_ips
+                .keys()
+                .filter_map(Result::ok)
+                .map(|a| from_map_v4(a).into())
+                .chain(
+                    self.v6
+                        .node_ips
+                        .keys()
+                        .filter_map(Result::ok)
+                        .map(|a| from_map_v6(a).into()),
+                )
+                .collect();
+            filter.set_node(&node);
+            for index in 1..=addr_filter::WORDS {
+                let want = filter.word(index);
+                if self.addr_filter.get(&index, 0)? != want {
+                    self.addr_filter.set(index, want, 0)?;
+                }
+            }
+            self.addr_filter.set(0, addr_filter::ARMED, 0)?;
+            self.filter = Some(filter);
+        }
+        Ok(self.filter.as_mut().expect("built above"))
+    }
+
+    fn write_filter(&mut self, words: impl IntoIterator<Item = WordWrite>) -> Result<(), MapError> {
+        for (index, value) in words {
+            self.addr_filter.set(index, value, 0)?;
+        }
+        Ok(())
     }
 
     /// Records the network namespace whose sockets the socket hooks balance: the calling
@@ -479,6 +532,11 @@ impl MapStore for PinnedMaps {
         }
     }
     fn set_slot(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), StoreError> {
+        let filter_err = |e| store_err("write", map_names::ADDR_FILTER, e);
+        // The address's bit before the frontend: a packet never meets a frontend whose
+        // address the filter would turn away.
+        let write = self.filter().map_err(filter_err)?.add_frontend(key);
+        self.write_filter(write).map_err(filter_err)?;
         match key {
             SlotKey::V4(k) => self
                 .services
@@ -497,7 +555,10 @@ impl MapStore for PinnedMaps {
                 .map_err(|e| store_err("delete", map_names::SERVICES, e)),
             SlotKey::V6(k) => ignore_missing(self.v6.services.remove(k))
                 .map_err(|e| store_err("delete", map_names::SERVICES6, e)),
-        }
+        }?;
+        let filter_err = |e| store_err("write", map_names::ADDR_FILTER, e);
+        let write = self.filter().map_err(filter_err)?.remove_frontend(key);
+        self.write_filter(write).map_err(filter_err)
     }
     fn set_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), StoreError> {
         let err = |e| store_err("write table", map_names::MAGLEV, e);

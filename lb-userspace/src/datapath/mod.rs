@@ -2,6 +2,7 @@
 //! the pinned maps as the agent and the read commands use them, conntrack GC, sockets.
 use std::path::PathBuf;
 
+pub mod addr_filter;
 pub mod attach;
 pub mod bpffs;
 pub mod clock;

@@ -1,0 +1,229 @@
+//! The agent's side of the address filter (`lb_common::addr_filter`): which bits must be
+//! set, kept as reference counts so a bit is cleared only when no frontend and no node
+//! address hashes to it any more. The store writes the words this returns: a set bit
+//! before the entry that needs it, a cleared one after the last entry left.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use lb_common::{MapAddr, addr_filter};
+
+use crate::sync::keys::{SlotKey, from_map_v4, from_map_v6, map_v4, map_v6};
+
+/// A filter word to write: its index and its new value.
+pub type WordWrite = (u32, u64);
+
+#[derive(Debug, Default)]
+pub struct AddrFilter {
+    /// Frontends (their slot-0 keys) counted in `refs`.
+    frontends: HashSet<SlotKey>,
+    node: Vec<IpAddr>,
+    /// Per address: the frontends on it, plus one if it is a node address.
+    refs: HashMap<IpAddr, u32>,
+    /// Per bit: the distinct addresses on it.
+    per_bit: HashMap<(u32, u64), u32>,
+    /// The words that are not zero.
+    words: HashMap<u32, u64>,
+}
+
+/// The word and bit of `addr`, as the programs compute them.
+pub fn slot_of(addr: IpAddr) -> (u32, u64) {
+    let hash = match addr {
+        IpAddr::V4(a) => map_v4(a).hash_word(),
+        IpAddr::V6(a) => map_v6(a).hash_word(),
+    };
+    addr_filter::slot(hash)
+}
+
+/// The address a frontend's slot-0 key asks for; `None` for other slots and for NodePorts
+/// (stored on the unspecified address: the node's addresses stand for them).
+fn frontend_addr(key: &SlotKey) -> Option<IpAddr> {
+    if key.slot() != 0 {
+        return None;
+    }
+    let addr = match key {
+        SlotKey::V4(k) => IpAddr::V4(from_map_v4(k.vip)),
+        SlotKey::V6(k) => IpAddr::V6(from_map_v6(k.vip)),
+    };
+    (!addr.is_unspecified()).then_some(addr)
+}
+
+impl AddrFilter {
+    /// The frontend of `key` (a slot-0 key; other slots are ignored) is about to be
+    /// written: the word to write first, if its bit was clear.
+    pub fn add_frontend(&mut self, key: &SlotKey) -> Option<WordWrite> {
+        let addr = frontend_addr(key)?;
+        if !self.frontends.insert(*key) {
+            return None;
+        }
+        self.add_ref(addr)
+    }
+
+    /// The frontend of `key` was removed: the word to write after, if its bit cleared.
+    pub fn remove_frontend(&mut self, key: &SlotKey) -> Option<WordWrite> {
+        let addr = frontend_addr(key)?;
+        if !self.frontends.remove(key) {
+            return None;
+        }
+        self.drop_ref(addr)
+    }
+
+    /// The node's addresses become `addresses`: the words to write before the node map
+    /// changes (bits of new addresses), and those to write after (bits that cleared).
+    pub fn set_node(&mut self, addresses: &[IpAddr]) -> (Vec<WordWrite>, Vec<WordWrite>) {
+        let old = std::mem::take(&mut self.node);
+        let mut node: Vec<IpAddr> = Vec::new();
+        for a in addresses {
+            if !a.is_unspecified() && !node.contains(a) {
+                node.push(*a);
+            }
+        }
+        let before = node
+            .iter()
+            .filter(|a| !old.contains(a))
+            .filter_map(|a| self.add_ref(*a))
+            .collect::<Vec<_>>();
+        let after = old
+            .iter()
+            .filter(|a| !node.contains(a))
+            .filter_map(|a| self.drop_ref(*a))
+            .collect();
+        self.node = node;
+        (before, after)
+    }
+
+    /// The value word `index` must hold.
+    pub fn word(&self, index: u32) -> u64 {
+        self.words.get(&index).copied().unwrap_or(0)
+    }
+
+    fn add_ref(&mut self, addr: IpAddr) -> Option<WordWrite> {
+        let refs = self.refs.entry(addr).or_insert(0);
+        *refs += 1;
+        if *refs > 1 {
+            return None;
+        }
+        let (index, bit) = slot_of(addr);
+        let on_bit = self.per_bit.entry((index, bit)).or_insert(0);
+        *on_bit += 1;
+        if *on_bit > 1 {
+            return None;
+        }
+        let word = self.words.entry(index).or_insert(0);
+        *word |= bit;
+        Some((index, *word))
+    }
+
+    fn drop_ref(&mut self, addr: IpAddr) -> Option<WordWrite> {
+        let refs = self.refs.get_mut(&addr)?;
+        *refs -= 1;
+        if *refs > 0 {
+            return None;
+        }
+        self.refs.remove(&addr);
+        let (index, bit) = slot_of(addr);
+        let on_bit = self.per_bit.get_mut(&(index, bit))?;
+        *on_bit -= 1;
+        if *on_bit > 0 {
+            return None;
+        }
+        self.per_bit.remove(&(index, bit));
+        let word = self.words.get_mut(&index)?;
+        *word &= !bit;
+        let value = *word;
+        if value == 0 {
+            self.words.remove(&index);
+        }
+        Some((index, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::ServiceKey;
+    use std::net::Ipv4Addr;
+
+    fn key(vip: &str, port: u16, slot: u16) -> SlotKey {
+        let vip: Ipv4Addr = vip.parse().expect("address");
+        SlotKey::V4(ServiceKey {
+            vip: map_v4(vip),
+            port: port.to_be(),
+            slot,
+            proto: 6,
+            scope: 0,
+            _pad: [0; 2],
+        })
+    }
+
+    fn bit_set(f: &AddrFilter, addr: &str) -> bool {
+        let (index, bit) = slot_of(addr.parse().expect("address"));
+        f.word(index) & bit != 0
+    }
+
+    #[test]
+    fn a_bit_stays_while_any_frontend_or_node_address_needs_it() {
+        let mut f = AddrFilter::default();
+        let (index, bit) = slot_of("10.96.0.10".parse().expect("address"));
+        assert_eq!(
+            f.add_frontend(&key("10.96.0.10", 80, 0)),
+            Some((index, bit))
+        );
+        // A second port on the same address, a backend slot, a repeated write: no write.
+        assert_eq!(f.add_frontend(&key("10.96.0.10", 443, 0)), None);
+        assert_eq!(f.add_frontend(&key("10.96.0.10", 80, 1)), None);
+        assert_eq!(f.add_frontend(&key("10.96.0.10", 80, 0)), None);
+        let (before, after) = f.set_node(&["10.96.0.10".parse().expect("address")]);
+        assert!(before.is_empty() && after.is_empty());
+        assert_eq!(f.remove_frontend(&key("10.96.0.10", 80, 0)), None);
+        assert_eq!(f.remove_frontend(&key("10.96.0.10", 443, 0)), None);
+        assert!(bit_set(&f, "10.96.0.10"), "still a node address");
+        let (before, after) = f.set_node(&[]);
+        assert!(before.is_empty());
+        assert_eq!(after, vec![(index, 0)]);
+        assert!(!bit_set(&f, "10.96.0.10"));
+        // Removing what was never added writes nothing.
+        assert_eq!(f.remove_frontend(&key("10.96.0.11", 80, 0)), None);
+    }
+
+    #[test]
+    fn nodeports_and_other_slots_set_no_bit() {
+        let mut f = AddrFilter::default();
+        assert_eq!(f.add_frontend(&key("0.0.0.0", 30080, 0)), None);
+        assert_eq!(f.add_frontend(&key("10.96.0.1", 80, 3)), None);
+        assert!(f.words.is_empty());
+    }
+
+    #[test]
+    fn addresses_sharing_a_bit_keep_it_until_the_last_leaves() {
+        // Find two IPv4 addresses on one bit.
+        let mut seen: HashMap<(u32, u64), Ipv4Addr> = HashMap::new();
+        let (a, b) = (0u32..)
+            .map(|i| Ipv4Addr::from(0x0a60_0000 + i))
+            .find_map(|ip| {
+                let slot = slot_of(ip.into());
+                seen.insert(slot, ip).map(|other| (other, ip))
+            })
+            .expect("two addresses on one bit");
+        let mut f = AddrFilter::default();
+        assert!(f.add_frontend(&key(&a.to_string(), 80, 0)).is_some());
+        assert_eq!(f.add_frontend(&key(&b.to_string(), 80, 0)), None);
+        assert_eq!(f.remove_frontend(&key(&a.to_string(), 80, 0)), None);
+        assert!(bit_set(&f, &b.to_string()));
+        let (index, _) = slot_of(b.into());
+        assert_eq!(
+            f.remove_frontend(&key(&b.to_string(), 80, 0)),
+            Some((index, 0))
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_are_filtered_too() {
+        let mut f = AddrFilter::default();
+        let node: IpAddr = "fd00::1".parse().expect("address");
+        let (before, _) = f.set_node(&[node, "0.0.0.0".parse().expect("address")]);
+        assert_eq!(before.len(), 1);
+        assert!(bit_set(&f, "fd00::1"));
+    }
+}
