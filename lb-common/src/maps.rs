@@ -57,8 +57,12 @@ pub mod map_names {
     /// ([`addr_filter`](crate::addr_filter)): a packet to any other address skips every
     /// frontend and conntrack lookup a frontend needs.
     pub const ADDR_FILTER: &str = "XLB_ADDR_FILTER";
+    /// The routing generation (one u64): the agent raises it on every route, rule,
+    /// neighbour, link and address change it hears of; next hops cached under an older
+    /// generation are looked up again.
+    pub const ROUTE_GEN: &str = "XLB_ROUTE_GEN";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -89,6 +93,7 @@ pub mod map_names {
         PROGS6_XDP,
         STATS6,
         ADDR_FILTER,
+        ROUTE_GEN,
     ];
 }
 
@@ -170,6 +175,40 @@ pub mod addr_filter {
     }
 }
 
+/// A cached FIB result (`XLB_NEXT_HOPS`, private to each loaded object): the next hop of
+/// IPv4 packets from `src` to `dst` that arrived on interface `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopKey {
+    pub dst: u32,
+    pub src: u32,
+    pub ifindex: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<HopKey>() == 12);
+
+/// `HopValue::flags`: the egress interface is a pod's (forward with `bpf_redirect_peer`).
+pub const HOP_FLAG_POD: u16 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopValue {
+    /// Destination then source MAC.
+    pub macs: [u8; 12],
+    /// The egress interface.
+    pub ifindex: u32,
+    /// The routing generation (`XLB_ROUTE_GEN`) the lookup was made under.
+    pub generation: u32,
+    /// The largest IPv4 total length a lookup found to fit the route's MTU (GSO packets,
+    /// which the lookup does not check against the MTU, leave it as it was).
+    pub max_len: u16,
+    pub flags: u16,
+    /// When the lookup was made (CLOCK_MONOTONIC, coarse).
+    pub stamp_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<HopValue>() == 32);
+
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).
 pub mod map_sizes {
     /// Frontend slots plus backend slots of every service port: 100k services with 10
@@ -190,6 +229,8 @@ pub mod map_sizes {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const SOCK_REVNAT: u32 = 262_144;
     pub const POD_IFACES: u32 = 16_384;
+    /// Cached next hops (LRU): one per (source, destination, ingress interface) in use.
+    pub const NEXT_HOPS: u32 = 65_536;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -586,6 +627,8 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for super::Backend<A> {}
     unsafe impl<A: MapAddr> aya::Pod for super::CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for super::CtValue<A> {}
+    unsafe impl aya::Pod for super::HopKey {}
+    unsafe impl aya::Pod for super::HopValue {}
     unsafe impl<A: MapAddr> aya::Pod for super::AffinityKey<A> {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::TrafficCounter {}

@@ -12,6 +12,7 @@ mod csum;
 mod ct;
 mod family;
 mod filter;
+mod hop;
 mod icmp;
 mod maps;
 mod nat;

@@ -164,3 +164,17 @@ pub static PROGS6_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 /// written by the agent; read by `filter`.
 #[map(name = "XLB_ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(lb_common::addr_filter::ENTRIES, 0);
+
+/// The routing generation (`map_names::ROUTE_GEN`), raised by the agent; pinned, so the
+/// attached programs and every agent see one value.
+#[map(name = "XLB_ROUTE_GEN")]
+pub static ROUTE_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Cached FIB results (`hop`). A cache: private to each loaded object, not pinned.
+#[map(name = "XLB_NEXT_HOPS")]
+pub static NEXT_HOPS: LruHashMap<lb_common::HopKey, lb_common::HopValue> =
+    LruHashMap::with_max_entries(map_sizes::NEXT_HOPS, 0);
+
+/// Per-CPU slot of `hop::HopScratch` (private to each loaded object).
+#[map(name = "XLB_HOP_SCRATCH")]
+pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_max_entries(1, 0);

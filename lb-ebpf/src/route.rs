@@ -8,11 +8,13 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use lb_common::{Outcome, outcome};
+use lb_common::{HOP_FLAG_POD, HopKey, HopValue, Outcome, outcome};
 
 use crate::{
+    hop::{self, Cached},
     maps::POD_IFACES,
     parse::{IP_CSUM_OFF, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
+    svc,
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
@@ -77,7 +79,8 @@ fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
 }
 
 /// Sends the (already rewritten) packet out of the interface its destination routes to.
-/// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would.
+/// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would. The
+/// route comes from the next-hop cache (`hop`) or, failing that, a FIB lookup.
 #[inline(always)]
 pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
@@ -85,29 +88,68 @@ pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
     if ip.ttl <= 1 {
         return Ok(TC_ACT_OK); // the stack sends time-exceeded
     }
-    // SAFETY: reading the skb's own ifindex field.
-    let mut storage = MaybeUninit::uninit();
-    let fib = fib_params(&mut storage, &ip, unsafe { (*ctx.skb.skb).ifindex });
-    // SAFETY: the helper reads and writes `fib` only.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut *fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+    // SAFETY: reading the skb's own fields.
+    let (ingress, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
+    let key = HopKey {
+        dst: ip.dst,
+        src: ip.src,
+        ifindex: ingress,
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Ok(TC_ACT_OK);
-    }
-    // A router decrements the TTL; TTL and protocol share one 16-bit checksum word.
+    let len = u16::from_be(ip.tot_len);
+    let now = svc::now_ns();
+    let hop = match hop::lookup(&key, len, gso, now) {
+        Cached::Hit(hop) => hop,
+        Cached::Miss { max_len } => {
+            // SAFETY: this run's per-CPU slot.
+            let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
+            let fib = fib_params(as_storage(&mut s.fib), &ip, ingress);
+            // SAFETY: the helper reads and writes `fib` only.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.skb.skb.cast(),
+                    &mut *fib,
+                    core::mem::size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+                decrement_ttl(ctx, &ip)?;
+                return redirect_neigh(fib.ifindex);
+            }
+            if rc != BPF_FIB_LKUP_RET_SUCCESS {
+                return Ok(TC_ACT_OK);
+            }
+            // SAFETY: the map value is not used, only its presence.
+            let pod = unsafe { POD_IFACES.get(s.fib.ifindex) }.is_some();
+            let max_len = if gso { max_len } else { max_len.max(len) };
+            hop::remember(s, &key, pod, max_len, now);
+            &s.hop as *const HopValue
+        }
+    };
+    decrement_ttl(ctx, &ip)?;
+    // SAFETY: the cache's entry or this run's slot, both valid for this run.
+    let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
+    ctx.store(0, macs, 0).map_err(failed)?;
+    redirect(ifindex, flags & HOP_FLAG_POD != 0)
+}
+
+/// The FIB parameters of a per-CPU slot as the storage `fib_params` fills.
+#[inline(always)]
+pub fn as_storage(fib: &mut FibParams) -> &mut MaybeUninit<FibParams> {
+    // SAFETY: same layout; `fib_params` writes every byte before reading any.
+    unsafe { &mut *(fib as *mut FibParams).cast::<MaybeUninit<FibParams>>() }
+}
+
+/// A router decrements the TTL; TTL and protocol share one 16-bit checksum word.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), Outcome> {
+    let failed = |_| outcome::DROP_REWRITE_FAILED;
     let old_word = u16::from_be_bytes([ip.ttl, ip.proto]).to_be();
     let new_word = u16::from_be_bytes([ip.ttl - 1, ip.proto]).to_be();
     ctx.store(IP_OFF + TTL_OFF, &(ip.ttl - 1), 0)
         .map_err(failed)?;
     ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_word as u64, new_word as u64, 2)
-        .map_err(failed)?;
-    redirect(ctx, fib, rc)
+        .map_err(failed)
 }
 
 /// `forward` for IPv6: the hop limit is decremented (no header checksum to fix).
@@ -135,34 +177,45 @@ pub fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
     }
     ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0)
         .map_err(failed)?;
-    redirect(ctx, fib, rc)
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return redirect_neigh(fib.ifindex);
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    ctx.store(0, &macs, 0).map_err(failed)?;
+    // SAFETY: the map value is not used, only its presence.
+    redirect(
+        fib.ifindex,
+        unsafe { POD_IFACES.get(fib.ifindex) }.is_some(),
+    )
 }
 
-/// Sends the packet out of the interface `fib` found (`rc`: success or no neighbour).
+/// Sends the packet (its MACs already written) out of `ifindex`.
 #[inline(always)]
-fn redirect(ctx: &TcContext, fib: &FibParams, rc: i64) -> Result<i32, Outcome> {
-    let failed = |_| outcome::DROP_REWRITE_FAILED;
-    let verdict = if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        ctx.store(0, &macs, 0).map_err(failed)?;
-        // SAFETY: the map value is not used, only its presence.
-        if unsafe { POD_IFACES.get(fib.ifindex) }.is_some() {
-            // Into a local pod: the veth's peer receives it directly (ingress of the pod's
-            // end), skipping the veth transmit and the backlog queue a plain redirect takes
-            // (Cilium's BPF host routing). We run at TC ingress, as the helper requires.
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect_peer(fib.ifindex, 0) }
-        } else {
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(fib.ifindex, 0) }
-        }
+fn redirect(ifindex: u32, pod: bool) -> Result<i32, Outcome> {
+    let verdict = if pod {
+        // Into a local pod: the veth's peer receives it directly (ingress of the pod's
+        // end), skipping the veth transmit and the backlog queue a plain redirect takes
+        // (Cilium's BPF host routing). We run at TC ingress, as the helper requires.
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect_peer(ifindex, 0) }
     } else {
-        // The neighbour is not resolved yet: let the kernel resolve it and send.
-        // SAFETY: plain helper call; no explicit next hop.
-        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) }
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(ifindex, 0) }
     };
+    redirected(verdict)
+}
+
+/// The neighbour is not resolved yet: the kernel resolves it and sends.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32) -> Result<i32, Outcome> {
+    // SAFETY: plain helper call; no explicit next hop.
+    redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) })
+}
+
+#[inline(always)]
+fn redirected(verdict: i64) -> Result<i32, Outcome> {
     if verdict as i32 == TC_ACT_REDIRECT {
         Ok(TC_ACT_REDIRECT)
     } else {

@@ -10,11 +10,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
+use lb_common::{HopKey, Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
     family::V4,
     filter,
+    hop::{self, Cached},
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
@@ -227,18 +228,41 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut storage = core::mem::MaybeUninit::uninit();
-    let fib = route::fib_params(&mut storage, ip, ingress);
-    // SAFETY: helper reads and writes `fib` only.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut *fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+    let key = HopKey {
+        dst: ip.dst,
+        src: ip.src,
+        ifindex: ingress,
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ingress {
+    let len = u16::from_be(ip.tot_len);
+    let now = svc::now_ns();
+    let hop = match hop::lookup(&key, len, false, now) {
+        Cached::Hit(hop) => hop,
+        Cached::Miss { max_len } => {
+            let Some(s) = hop::scratch() else {
+                return xdp_action::XDP_PASS;
+            };
+            // SAFETY: this run's per-CPU slot.
+            let s = unsafe { &mut *s };
+            let fib = route::fib_params(route::as_storage(&mut s.fib), ip, ingress);
+            // SAFETY: helper reads and writes `fib` only.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.ctx.cast(),
+                    &mut *fib,
+                    core::mem::size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc != BPF_FIB_LKUP_RET_SUCCESS {
+                return xdp_action::XDP_PASS;
+            }
+            hop::remember(s, &key, false, max_len.max(len), now);
+            &s.hop as *const lb_common::HopValue
+        }
+    };
+    // SAFETY: the cache's entry or this run's slot, both valid for this run.
+    let (macs, egress) = unsafe { ((*hop).macs, (*hop).ifindex) };
+    if egress != ingress {
         return xdp_action::XDP_PASS;
     }
     // TTL is the high byte of the 16-bit word it shares with the protocol.
@@ -248,9 +272,6 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
     // SAFETY: in bounds, checked just above.
     unsafe { eth.write_unaligned(macs) };
     xdp_action::XDP_TX

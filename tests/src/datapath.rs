@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, Outcome,
-    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_filter, ip6_from_octets,
-    map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, HopKey, HopValue, Ip6, MapAddr,
+    NodeConfig, Outcome, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_filter,
+    ip6_from_octets, map_names, program_names,
 };
 use xlb::datapath::{clock::before, load};
 
@@ -275,6 +275,8 @@ pub fn ip6(s: &str) -> Ip6 {
 pub struct Datapath {
     pub ebpf: Ebpf,
     _netns: Netns,
+    /// The other end of `route_out`'s interface.
+    _peer: Option<Netns>,
 }
 
 #[derive(Clone, Copy)]
@@ -300,6 +302,7 @@ impl Datapath {
         Datapath {
             ebpf: load::load(None).expect("eBPF object loads and passes the verifier"),
             _netns: netns,
+            _peer: None,
         }
     }
 
@@ -408,6 +411,62 @@ impl Datapath {
         };
         let out = run_tc(&mut self.ebpf, name, frame, 1);
         (out.retval, out.packet)
+    }
+
+    /// Routes `prefix` out of a veth (`dp0`, its peer in a namespace of its own) via a
+    /// gateway whose MAC is `gateway_mac` (a permanent neighbour), with forwarding on, so
+    /// the programs' FIB lookups succeed; returns the veth's ifindex.
+    pub fn route_out(&mut self, prefix: &str, gateway_mac: &str) -> u32 {
+        let peer = Netns::new(&unique_tag(), "dppeer").expect("peer namespace");
+        let ns = &self._netns;
+        ns.sysctl("net.ipv4.conf.all.forwarding", "1")
+            .expect("forwarding");
+        ns.add_veth("dp0", None, &peer).expect("veth");
+        ns.ip(&["link", "set", "dp0", "up"]).expect("link up");
+        peer.ip(&["link", "set", "eth0", "up"]).expect("peer up");
+        ns.ip(&["route", "add", "169.254.3.3", "dev", "dp0", "scope", "link"])
+            .expect("gateway route");
+        ns.ip(&["route", "add", prefix, "via", "169.254.3.3"])
+            .expect("route");
+        ns.ip(&[
+            "neigh",
+            "add",
+            "169.254.3.3",
+            "lladdr",
+            gateway_mac,
+            "dev",
+            "dp0",
+            "nud",
+            "permanent",
+        ])
+        .expect("neighbour");
+        self._peer = Some(peer);
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"dp0".as_ptr()) };
+        assert_ne!(ifindex, 0, "ifindex of dp0");
+        ifindex
+    }
+
+    /// The next-hop cache's entries.
+    pub fn next_hops(&self) -> Vec<(HopKey, HopValue)> {
+        let map: HashMap<_, HopKey, HopValue> =
+            HashMap::try_from(self.ebpf.map("XLB_NEXT_HOPS").expect("map")).expect("map type");
+        map.iter().map(|r| r.expect("entry")).collect()
+    }
+
+    pub fn put_next_hop(&mut self, key: HopKey, value: HopValue) {
+        let mut map: HashMap<_, HopKey, HopValue> =
+            HashMap::try_from(self.ebpf.map_mut("XLB_NEXT_HOPS").expect("map")).expect("map type");
+        map.insert(key, value, 0).expect("next hop");
+    }
+
+    /// Raises the routing generation, as the agent does on a routing change.
+    pub fn raise_route_generation(&mut self) {
+        let mut map: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::ROUTE_GEN).expect("map"))
+                .expect("map type");
+        let now = map.get(&0, 0).expect("generation");
+        map.set(0, now + 1, 0).expect("generation");
     }
 
     /// Runs the XDP program (traffic from outside) on `frame`.

@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use aya::maps::HashMap;
 use lb_common::{
-    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, Outcome,
-    SVC_FLAG_AFFINITY, map_names, outcome,
+    Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, HopValue,
+    Outcome, SVC_FLAG_AFFINITY, map_names, outcome,
 };
 use xlb::datapath::{
     clock::{before, monotonic_ns},
@@ -809,4 +809,72 @@ fn conntrack_lifetimes_follow_the_node_setting() {
         "10.244.2.2",
         "6 s idle with a 5 s UDP lifetime (default 60 s): a new flow"
     );
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let gateway = [0x02, 0, 0, 0, 3, 3];
+    let egress = dp.route_out("10.244.0.0/16", "02:00:00:00:03:03");
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed out of dp0");
+    assert_eq!(&out[0..6], &gateway, "to the gateway's MAC");
+    assert_eq!(out[22], syn[22] - 1, "TTL decremented");
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    let hops = dp.next_hops();
+    assert_eq!(hops.len(), 1, "{hops:?}");
+    let (key, hop) = hops[0];
+    assert_eq!((key.dst, key.src), (ip("10.244.1.2"), ip(CLIENT)));
+    assert_eq!((hop.ifindex, &hop.macs[..6]), (egress, &gateway[..]));
+    assert_eq!(
+        hop.max_len as usize,
+        syn.len() - 14,
+        "the looked-up packet's length"
+    );
+
+    // The cached entry is what the flow's next packets take (other MACs in it show it).
+    let marked = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+    let mut planted = hop;
+    planted.macs[..6].copy_from_slice(&marked);
+    dp.put_next_hop(key, planted);
+    let ack = Frame::tcp(CLIENT, 40000, VIP, 80, ACK).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &marked[..]));
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+
+    // A longer packet than any the lookup passed is looked up again (the MTU check).
+    let mut long = Frame::tcp(CLIENT, 40000, VIP, 80, ACK);
+    long.payload = vec![7; 200];
+    let (_, out) = dp.run(Hook::FromPod, &long.build());
+    assert_eq!(&out[0..6], &gateway, "looked up again");
+    let (_, hop) = dp.next_hops()[0];
+    assert_eq!(hop.max_len as usize, 20 + 20 + 200, "the bound rose");
+
+    // A routing change (the agent raises the generation) makes every entry stale.
+    dp.put_next_hop(
+        key,
+        HopValue {
+            max_len: 1500,
+            ..planted
+        },
+    );
+    dp.raise_route_generation();
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(&out[0..6], &gateway, "stale after a routing change");
+    assert_eq!(dp.next_hops()[0].1.generation, 1);
+    // So does age (a second), for the time no agent watches.
+    dp.put_next_hop(
+        key,
+        HopValue {
+            stamp_ns: before(monotonic_ns(), std::time::Duration::from_secs(2)),
+            generation: 1,
+            ..planted
+        },
+    );
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(&out[0..6], &gateway, "stale after a second");
 }

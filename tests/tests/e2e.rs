@@ -11,7 +11,7 @@ use xlb_tests::{
     manifests::{service, slice},
     netns::{Netns, leftover},
     privilege::require_privileges,
-    workload::{tcp_connect, tcp_hello},
+    workload::{serve, tcp_connect, tcp_hello},
 };
 
 const WEB_VIP: &str = "10.96.0.10";
@@ -708,4 +708,79 @@ fn healthz_answers_while_strangers_hold_connections_open() {
     }
     drip.join().expect("slow sender");
     drop(idle);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_backend_replaced_at_the_same_address_is_reached_at_once() {
+    require_privileges();
+    let mut c = web_cluster(None);
+    let hello = |c: &Cluster| {
+        c.node
+            .pod("client")
+            .ns
+            .enter(|| {
+                let started = Instant::now();
+                tcp_hello(addr(WEB_VIP, 80), T).map(|name| (name, started.elapsed()))
+            })
+            .expect("client namespace")
+    };
+    // Flows from the client to every backend: their next hops are cached now.
+    let counts = spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 30, false);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    // be1 and be2 leave for good, be3 is replaced by a new pod at its address (a new
+    // interface, a new MAC): a next hop cached for the old one would send the SYN into a
+    // deleted interface, and the client would wait a second for its retransmission.
+    c.write_manifest("web-slice.yaml", &slice("web", &[("10.244.0.13", true)]))
+        .expect("write");
+    wait_until(Duration::from_secs(5), || {
+        c.programmed("10.96.0.10:80/TCP")
+            .is_some_and(|b| b.len() == 1)
+    })
+    .expect("one backend programmed");
+    let old_index = c
+        .node
+        .pods
+        .iter()
+        .position(|p| p.name == "be3")
+        .expect("be3");
+    let iface = c.node.pods[old_index].host_iface.clone();
+    let attached = |c: &Cluster| c.log().matches(&format!("attached to {iface} ")).count();
+    let attached_before = attached(&c);
+    // (Interface names follow pod indexes: with the last pod gone too, the new be3 gets
+    // the old one's name, as a recreated pod's interface often does.)
+    // The pods' servers go first: their sockets would keep the namespaces alive.
+    let unready = c
+        .node
+        .pods
+        .iter()
+        .position(|p| p.name == "unready")
+        .expect("unready");
+    assert_eq!(
+        (old_index, unready),
+        (3, 4),
+        "servers are kept in pod order"
+    );
+    c.servers.truncate(old_index);
+    c.node.remove_pod("unready");
+    c.node.remove_pod("be3");
+    // The kernel tears a deleted namespace's veth down in the background.
+    wait_until(Duration::from_secs(5), || {
+        c.node.ns.link_packets(&iface).is_err()
+    })
+    .expect("the old interface gone");
+    let index = c.node.add_pod("be3", "10.244.0.13").expect("new be3");
+    assert_eq!(c.node.pods[index].host_iface, iface);
+    c.servers
+        .push(serve(&c.node.pods[index]).expect("servers of the new be3"));
+    wait_until(Duration::from_secs(2), || attached(&c) > attached_before)
+        .expect("the new interface attached");
+    for round in 0..5 {
+        let (name, took) = hello(&c).expect("the new be3 answers");
+        assert_eq!(name, "be3");
+        assert!(
+            took < Duration::from_millis(500),
+            "round {round}: connecting took {took:?} (a SYN lost to a stale next hop?)"
+        );
+    }
 }

@@ -29,6 +29,7 @@ use crate::{
         load,
         maps::PinnedMaps,
         pins::PinLayout,
+        route_watch,
     },
     serve::{
         healthcheck::HealthServers,
@@ -50,6 +51,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("creating {}", pins.maps_dir().display()))?;
     let mut ebpf = load::load(Some(&pins)).context("loading the datapath")?;
     let mut maps = PinnedMaps::open(&pins)?;
+    // Before anything is forwarded from a cached next hop: routing changes invalidate them.
+    route_watch::spawn(&pins).context("watching routing changes for the next-hop cache")?;
     // Before anything is programmed: the lifetimes every flow is judged by.
     maps.set_ct_timeouts(&config.ct_timeouts)
         .context("writing the conntrack lifetimes")?;

@@ -11,6 +11,7 @@ pub mod ifaces;
 pub mod load;
 pub mod maps;
 pub mod pins;
+pub mod route_watch;
 pub mod sockets;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,132 @@
+//! Raises the routing generation (`XLB_ROUTE_GEN`) whenever the kernel announces a change
+//! a FIB lookup's result may depend on (routes, rules, neighbours, links, addresses), so
+//! the programs look up again instead of using a next hop they cached before it
+//! (`lb-ebpf/src/hop.rs`). Raised once at start too: changes made while no agent listened
+//! count as well.
+use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd, path::PathBuf};
+
+use aya::maps::{Array, MapData};
+use lb_common::map_names;
+
+use super::pins::PinLayout;
+
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV4_RULE: u32 = 0x80;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteWatchError {
+    #[error("opening pinned map {path}: {message}")]
+    Map { path: PathBuf, message: String },
+    #[error("subscribing to routing changes (rtnetlink): {0}; the agent needs CAP_NET_ADMIN")]
+    Netlink(io::Error),
+}
+
+/// The routing generation in the pinned map.
+pub struct RouteGeneration {
+    map: Array<MapData, u64>,
+}
+
+impl RouteGeneration {
+    pub fn open(pins: &PinLayout) -> Result<Self, RouteWatchError> {
+        let path = pins.map(map_names::ROUTE_GEN);
+        let fail = |message: String| RouteWatchError::Map {
+            path: path.clone(),
+            message,
+        };
+        let data = MapData::from_pin(&path).map_err(|e| fail(e.to_string()))?;
+        let map = Array::try_from(aya::maps::Map::Array(data)).map_err(|e| fail(e.to_string()))?;
+        Ok(Self { map })
+    }
+
+    /// Raises the generation; returns the new one.
+    pub fn raise(&mut self) -> Result<u64, aya::maps::MapError> {
+        let next = self.map.get(&0, 0)?.wrapping_add(1);
+        self.map.set(0, next, 0)?;
+        Ok(next)
+    }
+}
+
+/// Subscribes to the kernel's routing announcements and raises the generation on each,
+/// from a thread of its own, for the agent's lifetime.
+pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
+    let mut generation = RouteGeneration::open(pins)?;
+    let socket = subscribe().map_err(RouteWatchError::Netlink)?;
+    generation.raise().map_err(|e| RouteWatchError::Map {
+        path: pins.map(map_names::ROUTE_GEN),
+        message: e.to_string(),
+    })?;
+    std::thread::Builder::new()
+        .name("route-watch".into())
+        .spawn(move || watch(socket, generation))
+        .map_err(RouteWatchError::Netlink)?;
+    Ok(())
+}
+
+fn subscribe() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid sockaddr_nl.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = RTMGRP_LINK
+        | RTMGRP_NEIGH
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV4_RULE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE;
+    // SAFETY: `addr` is a sockaddr_nl of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+fn watch(socket: OwnedFd, mut generation: RouteGeneration) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Announcements were lost (the socket's buffer overran): something changed.
+                Some(libc::ENOBUFS) => {}
+                _ => {
+                    log::error!(
+                        "routing announcements stopped ({e}); cached next hops now expire \
+                         within a second instead of at once"
+                    );
+                    return;
+                }
+            }
+        }
+        if let Err(e) = generation.raise() {
+            log::warn!("raising the routing generation: {e}");
+        }
+    }
+}
