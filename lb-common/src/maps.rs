@@ -187,6 +187,17 @@ pub struct HopKey {
 
 const _: () = assert!(core::mem::size_of::<HopKey>() == 12);
 
+/// `HopKey` for IPv6 packets (`XLB_NEXT_HOPS6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopKey6 {
+    pub dst: Ip6,
+    pub src: Ip6,
+    pub ifindex: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<HopKey6>() == 36);
+
 /// `HopValue::flags`: the egress interface is a pod's (forward with `bpf_redirect_peer`).
 pub const HOP_FLAG_POD: u16 = 1;
 
@@ -199,7 +210,8 @@ pub struct HopValue {
     pub ifindex: u32,
     /// The routing generation (`XLB_ROUTE_GEN`) the lookup was made under.
     pub generation: u32,
-    /// The largest IPv4 total length a lookup found to fit the route's MTU (GSO packets,
+    /// The largest datagram length (IPv4 total length, IPv6 40 + payload length) a
+    /// lookup found to fit the route's MTU (GSO packets,
     /// which the lookup does not check against the MTU, leave it as it was).
     pub max_len: u16,
     pub flags: u16,
@@ -628,6 +640,7 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for super::CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for super::CtValue<A> {}
     unsafe impl aya::Pod for super::HopKey {}
+    unsafe impl aya::Pod for super::HopKey6 {}
     unsafe impl aya::Pod for super::HopValue {}
     unsafe impl<A: MapAddr> aya::Pod for super::AffinityKey<A> {}
     unsafe impl aya::Pod for super::AffinityValue {}

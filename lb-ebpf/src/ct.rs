@@ -68,6 +68,13 @@ pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
     }
 }
 
+/// Whether `flow` (a reply) has a reverse entry.
+#[inline(always)]
+pub fn has_reverse<F: Family>(flow: &Flow<F::Addr>) -> bool {
+    // SAFETY: presence check only.
+    unsafe { F::conntrack().get(reverse_key(flow)) }.is_some()
+}
+
 /// A conntrack entry being built: entries are written into this per-CPU slot and inserted
 /// from there. Built on the stack, an IPv6 flow's two entries (240 bytes with their keys,
 /// and LLVM keeps copies) overflow the 512-byte BPF stack.

@@ -175,6 +175,10 @@ pub static ROUTE_GEN: Array<u64> = Array::with_max_entries(1, 0);
 pub static NEXT_HOPS: LruHashMap<lb_common::HopKey, lb_common::HopValue> =
     LruHashMap::with_max_entries(map_sizes::NEXT_HOPS, 0);
 
+#[map(name = "XLB_NEXT_HOPS6")]
+pub static NEXT_HOPS6: LruHashMap<lb_common::HopKey6, lb_common::HopValue> =
+    LruHashMap::with_max_entries(map_sizes::NEXT_HOPS, 0);
+
 /// Per-CPU slot of `hop::HopScratch` (private to each loaded object).
 #[map(name = "XLB_HOP_SCRATCH")]
 pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -4,7 +4,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    helpers::generated::bpf_xdp_load_bytes,
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Ip6, MapAddr, Outcome, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, outcome};
@@ -87,6 +87,8 @@ const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IP6_HLEN);
 /// load helper takes as a plain argument and a packet pointer would make the verifier track.
 pub trait Frame {
     fn read<T>(&self, offset: usize) -> Result<T, Outcome>;
+    /// `read` into `dst` (a map value, say), without a copy on the stack.
+    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome>;
     /// Bytes in the frame.
     fn frame_len(&self) -> u32;
 }
@@ -97,12 +99,44 @@ impl Frame for TcContext {
         self.load(offset).map_err(|_| outcome::MALFORMED)
     }
     #[inline(always)]
+    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome> {
+        // SAFETY: the helper writes `size_of::<T>()` bytes into `dst` or fails.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                self.skb.skb.cast(),
+                offset as u32,
+                (dst as *mut T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(outcome::MALFORMED);
+        }
+        Ok(())
+    }
+    #[inline(always)]
     fn frame_len(&self) -> u32 {
         self.len()
     }
 }
 
 impl Frame for XdpContext {
+    #[inline(always)]
+    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome> {
+        // SAFETY: the helper writes `size_of::<T>()` bytes into `dst` or fails.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                offset as u32,
+                (dst as *mut T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(outcome::MALFORMED);
+        }
+        Ok(())
+    }
     #[inline(always)]
     fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
         let mut value = core::mem::MaybeUninit::<T>::uninit();

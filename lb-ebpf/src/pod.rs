@@ -266,6 +266,10 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
                 Some(done) => done,
                 None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
             },
+            // To no frontend and no node address: only a routed reply is left, and that
+            // has a reverse entry; without one the packet goes here, without the next
+            // stage's tail call and parse.
+            false if !ct::has_reverse::<V6>(&flow) => Err(outcome::PASS_NOT_SERVICE),
             false => Err(tail_call(ctx, Stage6::FromPodUntracked)),
         },
         Packet::IcmpError { .. } => Err(tail_call(ctx, Stage6::FromPodRare)),

@@ -13,7 +13,7 @@ use lb_common::{HOP_FLAG_POD, HopKey, HopValue, Outcome, outcome};
 use crate::{
     hop::{self, Cached},
     maps::POD_IFACES,
-    parse::{IP_CSUM_OFF, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
+    parse::{Frame, IP_CSUM_OFF, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
     svc,
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
@@ -156,39 +156,53 @@ fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), Outcome> {
 #[inline(always)]
 pub fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
-    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(failed)?;
-    if ip.hop_limit <= 1 {
+    // SAFETY: this run's per-CPU slot.
+    let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
+    ctx.read_into(IP_OFF, &mut s.ip6)
+        .map_err(|_| outcome::DROP_REWRITE_FAILED)?;
+    if s.ip6.hop_limit <= 1 {
         return Ok(TC_ACT_OK); // the stack sends time-exceeded
     }
-    let mut storage = MaybeUninit::uninit();
-    // SAFETY: reading the skb's own ifindex field.
-    let fib = fib_params6(&mut storage, &ip, unsafe { (*ctx.skb.skb).ifindex });
-    // SAFETY: the helper reads and writes `fib` only.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut *fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+    // SAFETY: reading the skb's own fields.
+    let (ingress, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
+    hop::key6_of(s, ingress);
+    let hop_limit = s.ip6.hop_limit;
+    let len = u16::from_be(s.ip6.payload_len).saturating_add(IP6_HLEN as u16);
+    let now = svc::now_ns();
+    let hop = match hop::lookup(&s.key6, len, gso, now) {
+        Cached::Hit(hop) => hop,
+        Cached::Miss { max_len } => {
+            let fib = fib_params6(as_storage(&mut s.fib), &s.ip6, ingress);
+            // SAFETY: the helper reads and writes `fib` only.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.skb.skb.cast(),
+                    &mut *fib,
+                    core::mem::size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+                ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
+                    .map_err(failed)?;
+                return redirect_neigh(fib.ifindex);
+            }
+            if rc != BPF_FIB_LKUP_RET_SUCCESS {
+                return Ok(TC_ACT_OK);
+            }
+            // SAFETY: the map value is not used, only its presence.
+            let pod = unsafe { POD_IFACES.get(s.fib.ifindex) }.is_some();
+            let max_len = if gso { max_len } else { max_len.max(len) };
+            hop::remember6(s, pod, max_len, now);
+            &s.hop as *const HopValue
+        }
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Ok(TC_ACT_OK);
-    }
-    ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0)
+    ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
         .map_err(failed)?;
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return redirect_neigh(fib.ifindex);
-    }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    ctx.store(0, &macs, 0).map_err(failed)?;
-    // SAFETY: the map value is not used, only its presence.
-    redirect(
-        fib.ifindex,
-        unsafe { POD_IFACES.get(fib.ifindex) }.is_some(),
-    )
+    // SAFETY: the cache's entry or this run's slot, both valid for this run.
+    let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
+    ctx.store(0, macs, 0).map_err(failed)?;
+    redirect(ifindex, flags & HOP_FLAG_POD != 0)
 }
 
 /// Sends the packet (its MACs already written) out of `ifindex`.

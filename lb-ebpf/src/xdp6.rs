@@ -16,11 +16,12 @@ use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 use crate::{
     family::V6,
     filter,
+    hop::{self, Cached},
     icmp::{REPLY6_LEN, unreachable6},
     maps::PROGS6_XDP,
     parse::{
         self, ETH_HLEN, ETH_P_IPV6, Flow, Frame, IP_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF,
-        IP6_SRC_OFF, Ipv6Hdr, Packet,
+        IP6_SRC_OFF, Packet,
     },
     route,
     svc::{self, Addr, Decision},
@@ -175,31 +176,48 @@ fn rewrite(
 /// interface it came in on (hop limit decremented), otherwise to the kernel.
 #[inline(always)]
 fn forward(ctx: &XdpContext) -> u32 {
-    let Ok(ip) = ctx.read::<Ipv6Hdr>(IP_OFF) else {
+    let Some(s) = hop::scratch() else {
         return xdp_action::XDP_PASS;
     };
-    if ip.hop_limit <= 1 {
+    // SAFETY: this run's per-CPU slot.
+    let s = unsafe { &mut *s };
+    if ctx.read_into(IP_OFF, &mut s.ip6).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    if s.ip6.hop_limit <= 1 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut storage = core::mem::MaybeUninit::uninit();
-    let fib = route::fib_params6(&mut storage, &ip, ingress);
-    // SAFETY: helper reads and writes `fib` only.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut *fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+    hop::key6_of(s, ingress);
+    let hop_limit = s.ip6.hop_limit;
+    let len = u16::from_be(s.ip6.payload_len).saturating_add(IP6_HLEN as u16);
+    let now = svc::now_ns();
+    let hop = match hop::lookup(&s.key6, len, false, now) {
+        Cached::Hit(hop) => hop,
+        Cached::Miss { max_len } => {
+            let fib = route::fib_params6(route::as_storage(&mut s.fib), &s.ip6, ingress);
+            // SAFETY: helper reads and writes `fib` only.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.ctx.cast(),
+                    &mut *fib,
+                    core::mem::size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc != BPF_FIB_LKUP_RET_SUCCESS {
+                return xdp_action::XDP_PASS;
+            }
+            hop::remember6(s, false, max_len.max(len), now);
+            &s.hop as *const lb_common::HopValue
+        }
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ingress {
+    // SAFETY: the cache's entry or this run's slot, both valid for this run.
+    let (macs, egress) = unsafe { ((*hop).macs, (*hop).ifindex) };
+    if egress != ingress {
         return xdp_action::XDP_PASS;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    if store(ctx, IP_OFF + IP6_HOP_LIMIT_OFF, &(ip.hop_limit - 1)).is_err()
+    if store(ctx, IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1)).is_err()
         || store(ctx, 0, &macs).is_err()
     {
         return xdp_action::XDP_PASS;

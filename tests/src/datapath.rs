@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, HopKey, HopValue, Ip6, MapAddr,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, HopKey, HopKey6, HopValue, Ip6, MapAddr,
     NodeConfig, Outcome, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_filter,
     ip6_from_octets, map_names, program_names,
 };
@@ -445,6 +445,53 @@ impl Datapath {
         let ifindex = unsafe { libc::if_nametoindex(c"dp0".as_ptr()) };
         assert_ne!(ifindex, 0, "ifindex of dp0");
         ifindex
+    }
+
+    /// `route_out` for IPv6 (after it: the same interface): `prefix` via a link-local
+    /// gateway whose MAC is `gateway_mac`.
+    pub fn route_out6(&mut self, prefix: &str, gateway_mac: &str) {
+        let ns = &self._netns;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("forwarding");
+        ns.ip(&["-6", "route", "add", "fe80::303", "dev", "dp0"])
+            .expect("gateway route");
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            prefix,
+            "via",
+            "fe80::303",
+            "dev",
+            "dp0",
+        ])
+        .expect("route");
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "add",
+            "fe80::303",
+            "lladdr",
+            gateway_mac,
+            "dev",
+            "dp0",
+            "nud",
+            "permanent",
+        ])
+        .expect("neighbour");
+    }
+
+    /// The IPv6 next-hop cache's entries.
+    pub fn next_hops6(&self) -> Vec<(HopKey6, HopValue)> {
+        let map: HashMap<_, HopKey6, HopValue> =
+            HashMap::try_from(self.ebpf.map("XLB_NEXT_HOPS6").expect("map")).expect("map type");
+        map.iter().map(|r| r.expect("entry")).collect()
+    }
+
+    pub fn put_next_hop6(&mut self, key: HopKey6, value: HopValue) {
+        let mut map: HashMap<_, HopKey6, HopValue> =
+            HashMap::try_from(self.ebpf.map_mut("XLB_NEXT_HOPS6").expect("map")).expect("map type");
+        map.insert(key, value, 0).expect("next hop");
     }
 
     /// The next-hop cache's entries.

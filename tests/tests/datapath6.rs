@@ -357,3 +357,46 @@ fn affinity_and_source_ranges_work_per_ipv6_client() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(dp.stat(outcome::DROP_SOURCE_RANGE), 1);
 }
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn ipv6_forwarding_takes_the_cached_next_hop_and_the_filter_turns_strangers_away() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let gateway = [0x02, 0, 0, 0, 3, 3];
+    let egress = dp.route_out("10.244.0.0/16", "02:00:00:00:03:03");
+    dp.route_out6("fd00:10:244::/48", "02:00:00:00:03:03");
+    dp.service6(PROTO_TCP, 80, &[(1, BACKEND_A, 8080)], 0);
+    let syn = Frame6::tcp(CLIENT6, 40000, VIP6, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed out of dp0");
+    assert_eq!(&out[0..6], &gateway);
+    assert_eq!(out[21], syn[21] - 1, "hop limit decremented");
+    let hops = dp.next_hops6();
+    assert_eq!(hops.len(), 1, "{hops:?}");
+    let (key, hop) = hops[0];
+    assert_eq!((key.dst, key.src), (ip6(BACKEND_A), ip6(CLIENT6)));
+    assert_eq!(hop.ifindex, egress);
+    assert_eq!(hop.max_len as usize, syn.len() - 14);
+    // The flow's next packet takes the entry (planted MACs show it) ...
+    let marked = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+    let mut planted = hop;
+    planted.macs[..6].copy_from_slice(&marked);
+    dp.put_next_hop6(key, planted);
+    let ack = Frame6::tcp(CLIENT6, 40000, VIP6, 80, ACK).build();
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(&out[0..6], &marked[..]);
+    assert_eq!(checksum_errors6(&out), Vec::<String>::new());
+    // ... until routing changes.
+    dp.raise_route_generation();
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(&out[0..6], &gateway);
+
+    // Without the VIP's bit in the address filter, the flow's packets pass untouched.
+    unmark_local(&mut dp.ebpf, ip6(VIP6));
+    assert_eq!(dp.run(Hook::FromPod, &ack), (PASS, ack.clone()));
+    assert_eq!(dp.stat6(outcome::PASS_NOT_SERVICE), 1);
+    mark_local(&mut dp.ebpf, ip6(VIP6));
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(ends(&out).1, (BACKEND_A.to_string(), 8080));
+}

@@ -392,3 +392,43 @@ fn the_address_filter_turns_away_only_what_is_no_frontend_and_no_node_address() 
     assert_eq!(view(&out).dst, addr(BACKEND.1));
     assert_eq!(dp.stat(outcome::DNAT_NEW), 1);
 }
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn xdp_sends_back_out_by_the_cached_next_hop_of_the_ingress_interface() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    // No route in the test's namespace: the translated packet goes to the kernel ...
+    let syn = Frame::tcp(OUTSIDER, 7300, NODE_A, 30080, SYN).build();
+    let (verdict, out) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert!(dp.next_hops().is_empty(), "nothing cached without a route");
+    // ... unless a next hop is cached for it, back out of the interface it came in on
+    // (BPF_PROG_TEST_RUN's: loopback, ifindex 1): then it leaves with that hop's MACs.
+    let macs = [
+        2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 2, 0x11, 0x22, 0x33, 0x44, 0x55,
+    ];
+    let key = lb_common::HopKey {
+        dst: ip(BACKEND.1),
+        src: ip(NODE_A),
+        ifindex: 1,
+    };
+    dp.put_next_hop(
+        key,
+        lb_common::HopValue {
+            macs,
+            ifindex: 1,
+            generation: 0,
+            max_len: 1500,
+            flags: 0,
+            stamp_ns: xlb::datapath::clock::monotonic_ns(),
+        },
+    );
+    let ack = Frame::tcp(OUTSIDER, 7300, NODE_A, 30080, ACK).build();
+    let (verdict, out2) = dp.run_external(&ack);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(&out2[..12], &macs);
+    assert_eq!(out2[22], ack[22] - 1, "TTL decremented");
+    assert_eq!(checksum_errors(&out2), Vec::<String>::new());
+    assert_eq!(view(&out2).dst, view(&out).dst);
+}
