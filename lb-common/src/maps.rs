@@ -175,8 +175,8 @@ pub mod addr_filter {
     }
 }
 
-/// A cached FIB result (`XLB_NEXT_HOPS`, private to each loaded object): the next hop of
-/// IPv4 packets from `src` to `dst` that arrived on interface `ifindex`.
+/// The key of a cached FIB result (`XLB_NEXT_HOPS`, private to each loaded object): the
+/// next hop of IPv4 packets from `src` to `dst` that arrived on interface `ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HopKey {
@@ -221,6 +221,41 @@ pub struct HopValue {
 
 const _: () = assert!(core::mem::size_of::<HopValue>() == 32);
 
+/// A slot of the next-hop cache: a per-CPU array indexed by a hash of the key
+/// ([`next_hops::index`]), each slot holding one key and its next hop. A miss overwrites
+/// the slot: no allocation, no lock, no LRU list (an LRU insert costs more than the FIB
+/// lookup it would save once).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopSlot {
+    pub key: HopKey,
+    pub _pad: u32,
+    pub hop: HopValue,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopSlot6 {
+    pub key: HopKey6,
+    pub _pad: u32,
+    pub hop: HopValue,
+}
+
+const _: () = assert!(core::mem::size_of::<HopSlot>() == 48);
+const _: () = assert!(core::mem::size_of::<HopSlot6>() == 72);
+
+/// The next-hop cache's slots.
+pub mod next_hops {
+    /// Slots per CPU (192 KiB for IPv4, 288 KiB for IPv6, per CPU).
+    pub const SLOTS: u32 = 4096;
+
+    /// The slot of a key, from its addresses' hash words and the ingress interface.
+    #[inline(always)]
+    pub const fn index(dst_word: u32, src_word: u32, ifindex: u32) -> u32 {
+        crate::mix32(dst_word ^ crate::mix32(src_word ^ crate::mix32(ifindex))) & (SLOTS - 1)
+    }
+}
+
 /// Map capacities, sized for real clusters (Cilium uses similar defaults).
 pub mod map_sizes {
     /// Frontend slots plus backend slots of every service port: 100k services with 10
@@ -241,8 +276,6 @@ pub mod map_sizes {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const SOCK_REVNAT: u32 = 262_144;
     pub const POD_IFACES: u32 = 16_384;
-    /// Cached next hops (LRU): one per (source, destination, ingress interface) in use.
-    pub const NEXT_HOPS: u32 = 65_536;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -642,6 +675,8 @@ mod pod {
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::HopKey6 {}
     unsafe impl aya::Pod for super::HopValue {}
+    unsafe impl aya::Pod for super::HopSlot {}
+    unsafe impl aya::Pod for super::HopSlot6 {}
     unsafe impl<A: MapAddr> aya::Pod for super::AffinityKey<A> {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::TrafficCounter {}

@@ -1,14 +1,16 @@
 //! The next-hop cache: a FIB lookup's result (egress interface and MACs) kept per
-//! (source, destination, ingress interface), one map per family, so a flow's packets after the first skip the
-//! lookup (the bench's `cost_fib` row: the largest single step of a forwarded packet).
+//! (source, destination, ingress interface), so a flow's packets after the first skip the
+//! lookup (the bench's `cost_fib` row: the largest single step of a forwarded packet). One
+//! direct-mapped per-CPU array per family (`lb_common::HopSlot`): a lookup is a hash and an
+//! array read, a miss overwrites the slot.
 //!
 //! Only a result the lookup would give again is used: one made under the current routing
 //! generation (the agent raises it on every route, rule, neighbour, link or address
 //! change), less than `HOP_TTL_NS` old (a bound for the time an agent is not running), and
 //! for a packet no longer than one the lookup found to fit the route's MTU (GSO packets are
 //! not checked against the MTU by the lookup either).
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, maps::LruHashMap};
-use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue};
+use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
+use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue, MapAddr, next_hops};
 
 use crate::{
     maps::{HOP_SCRATCH, NEXT_HOPS, NEXT_HOPS6, ROUTE_GEN},
@@ -16,21 +18,28 @@ use crate::{
 };
 
 /// The key of each family's cache.
-pub trait Key: Sized + 'static {
-    fn cache() -> &'static LruHashMap<Self, HopValue>;
+pub trait Key: Copy + PartialEq + 'static {
+    /// The key's slot on this CPU: its key and its next hop.
+    fn slot(&self) -> Option<(*mut Self, *mut HopValue)>;
 }
 
 impl Key for HopKey {
     #[inline(always)]
-    fn cache() -> &'static LruHashMap<HopKey, HopValue> {
-        &NEXT_HOPS
+    fn slot(&self) -> Option<(*mut HopKey, *mut HopValue)> {
+        let index = next_hops::index(self.dst, self.src, self.ifindex);
+        let slot = NEXT_HOPS.get_ptr_mut(index)?;
+        // SAFETY: a map value of this run.
+        Some(unsafe { (&raw mut (*slot).key, &raw mut (*slot).hop) })
     }
 }
 
 impl Key for HopKey6 {
     #[inline(always)]
-    fn cache() -> &'static LruHashMap<HopKey6, HopValue> {
-        &NEXT_HOPS6
+    fn slot(&self) -> Option<(*mut HopKey6, *mut HopValue)> {
+        let index = next_hops::index(self.dst.hash_word(), self.src.hash_word(), self.ifindex);
+        let slot = NEXT_HOPS6.get_ptr_mut(index)?;
+        // SAFETY: a map value of this run.
+        Some(unsafe { (&raw mut (*slot).key, &raw mut (*slot).hop) })
     }
 }
 
@@ -78,12 +87,22 @@ fn generation() -> u32 {
 /// The cached next hop of a packet of datagram length `len` (`gso`: a GSO packet).
 #[inline(always)]
 pub fn lookup<K: Key>(key: &K, len: u16, gso: bool, now: u64) -> Cached {
-    let Some(hop) = K::cache().get_ptr(key) else {
+    let Some((slot_key, hop)) = key.slot() else {
         return Cached::Miss { max_len: 0 };
     };
-    // SAFETY: a map value from this run's lookup.
-    let (generation_then, stamp, max_len) =
-        unsafe { ((*hop).generation, (*hop).stamp_ns, (*hop).max_len) };
+    // SAFETY: the slot of this run's lookup.
+    let (same, ifindex, generation_then, stamp, max_len) = unsafe {
+        (
+            *slot_key == *key,
+            (*hop).ifindex,
+            (*hop).generation,
+            (*hop).stamp_ns,
+            (*hop).max_len,
+        )
+    };
+    if !same || ifindex == 0 {
+        return Cached::Miss { max_len: 0 };
+    }
     if generation_then != generation() || now.saturating_sub(stamp) >= HOP_TTL_NS {
         return Cached::Miss { max_len: 0 };
     }
@@ -98,14 +117,14 @@ pub fn lookup<K: Key>(key: &K, len: u16, gso: bool, now: u64) -> Cached {
 #[inline(always)]
 pub fn remember<K: Key>(s: &mut HopScratch, key: &K, pod: bool, max_len: u16, now: u64) {
     fill(s, pod, max_len, now);
-    insert(key, &s.hop);
+    store(key, &s.hop);
 }
 
 /// `remember` for the IPv6 key in `s.key6`.
 #[inline(always)]
 pub fn remember6(s: &mut HopScratch, pod: bool, max_len: u16, now: u64) {
     fill(s, pod, max_len, now);
-    insert(&s.key6, &s.hop);
+    store(&s.key6, &s.hop);
 }
 
 #[inline(always)]
@@ -120,9 +139,14 @@ fn fill(s: &mut HopScratch, pod: bool, max_len: u16, now: u64) {
     hop.stamp_ns = now;
 }
 
-/// A full cache only costs the next packet a lookup. Key and entry by reference: by value
-/// they would be copied onto the stack the callers cannot spare.
+/// Overwrites the key's slot (whatever it held: a collision only costs a lookup).
 #[inline(always)]
-fn insert<K: Key>(key: &K, hop: &HopValue) {
-    let _ = K::cache().insert(key, hop, 0);
+fn store<K: Key>(key: &K, hop: &HopValue) {
+    if let Some((slot_key, slot_hop)) = key.slot() {
+        // SAFETY: the slot of this run's lookup; plain data.
+        unsafe {
+            *slot_key = *key;
+            *slot_hop = *hop;
+        }
+    }
 }

@@ -170,14 +170,14 @@ pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(lb_common::addr_fil
 #[map(name = "XLB_ROUTE_GEN")]
 pub static ROUTE_GEN: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Cached FIB results (`hop`). A cache: private to each loaded object, not pinned.
+/// Cached FIB results (`hop`), per CPU. A cache: private to each loaded object, not pinned.
 #[map(name = "XLB_NEXT_HOPS")]
-pub static NEXT_HOPS: LruHashMap<lb_common::HopKey, lb_common::HopValue> =
-    LruHashMap::with_max_entries(map_sizes::NEXT_HOPS, 0);
+pub static NEXT_HOPS: PerCpuArray<lb_common::HopSlot> =
+    PerCpuArray::with_max_entries(lb_common::next_hops::SLOTS, 0);
 
 #[map(name = "XLB_NEXT_HOPS6")]
-pub static NEXT_HOPS6: LruHashMap<lb_common::HopKey6, lb_common::HopValue> =
-    LruHashMap::with_max_entries(map_sizes::NEXT_HOPS, 0);
+pub static NEXT_HOPS6: PerCpuArray<lb_common::HopSlot6> =
+    PerCpuArray::with_max_entries(lb_common::next_hops::SLOTS, 0);
 
 /// Per-CPU slot of `hop::HopScratch` (private to each loaded object).
 #[map(name = "XLB_HOP_SCRATCH")]

@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, HopKey, HopKey6, HopValue, Ip6, MapAddr,
-    NodeConfig, Outcome, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_filter,
-    ip6_from_octets, map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, HopKey, HopKey6, HopSlot, HopSlot6,
+    HopValue, Ip6, MapAddr, NodeConfig, Outcome, SCOPE_INTERNAL, ServiceKey, ServiceValue,
+    SourceRangeKey, addr_filter, ip6_from_octets, map_names, next_hops, program_names,
 };
 use xlb::datapath::{clock::before, load};
 
@@ -176,6 +176,43 @@ pub fn unmark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
     let (index, bit) = addr_filter::slot(addr.hash_word());
     let word = filter.get(&index, 0).expect("filter word");
     filter.set(index, word & !bit, 0).expect("filter word");
+}
+
+/// The used slots (an egress interface set) of a next-hop cache, every CPU's.
+fn cache_slots<T: aya::Pod + HasHop>(ebpf: &Ebpf, name: &str) -> Vec<T> {
+    let map: PerCpuArray<_, T> =
+        PerCpuArray::try_from(ebpf.map(name).expect("map")).expect("map type");
+    let mut used = Vec::new();
+    for index in 0..next_hops::SLOTS {
+        for slot in map.get(&index, 0).expect("slot").iter() {
+            if slot.hop().ifindex != 0 {
+                used.push(*slot);
+            }
+        }
+    }
+    used
+}
+
+fn put_cache_slot<T: aya::Pod>(ebpf: &mut Ebpf, name: &str, index: u32, slot: T) {
+    let mut map: PerCpuArray<_, T> =
+        PerCpuArray::try_from(ebpf.map_mut(name).expect("map")).expect("map type");
+    let cpus = aya::util::nr_cpus().expect("CPU count");
+    let values = aya::maps::PerCpuValues::try_from(vec![slot; cpus]).expect("per-CPU values");
+    map.set(index, values, 0).expect("next hop");
+}
+
+trait HasHop {
+    fn hop(&self) -> &HopValue;
+}
+impl HasHop for HopSlot {
+    fn hop(&self) -> &HopValue {
+        &self.hop
+    }
+}
+impl HasHop for HopSlot6 {
+    fn hop(&self) -> &HopValue {
+        &self.hop
+    }
 }
 
 /// Whether `addr`'s bit is set in the address filter.
@@ -481,30 +518,47 @@ impl Datapath {
         .expect("neighbour");
     }
 
-    /// The IPv6 next-hop cache's entries.
+    /// The IPv6 next-hop cache's entries (of every CPU's slots).
     pub fn next_hops6(&self) -> Vec<(HopKey6, HopValue)> {
-        let map: HashMap<_, HopKey6, HopValue> =
-            HashMap::try_from(self.ebpf.map("XLB_NEXT_HOPS6").expect("map")).expect("map type");
-        map.iter().map(|r| r.expect("entry")).collect()
+        let mut found: Vec<(HopKey6, HopValue)> =
+            cache_slots::<HopSlot6>(&self.ebpf, "XLB_NEXT_HOPS6")
+                .into_iter()
+                .map(|s| (s.key, s.hop))
+                .collect();
+        found.dedup();
+        found
     }
 
+    /// Writes `value` for `key` into its slot on every CPU.
     pub fn put_next_hop6(&mut self, key: HopKey6, value: HopValue) {
-        let mut map: HashMap<_, HopKey6, HopValue> =
-            HashMap::try_from(self.ebpf.map_mut("XLB_NEXT_HOPS6").expect("map")).expect("map type");
-        map.insert(key, value, 0).expect("next hop");
+        let index = next_hops::index(key.dst.hash_word(), key.src.hash_word(), key.ifindex);
+        let slot = HopSlot6 {
+            key,
+            _pad: 0,
+            hop: value,
+        };
+        put_cache_slot(&mut self.ebpf, "XLB_NEXT_HOPS6", index, slot);
     }
 
-    /// The next-hop cache's entries.
+    /// The next-hop cache's entries (of every CPU's slots).
     pub fn next_hops(&self) -> Vec<(HopKey, HopValue)> {
-        let map: HashMap<_, HopKey, HopValue> =
-            HashMap::try_from(self.ebpf.map("XLB_NEXT_HOPS").expect("map")).expect("map type");
-        map.iter().map(|r| r.expect("entry")).collect()
+        let mut found: Vec<(HopKey, HopValue)> =
+            cache_slots::<HopSlot>(&self.ebpf, "XLB_NEXT_HOPS")
+                .into_iter()
+                .map(|s| (s.key, s.hop))
+                .collect();
+        found.dedup();
+        found
     }
 
     pub fn put_next_hop(&mut self, key: HopKey, value: HopValue) {
-        let mut map: HashMap<_, HopKey, HopValue> =
-            HashMap::try_from(self.ebpf.map_mut("XLB_NEXT_HOPS").expect("map")).expect("map type");
-        map.insert(key, value, 0).expect("next hop");
+        let index = next_hops::index(key.dst, key.src, key.ifindex);
+        let slot = HopSlot {
+            key,
+            _pad: 0,
+            hop: value,
+        };
+        put_cache_slot(&mut self.ebpf, "XLB_NEXT_HOPS", index, slot);
     }
 
     /// Raises the routing generation, as the agent does on a routing change.

@@ -851,8 +851,12 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     long.payload = vec![7; 200];
     let (_, out) = dp.run(Hook::FromPod, &long.build());
     assert_eq!(&out[0..6], &gateway, "looked up again");
-    let (_, hop) = dp.next_hops()[0];
-    assert_eq!(hop.max_len as usize, 20 + 20 + 200, "the bound rose");
+    // (The cache is per CPU: the slot of the CPU that ran the packet holds the new bound.)
+    let bounds: Vec<u16> = dp.next_hops().iter().map(|(_, h)| h.max_len).collect();
+    assert!(
+        bounds.contains(&(20 + 20 + 200)),
+        "the bound rose: {bounds:?}"
+    );
 
     // A routing change (the agent raises the generation) makes every entry stale.
     dp.put_next_hop(
@@ -865,7 +869,7 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     dp.raise_route_generation();
     let (_, out) = dp.run(Hook::FromPod, &ack);
     assert_eq!(&out[0..6], &gateway, "stale after a routing change");
-    assert_eq!(dp.next_hops()[0].1.generation, 1);
+    assert!(dp.next_hops().iter().any(|(_, h)| h.generation == 1));
     // So does age (a second), for the time no agent watches.
     dp.put_next_hop(
         key,
