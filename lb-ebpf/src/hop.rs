@@ -112,19 +112,42 @@ pub fn lookup<K: Key>(key: &K, len: u16, gso: bool, now: u64) -> Cached {
     Cached::Hit(hop)
 }
 
-/// Records the successful lookup in `s.fib` (`pod`: the egress is a pod interface); the
-/// entry stays in `s.hop` for the caller.
+/// Whether a translated packet's next hop is worth caching: not for the first packet of
+/// a flow. Entries are made by flows' later packets, so one-packet flows (a scan, a DNS
+/// query; the bench's stream of new flows) neither pay the store nor evict the entries
+/// long flows use, while a pod's next flow to a backend it already talks to still hits.
 #[inline(always)]
-pub fn remember<K: Key>(s: &mut HopScratch, key: &K, pod: bool, max_len: u16, now: u64) {
+pub fn keeps(outcome: lb_common::Outcome) -> bool {
+    !matches!(
+        outcome,
+        lb_common::outcome::DNAT_NEW | lb_common::outcome::EXTERNAL_NEW
+    )
+}
+
+/// Turns the successful lookup in `s.fib` into the entry in `s.hop` (`pod`: the egress is
+/// a pod interface), and caches it if `keep`.
+#[inline(always)]
+pub fn remember<K: Key>(
+    s: &mut HopScratch,
+    key: &K,
+    keep: bool,
+    pod: bool,
+    max_len: u16,
+    now: u64,
+) {
     fill(s, pod, max_len, now);
-    store(key, &s.hop);
+    if keep {
+        store(key, &s.hop);
+    }
 }
 
 /// `remember` for the IPv6 key in `s.key6`.
 #[inline(always)]
-pub fn remember6(s: &mut HopScratch, pod: bool, max_len: u16, now: u64) {
+pub fn remember6(s: &mut HopScratch, keep: bool, pod: bool, max_len: u16, now: u64) {
     fill(s, pod, max_len, now);
-    store(&s.key6, &s.hop);
+    if keep {
+        store(&s.key6, &s.hop);
+    }
 }
 
 #[inline(always)]

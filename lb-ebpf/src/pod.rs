@@ -6,7 +6,7 @@ use lb_common::{Ip6, Outcome, SCOPE_INTERNAL, is_drop, outcome};
 use crate::{
     ct,
     family::{Family, V4, V6},
-    filter,
+    filter, hop,
     icmp::{self, InnerEnd},
     maps::PROGS6,
     nat,
@@ -30,7 +30,8 @@ trait TcFamily: Family {
         addr: Self::Addr,
         port: u16,
     ) -> Result<(), Outcome>;
-    fn forward(ctx: &TcContext) -> Result<i32, Outcome>;
+    /// `keep`: cache the next hop if it had to be looked up (`hop::keeps`).
+    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome>;
     fn reject(ctx: &TcContext, flow: &Flow<Self::Addr>) -> Result<i32, Outcome>;
     /// `dnat`, `route_reply` and `icmp_error` of this family. IPv4 calls the last two as
     /// subprograms (inlined, the verifier walks their paths once per caller path: twice
@@ -72,8 +73,8 @@ impl TcFamily for V4 {
         nat::rewrite_src(ctx, flow, addr, port)
     }
     #[inline(always)]
-    fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
-        route::forward(ctx)
+    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
+        route::forward(ctx, keep)
     }
     #[inline(always)]
     fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
@@ -127,8 +128,8 @@ impl TcFamily for V6 {
         nat::rewrite6_src(ctx, flow, addr, port)
     }
     #[inline(always)]
-    fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
-        forward6(ctx)
+    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
+        forward6(ctx, keep)
     }
     #[inline(always)]
     fn reject(ctx: &TcContext, _flow: &Flow<Ip6>) -> Result<i32, Outcome> {
@@ -232,8 +233,8 @@ pub enum Stage6 {
 }
 
 #[inline(always)]
-fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
-    route::forward6(ctx)
+fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
+    route::forward6(ctx, keep)
 }
 
 /// `xlb_from_pod6_rare`: translates a pod's ICMPv6 error, or answers the pod's packet (to
@@ -388,7 +389,7 @@ fn dnat<F: TcFamily>(
             }
             // Straight to the backend's interface (FIB lookup + redirect), skipping the
             // stack's routing and netfilter, as Cilium's BPF host routing does.
-            Ok((F::forward(ctx)?, outcome))
+            Ok((F::forward(ctx, hop::keeps(outcome))?, outcome))
         }
         Decision::Reject => F::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
     }
@@ -416,7 +417,7 @@ fn route_reply<F: TcFamily>(
         F::rewrite_dst(ctx, flow, addr, port)?;
     }
     F::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-    Ok((F::forward(ctx)?, reply.outcome))
+    Ok((F::forward(ctx, true)?, reply.outcome))
 }
 
 fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {

@@ -82,7 +82,7 @@ fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
 /// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would. The
 /// route comes from the next-hop cache (`hop`) or, failing that, a FIB lookup.
 #[inline(always)]
-pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
+pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     let ip: Ipv4Hdr = ctx.load(IP_OFF).map_err(failed)?;
     if ip.ttl <= 1 {
@@ -122,7 +122,7 @@ pub fn forward(ctx: &TcContext) -> Result<i32, Outcome> {
             // SAFETY: the map value is not used, only its presence.
             let pod = unsafe { POD_IFACES.get(s.fib.ifindex) }.is_some();
             let max_len = if gso { max_len } else { max_len.max(len) };
-            hop::remember(s, &key, pod, max_len, now);
+            hop::remember(s, &key, keep, pod, max_len, now);
             &s.hop as *const HopValue
         }
     };
@@ -154,7 +154,7 @@ fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), Outcome> {
 
 /// `forward` for IPv6: the hop limit is decremented (no header checksum to fix).
 #[inline(always)]
-pub fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
+pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     // SAFETY: this run's per-CPU slot.
     let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
@@ -193,7 +193,7 @@ pub fn forward6(ctx: &TcContext) -> Result<i32, Outcome> {
             // SAFETY: the map value is not used, only its presence.
             let pod = unsafe { POD_IFACES.get(s.fib.ifindex) }.is_some();
             let max_len = if gso { max_len } else { max_len.max(len) };
-            hop::remember6(s, pod, max_len, now);
+            hop::remember6(s, keep, pod, max_len, now);
             &s.hop as *const HopValue
         }
     };

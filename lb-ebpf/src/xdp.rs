@@ -134,7 +134,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
                     rewrite(&pkt, Field::Dst, dst);
                 }
                 rewrite(&pkt, Field::Src, reply.src);
-                return Ok((forward(ctx, &pkt), reply.outcome));
+                return Ok((forward(ctx, &pkt, true), reply.outcome));
             }
             svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now)?
         }
@@ -145,7 +145,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
             if let Some(src) = src {
                 rewrite(&pkt, Field::Src, src);
             }
-            Ok((forward(ctx, &pkt), outcome))
+            Ok((forward(ctx, &pkt, hop::keeps(outcome)), outcome))
         }
         Decision::Reject => reject(ctx, &flow),
     }
@@ -221,7 +221,7 @@ fn fold(mut sum: u64) -> u16 {
 /// Sends a translated packet on: straight back out when the route leaves through the
 /// interface it came in on (TTL decremented as a router would), otherwise to the kernel.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
+fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool) -> u32 {
     // SAFETY: header bounds checked by `parse`; the packet was not resized since.
     let ip = unsafe { &mut *pkt.ip };
     if ip.ttl <= 1 {
@@ -256,7 +256,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> u32 {
             if rc != BPF_FIB_LKUP_RET_SUCCESS {
                 return xdp_action::XDP_PASS;
             }
-            hop::remember(s, &key, false, max_len.max(len), now);
+            hop::remember(s, &key, keep, false, max_len.max(len), now);
             &s.hop as *const lb_common::HopValue
         }
     };

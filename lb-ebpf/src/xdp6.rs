@@ -93,7 +93,7 @@ pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
                 rewrite(ctx, &flow, Field::Dst, dst)?;
             }
             rewrite(ctx, &flow, Field::Src, reply.src)?;
-            return Ok((forward(ctx), reply.outcome));
+            return Ok((forward(ctx, true), reply.outcome));
         }
         let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns())?;
         translate(ctx, &flow, decision)
@@ -112,7 +112,7 @@ fn translate(
             if let Some(src) = src {
                 rewrite(ctx, flow, Field::Src, src)?;
             }
-            Ok((forward(ctx), outcome))
+            Ok((forward(ctx, hop::keeps(outcome)), outcome))
         }
         Decision::Reject => reject(ctx, flow),
     }
@@ -175,7 +175,7 @@ fn rewrite(
 /// Sends a translated packet on: straight back out when the route leaves through the
 /// interface it came in on (hop limit decremented), otherwise to the kernel.
 #[inline(always)]
-fn forward(ctx: &XdpContext) -> u32 {
+fn forward(ctx: &XdpContext, keep: bool) -> u32 {
     let Some(s) = hop::scratch() else {
         return xdp_action::XDP_PASS;
     };
@@ -208,7 +208,7 @@ fn forward(ctx: &XdpContext) -> u32 {
             if rc != BPF_FIB_LKUP_RET_SUCCESS {
                 return xdp_action::XDP_PASS;
             }
-            hop::remember6(s, false, max_len.max(len), now);
+            hop::remember6(s, keep, false, max_len.max(len), now);
             &s.hop as *const lb_common::HopValue
         }
     };

@@ -825,14 +825,21 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     assert_eq!(&out[0..6], &gateway, "to the gateway's MAC");
     assert_eq!(out[22], syn[22] - 1, "TTL decremented");
     assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    assert!(
+        dp.next_hops().is_empty(),
+        "a flow's first packet caches nothing"
+    );
+    let ack = Frame::tcp(CLIENT, 40000, VIP, 80, ACK).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &gateway[..]));
     let hops = dp.next_hops();
-    assert_eq!(hops.len(), 1, "{hops:?}");
+    assert_eq!(hops.len(), 1, "its next packet does: {hops:?}");
     let (key, hop) = hops[0];
     assert_eq!((key.dst, key.src), (ip("10.244.1.2"), ip(CLIENT)));
     assert_eq!((hop.ifindex, &hop.macs[..6]), (egress, &gateway[..]));
     assert_eq!(
         hop.max_len as usize,
-        syn.len() - 14,
+        ack.len() - 14,
         "the looked-up packet's length"
     );
 
@@ -841,7 +848,6 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     let mut planted = hop;
     planted.macs[..6].copy_from_slice(&marked);
     dp.put_next_hop(key, planted);
-    let ack = Frame::tcp(CLIENT, 40000, VIP, 80, ACK).build();
     let (verdict, out) = dp.run(Hook::FromPod, &ack);
     assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &marked[..]));
     assert_eq!(checksum_errors(&out), Vec::<String>::new());

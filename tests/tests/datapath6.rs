@@ -372,18 +372,24 @@ fn ipv6_forwarding_takes_the_cached_next_hop_and_the_filter_turns_strangers_away
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed out of dp0");
     assert_eq!(&out[0..6], &gateway);
     assert_eq!(out[21], syn[21] - 1, "hop limit decremented");
+    assert!(
+        dp.next_hops6().is_empty(),
+        "a flow's first packet caches nothing"
+    );
+    let ack = Frame6::tcp(CLIENT6, 40000, VIP6, 80, ACK).build();
+    let (_, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!(&out[0..6], &gateway);
     let hops = dp.next_hops6();
     assert_eq!(hops.len(), 1, "{hops:?}");
     let (key, hop) = hops[0];
     assert_eq!((key.dst, key.src), (ip6(BACKEND_A), ip6(CLIENT6)));
     assert_eq!(hop.ifindex, egress);
-    assert_eq!(hop.max_len as usize, syn.len() - 14);
+    assert_eq!(hop.max_len as usize, ack.len() - 14);
     // The flow's next packet takes the entry (planted MACs show it) ...
     let marked = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
     let mut planted = hop;
     planted.macs[..6].copy_from_slice(&marked);
     dp.put_next_hop6(key, planted);
-    let ack = Frame6::tcp(CLIENT6, 40000, VIP6, 80, ACK).build();
     let (_, out) = dp.run(Hook::FromPod, &ack);
     assert_eq!(&out[0..6], &marked[..]);
     assert_eq!(checksum_errors6(&out), Vec::<String>::new());
