@@ -259,43 +259,9 @@ impl Node {
         ns.add_veth("bd0", None, &peer)?;
         ns.ip(&["link", "set", "bd0", "up"])?;
         peer.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "169.254.3.3", "dev", "bd0", "scope", "link"])?;
-        ns.ip(&["route", "add", "10.0.0.0/8", "via", "169.254.3.3"])?;
-        ns.ip(&[
-            "neigh",
-            "add",
-            "169.254.3.3",
-            "lladdr",
-            "02:00:00:00:03:03",
-            "dev",
-            "bd0",
-            "nud",
-            "permanent",
-        ])?;
+        ns.route_via("bd0", "10.0.0.0/8", "169.254.3.3", "02:00:00:00:03:03")?;
         // The same for IPv6: every fd00::/16 address behind a permanent neighbour.
-        ns.ip(&["-6", "route", "add", "fe80::303", "dev", "bd0"])?;
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00::/16",
-            "via",
-            "fe80::303",
-            "dev",
-            "bd0",
-        ])?;
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "add",
-            "fe80::303",
-            "lladdr",
-            "02:00:00:00:03:03",
-            "dev",
-            "bd0",
-            "nud",
-            "permanent",
-        ])?;
+        ns.route_via("bd0", "fd00::/16", "fe80::303", "02:00:00:00:03:03")?;
         Ok(Node { ns, _peer: peer })
     }
 }

@@ -178,41 +178,69 @@ pub fn unmark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
     filter.set(index, word & !bit, 0).expect("filter word");
 }
 
-/// The used slots (an egress interface set) of a next-hop cache, every CPU's.
-fn cache_slots<T: aya::Pod + HasHop>(ebpf: &Ebpf, name: &str) -> Vec<T> {
-    let map: PerCpuArray<_, T> =
-        PerCpuArray::try_from(ebpf.map(name).expect("map")).expect("map type");
-    let mut used = Vec::new();
+/// A slot type of the next-hop caches (`HopSlot`, `HopSlot6`).
+pub trait CacheSlot: aya::Pod {
+    type Key: Copy + PartialEq;
+    const MAP: &'static str;
+    fn new(key: Self::Key, hop: HopValue) -> Self;
+    fn parts(&self) -> (Self::Key, HopValue);
+    /// The key's slot index, as the programs compute it.
+    fn index(key: &Self::Key) -> u32;
+}
+
+impl CacheSlot for HopSlot {
+    type Key = HopKey;
+    const MAP: &'static str = "XLB_NEXT_HOPS";
+    fn new(key: HopKey, hop: HopValue) -> Self {
+        HopSlot { key, _pad: 0, hop }
+    }
+    fn parts(&self) -> (HopKey, HopValue) {
+        (self.key, self.hop)
+    }
+    fn index(key: &HopKey) -> u32 {
+        next_hops::index(key.dst, key.src, key.ifindex)
+    }
+}
+
+impl CacheSlot for HopSlot6 {
+    type Key = HopKey6;
+    const MAP: &'static str = "XLB_NEXT_HOPS6";
+    fn new(key: HopKey6, hop: HopValue) -> Self {
+        HopSlot6 { key, _pad: 0, hop }
+    }
+    fn parts(&self) -> (HopKey6, HopValue) {
+        (self.key, self.hop)
+    }
+    fn index(key: &HopKey6) -> u32 {
+        next_hops::index(key.dst.hash_word(), key.src.hash_word(), key.ifindex)
+    }
+}
+
+/// The used slots (an egress interface set) of a next-hop cache, every CPU's (repeats of
+/// one entry on several CPUs once).
+fn cache_entries<S: CacheSlot>(ebpf: &Ebpf) -> Vec<(S::Key, HopValue)> {
+    let map: PerCpuArray<_, S> =
+        PerCpuArray::try_from(ebpf.map(S::MAP).expect("map")).expect("map type");
+    let mut used: Vec<(S::Key, HopValue)> = Vec::new();
     for index in 0..next_hops::SLOTS {
         for slot in map.get(&index, 0).expect("slot").iter() {
-            if slot.hop().ifindex != 0 {
-                used.push(*slot);
+            let entry = slot.parts();
+            if entry.1.ifindex != 0 && !used.contains(&entry) {
+                used.push(entry);
             }
         }
     }
     used
 }
 
-fn put_cache_slot<T: aya::Pod>(ebpf: &mut Ebpf, name: &str, index: u32, slot: T) {
-    let mut map: PerCpuArray<_, T> =
-        PerCpuArray::try_from(ebpf.map_mut(name).expect("map")).expect("map type");
+/// Writes `hop` for `key` into its slot on every CPU.
+fn put_cache_entry<S: CacheSlot>(ebpf: &mut Ebpf, key: S::Key, hop: HopValue) {
+    let mut map: PerCpuArray<_, S> =
+        PerCpuArray::try_from(ebpf.map_mut(S::MAP).expect("map")).expect("map type");
     let cpus = aya::util::nr_cpus().expect("CPU count");
-    let values = aya::maps::PerCpuValues::try_from(vec![slot; cpus]).expect("per-CPU values");
-    map.set(index, values, 0).expect("next hop");
-}
-
-trait HasHop {
-    fn hop(&self) -> &HopValue;
-}
-impl HasHop for HopSlot {
-    fn hop(&self) -> &HopValue {
-        &self.hop
-    }
-}
-impl HasHop for HopSlot6 {
-    fn hop(&self) -> &HopValue {
-        &self.hop
-    }
+    let values =
+        aya::maps::PerCpuValues::try_from(vec![S::new(key, hop); cpus]).expect("per-CPU values");
+    map.set(S::index(&key), values, 0).expect("next hop");
 }
 
 /// Whether `addr`'s bit is set in the address filter.
@@ -461,22 +489,8 @@ impl Datapath {
         ns.add_veth("dp0", None, &peer).expect("veth");
         ns.ip(&["link", "set", "dp0", "up"]).expect("link up");
         peer.ip(&["link", "set", "eth0", "up"]).expect("peer up");
-        ns.ip(&["route", "add", "169.254.3.3", "dev", "dp0", "scope", "link"])
-            .expect("gateway route");
-        ns.ip(&["route", "add", prefix, "via", "169.254.3.3"])
+        ns.route_via("dp0", prefix, "169.254.3.3", gateway_mac)
             .expect("route");
-        ns.ip(&[
-            "neigh",
-            "add",
-            "169.254.3.3",
-            "lladdr",
-            gateway_mac,
-            "dev",
-            "dp0",
-            "nud",
-            "permanent",
-        ])
-        .expect("neighbour");
         self._peer = Some(peer);
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(c"dp0".as_ptr()) };
@@ -490,75 +504,27 @@ impl Datapath {
         let ns = &self._netns;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")
             .expect("forwarding");
-        ns.ip(&["-6", "route", "add", "fe80::303", "dev", "dp0"])
-            .expect("gateway route");
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            prefix,
-            "via",
-            "fe80::303",
-            "dev",
-            "dp0",
-        ])
-        .expect("route");
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "add",
-            "fe80::303",
-            "lladdr",
-            gateway_mac,
-            "dev",
-            "dp0",
-            "nud",
-            "permanent",
-        ])
-        .expect("neighbour");
+        ns.route_via("dp0", prefix, "fe80::303", gateway_mac)
+            .expect("route");
     }
 
     /// The IPv6 next-hop cache's entries (of every CPU's slots).
     pub fn next_hops6(&self) -> Vec<(HopKey6, HopValue)> {
-        let mut found: Vec<(HopKey6, HopValue)> =
-            cache_slots::<HopSlot6>(&self.ebpf, "XLB_NEXT_HOPS6")
-                .into_iter()
-                .map(|s| (s.key, s.hop))
-                .collect();
-        found.dedup();
-        found
+        cache_entries::<HopSlot6>(&self.ebpf)
     }
 
     /// Writes `value` for `key` into its slot on every CPU.
     pub fn put_next_hop6(&mut self, key: HopKey6, value: HopValue) {
-        let index = next_hops::index(key.dst.hash_word(), key.src.hash_word(), key.ifindex);
-        let slot = HopSlot6 {
-            key,
-            _pad: 0,
-            hop: value,
-        };
-        put_cache_slot(&mut self.ebpf, "XLB_NEXT_HOPS6", index, slot);
+        put_cache_entry::<HopSlot6>(&mut self.ebpf, key, value);
     }
 
     /// The next-hop cache's entries (of every CPU's slots).
     pub fn next_hops(&self) -> Vec<(HopKey, HopValue)> {
-        let mut found: Vec<(HopKey, HopValue)> =
-            cache_slots::<HopSlot>(&self.ebpf, "XLB_NEXT_HOPS")
-                .into_iter()
-                .map(|s| (s.key, s.hop))
-                .collect();
-        found.dedup();
-        found
+        cache_entries::<HopSlot>(&self.ebpf)
     }
 
     pub fn put_next_hop(&mut self, key: HopKey, value: HopValue) {
-        let index = next_hops::index(key.dst, key.src, key.ifindex);
-        let slot = HopSlot {
-            key,
-            _pad: 0,
-            hop: value,
-        };
-        put_cache_slot(&mut self.ebpf, "XLB_NEXT_HOPS", index, slot);
+        put_cache_entry::<HopSlot>(&mut self.ebpf, key, value);
     }
 
     /// Raises the routing generation, as the agent does on a routing change.

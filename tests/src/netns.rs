@@ -91,6 +91,27 @@ impl Netns {
         self.ip(&args)
     }
 
+    /// Routes `prefix` out of `dev` via `gateway` (reached on the link), a permanent
+    /// neighbour with MAC `mac`, so FIB lookups for it succeed without any traffic. IPv6
+    /// if `gateway` is an IPv6 address.
+    pub fn route_via(&self, dev: &str, prefix: &str, gateway: &str, mac: &str) -> Result<()> {
+        let family = if gateway.contains(':') { "-6" } else { "-4" };
+        self.ip(&[family, "route", "add", gateway, "dev", dev, "scope", "link"])?;
+        self.ip(&[family, "route", "add", prefix, "via", gateway, "dev", dev])?;
+        self.ip(&[
+            family,
+            "neigh",
+            "add",
+            gateway,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+    }
+
     /// The (received, transmitted) packet counters of `iface` in this namespace.
     pub fn link_packets(&self, iface: &str) -> Result<(u64, u64)> {
         let out = run("ip", &["-n", &self.name, "-s", "-j", "link", "show", iface])?;

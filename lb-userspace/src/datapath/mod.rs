@@ -10,6 +10,7 @@ pub mod gc;
 pub mod ifaces;
 pub mod load;
 pub mod maps;
+pub mod netlink;
 pub mod pins;
 pub mod route_watch;
 pub mod sockets;

@@ -3,7 +3,11 @@
 //! the programs look up again instead of using a next hop they cached before it
 //! (`lb-ebpf/src/hop.rs`). Raised once at start too: changes made while no agent listened
 //! count as well.
-use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd, path::PathBuf};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
+};
 
 use aya::maps::{Array, MapData};
 use lb_common::map_names;
@@ -68,19 +72,7 @@ pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
 }
 
 fn subscribe() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket call; the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = super::netlink::socket(libc::NETLINK_ROUTE)?;
     // SAFETY: all-zero is a valid sockaddr_nl.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;

@@ -5,7 +5,12 @@
 //!
 //! Hand-written netlink: the netlink crates (netlink-packet-sock-diag) build
 //! SOCK_DIAG_BY_FAMILY dump requests only, not SOCK_DESTROY.
-use std::{collections::BTreeSet, io, mem::size_of};
+use std::{
+    collections::BTreeSet,
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd as _, OwnedFd},
+};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -69,29 +74,11 @@ struct Request {
     body: ReqV2,
 }
 
-struct Netlink(i32);
-
-impl Drop for Netlink {
-    fn drop(&mut self) {
-        // SAFETY: closing our own descriptor once.
-        unsafe { libc::close(self.0) };
-    }
-}
+struct Netlink(OwnedFd);
 
 impl Netlink {
     fn open() -> io::Result<Netlink> {
-        // SAFETY: plain socket(2) call.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Netlink(fd))
+        super::netlink::socket(NETLINK_SOCK_DIAG).map(Netlink)
     }
 
     fn send(&self, kind: u16, flags: u16, id: SockId, seq: u32) -> io::Result<()> {
@@ -114,7 +101,7 @@ impl Netlink {
         // SAFETY: sending a fully initialised repr(C) struct of the given size.
         let sent = unsafe {
             libc::send(
-                self.0,
+                self.0.as_raw_fd(),
                 (&request as *const Request).cast(),
                 size_of::<Request>(),
                 0,
@@ -133,7 +120,8 @@ impl Netlink {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: receiving into our own buffer of the given length.
-            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
