@@ -2,10 +2,7 @@
 //! (a hash lookup that misses, a conntrack insert, the FIB lookup, a NAT rewrite, the
 //! clock, an outcome count) and nothing else, so the bench can say where a packet's
 //! nanoseconds go (each probe minus the floor, in the same run). Never attached.
-use aya_ebpf::{
-    helpers::generated::{bpf_fib_lookup, bpf_get_prandom_u32},
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
 use core::mem::MaybeUninit;
 use lb_common::{CtKey, CtValue, ServiceKey, outcome};
 
@@ -62,15 +59,7 @@ pub fn fib(ctx: &TcContext) -> i32 {
     let mut storage = MaybeUninit::uninit();
     // SAFETY: reading the skb's own ifindex field.
     let params = route::fib_params(&mut storage, &ip, unsafe { (*ctx.skb.skb).ifindex });
-    // SAFETY: the helper reads and writes `params` only.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut *params,
-            core::mem::size_of_val(params) as i32,
-            0,
-        )
-    };
+    let rc = route::fib_lookup(ctx.skb.skb.cast(), params);
     rc as i32 & 1 | TC_ACT_UNSPEC
 }
 

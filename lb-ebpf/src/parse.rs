@@ -86,33 +86,42 @@ const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IP6_HLEN);
 /// `bpf_xdp_load_bytes` on XDP): offsets past extension headers are variable, which a
 /// load helper takes as a plain argument and a packet pointer would make the verifier track.
 pub trait Frame {
-    fn read<T>(&self, offset: usize) -> Result<T, Outcome>;
-    /// `read` into `dst` (a map value, say), without a copy on the stack.
-    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome>;
+    /// Copies `len` bytes at `offset` to `dst` with the context's load helper; 0 on
+    /// success.
+    ///
+    /// # Safety
+    /// `dst` is writable for `len` bytes.
+    unsafe fn load_raw(&self, offset: usize, dst: *mut u8, len: u32) -> i64;
     /// Bytes in the frame.
     fn frame_len(&self) -> u32;
+
+    #[inline(always)]
+    fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: `value` holds `size_of::<T>()` bytes; the helper fills them or fails.
+        if unsafe { self.load_raw(offset, value.as_mut_ptr().cast(), size_of::<T>() as u32) } != 0 {
+            return Err(outcome::MALFORMED);
+        }
+        // SAFETY: fully written by the helper.
+        Ok(unsafe { value.assume_init() })
+    }
+
+    /// `read` into `dst` (a map value, say), without a copy on the stack.
+    #[inline(always)]
+    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome> {
+        // SAFETY: `dst` is a `T`; the helper overwrites its bytes or fails.
+        if unsafe { self.load_raw(offset, (dst as *mut T).cast(), size_of::<T>() as u32) } != 0 {
+            return Err(outcome::MALFORMED);
+        }
+        Ok(())
+    }
 }
 
 impl Frame for TcContext {
     #[inline(always)]
-    fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
-        self.load(offset).map_err(|_| outcome::MALFORMED)
-    }
-    #[inline(always)]
-    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome> {
-        // SAFETY: the helper writes `size_of::<T>()` bytes into `dst` or fails.
-        let rc = unsafe {
-            bpf_skb_load_bytes(
-                self.skb.skb.cast(),
-                offset as u32,
-                (dst as *mut T).cast(),
-                size_of::<T>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(outcome::MALFORMED);
-        }
-        Ok(())
+    unsafe fn load_raw(&self, offset: usize, dst: *mut u8, len: u32) -> i64 {
+        // SAFETY: the caller's `dst` is writable for `len` bytes.
+        unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), offset as u32, dst.cast(), len) }
     }
     #[inline(always)]
     fn frame_len(&self) -> u32 {
@@ -122,38 +131,9 @@ impl Frame for TcContext {
 
 impl Frame for XdpContext {
     #[inline(always)]
-    fn read_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), Outcome> {
-        // SAFETY: the helper writes `size_of::<T>()` bytes into `dst` or fails.
-        let rc = unsafe {
-            bpf_xdp_load_bytes(
-                self.ctx,
-                offset as u32,
-                (dst as *mut T).cast(),
-                size_of::<T>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(outcome::MALFORMED);
-        }
-        Ok(())
-    }
-    #[inline(always)]
-    fn read<T>(&self, offset: usize) -> Result<T, Outcome> {
-        let mut value = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: the helper writes `size_of::<T>()` bytes into `value` or fails.
-        let rc = unsafe {
-            bpf_xdp_load_bytes(
-                self.ctx,
-                offset as u32,
-                value.as_mut_ptr().cast(),
-                core::mem::size_of::<T>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(outcome::MALFORMED);
-        }
-        // SAFETY: fully written by the helper.
-        Ok(unsafe { value.assume_init() })
+    unsafe fn load_raw(&self, offset: usize, dst: *mut u8, len: u32) -> i64 {
+        // SAFETY: the caller's `dst` is writable for `len` bytes.
+        unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, dst.cast(), len) }
     }
     #[inline(always)]
     fn frame_len(&self) -> u32 {

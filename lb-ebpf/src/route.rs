@@ -63,6 +63,21 @@ pub fn fib_params6<'a>(
     fib
 }
 
+/// `bpf_fib_lookup` on `params` for the packet of `ctx` (an skb or an xdp_md), flags 0:
+/// the lookup as a router's forwarding path makes it.
+#[inline(always)]
+pub fn fib_lookup(ctx: *mut core::ffi::c_void, params: &mut FibParams) -> i64 {
+    // SAFETY: the helper reads and writes `params` only.
+    unsafe {
+        bpf_fib_lookup(
+            ctx.cast(),
+            params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    }
+}
+
 #[inline(always)]
 fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
     // Zeroed word by word: `mem::zeroed` becomes a call to a byte-at-a-time memset on
@@ -103,15 +118,7 @@ pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
             // SAFETY: this run's per-CPU slot.
             let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
             let fib = fib_params(as_storage(&mut s.fib), &ip, ingress);
-            // SAFETY: the helper reads and writes `fib` only.
-            let rc = unsafe {
-                bpf_fib_lookup(
-                    ctx.skb.skb.cast(),
-                    &mut *fib,
-                    core::mem::size_of::<FibParams>() as i32,
-                    0,
-                )
-            };
+            let rc = fib_lookup(ctx.skb.skb.cast(), fib);
             if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
                 decrement_ttl(ctx, &ip)?;
                 return redirect_neigh(fib.ifindex);
@@ -173,15 +180,7 @@ pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
             let fib = fib_params6(as_storage(&mut s.fib), &s.ip6, ingress);
-            // SAFETY: the helper reads and writes `fib` only.
-            let rc = unsafe {
-                bpf_fib_lookup(
-                    ctx.skb.skb.cast(),
-                    &mut *fib,
-                    core::mem::size_of::<FibParams>() as i32,
-                    0,
-                )
-            };
+            let rc = fib_lookup(ctx.skb.skb.cast(), fib);
             if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
                 ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
                     .map_err(failed)?;

@@ -6,9 +6,7 @@
 //!
 //! Checksums are updated incrementally and assume complete checksums, as NICs deliver them.
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail},
-    programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
 };
 use lb_common::{HopKey, Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
@@ -244,15 +242,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool) -> u32 {
             // SAFETY: this run's per-CPU slot.
             let s = unsafe { &mut *s };
             let fib = route::fib_params(route::as_storage(&mut s.fib), ip, ingress);
-            // SAFETY: helper reads and writes `fib` only.
-            let rc = unsafe {
-                bpf_fib_lookup(
-                    ctx.ctx.cast(),
-                    &mut *fib,
-                    core::mem::size_of::<FibParams>() as i32,
-                    0,
-                )
-            };
+            let rc = route::fib_lookup(ctx.ctx.cast(), fib);
             if rc != BPF_FIB_LKUP_RET_SUCCESS {
                 return xdp_action::XDP_PASS;
             }

@@ -7,8 +7,8 @@
 //! past extension headers are variable); checksums are updated incrementally (IPv6 has no
 //! header checksum, and a UDP checksum is never zero: the parser refuses those).
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
     programs::XdpContext,
 };
 use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
@@ -196,15 +196,7 @@ fn forward(ctx: &XdpContext, keep: bool) -> u32 {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
             let fib = route::fib_params6(route::as_storage(&mut s.fib), &s.ip6, ingress);
-            // SAFETY: helper reads and writes `fib` only.
-            let rc = unsafe {
-                bpf_fib_lookup(
-                    ctx.ctx.cast(),
-                    &mut *fib,
-                    core::mem::size_of::<FibParams>() as i32,
-                    0,
-                )
-            };
+            let rc = route::fib_lookup(ctx.ctx.cast(), fib);
             if rc != BPF_FIB_LKUP_RET_SUCCESS {
                 return xdp_action::XDP_PASS;
             }
