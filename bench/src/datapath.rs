@@ -12,7 +12,10 @@
 //! - *cold*: one fresh packet per call, each to another service: new flows (which cannot
 //!   repeat) and the spread over many services, cache misses and call overhead included
 //!   (the `floor_non_ip` row is that overhead).
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
@@ -175,7 +178,7 @@ fn run_repeated(ebpf: &mut Ebpf, hook: Hook, frame: &[u8], repeat: u32) -> Resul
     })
 }
 
-fn summarize(scenario: &'static str, services: u32, ns: Vec<u64>) -> PacketCost {
+pub(crate) fn summarize(scenario: &'static str, services: u32, ns: Vec<u64>) -> PacketCost {
     summarize_as(scenario, "cold", services, ns)
 }
 
@@ -189,7 +192,10 @@ fn summarize_as(
     let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize];
     PacketCost {
         scenario,
-        hook: if scenario.starts_with("nodeport_") || scenario.starts_with("floor_trivial_xdp") {
+        hook: if ["nodeport_", "external_", "katran_", "floor_trivial_xdp"]
+            .iter()
+            .any(|p| scenario.starts_with(p))
+        {
             "xdp"
         } else {
             "tc"
@@ -268,12 +274,14 @@ impl Node {
 
 /// Measures every scenario at `services` services, `samples` packets each (cold) and
 /// `samples / 100` calls of `WARM_REPEAT` repetitions (warm).
-pub fn measure(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
+pub fn measure(services: u32, samples: u32, katran: Option<&Path>) -> Result<Vec<PacketCost>> {
     let node = Node::new()?;
-    node.ns.enter(move || measure_here(services, samples))?
+    let katran = katran.map(Path::to_path_buf);
+    node.ns
+        .enter(move || measure_here(services, samples, katran.as_deref()))?
 }
 
-fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
+fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Vec<PacketCost>> {
     let mut ebpf = load::load(None).context("loading the datapath")?;
     populate(&mut ebpf, services, 6)?;
     let bd0 = nix::net::if_::if_nametoindex("bd0").context("ifindex of bd0")?;
@@ -326,6 +334,16 @@ fn measure_here(services: u32, samples: u32) -> Result<Vec<PacketCost>> {
     }
     results.push(summarize("nodeport_snat_new_flow", services, new));
     results.push(summarize("nodeport_snat_established", services, est));
+    // From outside to no frontend and no node address (Katran's non-VIP packet).
+    let mut pass = Vec::new();
+    for i in 0..samples {
+        let frame = Frame::tcp(&outsider(i), 20_000, "10.250.0.1", 80, ACK).build();
+        pass.push(run(&mut ebpf, Hook::External, &frame)?.1);
+    }
+    results.push(summarize("external_passthrough", services, pass));
+    if let Some(object) = katran {
+        results.extend(crate::katran::measure(object, services, samples)?.unwrap_or_default());
+    }
 
     // The floor: a non-IP frame leaves the program at once. Every number above includes
     // this much of test-run and timer overhead.

@@ -5,6 +5,7 @@ mod agent;
 mod control;
 mod datapath;
 mod forward;
+mod katran;
 mod plot;
 
 use std::{
@@ -36,6 +37,10 @@ struct Args {
     /// Service counts to measure at (default 1,1000,10000,100000; 1 with --quick).
     #[arg(long, value_delimiter = ',')]
     scales: Option<Vec<u32>>,
+    /// A Katran XDP object (`balancer.bpf.o`, built from Katran's source: see the README) to
+    /// measure beside xlb's programs in the same run.
+    #[arg(long, env = "XLB_BENCH_KATRAN")]
+    katran: Option<PathBuf>,
     /// Only these parts (default all): packet, program, forward, agent.
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Option<Vec<Part>>,
@@ -119,7 +124,11 @@ fn main() -> Result<()> {
     for &services in &scales {
         eprintln!("== {services} service(s), 10 endpoints each");
         if wanted(Part::Packet) {
-            packet.extend(datapath::measure(services, samples)?);
+            packet.extend(datapath::measure(
+                services,
+                samples,
+                args.katran.as_deref(),
+            )?);
         }
         if wanted(Part::Program) {
             let changes = if args.quick { 20 } else { 200 };
