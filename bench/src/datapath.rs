@@ -24,7 +24,10 @@ use lb_common::{
     program_names,
 };
 use serde::Serialize;
-use xlb::datapath::{attach, load};
+use xlb::{
+    cli::DEFAULT_SNAT_PORTS,
+    datapath::{attach, load},
+};
 use xlb_tests::{
     datapath::{
         FrontendEntry, TC_ACT_REDIRECT, TestRunOutput, put_frontend, put_frontend6, put_node,
@@ -117,7 +120,7 @@ pub fn populate6(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
         };
         put_frontend6(ebpf, frontend, &backends);
     }
-    put_node6(ebpf, &[ne6(NODE_IP6.parse()?)], (1024, 65535));
+    put_node6(ebpf, &[ne6(NODE_IP6.parse()?)], DEFAULT_SNAT_PORTS);
     Ok(())
 }
 
@@ -146,7 +149,7 @@ pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
         put_frontend(ebpf, frontend, &backends);
     }
     let node = ne(NODE_IP.parse()?);
-    put_node(ebpf, &[node], (1024, 65535));
+    put_node(ebpf, &[node], DEFAULT_SNAT_PORTS);
     Ok(())
 }
 

@@ -13,9 +13,9 @@ use lb_common::{
 };
 
 const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
+pub const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_ACK: u8 = 0x10;
 
 /// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
 const SNAT_TRIES: u32 = 16;

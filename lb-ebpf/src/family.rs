@@ -24,6 +24,8 @@ pub trait Family: 'static {
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
     /// The node's SNAT address and ports for this family (zeros until the agent wrote them).
     fn config() -> NodeConfig<Self::Addr>;
+    /// The node's SNAT port range for this family, host order (`(0, 0)` until written).
+    fn snat_ports() -> (u16, u16);
     /// Whether `client` is inside one of the service's loadBalancerSourceRanges.
     fn source_allowed(service_id: u32, client: Self::Addr) -> bool;
     /// 127.0.0.0/8, or ::1.
@@ -62,6 +64,12 @@ impl Family for V4 {
     #[inline(always)]
     fn config() -> NodeConfig {
         CONFIG.get(0).copied().unwrap_or_default()
+    }
+    #[inline(always)]
+    fn snat_ports() -> (u16, u16) {
+        CONFIG
+            .get(0)
+            .map_or((0, 0), |c| (c.snat_port_min, c.snat_port_max))
     }
     #[inline(always)]
     fn source_allowed(service_id: u32, client: u32) -> bool {
@@ -114,6 +122,12 @@ impl Family for V6 {
     #[inline(always)]
     fn config() -> NodeConfig<Ip6> {
         CONFIG6.get(0).copied().unwrap_or_default()
+    }
+    #[inline(always)]
+    fn snat_ports() -> (u16, u16) {
+        CONFIG6
+            .get(0)
+            .map_or((0, 0), |c| (c.snat_port_min, c.snat_port_max))
     }
     #[inline(always)]
     fn source_allowed(service_id: u32, client: Ip6) -> bool {

@@ -270,7 +270,9 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
             // To no frontend and no node address: only a routed reply is left, and that
             // has a reverse entry; without one the packet goes here, without the next
             // stage's tail call and parse.
-            false if !ct::has_reverse::<V6>(&flow) => Err(outcome::PASS_NOT_SERVICE),
+            false if !svc::may_be_reply::<V6>(&flow, false) || !ct::has_reverse::<V6>(&flow) => {
+                Err(outcome::PASS_NOT_SERVICE)
+            }
             false => Err(tail_call(ctx, Stage6::FromPodUntracked)),
         },
         Packet::IcmpError { .. } => Err(tail_call(ctx, Stage6::FromPodRare)),
@@ -357,14 +359,14 @@ fn untracked<F: TcFamily>(
     } else {
         None
     };
+    // The filter holds every node address: a destination it turns away is none.
+    let to_node = local && svc::is_node_ip::<F>(flow.dst);
     let decision = match frontend {
         // Routed replies go to a client outside or to the node's SNAT address, not to a
         // frontend on another address: a new flow skips that (missing) lookup.
-        Some(found) if !svc::is_node_ip::<F>(flow.dst) => {
-            svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
-        }
+        Some(found) if !to_node => svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?,
         _ => {
-            if let Some(done) = routed_reply::<F>(ctx, flow) {
+            if let Some(done) = routed_reply::<F>(ctx, flow, to_node) {
                 return done;
             }
             let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
@@ -402,8 +404,9 @@ fn dnat<F: TcFamily>(
 fn routed_reply<F: TcFamily>(
     ctx: &TcContext,
     flow: &Flow<F::Addr>,
+    to_node: bool,
 ) -> Option<Result<(i32, Outcome), Outcome>> {
-    let reply = svc::routed_reply::<F>(flow, ctx.len())?;
+    let reply = svc::routed_reply::<F>(flow, to_node, ctx.len())?;
     Some(F::route_reply(ctx, flow, &reply))
 }
 

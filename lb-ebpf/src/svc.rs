@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, Outcome,
-    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, outcome,
+    PROTO_TCP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, outcome,
 };
 
 use crate::{
@@ -247,10 +247,34 @@ pub struct Reply<A> {
     pub outcome: Outcome,
 }
 
-/// The reply of a flow from outside or of a SNATed flow, or `None` if `flow` is no such
-/// reply.
+/// Whether `flow` can be the reply of a flow this node translated, before its conntrack
+/// lookup (on a cold table, a miss costs about as much as an insert): a reply never opens a
+/// connection (a TCP SYN without ACK), and one to a node address (`to_node`) is a SNATed
+/// flow's, so its port is in the node's SNAT range (kube-proxy's NodePorts are not, with
+/// the agent's default range).
 #[inline(always)]
-pub fn routed_reply<F: Family>(flow: &Flow<F::Addr>, bytes: u32) -> Option<Reply<F::Addr>> {
+pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
+    if flow.proto == PROTO_TCP && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN {
+        return false;
+    }
+    if !to_node {
+        return true;
+    }
+    let (min, max) = F::snat_ports();
+    (min..=max).contains(&u16::from_be(flow.dport))
+}
+
+/// The reply of a flow from outside or of a SNATed flow, or `None` if `flow` is no such
+/// reply. `to_node`: `flow` is addressed to a node address.
+#[inline(always)]
+pub fn routed_reply<F: Family>(
+    flow: &Flow<F::Addr>,
+    to_node: bool,
+    bytes: u32,
+) -> Option<Reply<F::Addr>> {
+    if !may_be_reply::<F>(flow, to_node) {
+        return None;
+    }
     let entry = F::conntrack().get_ptr_mut(ct::reverse_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = ct::known(entry);

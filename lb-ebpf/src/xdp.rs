@@ -126,7 +126,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
         None => {
             // Replies of SNATed flows come back to a node address.
             if svc::is_node_ip::<V4>(flow.dst)
-                && let Some(reply) = svc::routed_reply::<V4>(&flow, bytes)
+                && let Some(reply) = svc::routed_reply::<V4>(&flow, true, bytes)
             {
                 if let Some(dst) = reply.dst {
                     rewrite(&pkt, Field::Dst, dst);

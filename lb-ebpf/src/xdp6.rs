@@ -87,7 +87,7 @@ pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
         let flow = flow_of(ctx)?;
         let bytes = ctx.frame_len();
         if svc::is_node_ip::<V6>(flow.dst)
-            && let Some(reply) = svc::routed_reply::<V6>(&flow, bytes)
+            && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes)
         {
             if let Some(dst) = reply.dst {
                 rewrite(ctx, &flow, Field::Dst, dst)?;

@@ -9,6 +9,9 @@ use crate::{
 };
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
+/// `--snat-ports` unless given: above Linux's default ephemeral range (32768-60999) and
+/// kube-proxy's NodePort range (30000-32767).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 
 fn port_range(value: &str) -> Result<(u16, u16), String> {
     let (min, max) = value
@@ -123,6 +126,7 @@ pub struct AgentArgs {
     pub node_ips: Vec<std::net::IpAddr>,
     /// Source ports for SNATed NodePort/LoadBalancer flows (outside the local ephemeral
     /// range, so they never collide with the node's own connections).
+    // The default is DEFAULT_SNAT_PORTS (a unit test holds them equal).
     #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = port_range)]
     pub snat_ports: (u16, u16),
     /// How XDP runs on the external interfaces: auto (native where the driver has it),
@@ -252,7 +256,7 @@ mod tests {
                 assert_eq!(node_name, None);
                 assert!(external_ifaces.is_empty());
                 assert!(node_ips.is_empty());
-                assert_eq!(snat_ports, (61000, 65535));
+                assert_eq!(snat_ports, DEFAULT_SNAT_PORTS);
                 assert_eq!(manifests, Some(PathBuf::from("/etc/xlb")));
                 assert_eq!(kubeconfig, None);
                 assert!(pod_ifaces.matches("veth0") && pod_ifaces.matches("cali1"));

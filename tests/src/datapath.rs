@@ -581,6 +581,14 @@ impl Datapath {
         ct.iter().map(|r| r.expect("ct entry")).collect()
     }
 
+    /// Writes a conntrack entry as given (to plant states a test cannot reach by packets).
+    pub fn put_ct(&mut self, key: CtKey, value: CtValue) {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
+                .expect("map type");
+        ct.insert(key, value, 0).expect("conntrack entry");
+    }
+
     pub fn set_affinity(&mut self, client: &str, backend_id: u32, last_used_ns: u64) {
         let mut aff: HashMap<_, AffinityKey, AffinityValue> =
             HashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).expect("map"))

@@ -10,6 +10,7 @@ pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 /// TCP flags.
 pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 

@@ -8,7 +8,7 @@ use lb_common::{
 };
 use xlb_tests::datapath::*;
 use xlb_tests::{
-    packet::{ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN, checksum_errors, view},
+    packet::{ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RST, SYN, checksum_errors, view},
     privilege::require_privileges,
 };
 
@@ -250,6 +250,47 @@ fn snat_ports_are_claimed_once_and_exhaustion_is_counted() {
         })
         .collect();
     assert_eq!(clients.len(), 3);
+}
+
+/// A reply is looked up only where one can be (a miss on a cold table costs about what an
+/// insert does): never for a bare SYN, and to a node address only at a SNAT port.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn only_what_can_be_a_reply_is_looked_up_as_one() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 40_000, NODE_A, 30080, SYN).build();
+    let port = view(&dp.run_external(&syn).1).sport;
+    // From the backend to the claimed port, a bare SYN opens something new: no reply.
+    let bare = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, port, SYN).build();
+    assert_eq!(dp.run_external(&bare), (XDP_PASS, bare.clone()));
+    // The same flow's entry planted for a port outside the SNAT range is not looked for.
+    let (mut key, value) = dp
+        .ct()
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_REVERSE)
+        .expect("reverse entry");
+    key.dport = 22u16.to_be();
+    dp.put_ct(key, value);
+    let off_range = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, 22, ACK).build();
+    assert_eq!(dp.run_external(&off_range), (XDP_PASS, off_range.clone()));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 0);
+    // A reset without ACK is a reply all the same.
+    let reset = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, port, RST).build();
+    let b = view(&dp.run_external(&reset).1);
+    assert_eq!((b.dst, b.dport), (addr(OUTSIDER), 40_000));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 1);
+
+    // On a pod interface: a local backend's reply to a client outside (no SNAT).
+    let mut dp = node(SVC_FLAG_DROP_EMPTY, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 7000, NODE_A, 30080, SYN).build();
+    assert_eq!(dp.run_external(&syn).0, XDP_PASS);
+    let bare = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7000, SYN).build();
+    assert_eq!(dp.run(Hook::FromPod, &bare), (PASS, bare.clone()));
+    let reply = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7000, SYN | ACK).build();
+    let b = view(&dp.run(Hook::FromPod, &reply).1);
+    assert_eq!((b.src, b.sport), (addr(NODE_A), 30080));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 1);
 }
 
 #[test]

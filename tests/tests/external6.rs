@@ -118,6 +118,12 @@ fn udp_and_extension_headers_and_a_local_policy_keep_the_client() {
         &[0, 0],
         "UDP checksum never zero"
     );
+    // A bare SYN from the backend to the client opens something new: not the reply.
+    let tcp = Frame6::tcp(OUTSIDER, 5001, NODE_B, 30080, SYN).build();
+    assert_eq!(dp.run_external(&tcp).0, XDP_PASS);
+    let bare = Frame6::tcp(BACKEND.1, 8080, OUTSIDER, 5001, SYN).build();
+    assert_eq!(dp.run(Hook::FromPod, &bare), (PASS, bare.clone()));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 0);
     // A local backend's reply leaves through its pod interface (TC), source restored.
     let reply = Frame6::udp(BACKEND.1, 8080, OUTSIDER, 5000).build();
     let (verdict, back) = dp.run(Hook::FromPod, &reply);
