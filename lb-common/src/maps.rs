@@ -61,8 +61,12 @@ pub mod map_names {
     /// neighbour, link and address change it hears of; next hops cached under an older
     /// generation are looked up again.
     pub const ROUTE_GEN: &str = "XLB_ROUTE_GEN";
+    /// Bits of (address, port, protocol) that may be a backend's, both families, in the
+    /// address filter's layout ([`addr_filter::reply_slot`](crate::addr_filter::reply_slot)):
+    /// a packet from any other source is no reply to a translated flow.
+    pub const REPLY_FILTER: &str = "XLB_REPLY_FILTER";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -94,6 +98,7 @@ pub mod map_names {
         STATS6,
         ADDR_FILTER,
         ROUTE_GEN,
+        REPLY_FILTER,
     ];
 }
 
@@ -174,6 +179,16 @@ pub mod addr_filter {
     pub const fn slot(hash_word: u32) -> (u32, u64) {
         let bit = crate::mix32(hash_word) & ((1 << BITS_LOG2) - 1);
         (1 + (bit >> 6), 1u64 << (bit & 63))
+    }
+
+    /// The word and bit of a backend's address (its hash word), port (network byte order)
+    /// and protocol in the reply filter (`XLB_REPLY_FILTER`, same layout). Every reverse
+    /// conntrack entry's key starts with its backend's triple, so a packet whose source
+    /// triple has a clear bit is no reply to a translated flow.
+    #[inline(always)]
+    pub const fn reply_slot(hash_word: u32, port: u16, proto: u8) -> (u32, u64) {
+        let tag = ((port as u32) << 8 | proto as u32).wrapping_mul(0x9e37_79b1);
+        slot(hash_word ^ tag)
     }
 }
 

@@ -1,19 +1,37 @@
-//! The early exit for packets to no frontend and no node address: one read of the address
-//! filter (`lb_common::addr_filter`) instead of the conntrack and frontend lookups such a
-//! packet would otherwise miss, one by one.
+//! The early exits for packets a service cannot concern, each one array read instead of the
+//! lookups such a packet would otherwise miss one by one: the address filter
+//! (`lb_common::addr_filter`) for destinations that are no frontend and no node address,
+//! the reply filter for sources that are no backend (so no reply to a translated flow).
+use aya_ebpf::maps::Array;
 use lb_common::{MapAddr, addr_filter};
 
-use crate::maps::ADDR_FILTER;
+use crate::maps::{ADDR_FILTER, REPLY_FILTER};
 
 /// Whether `addr` may be a frontend's or this node's address: `false` is certain (the
 /// agent sets an address's bit before anything uses it), `true` is not. Also `true` until
 /// the agent armed the filter.
 #[inline(always)]
 pub fn may_be_local<A: MapAddr>(addr: A) -> bool {
-    let armed = ADDR_FILTER.get(0).is_some_and(|&w| w == addr_filter::ARMED);
+    may_hold(&ADDR_FILTER, addr_filter::slot(addr.hash_word()))
+}
+
+/// Whether `addr`, `port` (network byte order) and `proto` may be a backend's, i.e. a
+/// packet from there may answer a translated flow; `false` is certain, as above. A
+/// subprogram: inlined into `xlb_from_pod`, LLVM spilled a register undefined on one path
+/// (the frontend lookup's miss), which the verifier refuses to read.
+#[inline(never)]
+pub fn may_be_backend<A: MapAddr>(addr: A, port: u16, proto: u8) -> bool {
+    may_hold(
+        &REPLY_FILTER,
+        addr_filter::reply_slot(addr.hash_word(), port, proto),
+    )
+}
+
+#[inline(always)]
+fn may_hold(filter: &Array<u64>, (word, bit): (u32, u64)) -> bool {
+    let armed = filter.get(0).is_some_and(|&w| w == addr_filter::ARMED);
     if !armed {
         return true;
     }
-    let (word, bit) = addr_filter::slot(addr.hash_word());
-    ADDR_FILTER.get(word).is_none_or(|&w| w & bit != 0)
+    filter.get(word).is_none_or(|&w| w & bit != 0)
 }

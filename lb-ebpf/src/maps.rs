@@ -165,6 +165,11 @@ pub static PROGS6_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map(name = "XLB_ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(lb_common::addr_filter::ENTRIES, 0);
 
+/// The reply filter (`map_names::REPLY_FILTER`): bits of backends' (address, port,
+/// protocol), set by the agent; pinned.
+#[map(name = "XLB_REPLY_FILTER")]
+pub static REPLY_FILTER: Array<u64> = Array::with_max_entries(lb_common::addr_filter::ENTRIES, 0);
+
 /// The routing generation (`map_names::ROUTE_GEN`), raised by the agent; pinned, so the
 /// attached programs and every agent see one value.
 #[map(name = "XLB_ROUTE_GEN")]

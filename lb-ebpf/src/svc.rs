@@ -10,6 +10,7 @@ use lb_common::{
 use crate::{
     ct::{self, Nat},
     family::Family,
+    filter,
     parse::Flow,
     sched, stats,
 };
@@ -249,12 +250,15 @@ pub struct Reply<A> {
 
 /// Whether `flow` can be the reply of a flow this node translated, before its conntrack
 /// lookup (on a cold table, a miss costs about as much as an insert): a reply never opens a
-/// connection (a TCP SYN without ACK), and one to a node address (`to_node`) is a SNATed
-/// flow's, so its port is in the node's SNAT range (kube-proxy's NodePorts are not, with
-/// the agent's default range).
+/// connection (a TCP SYN without ACK), comes from a backend (the reply filter), and one to
+/// a node address (`to_node`) is a SNATed flow's, so its port is in the node's SNAT range
+/// (kube-proxy's NodePorts are not, with the agent's default range).
 #[inline(always)]
 pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
     if flow.proto == PROTO_TCP && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN {
+        return false;
+    }
+    if !filter::may_be_backend(flow.src, flow.sport, flow.proto) {
         return false;
     }
     if !to_node {

@@ -134,6 +134,9 @@ fn put_frontend_in<A: MapAddr>(
             be.insert(id, b, 0).expect("insert backend");
         }
     }
+    for (_, addr, port) in backends {
+        set_reply_bit(ebpf, *addr, *port, frontend.proto, true);
+    }
     let mut svc: HashMap<_, ServiceKey<A>, ServiceValue> =
         HashMap::try_from(ebpf.map_mut(services).expect("map")).expect("map type");
     for (slot, (id, _, _)) in backends.iter().enumerate() {
@@ -164,6 +167,20 @@ pub fn mark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
         let word = filter.get(&index, 0).expect("filter word");
         filter.set(index, word | bit, 0).expect("filter word");
     }
+    filter
+        .set(0, addr_filter::ARMED, 0)
+        .expect("arm the filter");
+}
+
+/// Sets (or clears) the reply filter's bit of a backend's `addr`, `port` (host order) and
+/// `proto` and arms the filter, as the agent does before it writes a backend.
+pub fn set_reply_bit<A: MapAddr>(ebpf: &mut Ebpf, addr: A, port: u16, proto: u8, on: bool) {
+    let mut filter: Array<_, u64> =
+        Array::try_from(ebpf.map_mut(map_names::REPLY_FILTER).expect("map")).expect("map type");
+    let (index, bit) = addr_filter::reply_slot(addr.hash_word(), port.to_be(), proto);
+    let word = filter.get(&index, 0).expect("filter word");
+    let word = if on { word | bit } else { word & !bit };
+    filter.set(index, word, 0).expect("filter word");
     filter
         .set(0, addr_filter::ARMED, 0)
         .expect("arm the filter");

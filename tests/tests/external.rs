@@ -288,9 +288,23 @@ fn only_what_can_be_a_reply_is_looked_up_as_one() {
     let bare = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7000, SYN).build();
     assert_eq!(dp.run(Hook::FromPod, &bare), (PASS, bare.clone()));
     let reply = Frame::tcp(BACKEND.1, 8080, OUTSIDER, 7000, SYN | ACK).build();
+    // A source whose reply bit is clear is no backend: its packets are not looked up.
+    set_reply_bit(&mut dp.ebpf, ip(BACKEND.1), 8080, PROTO_TCP, false);
+    assert_eq!(dp.run(Hook::FromPod, &reply), (PASS, reply.clone()));
+    set_reply_bit(&mut dp.ebpf, ip(BACKEND.1), 8080, PROTO_TCP, true);
     let b = view(&dp.run(Hook::FromPod, &reply).1);
     assert_eq!((b.src, b.sport), (addr(NODE_A), 30080));
     assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 1);
+    // Nor on XDP: a SNATed flow's reply from a source with a clear bit stays untouched.
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 40_001, NODE_A, 30080, SYN).build();
+    let port = view(&dp.run_external(&syn).1).sport;
+    let reply = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, port, SYN | ACK).build();
+    set_reply_bit(&mut dp.ebpf, ip(BACKEND.1), BACKEND.2, PROTO_TCP, false);
+    assert_eq!(dp.run_external(&reply), (XDP_PASS, reply.clone()));
+    set_reply_bit(&mut dp.ebpf, ip(BACKEND.1), BACKEND.2, PROTO_TCP, true);
+    let b = view(&dp.run_external(&reply).1);
+    assert_eq!((b.dst, b.dport), (addr(OUTSIDER), 40_001));
 }
 
 #[test]

@@ -124,8 +124,13 @@ fn udp_and_extension_headers_and_a_local_policy_keep_the_client() {
     let bare = Frame6::tcp(BACKEND.1, 8080, OUTSIDER, 5001, SYN).build();
     assert_eq!(dp.run(Hook::FromPod, &bare), (PASS, bare.clone()));
     assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 0);
-    // A local backend's reply leaves through its pod interface (TC), source restored.
+    // A local backend's reply leaves through its pod interface (TC), source restored;
+    // not while its reply bit is clear (the source is then no backend's).
     let reply = Frame6::udp(BACKEND.1, 8080, OUTSIDER, 5000).build();
+    let backend = ip6(BACKEND.1);
+    set_reply_bit(&mut dp.ebpf, backend, 8080, PROTO_UDP, false);
+    assert_eq!(dp.run(Hook::FromPod, &reply), (PASS, reply.clone()));
+    set_reply_bit(&mut dp.ebpf, backend, 8080, PROTO_UDP, true);
     let (verdict, back) = dp.run(Hook::FromPod, &reply);
     assert_eq!(verdict, TC_ACT_OK, "routed on by the kernel");
     assert_eq!(checksum_errors6(&back), Vec::<String>::new());

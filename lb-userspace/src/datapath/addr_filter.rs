@@ -1,30 +1,95 @@
-//! The agent's side of the address filter (`lb_common::addr_filter`): which bits must be
-//! set, kept as reference counts so a bit is cleared only when no frontend and no node
-//! address hashes to it any more. The store writes the words this returns: a set bit
-//! before the entry that needs it, a cleared one after the last entry left.
+//! The agent's side of the address filter (`lb_common::addr_filter`) and of the reply
+//! filter (same layout, `XLB_REPLY_FILTER`): which bits must be set, kept as reference
+//! counts so a bit is cleared only when nothing that needs it hashes to it any more. The
+//! store writes the words these return: a set bit before the entry that needs it, a
+//! cleared one after the last entry left.
 use std::{
     collections::{HashMap, HashSet},
+    hash::Hash,
     net::IpAddr,
 };
 
-use lb_common::{MapAddr, addr_filter};
+use lb_common::{Backend, MapAddr, addr_filter};
 
-use crate::sync::keys::{SlotKey, from_map_v4, from_map_v6, map_v4, map_v6};
+use crate::sync::keys::{BackendEntry, SlotKey, from_map_v4, from_map_v6, map_v4, map_v6};
 
 /// A filter word to write: its index and its new value.
 pub type WordWrite = (u32, u64);
 
-#[derive(Debug, Default)]
-pub struct AddrFilter {
-    /// Frontends (their slot-0 keys) counted in `refs`.
-    frontends: HashSet<SlotKey>,
-    node: Vec<IpAddr>,
-    /// Per address: the frontends on it, plus one if it is a node address.
-    refs: HashMap<IpAddr, u32>,
-    /// Per bit: the distinct addresses on it.
+/// Reference-counted bits of one filter, keyed by what sets them.
+#[derive(Debug)]
+struct Bits<K> {
+    /// Per key: how many entries need it.
+    refs: HashMap<K, u32>,
+    /// Per bit: the distinct keys on it.
     per_bit: HashMap<(u32, u64), u32>,
     /// The words that are not zero.
     words: HashMap<u32, u64>,
+}
+
+impl<K> Default for Bits<K> {
+    fn default() -> Self {
+        Bits {
+            refs: HashMap::new(),
+            per_bit: HashMap::new(),
+            words: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash> Bits<K> {
+    fn word(&self, index: u32) -> u64 {
+        self.words.get(&index).copied().unwrap_or(0)
+    }
+
+    /// One more entry needs `key` (on `slot`): the word to write if its bit was clear.
+    fn add(&mut self, key: K, (index, bit): (u32, u64)) -> Option<WordWrite> {
+        let refs = self.refs.entry(key).or_insert(0);
+        *refs += 1;
+        if *refs > 1 {
+            return None;
+        }
+        let on_bit = self.per_bit.entry((index, bit)).or_insert(0);
+        *on_bit += 1;
+        if *on_bit > 1 {
+            return None;
+        }
+        let word = self.words.entry(index).or_insert(0);
+        *word |= bit;
+        Some((index, *word))
+    }
+
+    /// One entry less needs `key`: the word to write if its bit cleared.
+    fn drop(&mut self, key: &K, (index, bit): (u32, u64)) -> Option<WordWrite> {
+        let refs = self.refs.get_mut(key)?;
+        *refs -= 1;
+        if *refs > 0 {
+            return None;
+        }
+        self.refs.remove(key);
+        let on_bit = self.per_bit.get_mut(&(index, bit))?;
+        *on_bit -= 1;
+        if *on_bit > 0 {
+            return None;
+        }
+        self.per_bit.remove(&(index, bit));
+        let word = self.words.get_mut(&index)?;
+        *word &= !bit;
+        let value = *word;
+        if value == 0 {
+            self.words.remove(&index);
+        }
+        Some((index, value))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct AddrFilter {
+    /// Frontends (their slot-0 keys) counted in `bits`.
+    frontends: HashSet<SlotKey>,
+    node: Vec<IpAddr>,
+    /// Per address: the frontends on it, plus one if it is a node address.
+    bits: Bits<IpAddr>,
 }
 
 /// The word and bit of `addr`, as the programs compute them.
@@ -95,47 +160,86 @@ impl AddrFilter {
 
     /// The value word `index` must hold.
     pub fn word(&self, index: u32) -> u64 {
-        self.words.get(&index).copied().unwrap_or(0)
+        self.bits.word(index)
     }
 
     fn add_ref(&mut self, addr: IpAddr) -> Option<WordWrite> {
-        let refs = self.refs.entry(addr).or_insert(0);
-        *refs += 1;
-        if *refs > 1 {
-            return None;
-        }
-        let (index, bit) = slot_of(addr);
-        let on_bit = self.per_bit.entry((index, bit)).or_insert(0);
-        *on_bit += 1;
-        if *on_bit > 1 {
-            return None;
-        }
-        let word = self.words.entry(index).or_insert(0);
-        *word |= bit;
-        Some((index, *word))
+        self.bits.add(addr, slot_of(addr))
     }
 
     fn drop_ref(&mut self, addr: IpAddr) -> Option<WordWrite> {
-        let refs = self.refs.get_mut(&addr)?;
-        *refs -= 1;
-        if *refs > 0 {
-            return None;
+        self.bits.drop(&addr, slot_of(addr))
+    }
+}
+
+/// A backend's (address, port, protocol), as the reply filter hashes it; address and port
+/// in network byte order, as in the maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(u32, u16, u8),
+    V6(lb_common::Ip6, u16, u8),
+}
+
+impl Source {
+    fn of(entry: &BackendEntry) -> Source {
+        match entry {
+            BackendEntry::V4(Backend {
+                ip, port, proto, ..
+            }) => Source::V4(*ip, *port, *proto),
+            BackendEntry::V6(Backend {
+                ip, port, proto, ..
+            }) => Source::V6(*ip, *port, *proto),
         }
-        self.refs.remove(&addr);
-        let (index, bit) = slot_of(addr);
-        let on_bit = self.per_bit.get_mut(&(index, bit))?;
-        *on_bit -= 1;
-        if *on_bit > 0 {
-            return None;
+    }
+
+    /// The word and bit, as the programs compute them.
+    fn slot(&self) -> (u32, u64) {
+        match self {
+            Source::V4(ip, port, proto) => addr_filter::reply_slot(ip.hash_word(), *port, *proto),
+            Source::V6(ip, port, proto) => addr_filter::reply_slot(ip.hash_word(), *port, *proto),
         }
-        self.per_bit.remove(&(index, bit));
-        let word = self.words.get_mut(&index)?;
-        *word &= !bit;
-        let value = *word;
-        if value == 0 {
-            self.words.remove(&index);
+    }
+}
+
+/// The reply filter's mirror: a bit per backend's (address, port, protocol), counted over
+/// the backend ids of both families that have it.
+#[derive(Debug, Default)]
+pub struct ReplyFilter {
+    /// Per backend id and family (true: IPv6): what it counts in `bits`.
+    backends: HashMap<(u32, bool), Source>,
+    bits: Bits<Source>,
+}
+
+impl ReplyFilter {
+    /// Backend `id` becomes `entry`: the word to write before the backend map changes (its
+    /// bit, if it was clear) and the one to write after (the bit of what it was, if that
+    /// cleared).
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        entry: &BackendEntry,
+    ) -> (Option<WordWrite>, Option<WordWrite>) {
+        let source = Source::of(entry);
+        let v6 = matches!(entry, BackendEntry::V6(_));
+        match self.backends.insert((id, v6), source) {
+            Some(old) if old == source => (None, None),
+            Some(old) => (
+                self.bits.add(source, source.slot()),
+                self.bits.drop(&old, old.slot()),
+            ),
+            None => (self.bits.add(source, source.slot()), None),
         }
-        Some((index, value))
+    }
+
+    /// Backend `id` (`v6`: of the IPv6 map) was removed: the word to write after.
+    pub fn remove_backend(&mut self, id: u32, v6: bool) -> Option<WordWrite> {
+        let old = self.backends.remove(&(id, v6))?;
+        self.bits.drop(&old, old.slot())
+    }
+
+    /// The value word `index` must hold.
+    pub fn word(&self, index: u32) -> u64 {
+        self.bits.word(index)
     }
 }
 
@@ -192,7 +296,7 @@ mod tests {
         let mut f = AddrFilter::default();
         assert_eq!(f.add_frontend(&key("0.0.0.0", 30080, 0)), None);
         assert_eq!(f.add_frontend(&key("10.96.0.1", 80, 3)), None);
-        assert!(f.words.is_empty());
+        assert!(f.bits.words.is_empty());
     }
 
     #[test]
@@ -225,5 +329,72 @@ mod tests {
         let (before, _) = f.set_node(&[node, "0.0.0.0".parse().expect("address")]);
         assert_eq!(before.len(), 1);
         assert!(bit_set(&f, "fd00::1"));
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+
+    fn backend(ip: &str, port: u16, service_id: u32) -> BackendEntry {
+        let ip: std::net::Ipv4Addr = ip.parse().expect("address");
+        BackendEntry::V4(Backend {
+            ip: map_v4(ip),
+            port: port.to_be(),
+            proto: 6,
+            _pad: 0,
+            service_id,
+        })
+    }
+
+    fn set(f: &ReplyFilter, entry: &BackendEntry) -> bool {
+        let (index, bit) = Source::of(entry).slot();
+        f.word(index) & bit != 0
+    }
+
+    #[test]
+    fn a_backends_bit_stays_while_any_id_has_its_address_port_and_protocol() {
+        let mut f = ReplyFilter::default();
+        let pod = backend("10.244.1.5", 8080, 1);
+        let (index, bit) = Source::of(&pod).slot();
+        assert_eq!(f.set_backend(1, &pod), (Some((index, bit)), None));
+        // The same endpoint behind another service port: one more reference, no write;
+        // rewriting an id unchanged writes nothing.
+        assert_eq!(
+            f.set_backend(2, &backend("10.244.1.5", 8080, 2)),
+            (None, None)
+        );
+        assert_eq!(f.set_backend(1, &pod), (None, None));
+        assert_eq!(f.remove_backend(1, false), None);
+        assert!(set(&f, &pod), "id 2 still has it");
+        assert_eq!(f.remove_backend(2, false), Some((index, 0)));
+        assert!(!set(&f, &pod));
+        // Removing what was never there, or the other family's id: nothing.
+        assert_eq!(f.remove_backend(7, false), None);
+        f.set_backend(3, &pod);
+        assert_eq!(f.remove_backend(3, true), None);
+        assert!(set(&f, &pod));
+    }
+
+    #[test]
+    fn a_backend_that_moves_sets_the_new_bit_before_and_clears_the_old_after() {
+        let mut f = ReplyFilter::default();
+        let old = backend("10.244.1.5", 8080, 1);
+        let new = backend("10.244.1.6", 8080, 1);
+        f.set_backend(1, &old);
+        let (before, after) = f.set_backend(1, &new);
+        let (new_index, new_bit) = Source::of(&new).slot();
+        let (old_index, _) = Source::of(&old).slot();
+        assert_eq!(
+            before.map(|(i, w)| (i, w & new_bit != 0)),
+            Some((new_index, true))
+        );
+        assert_eq!(after.map(|(i, _)| i), Some(old_index));
+        assert!(set(&f, &new) && !set(&f, &old));
+        // Another port of the same address is another bit.
+        assert_ne!(
+            Source::of(&backend("10.244.1.6", 9090, 1)).slot(),
+            Source::of(&new).slot()
+        );
     }
 }

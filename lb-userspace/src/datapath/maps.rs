@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     datapath::{
-        addr_filter::{AddrFilter, WordWrite},
+        addr_filter::{AddrFilter, ReplyFilter, WordWrite},
         pins::PinLayout,
     },
     model::{Family, IpNet},
@@ -89,9 +89,12 @@ pub struct PinnedMaps {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
     pub addr_filter: Array<MapData, u64>,
+    pub reply_filter: Array<MapData, u64>,
     pub v6: PinnedMaps6,
     /// What `addr_filter` must hold; built from the maps on the first write.
     filter: Option<AddrFilter>,
+    /// What `reply_filter` must hold; likewise.
+    replies: Option<ReplyFilter>,
 }
 
 /// The IPv6 twins of the address-keyed maps.
@@ -146,7 +149,9 @@ impl PinnedMaps {
             source_ranges: typed!(layout, map_names::SOURCE_RANGES, LpmTrie),
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
             addr_filter: typed!(layout, map_names::ADDR_FILTER, Array),
+            reply_filter: typed!(layout, map_names::REPLY_FILTER, Array),
             filter: None,
+            replies: None,
             v6: PinnedMaps6 {
                 services: typed!(layout, map_names::SERVICES6, HashMap),
                 backends: typed!(layout, map_names::BACKENDS6, HashMap),
@@ -254,23 +259,28 @@ impl PinnedMaps {
                 )
                 .collect();
             filter.set_node(&node);
-            for index in 1..=addr_filter::WORDS {
-                let want = filter.word(index);
-                if self.addr_filter.get(&index, 0)? != want {
-                    self.addr_filter.set(index, want, 0)?;
-                }
-            }
-            self.addr_filter.set(0, addr_filter::ARMED, 0)?;
+            fill_and_arm(&mut self.addr_filter, |index| filter.word(index))?;
             self.filter = Some(filter);
         }
         Ok(self.filter.as_mut().expect("built above"))
     }
 
     fn write_filter(&mut self, words: impl IntoIterator<Item = WordWrite>) -> Result<(), MapError> {
-        for (index, value) in words {
-            self.addr_filter.set(index, value, 0)?;
+        write_words(&mut self.addr_filter, words)
+    }
+
+    /// The reply filter's mirror, built on first use from the backends the maps hold, as
+    /// `filter`.
+    fn replies(&mut self) -> Result<&mut ReplyFilter, MapError> {
+        if self.replies.is_none() {
+            let mut replies = ReplyFilter::default();
+            for (id, entry) in self.all_backends() {
+                replies.set_backend(id, &entry);
+            }
+            fill_and_arm(&mut self.reply_filter, |index| replies.word(index))?;
+            self.replies = Some(replies);
         }
-        Ok(())
+        Ok(self.replies.as_mut().expect("built above"))
     }
 
     /// Records the network namespace whose sockets the socket hooks balance: the calling
@@ -500,6 +510,28 @@ fn store_err(operation: &'static str, map: &'static str, e: MapError) -> StoreEr
     }
 }
 
+/// Makes a filter's words what `want` says (the bits of a predecessor's entries that nothing
+/// needs any more cleared), then arms it: until then the programs filter nothing.
+fn fill_and_arm(map: &mut Array<MapData, u64>, want: impl Fn(u32) -> u64) -> Result<(), MapError> {
+    for index in 1..=addr_filter::WORDS {
+        let want = want(index);
+        if map.get(&index, 0)? != want {
+            map.set(index, want, 0)?;
+        }
+    }
+    map.set(0, addr_filter::ARMED, 0)
+}
+
+fn write_words(
+    map: &mut Array<MapData, u64>,
+    words: impl IntoIterator<Item = WordWrite>,
+) -> Result<(), MapError> {
+    for (index, value) in words {
+        map.set(index, value, 0)?;
+    }
+    Ok(())
+}
+
 /// Deleting something already gone is success: sync must be idempotent.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -511,6 +543,11 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl MapStore for PinnedMaps {
     fn set_backend(&mut self, id: u32, backend: &BackendEntry) -> Result<(), StoreError> {
+        let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
+        // The backend's reply bit before the backend: no flow to it exists yet whose
+        // replies the filter would turn away.
+        let (before, after) = self.replies().map_err(filter_err)?.set_backend(id, backend);
+        write_words(&mut self.reply_filter, before).map_err(filter_err)?;
         match backend {
             BackendEntry::V4(b) => self
                 .backends
@@ -521,7 +558,8 @@ impl MapStore for PinnedMaps {
                 .backends
                 .insert(id, b, 0)
                 .map_err(|e| store_err("insert", map_names::BACKENDS6, e)),
-        }
+        }?;
+        write_words(&mut self.reply_filter, after).map_err(filter_err)
     }
     fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), StoreError> {
         match family {
@@ -529,7 +567,13 @@ impl MapStore for PinnedMaps {
                 .map_err(|e| store_err("delete", map_names::BACKENDS, e)),
             Family::V6 => ignore_missing(self.v6.backends.remove(&id))
                 .map_err(|e| store_err("delete", map_names::BACKENDS6, e)),
-        }
+        }?;
+        let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
+        let after = self
+            .replies()
+            .map_err(filter_err)?
+            .remove_backend(id, family == Family::V6);
+        write_words(&mut self.reply_filter, after).map_err(filter_err)
     }
     fn set_slot(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), StoreError> {
         let filter_err = |e| store_err("write", map_names::ADDR_FILTER, e);

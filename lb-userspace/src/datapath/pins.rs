@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 31] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -161,6 +161,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 31] = {
         (map_names::STATS6, 4, 8, outcome::COUNT, PerCpuArray),
         (map_names::ADDR_FILTER, 4, 8, addr_filter::ENTRIES, Array),
         (map_names::ROUTE_GEN, 4, 8, 1, Array),
+        (map_names::REPLY_FILTER, 4, 8, addr_filter::ENTRIES, Array),
     ]
 };
 
