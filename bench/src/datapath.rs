@@ -365,6 +365,13 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
         pass.push(run(&mut ebpf, Hook::FromPod, &frame)?.1);
     }
     results.push(summarize("passthrough", services, pass));
+    // And its way into the receiving pod (a pod's reply to it, on the to-pod hook).
+    let mut pass = Vec::new();
+    for i in 0..samples {
+        let frame = Frame::tcp("10.250.0.1", 80, &client(i), 30_000, ACK).build();
+        pass.push(run(&mut ebpf, Hook::ToPod, &frame)?.1);
+    }
+    results.push(summarize("passthrough_to_pod", services, pass));
 
     // Warm: an established flow to the middle service, bounced through its mirror.
     let calls = (samples / 100).max(20);

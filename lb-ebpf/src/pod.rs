@@ -424,6 +424,10 @@ fn route_reply<F: TcFamily>(
 }
 
 fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
+    // Most packets to a pod answer nothing translated: from no backend, or opening.
+    if !svc::may_be_reply::<F>(flow, false) {
+        return Err(outcome::PASS_NOT_SERVICE);
+    }
     let entry = F::conntrack()
         .get_ptr_mut(ct::reverse_key(flow))
         .ok_or(outcome::PASS_NOT_SERVICE)?;

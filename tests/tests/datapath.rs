@@ -71,8 +71,15 @@ fn tcp_syn_established_and_reply() {
     }
     assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), 20);
 
-    // The backend's reply goes back to the client from the VIP.
+    // The backend's reply goes back to the client from the VIP; not a bare SYN, nor
+    // anything while the backend's reply bit is clear (its source is then no backend's).
     let reply = Frame::tcp(&chosen.to_string(), 8080, CLIENT, 40000, SYN | ACK).build();
+    let bare = Frame::tcp(&chosen.to_string(), 8080, CLIENT, 40000, SYN).build();
+    assert_eq!(dp.run(Hook::ToPod, &bare), (PASS, bare.clone()));
+    let backend = u32::from_ne_bytes(chosen.octets());
+    set_reply_bit(&mut dp.ebpf, backend, 8080, PROTO_TCP, false);
+    assert_eq!(dp.run(Hook::ToPod, &reply), (PASS, reply.clone()));
+    set_reply_bit(&mut dp.ebpf, backend, 8080, PROTO_TCP, true);
     let (verdict, out) = dp.run(Hook::ToPod, &reply);
     assert_eq!(verdict, TC_ACT_OK);
     assert_only_changed(&reply, &out, &[IP_CSUM, IP_SRC, SPORT, TCP_CSUM]);

@@ -7,9 +7,10 @@ use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
-use lb_common::{Backend, MapAddr, addr_filter};
+use lb_common::{MapAddr, addr_filter};
 
 use crate::sync::keys::{BackendEntry, SlotKey, from_map_v4, from_map_v6, map_v4, map_v6};
 
@@ -172,69 +173,100 @@ impl AddrFilter {
     }
 }
 
-/// A backend's (address, port, protocol), as the reply filter hashes it; address and port
-/// in network byte order, as in the maps.
+/// A backend's (address, port, protocol) as the reply filter hashes it: the address's hash
+/// word (addresses of either family on one word share the bit anyway), port in network
+/// byte order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    V4(u32, u16, u8),
-    V6(lb_common::Ip6, u16, u8),
-}
+struct Source(u32, u16, u8);
 
 impl Source {
+    fn new<A: MapAddr>(addr: A, port: u16, proto: u8) -> Source {
+        Source(addr.hash_word(), port, proto)
+    }
+
     fn of(entry: &BackendEntry) -> Source {
         match entry {
-            BackendEntry::V4(Backend {
-                ip, port, proto, ..
-            }) => Source::V4(*ip, *port, *proto),
-            BackendEntry::V6(Backend {
-                ip, port, proto, ..
-            }) => Source::V6(*ip, *port, *proto),
+            BackendEntry::V4(b) => Source::new(b.ip, b.port, b.proto),
+            BackendEntry::V6(b) => Source::new(b.ip, b.port, b.proto),
         }
     }
 
     /// The word and bit, as the programs compute them.
     fn slot(&self) -> (u32, u64) {
-        match self {
-            Source::V4(ip, port, proto) => addr_filter::reply_slot(ip.hash_word(), *port, *proto),
-            Source::V6(ip, port, proto) => addr_filter::reply_slot(ip.hash_word(), *port, *proto),
-        }
+        addr_filter::reply_slot(self.0, self.1, self.2)
     }
 }
 
+/// How long a removed backend's bit outlives it: its flows' replies (a handshake in flight)
+/// are still translated until the conntrack collector purged its entries, which it does
+/// within seconds of the removal (`agent::gc`: asked at once, a grace of one second, a
+/// second pass). A bit kept longer only costs that source the lookups.
+pub const RETIRED_HOLD: Duration = Duration::from_secs(15);
+
 /// The reply filter's mirror: a bit per backend's (address, port, protocol), counted over
-/// the backend ids of both families that have it.
+/// the backend ids of both families that have it, and over removed backends whose flows
+/// may still have replies (`RETIRED_HOLD`).
 #[derive(Debug, Default)]
 pub struct ReplyFilter {
     /// Per backend id and family (true: IPv6): what it counts in `bits`.
     backends: HashMap<(u32, bool), Source>,
+    /// Sources counted in `bits` until the time given.
+    retired: Vec<(Source, Instant)>,
     bits: Bits<Source>,
 }
 
 impl ReplyFilter {
     /// Backend `id` becomes `entry`: the word to write before the backend map changes (its
-    /// bit, if it was clear) and the one to write after (the bit of what it was, if that
-    /// cleared).
+    /// bit, if it was clear). What it was before is retired.
     pub fn set_backend(
         &mut self,
         id: u32,
         entry: &BackendEntry,
-    ) -> (Option<WordWrite>, Option<WordWrite>) {
+        now: Instant,
+    ) -> Option<WordWrite> {
         let source = Source::of(entry);
         let v6 = matches!(entry, BackendEntry::V6(_));
         match self.backends.insert((id, v6), source) {
-            Some(old) if old == source => (None, None),
-            Some(old) => (
-                self.bits.add(source, source.slot()),
-                self.bits.drop(&old, old.slot()),
-            ),
-            None => (self.bits.add(source, source.slot()), None),
+            Some(old) if old == source => None,
+            old => {
+                let write = self.bits.add(source, source.slot());
+                if let Some(old) = old {
+                    self.retired.push((old, now + RETIRED_HOLD));
+                }
+                write
+            }
         }
     }
 
-    /// Backend `id` (`v6`: of the IPv6 map) was removed: the word to write after.
-    pub fn remove_backend(&mut self, id: u32, v6: bool) -> Option<WordWrite> {
-        let old = self.backends.remove(&(id, v6))?;
-        self.bits.drop(&old, old.slot())
+    /// Backend `id` (`v6`: of the IPv6 map) was removed: its bit is retired, not cleared.
+    pub fn remove_backend(&mut self, id: u32, v6: bool, now: Instant) {
+        if let Some(old) = self.backends.remove(&(id, v6)) {
+            self.retired.push((old, now + RETIRED_HOLD));
+        }
+    }
+
+    /// Keeps the bit of a reverse conntrack entry's source (`addr`, `port` in network byte
+    /// order, `proto`) for `RETIRED_HOLD`: what a restarted agent finds in the table.
+    pub fn hold<A: MapAddr>(
+        &mut self,
+        addr: A,
+        port: u16,
+        proto: u8,
+        now: Instant,
+    ) -> Option<WordWrite> {
+        let source = Source::new(addr, port, proto);
+        let write = self.bits.add(source, source.slot());
+        self.retired.push((source, now + RETIRED_HOLD));
+        write
+    }
+
+    /// The words to write once retired sources' holds ended (bits that cleared).
+    pub fn release_due(&mut self, now: Instant) -> Vec<WordWrite> {
+        let (due, kept): (Vec<_>, Vec<_>) = self.retired.drain(..).partition(|(_, at)| *at <= now);
+        self.retired = kept;
+        due.iter()
+            .filter_map(|(source, _)| self.bits.drop(source, source.slot()))
+            .collect()
     }
 
     /// The value word `index` must hold.
@@ -335,6 +367,7 @@ mod tests {
 #[cfg(test)]
 mod reply_tests {
     use super::*;
+    use lb_common::Backend;
 
     fn backend(ip: &str, port: u16, service_id: u32) -> BackendEntry {
         let ip: std::net::Ipv4Addr = ip.parse().expect("address");
@@ -353,48 +386,70 @@ mod reply_tests {
     }
 
     #[test]
-    fn a_backends_bit_stays_while_any_id_has_its_address_port_and_protocol() {
+    fn a_removed_backends_bit_outlives_it_by_the_hold_then_clears() {
+        let t0 = Instant::now();
         let mut f = ReplyFilter::default();
         let pod = backend("10.244.1.5", 8080, 1);
         let (index, bit) = Source::of(&pod).slot();
-        assert_eq!(f.set_backend(1, &pod), (Some((index, bit)), None));
+        assert_eq!(f.set_backend(1, &pod, t0), Some((index, bit)));
         // The same endpoint behind another service port: one more reference, no write;
         // rewriting an id unchanged writes nothing.
-        assert_eq!(
-            f.set_backend(2, &backend("10.244.1.5", 8080, 2)),
-            (None, None)
-        );
-        assert_eq!(f.set_backend(1, &pod), (None, None));
-        assert_eq!(f.remove_backend(1, false), None);
-        assert!(set(&f, &pod), "id 2 still has it");
-        assert_eq!(f.remove_backend(2, false), Some((index, 0)));
+        assert_eq!(f.set_backend(2, &backend("10.244.1.5", 8080, 2), t0), None);
+        assert_eq!(f.set_backend(1, &pod, t0), None);
+        f.remove_backend(1, false, t0);
+        f.remove_backend(2, false, t0);
+        // Its flows' replies are still translated until the hold ends.
+        assert!(f.release_due(t0 + RETIRED_HOLD / 2).is_empty());
+        assert!(set(&f, &pod));
+        assert_eq!(f.release_due(t0 + RETIRED_HOLD), vec![(index, 0)]);
         assert!(!set(&f, &pod));
         // Removing what was never there, or the other family's id: nothing.
-        assert_eq!(f.remove_backend(7, false), None);
-        f.set_backend(3, &pod);
-        assert_eq!(f.remove_backend(3, true), None);
-        assert!(set(&f, &pod));
+        f.remove_backend(7, false, t0);
+        f.set_backend(3, &pod, t0);
+        f.remove_backend(3, true, t0);
+        assert!(f.release_due(t0 + RETIRED_HOLD * 2).is_empty());
+        assert!(set(&f, &pod), "id 3 of IPv4 still has it");
     }
 
     #[test]
-    fn a_backend_that_moves_sets_the_new_bit_before_and_clears_the_old_after() {
+    fn a_backend_that_moves_keeps_the_old_bit_for_the_hold() {
+        let t0 = Instant::now();
         let mut f = ReplyFilter::default();
         let old = backend("10.244.1.5", 8080, 1);
         let new = backend("10.244.1.6", 8080, 1);
-        f.set_backend(1, &old);
-        let (before, after) = f.set_backend(1, &new);
+        f.set_backend(1, &old, t0);
         let (new_index, new_bit) = Source::of(&new).slot();
-        let (old_index, _) = Source::of(&old).slot();
+        let write = f.set_backend(1, &new, t0);
         assert_eq!(
-            before.map(|(i, w)| (i, w & new_bit != 0)),
+            write.map(|(i, w)| (i, w & new_bit != 0)),
             Some((new_index, true))
         );
-        assert_eq!(after.map(|(i, _)| i), Some(old_index));
+        assert!(set(&f, &new) && set(&f, &old));
+        let (old_index, _) = Source::of(&old).slot();
+        let cleared = f.release_due(t0 + RETIRED_HOLD);
+        assert_eq!(
+            cleared.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![old_index]
+        );
         assert!(set(&f, &new) && !set(&f, &old));
         // Another port of the same address is another bit.
         assert_ne!(
             Source::of(&backend("10.244.1.6", 9090, 1)).slot(),
             Source::of(&new).slot()
         );
+    }
+
+    #[test]
+    fn sources_found_in_conntrack_are_held_as_retired() {
+        let t0 = Instant::now();
+        let mut f = ReplyFilter::default();
+        let pod = backend("10.244.1.9", 53, 4);
+        let BackendEntry::V4(b) = pod else {
+            unreachable!()
+        };
+        assert!(f.hold(b.ip, b.port, b.proto, t0).is_some());
+        assert!(set(&f, &pod));
+        assert_eq!(f.release_due(t0 + RETIRED_HOLD).len(), 1);
+        assert!(!set(&f, &pod));
     }
 }

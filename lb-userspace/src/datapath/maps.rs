@@ -273,9 +273,22 @@ impl PinnedMaps {
     /// `filter`.
     fn replies(&mut self) -> Result<&mut ReplyFilter, MapError> {
         if self.replies.is_none() {
+            let now = std::time::Instant::now();
             let mut replies = ReplyFilter::default();
             for (id, entry) in self.all_backends() {
-                replies.set_backend(id, &entry);
+                replies.set_backend(id, &entry, now);
+            }
+            // Removed backends' flows a predecessor left: their replies keep their bits
+            // for the hold, as if removed now.
+            for key in self.conntrack.keys().filter_map(Result::ok) {
+                if key.dir == lb_common::CT_REVERSE {
+                    replies.hold(key.src, key.sport, key.proto, now);
+                }
+            }
+            for key in self.v6.conntrack.keys().filter_map(Result::ok) {
+                if key.dir == lb_common::CT_REVERSE {
+                    replies.hold(key.src, key.sport, key.proto, now);
+                }
             }
             fill_and_arm(&mut self.reply_filter, |index| replies.word(index))?;
             self.replies = Some(replies);
@@ -546,7 +559,10 @@ impl MapStore for PinnedMaps {
         let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
         // The backend's reply bit before the backend: no flow to it exists yet whose
         // replies the filter would turn away.
-        let (before, after) = self.replies().map_err(filter_err)?.set_backend(id, backend);
+        let now = std::time::Instant::now();
+        let replies = self.replies().map_err(filter_err)?;
+        let before = replies.set_backend(id, backend, now);
+        let after = replies.release_due(now);
         write_words(&mut self.reply_filter, before).map_err(filter_err)?;
         match backend {
             BackendEntry::V4(b) => self
@@ -569,10 +585,10 @@ impl MapStore for PinnedMaps {
                 .map_err(|e| store_err("delete", map_names::BACKENDS6, e)),
         }?;
         let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
-        let after = self
-            .replies()
-            .map_err(filter_err)?
-            .remove_backend(id, family == Family::V6);
+        let now = std::time::Instant::now();
+        let replies = self.replies().map_err(filter_err)?;
+        replies.remove_backend(id, family == Family::V6, now);
+        let after = replies.release_due(now);
         write_words(&mut self.reply_filter, after).map_err(filter_err)
     }
     fn set_slot(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), StoreError> {
