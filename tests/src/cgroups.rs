@@ -51,7 +51,15 @@ impl TestDomain {
             .context("no cgroup v2 entry in /proc/self/cgroup")?;
         let previous = root.join(relative.trim_start_matches('/'));
         let path = root.join(format!("xlb-tests-{}", std::process::id()));
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        // Named by our pid: one left behind (a failed test's threads were still leaving
+        // it at its removal) is this process's own, reused rather than failing every test
+        // after.
+        match std::fs::create_dir(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                Err(e).with_context(|| format!("creating {}", path.display()))?
+            }
+            _ => {}
+        }
         let domain = Arc::new(TestDomain { path, previous });
         move_process(&domain.path)?;
         *slot = Arc::downgrade(&domain);
