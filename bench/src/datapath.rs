@@ -70,7 +70,7 @@ fn backend_ip(service: u32, e: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0af4_0000 + service * ENDPOINTS + e)
 }
 
-fn ne(ip: Ipv4Addr) -> u32 {
+pub(crate) fn ne(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 

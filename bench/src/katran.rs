@@ -27,7 +27,7 @@ use xlb_tests::{
     packet::{ACK, Frame, SYN},
 };
 
-use crate::datapath::{ENDPOINTS, PacketCost, summarize};
+use crate::datapath::{ENDPOINTS, PacketCost, ne, summarize};
 
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
@@ -131,24 +131,11 @@ fn bpftool(args: &[&str]) -> Result<()> {
 
 /// How many VIPs the object was built for (its `vip_map`'s size: Katran's `MAX_VIPS`).
 fn capacity(loaded: &Loaded) -> Result<u32> {
-    let out = Command::new("bpftool")
-        .args(["map", "show", "pinned", &loaded.path("maps/vip_map"), "-j"])
-        .output()
-        .context("bpftool map show")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(&text).context("bpftool's JSON")?;
-    v["max_entries"]
-        .as_u64()
-        .and_then(|n| u32::try_from(n).ok())
-        .context("vip_map's max_entries")
+    Ok(loaded.map("vip_map")?.info()?.max_entries())
 }
 
 fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a70_0000 + i)
-}
-
-fn ne(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
 }
 
 /// Fills Katran's maps for `vips` VIPs (port 80, TCP) of `ENDPOINTS` reals each.
@@ -156,12 +143,10 @@ fn populate(loaded: &Loaded, vips: u32, max_vips: u32) -> Result<()> {
     let mut vip_map: HashMap<_, VipDefinition, VipMeta> =
         HashMap::try_from(Map::HashMap(loaded.map("vip_map")?))?;
     let mut reals: Array<_, RealDefinition> = Array::try_from(Map::Array(loaded.map("reals")?))?;
-    let ring_data = loaded.map("ch_rings")?;
-    let ring_fd = ring_data.fd().as_fd().as_raw_fd();
+    let rings = loaded.map("ch_rings")?;
     let max_reals = reals.len();
     // Katran's ring size: the ring map holds MAX_VIPS rings.
-    let ring_map: Array<_, u32> = Array::try_from(Map::Array(ring_data))?;
-    let ring_size = ring_map.len() / max_vips;
+    let ring_size = rings.info()?.max_entries() / max_vips;
     // Reals are a shared pool (Katran's MAX_REALS is 4096): index 0 is never used.
     let real_index = |v: u32, e: u32| 1 + (v * ENDPOINTS + e) % (max_reals - 1);
     for v in 0..vips {
@@ -192,15 +177,16 @@ fn populate(loaded: &Loaded, vips: u32, max_vips: u32) -> Result<()> {
         let values: Vec<u32> = (0..ring_size)
             .map(|p| real_index(v, p % ENDPOINTS))
             .collect();
-        update_batch(ring_fd, &keys, &values).context("filling Katran's ch_rings")?;
+        update_batch(rings.fd().as_fd().as_raw_fd(), &keys, &values)
+            .context("filling Katran's ch_rings")?;
     }
-    drop(ring_map);
     // The default router's MAC (ctl_array position 0).
     let mut ctl: Array<_, u64> = Array::try_from(Map::Array(loaded.map("ctl_array")?))?;
     ctl.set(0, u64::from_ne_bytes([2, 0, 0, 0, 0, 1, 0, 0]), 0)?;
-    // One LRU connection table per CPU, as Katran's loader makes them (without them it
-    // falls back to a 1 000-entry table meant for unit tests).
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // One LRU connection table per possible CPU, as Katran's loader makes them (without
+    // one for the CPU a run lands on it falls back to a 1 000-entry table meant for unit
+    // tests; the usable CPUs are too few: a bench pinned to CPU 1 has one).
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let entries = lb_common::map_sizes::CONNTRACK.to_string();
     for cpu in 0..cpus {
         let inner = loaded.path(&format!("lru{cpu}"));
