@@ -160,39 +160,37 @@ fn put_frontend_in<A: MapAddr>(
 /// NodePorts live) and arms the filter, as the agent does before it writes a frontend or a
 /// node address.
 pub fn mark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
+    let slot = (addr != A::default()).then(|| addr_filter::slot(addr.hash_word()));
+    write_filter_bit(ebpf, map_names::ADDR_FILTER, slot, true, true);
+}
+
+/// Sets (`on`) or clears the bit at `slot` (if any) of the filter `map`, arming it if `arm`.
+fn write_filter_bit(ebpf: &mut Ebpf, map: &str, slot: Option<(u32, u64)>, on: bool, arm: bool) {
     let mut filter: Array<_, u64> =
-        Array::try_from(ebpf.map_mut(map_names::ADDR_FILTER).expect("map")).expect("map type");
-    if addr != A::default() {
-        let (index, bit) = addr_filter::slot(addr.hash_word());
+        Array::try_from(ebpf.map_mut(map).expect("map")).expect("map type");
+    if let Some((index, bit)) = slot {
         let word = filter.get(&index, 0).expect("filter word");
-        filter.set(index, word | bit, 0).expect("filter word");
+        let word = if on { word | bit } else { word & !bit };
+        filter.set(index, word, 0).expect("filter word");
     }
-    filter
-        .set(0, addr_filter::ARMED, 0)
-        .expect("arm the filter");
+    if arm {
+        filter
+            .set(0, addr_filter::ARMED, 0)
+            .expect("arm the filter");
+    }
 }
 
 /// Sets (or clears) the reply filter's bit of a backend's `addr`, `port` (host order) and
 /// `proto` and arms the filter, as the agent does before it writes a backend.
 pub fn set_reply_bit<A: MapAddr>(ebpf: &mut Ebpf, addr: A, port: u16, proto: u8, on: bool) {
-    let mut filter: Array<_, u64> =
-        Array::try_from(ebpf.map_mut(map_names::REPLY_FILTER).expect("map")).expect("map type");
-    let (index, bit) = addr_filter::reply_slot(addr.hash_word(), port.to_be(), proto);
-    let word = filter.get(&index, 0).expect("filter word");
-    let word = if on { word | bit } else { word & !bit };
-    filter.set(index, word, 0).expect("filter word");
-    filter
-        .set(0, addr_filter::ARMED, 0)
-        .expect("arm the filter");
+    let slot = addr_filter::reply_slot(addr.hash_word(), port.to_be(), proto);
+    write_filter_bit(ebpf, map_names::REPLY_FILTER, Some(slot), on, true);
 }
 
 /// Clears `addr`'s bit in the address filter (a test's way to show the programs read it).
 pub fn unmark_local<A: MapAddr>(ebpf: &mut Ebpf, addr: A) {
-    let mut filter: Array<_, u64> =
-        Array::try_from(ebpf.map_mut(map_names::ADDR_FILTER).expect("map")).expect("map type");
-    let (index, bit) = addr_filter::slot(addr.hash_word());
-    let word = filter.get(&index, 0).expect("filter word");
-    filter.set(index, word & !bit, 0).expect("filter word");
+    let slot = addr_filter::slot(addr.hash_word());
+    write_filter_bit(ebpf, map_names::ADDR_FILTER, Some(slot), false, false);
 }
 
 /// A slot type of the next-hop caches (`HopSlot`, `HopSlot6`).

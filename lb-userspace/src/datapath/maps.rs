@@ -280,16 +280,8 @@ impl PinnedMaps {
             }
             // Removed backends' flows a predecessor left: their replies keep their bits
             // for the hold, as if removed now.
-            for key in self.conntrack.keys().filter_map(Result::ok) {
-                if key.dir == lb_common::CT_REVERSE {
-                    replies.hold(key.src, key.sport, key.proto, now);
-                }
-            }
-            for key in self.v6.conntrack.keys().filter_map(Result::ok) {
-                if key.dir == lb_common::CT_REVERSE {
-                    replies.hold(key.src, key.sport, key.proto, now);
-                }
-            }
+            hold_reply_sources(&mut replies, &self.conntrack, now);
+            hold_reply_sources(&mut replies, &self.v6.conntrack, now);
             fill_and_arm(&mut self.reply_filter, |index| replies.word(index))?;
             self.replies = Some(replies);
         }
@@ -520,6 +512,22 @@ fn store_err(operation: &'static str, map: &'static str, e: MapError) -> StoreEr
         operation,
         map,
         message: e.to_string(),
+    }
+}
+
+/// Holds the reply bit of every reverse entry's source in `conntrack` (one family's).
+fn hold_reply_sources<A: MapAddr>(
+    replies: &mut ReplyFilter,
+    conntrack: &HashMap<MapData, CtKey<A>, CtValue<A>>,
+    now: std::time::Instant,
+) where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    for key in conntrack.keys().filter_map(Result::ok) {
+        if key.dir == lb_common::CT_REVERSE {
+            replies.hold(key.src, key.sport, key.proto, now);
+        }
     }
 }
 
