@@ -17,6 +17,9 @@ pub const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// The errno of an exclusive insert whose key exists.
+const EEXIST: i32 = 17;
+
 /// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
 const SNAT_TRIES: u32 = 16;
 
@@ -84,18 +87,45 @@ pub struct CtScratch<A: MapAddr> {
     pub value: CtValue<A>,
 }
 
+/// A new flow's backend and translation, picked (`svc`) and not yet recorded.
+pub struct Picked<A: MapAddr> {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend: Backend<A>,
+    /// Its SNAT port claimed, if it has one.
+    pub nat: Nat<A>,
+}
+
+/// How `create` writes a flow's forward entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Over any entry of the tuple: the flow's lookup found none it could follow.
+    Replace,
+    /// Only if the tuple has no entry yet: the packet opens a connection and was not looked
+    /// up first (`svc::opens`).
+    Exclusive,
+}
+
+/// The tuple already had a forward entry (`Insert::Exclusive`); nothing was written.
+pub struct Exists;
+
 /// Records a new flow from `client` (its packet to a frontend). For SNATed flows the
-/// reverse entry already exists: `claim_snat_port` made it.
+/// reverse entry already exists: `claim_snat_port` made it (and it stays if the forward
+/// entry is not written: `Ok(Err(Exists))`).
 #[inline(always)]
 pub fn create<F: Family>(
     client: &Flow<F::Addr>,
-    backend_id: u32,
-    backend: &Backend<F::Addr>,
-    service_id: u32,
+    picked: &Picked<F::Addr>,
     now: u64,
     bytes: u32,
-    nat: Nat<F::Addr>,
-) -> Result<(), Outcome> {
+    how: Insert,
+) -> Result<Result<(), Exists>, Outcome> {
+    let Picked {
+        service_id,
+        backend_id,
+        ref backend,
+        nat,
+    } = *picked;
     // SAFETY: the per-CPU slot is this program run's alone (BPF programs do not nest on a
     // CPU for the same hook); it is fully written before each insert.
     let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
@@ -113,12 +143,44 @@ pub fn create<F: Family>(
     v.last_seen_ns = now;
     v.packets = 1;
     v.bytes = bytes as u64;
-    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)?;
+    let flags = match how {
+        Insert::Replace => 0,
+        Insert::Exclusive => BPF_NOEXIST as u64,
+    };
+    if let Err(e) = insert::<F>(&s.key, &s.value, flags) {
+        if how == Insert::Exclusive && e == -EEXIST {
+            return Ok(Err(Exists));
+        }
+        return Err(outcome::DROP_CT_FULL);
+    }
     if nat.snat() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
-    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
+    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)?;
+    Ok(Ok(()))
+}
+
+/// Frees the SNAT port `claim_snat_port` claimed for `client`'s flow (its reverse entry),
+/// if `nat` has one.
+#[inline(always)]
+pub fn release_claim<F: Family>(
+    client: &Flow<F::Addr>,
+    backend: &Backend<F::Addr>,
+    nat: &Nat<F::Addr>,
+) {
+    if !nat.snat() {
+        return;
+    }
+    let Some(s) = F::ct_scratch() else {
+        return;
+    };
+    // SAFETY: as in `create`.
+    let s = unsafe { &mut *s };
+    s.key = reverse_key(&reply_flow(client, backend, nat));
+    let key = &s.key; // by reference: a copy of the key would be more stack
+    // Gone already (evicted) is as good as removed.
+    let _ = F::conntrack().remove(key);
 }
 
 /// The reply direction of `client`'s flow once translated to `backend`: backend → client,
@@ -141,10 +203,14 @@ fn reply_flow<A: MapAddr>(client: &Flow<A>, backend: &Backend<A>, nat: &Nat<A>) 
     }
 }
 
-/// Inserts from the scratch slot (map memory: no copy on the stack).
+/// Inserts from the scratch slot (map memory: no copy on the stack); `Err`: the errno.
 #[inline(always)]
-fn insert<F: Family>(key: &CtKey<F::Addr>, value: &CtValue<F::Addr>, flags: u64) -> Result<(), ()> {
-    F::conntrack().insert(key, value, flags).map_err(|_| ())
+fn insert<F: Family>(
+    key: &CtKey<F::Addr>,
+    value: &CtValue<F::Addr>,
+    flags: u64,
+) -> Result<(), i32> {
+    F::conntrack().insert(key, value, flags)
 }
 
 /// Writes the reply side's entry of `client`'s flow into `s`, field by field (an assigned

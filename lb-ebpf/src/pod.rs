@@ -263,6 +263,8 @@ fn tail_call(ctx: &TcContext, stage: Stage6) -> Outcome {
 pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
     finish((|| match parse::parse6(ctx)? {
         Packet::Flow(flow) => match filter::may_be_local(flow.dst) {
+            // A packet that opens a connection is balanced first (`svc::opens`).
+            true if svc::opens(&flow) => Err(tail_call(ctx, Stage6::FromPodUntracked)),
             true => match tracked::<V6>(ctx, &flow, svc::now_ns()) {
                 Some(done) => done,
                 None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
@@ -284,9 +286,13 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
 #[inline(always)]
 pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
     finish((|| match parse::parse6(ctx)? {
-        Packet::Flow(flow) => {
-            untracked::<V6>(ctx, &flow, filter::may_be_local(flow.dst), svc::now_ns())
-        }
+        Packet::Flow(flow) => untracked::<V6>(
+            ctx,
+            &flow,
+            filter::may_be_local(flow.dst),
+            !svc::opens(&flow),
+            svc::now_ns(),
+        ),
         Packet::IcmpError { .. } => Err(outcome::PASS_NOT_SERVICE),
     })())
 }
@@ -327,10 +333,15 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     let local = filter::may_be_local(flow.dst);
     let now = svc::now_ns();
-    if local && let Some(done) = tracked::<F>(ctx, flow, now) {
+    // A packet that opens a connection is balanced first (`svc::opens`).
+    let followed = !svc::opens(flow);
+    if local
+        && followed
+        && let Some(done) = tracked::<F>(ctx, flow, now)
+    {
         return done;
     }
-    untracked::<F>(ctx, flow, local, now)
+    untracked::<F>(ctx, flow, local, followed, now)
 }
 
 /// The packet of a tracked flow, translated; `None` if it belongs to none.
@@ -346,12 +357,13 @@ fn tracked<F: TcFamily>(
 
 /// A packet of no tracked flow: a routed reply, or a new flow to a service. `local`: the
 /// destination may be a frontend or a node address (`filter`); if not, only a routed reply
-/// (to a client outside) is looked for.
+/// (to a client outside) is looked for. `followed`: the flow was looked up (`tracked`).
 #[inline(always)]
 fn untracked<F: TcFamily>(
     ctx: &TcContext,
     flow: &Flow<F::Addr>,
     local: bool,
+    followed: bool,
     now: u64,
 ) -> Result<(i32, Outcome), Outcome> {
     let frontend = if local {
@@ -361,18 +373,15 @@ fn untracked<F: TcFamily>(
     };
     // The filter holds every node address: a destination it turns away is none.
     let to_node = local && svc::is_node_ip::<F>(flow.dst);
-    let decision = match frontend {
-        // Routed replies go to a client outside or to the node's SNAT address, not to a
-        // frontend on another address: a new flow skips that (missing) lookup.
-        Some(found) if !to_node => svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?,
-        _ => {
-            if let Some(done) = routed_reply::<F>(ctx, flow, to_node) {
-                return done;
-            }
-            let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
-            svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now)?
-        }
-    };
+    // Routed replies go to a client outside or to the node's SNAT address, not to a
+    // frontend on another address: a new flow skips that (missing) lookup.
+    if (frontend.is_none() || to_node)
+        && let Some(done) = routed_reply::<F>(ctx, flow, to_node)
+    {
+        return done;
+    }
+    let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
+    let decision = svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now, followed)?;
     F::dnat(ctx, flow, decision)
 }
 

@@ -2,13 +2,13 @@
 //! a backend for a new one, record it. The hooks only parse and rewrite packets.
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, Outcome,
-    PROTO_TCP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
+    AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, MapAddr,
+    Outcome, PROTO_TCP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
     SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, outcome,
 };
 
 use crate::{
-    ct::{self, Nat},
+    ct::{self, Insert, Nat, Picked},
     family::Family,
     filter,
     parse::Flow,
@@ -141,6 +141,15 @@ pub fn follow<F: Family>(
     None
 }
 
+/// Whether `flow`'s packet opens a connection: a TCP SYN without ACK. Hooks balance such a
+/// packet without looking its flow up first (`new_flow` with `followed` false): on a cold
+/// table the lookup's miss costs about what the insert after it does, and the insert finds
+/// a tracked flow (a retransmitted SYN) as well.
+#[inline(always)]
+pub fn opens<A>(flow: &Flow<A>) -> bool {
+    flow.proto == PROTO_TCP && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN
+}
+
 /// Picks a backend for a flow that is not (or no longer) tracked and records the flow.
 /// `Err` carries the outcome of packets that are not translated (passed or dropped).
 #[inline(always)]
@@ -149,12 +158,17 @@ pub fn balance_new<F: Family>(
     scope: u8,
     bytes: u32,
     now: u64,
+    followed: bool,
 ) -> Result<Decision<F::Addr>, Outcome> {
     let found = find_frontend::<F>(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
-    new_flow::<F>(flow, scope, found, bytes, now)
+    new_flow::<F>(flow, scope, found, bytes, now, followed)
 }
 
-/// Picks a backend of `frontend` (found for `flow`) and records the flow.
+/// Picks a backend of `frontend` (found for `flow`) and records the flow. `followed`: the
+/// hook looked the flow up (`follow`) and found nothing to follow; if it did not (a packet
+/// that `opens` a connection), the flow is recorded only if its tuple has no entry, and a
+/// flow that still owns the tuple (a retransmitted SYN) is followed, as the lookup would
+/// have.
 #[inline(always)]
 pub fn new_flow<F: Family>(
     flow: &Flow<F::Addr>,
@@ -162,7 +176,48 @@ pub fn new_flow<F: Family>(
     (frontend_key, frontend): (ServiceKey<F::Addr>, ServiceValue),
     bytes: u32,
     now: u64,
+    followed: bool,
 ) -> Result<Decision<F::Addr>, Outcome> {
+    let how = if followed {
+        Insert::Replace
+    } else {
+        Insert::Exclusive
+    };
+    let picked = pick::<F>(flow, scope, &frontend_key, &frontend, now);
+    if let Ok(Some(p)) = &picked
+        && ct::create::<F>(flow, p, now, bytes, how)?.is_ok()
+    {
+        return Ok(translated(scope, p, bytes));
+    }
+    // Refused (`picked`), or the tuple has an entry: the flow that owns it, if any, goes on.
+    if !followed && let Some(decision) = follow::<F>(flow, scope, bytes, now) {
+        if let Ok(Some(p)) = &picked {
+            ct::release_claim::<F>(flow, &p.backend, &p.nat);
+        }
+        return decision;
+    }
+    match picked? {
+        // An entry nothing follows (expired, or from the other side of the node): replaced,
+        // as after a lookup.
+        Some(p) => {
+            ct::create::<F>(flow, &p, now, bytes, Insert::Replace)?
+                .map_err(|_| outcome::DROP_CT_FULL)?;
+            Ok(translated(scope, &p, bytes))
+        }
+        None => Ok(Decision::Reject),
+    }
+}
+
+/// Checks a new flow against its frontend and picks its backend (and SNAT port); `None`:
+/// the frontend has no endpoint to reject with.
+#[inline(always)]
+fn pick<F: Family>(
+    flow: &Flow<F::Addr>,
+    scope: u8,
+    frontend_key: &ServiceKey<F::Addr>,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Result<Option<Picked<F::Addr>>, Outcome> {
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
         && !F::source_allowed(frontend.service_id, flow.src)
     {
@@ -172,9 +227,9 @@ pub fn new_flow<F: Family>(
         if frontend.flags & SVC_FLAG_DROP_EMPTY != 0 {
             return Err(outcome::DROP_NO_LOCAL_ENDPOINT);
         }
-        return Ok(Decision::Reject);
+        return Ok(None);
     }
-    let (backend_id, backend) = select_backend::<F>(&frontend_key, &frontend, flow, now)?;
+    let (backend_id, backend) = select_backend::<F>(frontend_key, frontend, flow, now)?;
     let unset = F::Addr::default();
     let mut nat = Nat::none();
     if scope != SCOPE_EXTERNAL && backend.ip == flow.src {
@@ -211,28 +266,31 @@ pub fn new_flow<F: Family>(
             )?;
         }
     }
-    ct::create::<F>(
-        flow,
+    Ok(Some(Picked {
+        service_id: frontend.service_id,
         backend_id,
-        &backend,
-        frontend.service_id,
-        now,
-        bytes,
+        backend,
         nat,
-    )?;
-    sched::flow_opened(backend_id);
-    stats::count_traffic(frontend.service_id, backend_id, bytes, true);
+    }))
+}
+
+/// A recorded new flow's translation, counted.
+#[inline(always)]
+fn translated<A: MapAddr>(scope: u8, p: &Picked<A>, bytes: u32) -> Decision<A> {
+    sched::flow_opened(p.backend_id);
+    stats::count_traffic(p.service_id, p.backend_id, bytes, true);
+    let nat = &p.nat;
     let src = (nat.flags & CT_FLAG_SNAT != 0).then_some((nat.snat_addr, nat.snat_port));
     let outcome = if scope == SCOPE_EXTERNAL {
         outcome::EXTERNAL_NEW
     } else {
         outcome::DNAT_NEW
     };
-    Ok(Decision::Translate {
-        dst: (backend.ip, backend.port),
+    Decision::Translate {
+        dst: (p.backend.ip, p.backend.port),
         src,
         outcome,
-    })
+    }
 }
 
 /// An address and port, network byte order.
@@ -255,7 +313,7 @@ pub struct Reply<A> {
 /// (kube-proxy's NodePorts are not, with the agent's default range).
 #[inline(always)]
 pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
-    if flow.proto == PROTO_TCP && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN {
+    if opens(flow) {
         return false;
     }
     if !filter::may_be_backend(flow.src, flow.sport, flow.proto) {

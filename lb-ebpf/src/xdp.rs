@@ -120,12 +120,20 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     }
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     let now = svc::now_ns();
-    // Most packets belong to a tracked flow: look that up first.
-    let decision = match svc::follow::<V4>(&flow, SCOPE_EXTERNAL, bytes, now) {
+    // Most packets belong to a tracked flow: look that up first, unless the packet opens
+    // a connection (balanced first, see `svc::opens`).
+    let opens = svc::opens(&flow);
+    let tracked = if opens {
+        None
+    } else {
+        svc::follow::<V4>(&flow, SCOPE_EXTERNAL, bytes, now)
+    };
+    let decision = match tracked {
         Some(decision) => decision?,
         None => {
-            // Replies of SNATed flows come back to a node address.
-            if svc::is_node_ip::<V4>(flow.dst)
+            // Replies of SNATed flows come back to a node address (and never open one).
+            if !opens
+                && svc::is_node_ip::<V4>(flow.dst)
                 && let Some(reply) = svc::routed_reply::<V4>(&flow, true, bytes)
             {
                 if let Some(dst) = reply.dst {
@@ -134,7 +142,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
                 rewrite(&pkt, Field::Src, reply.src);
                 return Ok((forward(ctx, &pkt, true), reply.outcome));
             }
-            svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now)?
+            svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now, !opens)?
         }
     };
     match decision {

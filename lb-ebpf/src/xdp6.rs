@@ -95,7 +95,9 @@ pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
             rewrite(ctx, &flow, Field::Src, reply.src)?;
             return Ok((forward(ctx, true), reply.outcome));
         }
-        let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns())?;
+        // Followed: the first stage looked every flow up, SYNs too. Balancing a SYN first
+        // (`svc::opens`) needs a `follow` in this stage as well, and its stack has no room.
+        let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns(), true)?;
         translate(ctx, &flow, decision)
     })())
 }

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use aya::maps::HashMap;
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, HopValue,
-    Outcome, SVC_FLAG_AFFINITY, map_names, outcome,
+    Outcome, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, map_names, outcome,
 };
 use xlb::datapath::{
     clock::{before, monotonic_ns},
@@ -894,4 +894,39 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     );
     let (_, out) = dp.run(Hook::FromPod, &ack);
     assert_eq!(&out[0..6], &gateway, "stale after a second");
+}
+
+/// A packet that opens a connection is balanced before any lookup (`svc::opens`), its
+/// forward entry written only if the tuple has none: a retransmitted SYN still follows the
+/// flow it belongs to, whatever changed since (as kube-proxy's rules see only a
+/// connection's first packet), and writes nothing new.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_retransmitted_syn_keeps_its_flow() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let backends = [
+        (1, "10.244.1.2", 8080),
+        (2, "10.244.2.3", 8080),
+        (3, "10.244.3.4", 8080),
+    ];
+    dp.service(PROTO_TCP, 80, &backends, 0);
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    let (_, first) = dp.run(Hook::FromPod, &syn);
+    for _ in 0..30 {
+        assert_eq!(dp.run(Hook::FromPod, &syn), (TC_ACT_OK, first.clone()));
+    }
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 1);
+    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), 30);
+    assert_eq!(dp.ct().len(), 2, "one flow: {:?}", dp.ct());
+
+    // The client's address leaves the service's source ranges: the tracked SYN goes on,
+    // a new connection from it is dropped.
+    dp.service(PROTO_TCP, 80, &backends, SVC_FLAG_SOURCE_RANGES);
+    dp.allow_source("10.99.0.0/16");
+    assert_eq!(dp.run(Hook::FromPod, &syn), (TC_ACT_OK, first.clone()));
+    let other = Frame::tcp(CLIENT, 40001, VIP, 80, SYN).build();
+    assert_eq!(dp.run(Hook::FromPod, &other).0, TC_ACT_SHOT);
+    assert_eq!(dp.stat(outcome::DROP_SOURCE_RANGE), 1);
+    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), 31);
 }

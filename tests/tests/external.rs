@@ -487,3 +487,38 @@ fn xdp_sends_back_out_by_the_cached_next_hop_of_the_ingress_interface() {
     assert_eq!(checksum_errors(&out2), Vec::<String>::new());
     assert_eq!(view(&out2).dst, view(&out).dst);
 }
+
+/// A retransmitted SYN keeps its flow's backend and SNAT port and claims no other port
+/// (the one its balancing claimed before finding the flow is freed again), also when
+/// every port of the range is taken.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_retransmitted_syn_keeps_its_snat_port_and_claims_no_other() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 5555, NODE_A, 30080, SYN).build();
+    let (verdict, first) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    for _ in 0..10 {
+        assert_eq!(dp.run_external(&syn), (XDP_PASS, first.clone()));
+    }
+    assert_eq!(dp.stat(outcome::EXTERNAL_NEW), 1);
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 10);
+    assert_eq!(dp.ct().len(), 2, "one flow, one claim: {:?}", dp.ct());
+
+    // The other two ports are still free for two more flows, and no third.
+    let mut ports = vec![view(&first).sport];
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let (verdict, out) = dp.run_external(&Frame::tcp(client, 5555, NODE_A, 30080, SYN).build());
+        assert_eq!(verdict, XDP_PASS, "{client}");
+        ports.push(view(&out).sport);
+    }
+    ports.sort();
+    assert_eq!(ports, [61_000, 61_001, 61_002]);
+    let fourth = Frame::tcp("203.0.113.3", 5555, NODE_A, 30080, SYN).build();
+    assert_eq!(dp.run_external(&fourth).0, XDP_DROP);
+    // With the range full, the first flow's SYN still goes through on its port.
+    assert_eq!(dp.run_external(&syn), (XDP_PASS, first));
+    assert_eq!(dp.stat(outcome::DROP_SNAT_EXHAUSTED), 1);
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 11);
+}
