@@ -13,9 +13,9 @@ use lb_common::{
 };
 
 const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+const TCP_ACK: u8 = 0x10;
 
 /// The errno of an exclusive insert whose key exists.
 const EEXIST: i32 = 17;
@@ -102,7 +102,7 @@ pub enum Insert {
     /// Over any entry of the tuple: the flow's lookup found none it could follow.
     Replace,
     /// Only if the tuple has no entry yet: the packet opens a connection and was not looked
-    /// up first (`svc::opens`).
+    /// up first (`opens`, `svc::new_flow`).
     Exclusive,
 }
 
@@ -405,6 +405,12 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// Whether `flow`'s packet opens a connection: a TCP SYN without ACK.
+#[inline(always)]
+pub fn opens<A>(flow: &Flow<A>) -> bool {
+    flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// An entry's flags after seeing `flow`'s packet. Forward entries become established on the
 /// client's first ACK without SYN, reverse entries on any reply; FIN or RST mean closing.
 #[inline(always)]
@@ -415,7 +421,7 @@ pub fn tcp_flags_update<A>(flow: &Flow<A>, flags: u16) -> u16 {
     let mut flags = flags;
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags |= CT_FLAG_CLOSING;
-    } else if flow.tcp_flags & TCP_SYN == 0 || flow.tcp_flags & TCP_ACK != 0 {
+    } else if !opens(flow) {
         flags |= CT_FLAG_ESTABLISHED;
     }
     flags

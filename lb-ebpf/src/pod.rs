@@ -263,8 +263,8 @@ fn tail_call(ctx: &TcContext, stage: Stage6) -> Outcome {
 pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
     finish((|| match parse::parse6(ctx)? {
         Packet::Flow(flow) => match filter::may_be_local(flow.dst) {
-            // A packet that opens a connection is balanced first (`svc::opens`).
-            true if svc::opens(&flow) => Err(tail_call(ctx, Stage6::FromPodUntracked)),
+            // A packet that opens a connection is balanced first (`svc::new_flow`).
+            true if ct::opens(&flow) => Err(tail_call(ctx, Stage6::FromPodUntracked)),
             true => match tracked::<V6>(ctx, &flow, svc::now_ns()) {
                 Some(done) => done,
                 None => Err(tail_call(ctx, Stage6::FromPodUntracked)),
@@ -290,7 +290,7 @@ pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
             ctx,
             &flow,
             filter::may_be_local(flow.dst),
-            !svc::opens(&flow),
+            !ct::opens(&flow),
             svc::now_ns(),
         ),
         Packet::IcmpError { .. } => Err(outcome::PASS_NOT_SERVICE),
@@ -333,8 +333,8 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     let local = filter::may_be_local(flow.dst);
     let now = svc::now_ns();
-    // A packet that opens a connection is balanced first (`svc::opens`).
-    let followed = !svc::opens(flow);
+    // A packet that opens a connection is balanced first (`svc::new_flow`).
+    let followed = !ct::opens(flow);
     if local
         && followed
         && let Some(done) = tracked::<F>(ctx, flow, now)

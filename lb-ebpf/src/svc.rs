@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, MapAddr,
-    Outcome, PROTO_TCP, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
+    Outcome, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
     SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, outcome,
 };
 
@@ -141,15 +141,6 @@ pub fn follow<F: Family>(
     None
 }
 
-/// Whether `flow`'s packet opens a connection: a TCP SYN without ACK. Hooks balance such a
-/// packet without looking its flow up first (`new_flow` with `followed` false): on a cold
-/// table the lookup's miss costs about what the insert after it does, and the insert finds
-/// a tracked flow (a retransmitted SYN) as well.
-#[inline(always)]
-pub fn opens<A>(flow: &Flow<A>) -> bool {
-    flow.proto == PROTO_TCP && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN
-}
-
 /// Picks a backend for a flow that is not (or no longer) tracked and records the flow.
 /// `Err` carries the outcome of packets that are not translated (passed or dropped).
 #[inline(always)]
@@ -168,7 +159,9 @@ pub fn balance_new<F: Family>(
 /// hook looked the flow up (`follow`) and found nothing to follow; if it did not (a packet
 /// that `opens` a connection), the flow is recorded only if its tuple has no entry, and a
 /// flow that still owns the tuple (a retransmitted SYN) is followed, as the lookup would
-/// have.
+/// have. Hooks balance a packet that `ct::opens` a connection so, without the lookup: on a
+/// cold table its miss costs about what the insert after it does, and the insert finds a
+/// tracked flow as well.
 #[inline(always)]
 pub fn new_flow<F: Family>(
     flow: &Flow<F::Addr>,
@@ -313,7 +306,7 @@ pub struct Reply<A> {
 /// (kube-proxy's NodePorts are not, with the agent's default range).
 #[inline(always)]
 pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
-    if opens(flow) {
+    if ct::opens(flow) {
         return false;
     }
     if !filter::may_be_backend(flow.src, flow.sport, flow.proto) {

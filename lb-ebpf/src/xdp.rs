@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lb_common::{HopKey, Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
+    ct,
     family::V4,
     filter,
     hop::{self, Cached},
@@ -121,8 +122,8 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let bytes = (ctx.data_end() - ctx.data()) as u32;
     let now = svc::now_ns();
     // Most packets belong to a tracked flow: look that up first, unless the packet opens
-    // a connection (balanced first, see `svc::opens`).
-    let opens = svc::opens(&flow);
+    // a connection (balanced first, see `svc::new_flow`).
+    let opens = ct::opens(&flow);
     let tracked = if opens {
         None
     } else {

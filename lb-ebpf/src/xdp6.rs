@@ -96,7 +96,7 @@ pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
             return Ok((forward(ctx, true), reply.outcome));
         }
         // Followed: the first stage looked every flow up, SYNs too. Balancing a SYN first
-        // (`svc::opens`) needs a `follow` in this stage as well, and its stack has no room.
+        // (`svc::new_flow`) needs a `follow` in this stage as well, and its stack has no room.
         let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns(), true)?;
         translate(ctx, &flow, decision)
     })())
