@@ -279,7 +279,8 @@ pub mod map_sizes {
     /// Frontend slots plus backend slots of every service port: 100k services with 10
     /// endpoints each fit. Not preallocated (`BPF_F_NO_PREALLOC`): memory follows use.
     pub const SERVICES: u32 = 2_097_152;
-    pub const BACKENDS: u32 = 1_048_576;
+    /// Indexed by backend id, as `BACKEND_STATS` (preallocated: 3 MiB, 6 MiB for IPv6).
+    pub const BACKENDS: u32 = BACKEND_STATS;
     pub const CONNTRACK: u32 = 524_288;
     pub const AFFINITY: u32 = 65_536;
     /// Counter arrays, indexed by service id and backend id (preallocated per CPU: 3 MiB

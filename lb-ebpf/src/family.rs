@@ -1,7 +1,7 @@
 //! The two address families. Balancing (`svc`, `ct`, `sched`) is written once, generic over
 //! [`Family`]; each family names its own maps, so an IPv4 packet only ever touches the IPv4
 //! tables (with their IPv4-sized keys) and an IPv6 packet the IPv6 ones.
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, lpm_trie::Key};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ServiceKey,
     ServiceValue, SourceRangeKey,
@@ -18,7 +18,7 @@ use crate::maps::{
 pub trait Family: 'static {
     type Addr: MapAddr;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
-    fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
@@ -46,7 +46,7 @@ impl Family for V4 {
         &SERVICES
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Backend> {
+    fn backends() -> &'static Array<Backend> {
         &BACKENDS
     }
     #[inline(always)]
@@ -104,7 +104,7 @@ impl Family for V6 {
         &SERVICES6
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Backend<Ip6>> {
+    fn backends() -> &'static Array<Backend<Ip6>> {
         &BACKENDS6
     }
     #[inline(always)]

@@ -1,7 +1,7 @@
 //! Map definitions. Maps are not pinned by the object: the agent pins them under `--bpffs`
 //! (and reuses existing pins on restart), while tests load private, unpinned copies.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
@@ -16,9 +16,11 @@ use lb_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
+/// Backend id → backend: an array, so following a flow to its backend costs an index (the
+/// verifier inlines array lookups) rather than a hash lookup. An unused id's slot is all
+/// zeros (service id 0, which no service has). Mmapable: the agent scans it as memory.
 #[map(name = "XLB_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> =
-    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(map_sizes::BACKENDS, BPF_F_MMAPABLE);
 
 #[map(name = "XLB_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
@@ -116,8 +118,8 @@ pub static SERVICES6: HashMap<ServiceKey<Ip6>, ServiceValue> =
     HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "XLB_BACKENDS6")]
-pub static BACKENDS6: HashMap<u32, Backend<Ip6>> =
-    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
+pub static BACKENDS6: Array<Backend<Ip6>> =
+    Array::with_max_entries(map_sizes::BACKENDS, BPF_F_MMAPABLE);
 
 #[map(name = "XLB_CT6")]
 pub static CONNTRACK6: LruHashMap<CtKey<Ip6>, CtValue<Ip6>> =

@@ -41,12 +41,12 @@ pub fn now_ns() -> u64 {
 /// still exists.
 const REVERSE_CHECK_NS: u64 = 100_000_000;
 
-/// A backend that still belongs to `service_id` (ids are never shared between services).
+/// A backend that still belongs to `service_id` (ids are never shared between services; a
+/// free id's slot holds service id 0, which no service has).
 #[inline(always)]
 pub fn live_backend<F: Family>(backend_id: u32, service_id: u32) -> Option<Backend<F::Addr>> {
-    // SAFETY: value copied out immediately.
-    let backend = unsafe { F::backends().get(backend_id) }.copied()?;
-    (backend.service_id == service_id).then_some(backend)
+    let backend = F::backends().get(backend_id).copied()?;
+    (service_id != 0 && backend.service_id == service_id).then_some(backend)
 }
 
 #[inline(always)]

@@ -121,8 +121,8 @@ fn put_frontend_in<A: MapAddr>(
         _pad: [0; 2],
     };
     {
-        let mut be: HashMap<_, u32, Backend<A>> =
-            HashMap::try_from(ebpf.map_mut(backends_map).expect("map")).expect("map type");
+        let mut be: Array<_, Backend<A>> =
+            Array::try_from(ebpf.map_mut(backends_map).expect("map")).expect("map type");
         for (id, addr, port) in backends {
             let b = Backend {
                 ip: *addr,
@@ -131,7 +131,7 @@ fn put_frontend_in<A: MapAddr>(
                 _pad: 0,
                 service_id: frontend.service_id,
             };
-            be.insert(id, b, 0).expect("insert backend");
+            be.set(*id, b, 0).expect("write backend");
         }
     }
     for (_, addr, port) in backends {
@@ -478,10 +478,15 @@ impl Datapath {
     }
 
     pub fn remove_backend(&mut self, id: u32) {
-        let mut be: HashMap<_, u32, Backend> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
+        let mut be: Array<_, Backend> =
+            Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map"))
                 .expect("map type");
-        be.remove(&id).expect("backend present");
+        assert_ne!(
+            be.get(&id, 0).expect("slot").service_id,
+            0,
+            "backend present"
+        );
+        be.set(id, Backend::default(), 0).expect("free the slot");
     }
 
     pub fn run(&mut self, hook: Hook, frame: &[u8]) -> (i32, Vec<u8>) {

@@ -2,7 +2,7 @@
 //! Runs the real programs through BPF_PROG_TEST_RUN; needs root (see `privilege`).
 use std::net::Ipv4Addr;
 
-use aya::maps::HashMap;
+use aya::maps::{Array, HashMap};
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, HopValue,
     Outcome, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, map_names, outcome,
@@ -485,12 +485,13 @@ impl Drop for PinDir {
 
 #[test]
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
-fn pinned_maps_are_reused_and_incompatible_pins_refused() {
+fn pinned_maps_are_reused_migrated_and_incompatible_pins_refused() {
     require_privileges();
     let dir = PinDir(format!("/sys/fs/bpf/xlb-test-layout-{}", std::process::id()).into());
     xlb::datapath::bpffs::ensure_pin_dir(&dir.0).expect("bpffs");
     let layout = pins::PinLayout::new(&dir.0);
     std::fs::create_dir_all(layout.maps_dir()).expect("maps dir");
+    let bpftool = |args: &[&str]| xlb_tests::netns::run("bpftool", args).expect("bpftool");
 
     let backend = Backend {
         ip: ip("10.244.1.2"),
@@ -499,75 +500,102 @@ fn pinned_maps_are_reused_and_incompatible_pins_refused() {
         _pad: 0,
         service_id: 1,
     };
+    let backend_at = |ebpf: &aya::Ebpf, id: u32| {
+        let be: Array<_, Backend> =
+            Array::try_from(ebpf.map(map_names::BACKENDS).expect("map")).expect("type");
+        be.get(&id, 0).expect("slot")
+    };
     {
         let mut ebpf = load::load(Some(&layout)).expect("first load pins maps");
-        let mut be: HashMap<_, u32, Backend> =
-            HashMap::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
-        be.insert(42, backend, 0).expect("insert");
+        let mut be: Array<_, Backend> =
+            Array::try_from(ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
+        be.set(42, backend, 0).expect("write");
     }
     {
         // An agent restart: the same maps, with their content, are handed to the programs.
         let ebpf = load::load(Some(&layout)).expect("second load reuses pins");
-        let be: HashMap<_, u32, Backend> =
-            HashMap::try_from(ebpf.map(map_names::BACKENDS).expect("map")).expect("type");
-        assert_eq!(be.get(&42, 0).expect("entry survived"), backend);
+        assert_eq!(backend_at(&ebpf, 42), backend, "entry survived");
     }
 
-    // A map left by an xlb with another layout is refused with a clear error.
+    // An upgrade from the hash-map layout of the backends: converted, ids kept (conntrack
+    // entries name backends by id), the old pin gone afterwards.
     let path = layout.map(map_names::BACKENDS);
-    std::fs::remove_file(&path).expect("unpin");
     let path_str = path.to_string_lossy().to_string();
-    xlb_tests::netns::run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &path_str,
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "8",
-            "entries",
-            "16",
-            "name",
-            "XLB_BACKENDS",
-        ],
-    )
-    .expect("bpftool map create");
-    let err = load::load(Some(&layout)).expect_err("incompatible pin");
-    let text = err.to_string();
+    std::fs::remove_file(&path).expect("unpin");
+    bpftool(&[
+        "map",
+        "create",
+        &path_str,
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "12",
+        "entries",
+        "1048576",
+        "name",
+        "XLB_BACKENDS",
+        "flags",
+        "1",
+    ]);
+    // Backend 7 (10.244.1.2:80/TCP of service 1), as the old agent wrote it.
+    bpftool(&[
+        "map", "update", "pinned", &path_str, "key", "7", "0", "0", "0", "value", "10", "244", "1",
+        "2", "0", "80", "6", "0", "1", "0", "0", "0",
+    ]);
+    {
+        let ebpf = load::load(Some(&layout)).expect("old backend layout migrated");
+        assert_eq!(backend_at(&ebpf, 7), backend, "backend 7 kept its id");
+        assert_eq!(
+            backend_at(&ebpf, 42).service_id,
+            0,
+            "nothing else in the array"
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(layout.maps_dir())
+        .expect("maps dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .filter(|name| {
+            name.starts_with("XLB_BACKENDS") && name != "XLB_BACKENDS" && name != "XLB_BACKENDS6"
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "old pins left: {leftovers:?}");
+
+    // A map left by an xlb with another layout is refused with a clear error.
+    let path = layout.map(map_names::NODE_IPS);
+    let path_str = path.to_string_lossy().to_string();
+    let replace = |args: &[&str]| {
+        std::fs::remove_file(&path).expect("unpin");
+        let mut all = vec!["map", "create", &path_str, "type"];
+        all.extend(args);
+        all.extend(["name", "XLB_NODE_IPS"]);
+        bpftool(&all);
+    };
+    replace(&["hash", "key", "4", "value", "8", "entries", "16"]);
+    let text = load::load(Some(&layout))
+        .expect_err("incompatible pin")
+        .to_string();
     assert!(
         text.contains(&path_str) && text.contains("xlb cleanup"),
         "{text}"
     );
     assert!(
         text.contains("key 4 B, value 8 B, 16 entries")
-            && text.contains("key 4 B, value 12 B, 1048576 entries"),
+            && text.contains("key 4 B, value 4 B, 256 entries"),
         "{text}"
     );
 
     // Same key and value sizes but another capacity (an older, smaller map) is refused too.
-    std::fs::remove_file(&path).expect("unpin");
-    let mut args = vec![
-        "map", "create", &path_str, "type", "hash", "key", "4", "value",
-    ];
-    args.extend(["12", "entries", "16", "name", "XLB_BACKENDS"]);
-    xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
+    replace(&["hash", "key", "4", "value", "4", "entries", "16"]);
     let text = load::load(Some(&layout))
         .expect_err("pin of another capacity")
         .to_string();
-    assert!(text.contains("key 4 B, value 12 B, 16 entries"), "{text}");
+    assert!(text.contains("key 4 B, value 4 B, 16 entries"), "{text}");
 
-    // Same sizes and capacity but another map type (say, counters moved from a hash to an
-    // array) is refused too: the programs would index it as the other type.
-    std::fs::remove_file(&path).expect("unpin");
-    let mut args = vec![
-        "map", "create", &path_str, "type", "array", "key", "4", "value",
-    ];
-    args.extend(["12", "entries", "1048576", "name", "XLB_BACKENDS"]);
-    xlb_tests::netns::run("bpftool", &args).expect("bpftool map create");
+    // Same sizes and capacity but another map type is refused too: the programs would index
+    // it as the other type.
+    replace(&["array", "key", "4", "value", "4", "entries", "256"]);
     let text = load::load(Some(&layout))
         .expect_err("pin of another type")
         .to_string();

@@ -9,16 +9,21 @@ use aya::{
 use lb_common::{map_names, program_names};
 
 use super::{
-    DatapathError, error_chain,
+    DatapathError, error_chain, migrate,
     pins::{Hook, PinLayout, check_pinned_layouts},
 };
 
 /// Loads the object and its programs. With `pins`, every map is pinned there (or the existing
 /// pin reused, so conntrack and services survive an agent restart); without, maps are private.
 pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
-    if let Some(layout) = pins {
-        check_pinned_layouts(layout)?;
-    }
+    let old = match pins {
+        Some(layout) => {
+            let old = migrate::take_old_backends(layout)?;
+            check_pinned_layouts(layout)?;
+            old
+        }
+        None => migrate::OldBackends::default(),
+    };
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match pins {
         Some(layout) => map_names::ALL
@@ -33,6 +38,9 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
     let mut ebpf = loader
         .load(crate::ebpf_object())
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    // Before any program of this object (the IPv6 stages, tail-called by the programs still
+    // attached, first) can read the backend arrays.
+    migrate::restore(&mut ebpf, old)?;
     for hook in Hook::POD {
         program(&mut ebpf, hook.program())?
             .load()

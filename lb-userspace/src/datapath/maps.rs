@@ -12,6 +12,7 @@ use lb_common::{
 use crate::{
     datapath::{
         addr_filter::{AddrFilter, ReplyFilter, WordWrite},
+        backend_table,
         pins::PinLayout,
     },
     model::{Family, IpNet},
@@ -72,7 +73,7 @@ pub fn own_netns_cookie() -> std::io::Result<u64> {
 
 pub struct PinnedMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend>,
+    pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub stats: PerCpuArray<MapData, u64>,
@@ -100,7 +101,7 @@ pub struct PinnedMaps {
 /// The IPv6 twins of the address-keyed maps.
 pub struct PinnedMaps6 {
     pub services: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend<Ip6>>,
+    pub backends: Array<MapData, Backend<Ip6>>,
     pub conntrack: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
     pub affinity: HashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
     pub node_ips: HashMap<MapData, Ip6, u32>,
@@ -132,7 +133,7 @@ impl PinnedMaps {
     pub fn open(layout: &PinLayout) -> Result<Self, MapsError> {
         Ok(Self {
             services: typed!(layout, map_names::SERVICES, HashMap),
-            backends: typed!(layout, map_names::BACKENDS, HashMap),
+            backends: typed!(layout, map_names::BACKENDS, Array),
             conntrack: typed!(layout, map_names::CONNTRACK, HashMap),
             affinity: typed!(layout, map_names::AFFINITY, HashMap),
             stats: typed!(layout, map_names::STATS, PerCpuArray),
@@ -154,7 +155,7 @@ impl PinnedMaps {
             replies: None,
             v6: PinnedMaps6 {
                 services: typed!(layout, map_names::SERVICES6, HashMap),
-                backends: typed!(layout, map_names::BACKENDS6, HashMap),
+                backends: typed!(layout, map_names::BACKENDS6, Array),
                 conntrack: typed!(layout, map_names::CONNTRACK6, HashMap),
                 affinity: typed!(layout, map_names::AFFINITY6, HashMap),
                 node_ips: typed!(layout, map_names::NODE_IPS6, HashMap),
@@ -347,29 +348,45 @@ impl PinnedMaps {
 
     /// The backend with `id`, from the map of whichever family holds it.
     pub fn backend(&self, id: u32) -> Option<BackendEntry> {
-        match self.backends.get(&id, 0) {
-            Ok(b) => Some(BackendEntry::V4(b)),
-            Err(_) => self.v6.backends.get(&id, 0).ok().map(BackendEntry::V6),
+        match backend_table::get(&self.backends, id) {
+            Some(b) => Some(BackendEntry::V4(b)),
+            None => backend_table::get(&self.v6.backends, id).map(BackendEntry::V6),
         }
     }
 
+    /// Every backend of both families. A table that cannot be read (logged) counts as empty.
     pub fn all_backends(&self) -> Vec<(u32, BackendEntry)> {
-        let v4 = self.backends.iter().filter_map(Result::ok);
-        let v6 = self.v6.backends.iter().filter_map(Result::ok);
-        v4.map(|(id, b)| (id, BackendEntry::V4(b)))
-            .chain(v6.map(|(id, b)| (id, BackendEntry::V6(b))))
+        fn logged<T>(name: &str, table: std::io::Result<Vec<T>>) -> Vec<T> {
+            table.unwrap_or_else(|e| {
+                log::warn!("reading {name}: {e}");
+                Vec::new()
+            })
+        }
+        let v4 = logged(map_names::BACKENDS, backend_table::scan(&self.backends));
+        let v6 = logged(map_names::BACKENDS6, backend_table::scan(&self.v6.backends));
+        v4.into_iter()
+            .map(|(id, b)| (id, BackendEntry::V4(b)))
+            .chain(v6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b))))
             .collect()
     }
 
     /// Deletes dead conntrack and affinity entries (see `gc`); says how many, and how many
     /// remain. `now_ns`: CLOCK_MONOTONIC, read before this call.
     pub fn collect_garbage(&mut self, now_ns: u64) -> Collected {
-        let live: std::collections::BTreeSet<u32> = self
-            .backends
-            .keys()
-            .filter_map(Result::ok)
-            .chain(self.v6.backends.keys().filter_map(Result::ok))
-            .collect();
+        // Without the live backends every flow would look orphaned: skip this round.
+        let live = match (
+            backend_table::scan(&self.backends),
+            backend_table::scan(&self.v6.backends),
+        ) {
+            (Ok(v4), Ok(v6)) => {
+                let v6 = v6.into_iter().map(|(id, _)| id);
+                v4.into_iter().map(|(id, _)| id).chain(v6).collect()
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("garbage collection skipped: reading the backend maps: {e}");
+                return Collected::default();
+            }
+        };
         let timeouts = self.ct_timeouts();
         let v4 = collect_family(
             &mut self.conntrack,
@@ -573,24 +590,19 @@ impl MapStore for PinnedMaps {
         let after = replies.release_due(now);
         write_words(&mut self.reply_filter, before).map_err(filter_err)?;
         match backend {
-            BackendEntry::V4(b) => self
-                .backends
-                .insert(id, b, 0)
-                .map_err(|e| store_err("insert", map_names::BACKENDS, e)),
-            BackendEntry::V6(b) => self
-                .v6
-                .backends
-                .insert(id, b, 0)
-                .map_err(|e| store_err("insert", map_names::BACKENDS6, e)),
+            BackendEntry::V4(b) => backend_table::set(&mut self.backends, id, b)
+                .map_err(|e| store_err("write", map_names::BACKENDS, e)),
+            BackendEntry::V6(b) => backend_table::set(&mut self.v6.backends, id, b)
+                .map_err(|e| store_err("write", map_names::BACKENDS6, e)),
         }?;
         write_words(&mut self.reply_filter, after).map_err(filter_err)
     }
     fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), StoreError> {
         match family {
-            Family::V4 => ignore_missing(self.backends.remove(&id))
-                .map_err(|e| store_err("delete", map_names::BACKENDS, e)),
-            Family::V6 => ignore_missing(self.v6.backends.remove(&id))
-                .map_err(|e| store_err("delete", map_names::BACKENDS6, e)),
+            Family::V4 => backend_table::clear(&mut self.backends, id)
+                .map_err(|e| store_err("clear", map_names::BACKENDS, e)),
+            Family::V6 => backend_table::clear(&mut self.v6.backends, id)
+                .map_err(|e| store_err("clear", map_names::BACKENDS6, e)),
         }?;
         let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
         let now = std::time::Instant::now();

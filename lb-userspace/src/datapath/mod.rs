@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 pub mod addr_filter;
 pub mod attach;
+pub mod backend_table;
 pub mod bpffs;
 pub mod clock;
 pub mod gc;
 pub mod ifaces;
 pub mod load;
 pub mod maps;
+pub mod migrate;
 pub mod netlink;
 pub mod pins;
 pub mod route_watch;

@@ -32,7 +32,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
             4,
             size_of::<Backend>(),
             map_sizes::BACKENDS,
-            Hash,
+            Array,
         ),
         (
             map_names::CONNTRACK,
@@ -118,7 +118,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
             4,
             size_of::<Backend<Ip6>>(),
             map_sizes::BACKENDS,
-            Hash,
+            Array,
         ),
         (
             map_names::CONNTRACK6,
@@ -376,8 +376,8 @@ pub fn cleanup(pins: &PinLayout) -> Vec<PathBuf> {
             removed.push(path);
         }
     }
-    for name in map_names::ALL {
-        let path = pins.map(name);
+    let maps = map_names::ALL.map(|name| pins.map(name));
+    for path in maps.into_iter().chain(super::migrate::aside_pins(pins)) {
         if std::fs::remove_file(&path).is_ok() {
             removed.push(path);
         }

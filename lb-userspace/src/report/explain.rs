@@ -13,7 +13,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::maps::PinnedMaps,
+    datapath::{backend_table, maps::PinnedMaps},
     model::{HostPort, Protocol},
     report::inspect::ShowAddr,
     sync::keys::{map_v4, map_v6},
@@ -427,7 +427,7 @@ fn translation(
 /// The maps of one family that a snapshot reads.
 struct FamilyMaps<'a, A: MapAddr> {
     services: &'a HashMap<MapData, ServiceKey<A>, ServiceValue>,
-    backends: &'a HashMap<MapData, u32, Backend<A>>,
+    backends: &'a Array<MapData, Backend<A>>,
     conntrack: &'a HashMap<MapData, CtKey<A>, CtValue<A>>,
     affinity: &'a HashMap<MapData, AffinityKey<A>, AffinityValue>,
     node_ips: &'a HashMap<MapData, A, u32>,
@@ -561,7 +561,7 @@ where
         let Ok(v) = family.services.get(&ServiceKey { slot, ..key }, 0) else {
             continue;
         };
-        if let Ok(b) = family.backends.get(&v.backend_id, 0) {
+        if let Some(b) = backend_table::get(family.backends, v.backend_id) {
             let open = maps.connections.get(&v.backend_id, 0).unwrap_or(0);
             s.backends.push(SnapshotBackend {
                 id: v.backend_id,

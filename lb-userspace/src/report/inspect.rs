@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{
+        backend_table,
         clock::monotonic_ns,
         maps::{Collected, PinnedMaps, sum_counter},
     },
@@ -294,7 +295,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS,
-            maps.backends.keys().count(),
+            backends_used(map_names::BACKENDS, backend_table::scan(&maps.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -314,7 +315,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS6,
-            maps.v6.backends.keys().count(),
+            backends_used(map_names::BACKENDS6, backend_table::scan(&maps.v6.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -380,4 +381,15 @@ pub fn stats_text(report: &StatsReport) -> String {
         );
     }
     out
+}
+
+/// Slots in use of a backend table (none if it cannot be read: said on stderr).
+fn backends_used<T>(name: &str, table: std::io::Result<Vec<T>>) -> usize {
+    table.map_or_else(
+        |e| {
+            eprintln!("warning: reading {name}: {e}");
+            0
+        },
+        |used| used.len(),
+    )
 }
