@@ -1,6 +1,6 @@
 //! Per-packet cost of the programs, in the kernel's own measure (BPF_PROG_TEST_RUN's
-//! duration), at a given number of services with 10 endpoints each, in a namespace of the
-//! bench's own whose routes make the programs' FIB lookups succeed (as on a node).
+//! duration), at a given number of services with 10 endpoints each (fewer at 100k:
+//! `endpoints_at`), in a namespace of the bench's own whose routes make the programs' FIB lookups succeed (as on a node).
 //!
 //! Two methods:
 //! - *warm*: one call runs the same packet `WARM_REPEAT` times (the kernel's repetitions);
@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use lb_common::{
     Ip6, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_SNAT, VIP_ANY_NODE_IP, ip6_from_octets,
-    program_names,
+    map_sizes, program_names,
 };
 use serde::Serialize;
 use xlb::{
@@ -44,8 +44,17 @@ const NODE_PORT: u16 = 30080;
 
 /// Repetitions per warm call: below the TTL of 255 the translated packets start with.
 const WARM_REPEAT: u32 = 250;
-/// Mirror frontends and their backends get ids above every generated one.
-const MIRROR_ID_BASE: u32 = 2_000_000;
+/// Mirror frontends and their backends get ids above every generated one, at the top of the
+/// backend id space (both families' mirrors).
+const MIRROR_ID_BASE: u32 = map_sizes::BACKENDS - 2 * ENDPOINTS - 1;
+
+/// Endpoints per service at `services` services: `ENDPOINTS`, or fewer where that many would
+/// not fit the backend ids (`map_sizes::BACKENDS`, the agent's limit too): 2 at 100k. Each
+/// family's backends are numbered from 1 (their arrays are separate; the agent's ids are
+/// unique across families, so the bench's IPv6 backends share counter slots with IPv4's).
+pub fn endpoints_at(services: u32) -> u32 {
+    ((MIRROR_ID_BASE - 1) / (services + 1)).clamp(1, ENDPOINTS)
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PacketCost {
@@ -93,21 +102,16 @@ fn ne6(ip: Ipv6Addr) -> Ip6 {
 /// The IPv6 twin of `populate`: `services` IPv6 ClusterIPs and one IPv6 NodePort, with
 /// ids after the IPv4 ones (one id space, as the agent hands them out).
 pub fn populate6(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
-    let (service_base, backend_base) = (services + 1, (services + 1) * ENDPOINTS);
+    let service_base = services + 1;
+    let endpoints = endpoints_at(services);
     for s in 0..=services {
         let (vip, port, scope, flags) = if s == services {
             ([0; 4], NODE_PORT, SCOPE_EXTERNAL, SVC_FLAG_SNAT)
         } else {
             (ne6(vip6(s)), 80, SCOPE_INTERNAL, 0)
         };
-        let backends: Vec<(u32, Ip6, u16)> = (0..ENDPOINTS)
-            .map(|e| {
-                (
-                    backend_base + s * ENDPOINTS + e + 1,
-                    ne6(backend_ip6(s, e)),
-                    8080,
-                )
-            })
+        let backends: Vec<(u32, Ip6, u16)> = (0..endpoints)
+            .map(|e| (s * endpoints + e + 1, ne6(backend_ip6(s, e)), 8080))
             .collect();
         let frontend = FrontendEntry {
             vip,
@@ -124,9 +128,10 @@ pub fn populate6(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
     Ok(())
 }
 
-/// Fills the maps with `services` ClusterIPs (port 80 → 8080 of protocol `proto`) of 10
-/// endpoints, plus one NodePort (external scope, SNAT) with 10 endpoints.
+/// Fills the maps with `services` ClusterIPs (port 80 → 8080 of protocol `proto`) of
+/// `endpoints_at(services)` endpoints, plus one NodePort (external scope, SNAT) with as many.
 pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
+    let endpoints = endpoints_at(services);
     for s in 0..=services {
         // Service `services` is the NodePort.
         let (vip, port, scope, flags) = if s == services {
@@ -134,8 +139,8 @@ pub fn populate(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
         } else {
             (ne(vip(s)), 80, SCOPE_INTERNAL, 0)
         };
-        let backends: Vec<(u32, u32, u16)> = (0..ENDPOINTS)
-            .map(|e| (s * ENDPOINTS + e + 1, ne(backend_ip(s, e)), 8080))
+        let backends: Vec<(u32, u32, u16)> = (0..endpoints)
+            .map(|e| (s * endpoints + e + 1, ne(backend_ip(s, e)), 8080))
             .collect();
         let frontend = FrontendEntry {
             vip,
@@ -213,8 +218,8 @@ fn summarize_as(
 
 /// Lets the packets of the warm runs come back: every backend address of service `target`
 /// (port 8080) is also a frontend whose one backend is the service's VIP:80.
-fn add_mirrors(ebpf: &mut Ebpf, target: u32) -> Result<()> {
-    for e in 0..ENDPOINTS {
+fn add_mirrors(ebpf: &mut Ebpf, target: u32, endpoints: u32) -> Result<()> {
+    for e in 0..endpoints {
         let id = MIRROR_ID_BASE + e;
         let frontend = FrontendEntry {
             vip: ne(backend_ip(target, e)),
@@ -290,7 +295,7 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
     let bd0 = nix::net::if_::if_nametoindex("bd0").context("ifindex of bd0")?;
     attach::mark_pod_iface(&mut ebpf, "bd0", bd0, true)?;
     let target_service = services / 2;
-    add_mirrors(&mut ebpf, target_service)?;
+    add_mirrors(&mut ebpf, target_service, endpoints_at(services))?;
     let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();
     let target = |i: u32| vip((i.wrapping_mul(2_654_435_761)) % services).to_string();
     let mut results = Vec::new();
@@ -472,7 +477,7 @@ fn measure_ipv6(
     populate6(ebpf, services, 6)?;
     let target_service = services / 2;
     // Mirrors of the middle service's backends, as for IPv4.
-    for e in 0..ENDPOINTS {
+    for e in 0..endpoints_at(services) {
         let id = MIRROR_ID_BASE + ENDPOINTS + e;
         let frontend = FrontendEntry {
             vip: ne6(backend_ip6(target_service, e)),

@@ -122,7 +122,10 @@ fn main() -> Result<()> {
     let mut program = Vec::new();
     let mut map_memory_bytes = 0;
     for &services in &scales {
-        eprintln!("== {services} service(s), 10 endpoints each");
+        eprintln!(
+            "== {services} service(s), {} endpoints each",
+            datapath::endpoints_at(services)
+        );
         if wanted(Part::Packet) {
             packet.extend(datapath::measure(
                 services,

@@ -288,7 +288,8 @@ pub mod map_sizes {
     pub const SERVICE_STATS: u32 = 131_072;
     pub const BACKEND_STATS: u32 = 262_144;
     pub const ROUND_ROBIN: u32 = 65_536;
-    pub const CONNECTIONS: u32 = 262_144;
+    /// Open flows per backend id (preallocated: 2 MiB).
+    pub const CONNECTIONS: u32 = BACKEND_STATS;
     /// Frontends that can use Maglev at the same time.
     pub const MAGLEV: u32 = 4_096;
     pub const NODE_IPS: u32 = 256;

@@ -55,10 +55,11 @@ pub static ROUND_ROBIN: LruHashMap<u32, u64> =
     LruHashMap::with_max_entries(map_sizes::ROUND_ROBIN, 0);
 
 /// Backend id → flows open on this node (raised by new flows, lowered when a flow closes,
-/// recounted from conntrack by the agent's GC).
+/// recounted from conntrack by the agent's GC, which also zeroes the slots of ids nothing
+/// is open to). An array, as `BACKENDS`: a new flow's count is an inlined index.
 #[map(name = "XLB_CONNS")]
-pub static CONNECTIONS: LruHashMap<u32, u64> =
-    LruHashMap::with_max_entries(map_sizes::CONNECTIONS, 0);
+pub static CONNECTIONS: Array<u64> =
+    Array::with_max_entries(map_sizes::CONNECTIONS, BPF_F_MMAPABLE);
 
 /// Maglev table of one frontend: element 0 holds the table size M, elements 1..=M backend
 /// ids. `BPF_F_INNER_MAP` (4096) lets the agent use another M than this template's.

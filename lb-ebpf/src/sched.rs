@@ -109,8 +109,7 @@ extern "C" fn least_conn_step<F: Family>(index: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut LeastConnScan<F::Addr>) };
     let slot = scan.state.slot(index as u32);
     if let Some(id) = slot_backend::<F>(&scan.key, slot) {
-        // SAFETY: value copied out immediately.
-        let open = unsafe { CONNECTIONS.get(id) }.copied().unwrap_or(0);
+        let open = CONNECTIONS.get(id).copied().unwrap_or(0);
         scan.state.offer(id, open);
     }
     0
@@ -140,14 +139,9 @@ fn maglev<A: MapAddr>(service_id: u32, flow: &Flow<A>) -> Option<u32> {
 /// A new flow to `backend_id` is open.
 #[inline(always)]
 pub fn flow_opened(backend_id: u32) {
-    match CONNECTIONS.get_ptr_mut(backend_id) {
+    if let Some(open) = CONNECTIONS.get_ptr_mut(backend_id) {
         // SAFETY: map value pointer; atomic access only.
-        Some(open) => {
-            unsafe { atomic::add(open, 1) };
-        }
-        None => {
-            let _ = CONNECTIONS.insert(backend_id, 1, 0);
-        }
+        unsafe { atomic::add(open, 1) };
     }
 }
 

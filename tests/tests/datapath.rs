@@ -561,6 +561,33 @@ fn pinned_maps_are_reused_migrated_and_incompatible_pins_refused() {
         })
         .collect();
     assert!(leftovers.is_empty(), "old pins left: {leftovers:?}");
+    // The open-flow counts were an LRU map: replaced (the GC recounts them).
+    let conns = layout.map(map_names::CONNECTIONS);
+    let conns_str = conns.to_string_lossy().to_string();
+    std::fs::remove_file(&conns).expect("unpin");
+    bpftool(&[
+        "map",
+        "create",
+        &conns_str,
+        "type",
+        "lru_hash",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "262144",
+        "name",
+        "XLB_CONNS",
+    ]);
+    load::load(Some(&layout)).expect("old open-flow counts replaced");
+    let info = aya::maps::MapData::from_pin(&conns)
+        .and_then(|m| m.info())
+        .expect("pin");
+    assert!(
+        matches!(info.map_type(), Ok(aya::maps::MapType::Array)),
+        "XLB_CONNS is an array now"
+    );
 
     // A map left by an xlb with another layout is refused with a clear error.
     let path = layout.map(map_names::NODE_IPS);

@@ -2,7 +2,7 @@
 //! (BPF_PROG_TEST_RUN on the real programs; needs root, see `privilege`).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray};
+use aya::maps::{Array, HashOfMaps, MapData, PerCpuArray};
 use lb_common::{
     BPF_F_INNER_MAP, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash, map_names, outcome,
     scheduler, with_scheduler,
@@ -47,18 +47,18 @@ impl SchedulerState for Datapath {
     }
 
     fn open_flows(&self) -> BTreeMap<u32, u64> {
-        let conns: HashMap<_, u32, u64> =
-            HashMap::try_from(self.ebpf.map(map_names::CONNECTIONS).expect("map"))
-                .expect("map type");
-        conns.iter().map(|r| r.expect("entry")).collect()
+        let conns: Array<_, u64> =
+            Array::try_from(self.ebpf.map(map_names::CONNECTIONS).expect("map")).expect("map type");
+        let open = xlb::datapath::id_arrays::open_flows(&conns).expect("scan");
+        open.into_iter().collect()
     }
 
     fn set_open_flows(&mut self, counts: &[(u32, u64)]) {
-        let mut conns: HashMap<_, u32, u64> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::CONNECTIONS).expect("map"))
+        let mut conns: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONNECTIONS).expect("map"))
                 .expect("map type");
         for (id, n) in counts {
-            conns.insert(id, n, 0).expect("insert");
+            conns.set(*id, n, 0).expect("write");
         }
     }
 

@@ -19,6 +19,7 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
     let old = match pins {
         Some(layout) => {
             let old = migrate::take_old_backends(layout)?;
+            migrate::drop_old_counts(layout)?;
             check_pinned_layouts(layout)?;
             old
         }

@@ -12,7 +12,7 @@ use lb_common::{
 use crate::{
     datapath::{
         addr_filter::{AddrFilter, ReplyFilter, WordWrite},
-        backend_table,
+        id_arrays,
         pins::PinLayout,
     },
     model::{Family, IpNet},
@@ -80,7 +80,7 @@ pub struct PinnedMaps {
     pub service_stats: PerCpuArray<MapData, TrafficCounter>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounter>,
     pub round_robin: HashMap<MapData, u32, u64>,
-    pub connections: HashMap<MapData, u32, u64>,
+    pub connections: Array<MapData, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     pub node_ips: HashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
@@ -140,7 +140,7 @@ impl PinnedMaps {
             service_stats: typed!(layout, map_names::SERVICE_STATS, PerCpuArray),
             backend_stats: typed!(layout, map_names::BACKEND_STATS, PerCpuArray),
             round_robin: typed!(layout, map_names::ROUND_ROBIN, HashMap),
-            connections: typed!(layout, map_names::CONNECTIONS, HashMap),
+            connections: typed!(layout, map_names::CONNECTIONS, Array),
             maglev: typed!(layout, map_names::MAGLEV, HashOfMaps),
             node_ips: typed!(layout, map_names::NODE_IPS, HashMap),
             config: typed!(layout, map_names::CONFIG, Array),
@@ -348,9 +348,9 @@ impl PinnedMaps {
 
     /// The backend with `id`, from the map of whichever family holds it.
     pub fn backend(&self, id: u32) -> Option<BackendEntry> {
-        match backend_table::get(&self.backends, id) {
+        match id_arrays::get(&self.backends, id) {
             Some(b) => Some(BackendEntry::V4(b)),
-            None => backend_table::get(&self.v6.backends, id).map(BackendEntry::V6),
+            None => id_arrays::get(&self.v6.backends, id).map(BackendEntry::V6),
         }
     }
 
@@ -362,8 +362,8 @@ impl PinnedMaps {
                 Vec::new()
             })
         }
-        let v4 = logged(map_names::BACKENDS, backend_table::scan(&self.backends));
-        let v6 = logged(map_names::BACKENDS6, backend_table::scan(&self.v6.backends));
+        let v4 = logged(map_names::BACKENDS, id_arrays::scan(&self.backends));
+        let v6 = logged(map_names::BACKENDS6, id_arrays::scan(&self.v6.backends));
         v4.into_iter()
             .map(|(id, b)| (id, BackendEntry::V4(b)))
             .chain(v6.into_iter().map(|(id, b)| (id, BackendEntry::V6(b))))
@@ -375,8 +375,8 @@ impl PinnedMaps {
     pub fn collect_garbage(&mut self, now_ns: u64) -> Collected {
         // Without the live backends every flow would look orphaned: skip this round.
         let live = match (
-            backend_table::scan(&self.backends),
-            backend_table::scan(&self.v6.backends),
+            id_arrays::scan(&self.backends),
+            id_arrays::scan(&self.v6.backends),
         ) {
             (Ok(v4), Ok(v6)) => {
                 let v6 = v6.into_iter().map(|(id, _)| id);
@@ -406,15 +406,22 @@ impl PinnedMaps {
         for (id, n) in v6.open {
             *open.entry(id).or_insert(0) += n;
         }
-        let counted: std::collections::BTreeMap<u32, u64> =
-            self.connections.iter().filter_map(Result::ok).collect();
-        for id in counted.keys().filter(|id| !open.contains_key(id)) {
-            let _ = self.connections.remove(id);
-        }
-        for (id, n) in &open {
-            if counted.get(id) != Some(n) {
-                let _ = self.connections.insert(id, n, 0);
+        match id_arrays::open_flows(&self.connections) {
+            Ok(counted) => {
+                let counted: std::collections::BTreeMap<u32, u64> = counted.into_iter().collect();
+                for id in counted.keys().filter(|id| !open.contains_key(id)) {
+                    let _ = self.connections.set(*id, 0, 0);
+                }
+                for (id, n) in &open {
+                    if counted.get(id) != Some(n) {
+                        let _ = self.connections.set(*id, n, 0);
+                    }
+                }
             }
+            Err(e) => log::warn!(
+                "open flows not recounted: reading {}: {e}",
+                map_names::CONNECTIONS
+            ),
         }
         Collected {
             removed: v4.collected.removed + v6.collected.removed,
@@ -590,18 +597,18 @@ impl MapStore for PinnedMaps {
         let after = replies.release_due(now);
         write_words(&mut self.reply_filter, before).map_err(filter_err)?;
         match backend {
-            BackendEntry::V4(b) => backend_table::set(&mut self.backends, id, b)
+            BackendEntry::V4(b) => id_arrays::set(&mut self.backends, id, b)
                 .map_err(|e| store_err("write", map_names::BACKENDS, e)),
-            BackendEntry::V6(b) => backend_table::set(&mut self.v6.backends, id, b)
+            BackendEntry::V6(b) => id_arrays::set(&mut self.v6.backends, id, b)
                 .map_err(|e| store_err("write", map_names::BACKENDS6, e)),
         }?;
         write_words(&mut self.reply_filter, after).map_err(filter_err)
     }
     fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), StoreError> {
         match family {
-            Family::V4 => backend_table::clear(&mut self.backends, id)
+            Family::V4 => id_arrays::clear(&mut self.backends, id)
                 .map_err(|e| store_err("clear", map_names::BACKENDS, e)),
-            Family::V6 => backend_table::clear(&mut self.v6.backends, id)
+            Family::V6 => id_arrays::clear(&mut self.v6.backends, id)
                 .map_err(|e| store_err("clear", map_names::BACKENDS6, e)),
         }?;
         let filter_err = |e| store_err("write", map_names::REPLY_FILTER, e);
@@ -708,7 +715,7 @@ impl MapStore for PinnedMaps {
         }
         if let Some(id) = backend_id {
             zero(&mut self.backend_stats, id);
-            let _ = self.connections.remove(&id);
+            let _ = self.connections.set(id, 0, 0);
         }
     }
 }

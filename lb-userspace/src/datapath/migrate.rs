@@ -1,6 +1,7 @@
 //! Pins of an earlier layout that the agent converts instead of refusing them
 //! (`pins::check_pinned_layouts`), so an upgrade keeps established flows.
 //!
+//! Backends:
 //! `XLB_BACKENDS` and `XLB_BACKENDS6` were hash maps (backend id → backend, 1 048 576
 //! entries, not preallocated) and are arrays indexed by id now. Conntrack entries name their
 //! backend by id, so the ids must survive: the old map's entries are copied into the new
@@ -16,6 +17,34 @@ use aya::{
 use lb_common::{Backend, Ip6, MapAddr, map_names, map_sizes};
 
 use super::{DatapathError, error_chain, pins::PinLayout};
+
+/// `XLB_CONNS` (open flows per backend id) was an LRU hash map and is an array now. Its
+/// counts are recounted from conntrack by every garbage collection, so the old pin is only
+/// removed: until the first collection after the upgrade, least-conn sees no open flows.
+pub fn drop_old_counts(pins: &PinLayout) -> Result<(), DatapathError> {
+    let path = pins.map(map_names::CONNECTIONS);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map_err(|e| pinned_err(&path, &e))?;
+    if matches!(info.map_type(), Ok(MapType::LruHash))
+        && info.key_size() == 4
+        && info.value_size() == 8
+        && info.max_entries() == map_sizes::CONNECTIONS
+    {
+        std::fs::remove_file(&path).map_err(|e| DatapathError::PinnedMap {
+            path: path.clone(),
+            message: format!("removing the old open-flow counts: {e}"),
+        })?;
+        log::info!(
+            "{}: the old LRU map replaced by an array (recounted at the next GC)",
+            map_names::CONNECTIONS
+        );
+    }
+    Ok(())
+}
 
 /// Appended to the name of a pin being migrated (bpffs names cannot contain '.').
 const OLD_SUFFIX: &str = "_HASH_OLD";

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 pub mod addr_filter;
 pub mod attach;
-pub mod backend_table;
 pub mod bpffs;
 pub mod clock;
 pub mod gc;
+pub mod id_arrays;
 pub mod ifaces;
 pub mod load;
 pub mod maps;

@@ -70,13 +70,7 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
             map_sizes::ROUND_ROBIN,
             LruHash,
         ),
-        (
-            map_names::CONNECTIONS,
-            4,
-            8,
-            map_sizes::CONNECTIONS,
-            LruHash,
-        ),
+        (map_names::CONNECTIONS, 4, 8, map_sizes::CONNECTIONS, Array),
         // Map-in-map: the value is an inner map's id.
         (map_names::MAGLEV, 4, 4, map_sizes::MAGLEV, HashOfMaps),
         (map_names::NODE_IPS, 4, 4, map_sizes::NODE_IPS, Hash),

@@ -13,7 +13,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{backend_table, maps::PinnedMaps},
+    datapath::{id_arrays, maps::PinnedMaps},
     model::{HostPort, Protocol},
     report::inspect::ShowAddr,
     sync::keys::{map_v4, map_v6},
@@ -561,7 +561,7 @@ where
         let Ok(v) = family.services.get(&ServiceKey { slot, ..key }, 0) else {
             continue;
         };
-        if let Some(b) = backend_table::get(family.backends, v.backend_id) {
+        if let Some(b) = id_arrays::get(family.backends, v.backend_id) {
             let open = maps.connections.get(&v.backend_id, 0).unwrap_or(0);
             s.backends.push(SnapshotBackend {
                 id: v.backend_id,

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::{
     datapath::{
-        backend_table,
         clock::monotonic_ns,
+        id_arrays,
         maps::{Collected, PinnedMaps, sum_counter},
     },
     model::{Frontend, HostPort, Protocol, Scheduler},
@@ -295,7 +295,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS,
-            backends_used(map_names::BACKENDS, backend_table::scan(&maps.backends)),
+            backends_used(map_names::BACKENDS, id_arrays::scan(&maps.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -315,7 +315,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS6,
-            backends_used(map_names::BACKENDS6, backend_table::scan(&maps.v6.backends)),
+            backends_used(map_names::BACKENDS6, id_arrays::scan(&maps.v6.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -335,7 +335,13 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::CONNECTIONS,
-            maps.connections.keys().count(),
+            id_arrays::open_flows(&maps.connections).map_or_else(
+                |e| {
+                    eprintln!("warning: reading {}: {e}", map_names::CONNECTIONS);
+                    0
+                },
+                |open| open.len(),
+            ),
             map_sizes::CONNECTIONS,
         ),
         fill(
