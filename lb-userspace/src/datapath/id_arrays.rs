@@ -17,18 +17,37 @@ pub fn get<A: MapAddr>(map: &Array<MapData, Backend<A>>, id: u32) -> Option<Back
     map.get(&id, 0).ok().filter(in_use)
 }
 
-/// Writes `backend` into its id's slot.
+// An array update copies the value in place while programs may read it (a hash map swaps in
+// a new element instead), so a reader can see a mix of the old and new bytes. Writes go in
+// two steps that keep every mix harmless: the slot's service id, the one field a reader
+// trusts the rest by, is 0 on one side of each step, or the other fields are the same on
+// both sides.
+
+/// Writes `backend` into its id's slot, which is free (ids are handed out only after their
+/// slot was cleared): first without its service id, so a read in between refuses it.
 pub fn set<A: MapAddr>(
     map: &mut Array<MapData, Backend<A>>,
     id: u32,
     backend: &Backend<A>,
 ) -> Result<(), MapError> {
+    map.set(id, unclaimed(backend), 0)?;
     map.set(id, backend, 0)
 }
 
-/// Frees `id`'s slot.
+/// Frees `id`'s slot: its service id goes first, so no read takes half-cleared fields for a
+/// backend.
 pub fn clear<A: MapAddr>(map: &mut Array<MapData, Backend<A>>, id: u32) -> Result<(), MapError> {
+    if let Ok(held) = map.get(&id, 0) {
+        map.set(id, unclaimed(&held), 0)?;
+    }
     map.set(id, Backend::<A>::default(), 0)
+}
+
+fn unclaimed<A: MapAddr>(backend: &Backend<A>) -> Backend<A> {
+    Backend {
+        service_id: 0,
+        ..*backend
+    }
 }
 
 /// Every backend slot in use, in id order.
