@@ -22,7 +22,7 @@ use xlb::{
     sync::Syncer,
 };
 
-use crate::datapath::ENDPOINTS;
+use crate::datapath::{ENDPOINTS, endpoints_at};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramCost {
@@ -49,9 +49,10 @@ fn endpoint(service: u32, e: u32) -> Ipv4Addr {
 }
 
 fn desired(services: u32, changed: Option<(u32, u32)>) -> DesiredState {
+    let per_service = endpoints_at(services);
     (0..services)
         .map(|s| {
-            let endpoints = (0..ENDPOINTS)
+            let endpoints = (0..per_service)
                 .map(|e| {
                     // A change swaps one endpoint of one service for a new address.
                     let ip = match changed {
@@ -131,7 +132,7 @@ pub fn xlb(services: u32, changes: u32) -> Result<(ProgramCost, u64)> {
             change_p99_ms: (!times.is_empty()).then(|| percentile(times, 0.99)),
             objects: report.frontends_added
                 + report.backends_added
-                + want.len() * ENDPOINTS as usize,
+                + want.len() * endpoints_at(services) as usize,
             stopped: false,
         },
         memlock,
@@ -171,6 +172,7 @@ pub fn iptables_ruleset(services: u32, proto: &str) -> (String, usize) {
          -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
     );
     let mut count = 7;
+    let endpoints = endpoints_at(services);
     for s in 0..services {
         let svc = format!("KUBE-SVC-{s:016X}");
         let _ = writeln!(chains, ":{svc} - [0:0]");
@@ -180,10 +182,10 @@ pub fn iptables_ruleset(services: u32, proto: &str) -> (String, usize) {
             vip(s)
         );
         count += 1;
-        for e in 0..ENDPOINTS {
+        for e in 0..endpoints {
             let sep = format!("KUBE-SEP-{:016X}", s * ENDPOINTS + e);
             let _ = writeln!(chains, ":{sep} - [0:0]");
-            let left = ENDPOINTS - e;
+            let left = endpoints - e;
             if left > 1 {
                 let _ = writeln!(
                     rules,
@@ -224,17 +226,18 @@ pub fn nft_ruleset(services: u32, proto: &str) -> (String, usize) {
     for s in 0..services {
         let _ = writeln!(out, "      {} . {proto} . 80 : goto service-{s},", vip(s));
     }
+    let endpoints = endpoints_at(services);
     out.push_str("    }\n  }\n  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
     for s in 0..services {
         let _ = write!(
             out,
-            "  chain service-{s} {{\n    numgen random mod {ENDPOINTS} vmap {{ "
+            "  chain service-{s} {{\n    numgen random mod {endpoints} vmap {{ "
         );
-        for e in 0..ENDPOINTS {
+        for e in 0..endpoints {
             let _ = write!(out, "{e} : goto endpoint-{}, ", s * ENDPOINTS + e);
         }
         out.push_str("}\n  }\n");
-        for e in 0..ENDPOINTS {
+        for e in 0..endpoints {
             let _ = writeln!(
                 out,
                 "  chain endpoint-{} {{\n    ip saddr {} mark set mark | 0x4000\n    meta l4proto {proto} dnat to {}:8080\n  }}",

@@ -47,6 +47,7 @@ const WARM_REPEAT: u32 = 250;
 /// Mirror frontends and their backends get ids above every generated one, at the top of the
 /// backend id space (both families' mirrors).
 const MIRROR_ID_BASE: u32 = map_sizes::BACKENDS - 2 * ENDPOINTS - 1;
+const _: () = assert!(MIRROR_ID_BASE + 2 * ENDPOINTS < map_sizes::BACKENDS);
 
 /// Endpoints per service at `services` services: `ENDPOINTS`, or fewer where that many would
 /// not fit the backend ids (`map_sizes::BACKENDS`, the agent's limit too): 2 at 100k. Each
@@ -578,4 +579,23 @@ fn measure_ipv6(
     let pass = warm(ebpf, Hook::FromPod, &other, calls)?;
     results.push(summarize_as("passthrough_ipv6", "warm", services, pass));
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scale's services, the NodePort and the mirrors get backend ids the agent could
+    /// hand out (below `map_sizes::BACKENDS`), as many endpoints each as fit, at most 10.
+    #[test]
+    fn every_scale_fits_the_backend_ids() {
+        for services in [1, 1_000, 10_000, 26_000, 100_000, 200_000] {
+            let per = endpoints_at(services);
+            assert!((1..=ENDPOINTS).contains(&per), "{services}: {per}");
+            let highest_generated = (services + 1) * per;
+            assert!(highest_generated < MIRROR_ID_BASE, "{services} services");
+        }
+        assert_eq!(endpoints_at(10_000), 10);
+        assert_eq!(endpoints_at(100_000), 2);
+    }
 }
