@@ -23,17 +23,7 @@ use super::{DatapathError, error_chain, pins::PinLayout};
 /// removed: until the first collection after the upgrade, least-conn sees no open flows.
 pub fn drop_old_counts(pins: &PinLayout) -> Result<(), DatapathError> {
     let path = pins.map(map_names::CONNECTIONS);
-    if !path.exists() {
-        return Ok(());
-    }
-    let info = MapData::from_pin(&path)
-        .and_then(|m| m.info())
-        .map_err(|e| pinned_err(&path, &e))?;
-    if matches!(info.map_type(), Ok(MapType::LruHash))
-        && info.key_size() == 4
-        && info.value_size() == 8
-        && info.max_entries() == map_sizes::CONNECTIONS
-    {
+    if path.exists() && pinned_as(&path, MapType::LruHash, 8, map_sizes::CONNECTIONS)? {
         std::fs::remove_file(&path).map_err(|e| DatapathError::PinnedMap {
             path: path.clone(),
             message: format!("removing the old open-flow counts: {e}"),
@@ -91,7 +81,8 @@ fn take<A: MapAddr>(
     let aside = aside_path(&path);
     // A migration that did not finish left the old map aside: it is still the source.
     if !aside.exists() {
-        if !path.exists() || !is_old_layout::<A>(&path)? {
+        let value = size_of::<Backend<A>>();
+        if !path.exists() || !pinned_as(&path, MapType::Hash, value, OLD_CAPACITY)? {
             return Ok(None);
         }
         std::fs::rename(&path, &aside).map_err(|e| DatapathError::PinnedMap {
@@ -141,18 +132,24 @@ fn restore_family<A: MapAddr>(
     Ok(())
 }
 
-/// The layout the last release pinned: a hash of u32 → `Backend<A>`, 1 048 576 entries.
-fn is_old_layout<A: MapAddr>(path: &Path) -> Result<bool, DatapathError> {
+/// Whether the map pinned at `path` is an earlier layout's: of `map_type`, keyed by a u32
+/// id, with `value`-byte values and `capacity` entries.
+fn pinned_as(
+    path: &Path,
+    map_type: MapType,
+    value: usize,
+    capacity: u32,
+) -> Result<bool, DatapathError> {
     let info = MapData::from_pin(path)
         .and_then(|m| m.info())
         .map_err(|e| pinned_err(path, &e))?;
-    Ok(matches!(info.map_type(), Ok(MapType::Hash))
+    Ok(info.map_type().is_ok_and(|t| t == map_type)
         && info.key_size() == 4
-        && info.value_size() as usize == size_of::<Backend<A>>()
-        && info.max_entries() == OLD_CAPACITY)
+        && info.value_size() as usize == value
+        && info.max_entries() == capacity)
 }
 
-/// `map_sizes::BACKENDS` of the hash-map layout.
+/// `map_sizes::BACKENDS` of the hash-map layout the last release pinned.
 const OLD_CAPACITY: u32 = 1_048_576;
 
 /// Where `take_old_backends` moves old pins (for `xlb cleanup`).

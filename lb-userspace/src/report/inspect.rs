@@ -295,7 +295,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS,
-            backends_used(map_names::BACKENDS, id_arrays::scan(&maps.backends)),
+            slots_used(map_names::BACKENDS, id_arrays::scan(&maps.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -315,7 +315,7 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::BACKENDS6,
-            backends_used(map_names::BACKENDS6, id_arrays::scan(&maps.v6.backends)),
+            slots_used(map_names::BACKENDS6, id_arrays::scan(&maps.v6.backends)),
             map_sizes::BACKENDS,
         ),
         fill(
@@ -335,12 +335,9 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         fill(
             map_names::CONNECTIONS,
-            id_arrays::open_flows(&maps.connections).map_or_else(
-                |e| {
-                    eprintln!("warning: reading {}: {e}", map_names::CONNECTIONS);
-                    0
-                },
-                |open| open.len(),
+            slots_used(
+                map_names::CONNECTIONS,
+                id_arrays::open_flows(&maps.connections),
             ),
             map_sizes::CONNECTIONS,
         ),
@@ -389,8 +386,9 @@ pub fn stats_text(report: &StatsReport) -> String {
     out
 }
 
-/// Slots in use of a backend table (none if it cannot be read: said on stderr).
-fn backends_used<T>(name: &str, table: std::io::Result<Vec<T>>) -> usize {
+/// Slots in use of an array indexed by backend id (`id_arrays`; none if it cannot be read:
+/// said on stderr).
+fn slots_used<T>(name: &str, table: std::io::Result<Vec<T>>) -> usize {
     table.map_or_else(
         |e| {
             eprintln!("warning: reading {name}: {e}");
