@@ -1,6 +1,7 @@
 //! Per-packet cost of the programs, in the kernel's own measure (BPF_PROG_TEST_RUN's
 //! duration), at a given number of services with 10 endpoints each (fewer at 100k:
-//! `endpoints_at`), in a namespace of the bench's own whose routes make the programs' FIB lookups succeed (as on a node).
+//! `endpoints_at`), in a namespace of the bench's own whose routes make the programs' FIB
+//! lookups succeed (as on a node).
 //!
 //! Two methods:
 //! - *warm*: one call runs the same packet `WARM_REPEAT` times (the kernel's repetitions);
@@ -100,8 +101,8 @@ fn ne6(ip: Ipv6Addr) -> Ip6 {
     ip6_from_octets(ip.octets())
 }
 
-/// The IPv6 twin of `populate`: `services` IPv6 ClusterIPs and one IPv6 NodePort, with
-/// ids after the IPv4 ones (one id space, as the agent hands them out).
+/// The IPv6 twin of `populate`: `services` IPv6 ClusterIPs and one IPv6 NodePort, service
+/// ids after the IPv4 ones, backend ids from 1 as IPv4's (see `endpoints_at`).
 pub fn populate6(ebpf: &mut Ebpf, services: u32, proto: u8) -> Result<()> {
     let service_base = services + 1;
     let endpoints = endpoints_at(services);
