@@ -3,9 +3,10 @@
 //! flows, as `xdp` does for IPv4. Two stages (tracked flows, then the rest), each its own
 //! program: one stack frame does not hold both with IPv6 entries.
 //!
-//! Headers are read and written with `bpf_xdp_load_bytes`/`bpf_xdp_store_bytes` (offsets
-//! past extension headers are variable); checksums are updated incrementally (IPv6 has no
-//! header checksum, and a UDP checksum is never zero: the parser refuses those).
+//! TCP/UDP right after the fixed header (nearly every packet) is read and written in place;
+//! after extension headers, whose offsets are variable, with `bpf_xdp_load_bytes` and
+//! `bpf_xdp_store_bytes`. Checksums are updated incrementally (IPv6 has no header
+//! checksum, and a UDP checksum is never zero: the parser refuses those).
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
@@ -21,7 +22,7 @@ use crate::{
     maps::PROGS6_XDP,
     parse::{
         self, ETH_HLEN, ETH_P_IPV6, Flow, Frame, IP_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF,
-        IP6_SRC_OFF, Packet,
+        IP6_SRC_OFF, Ipv6Hdr, L4_DIRECT, Packet, packet_read,
     },
     route,
     svc::{self, Addr, Decision},
@@ -74,7 +75,7 @@ pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
             return Err(outcome::PASS_NOT_SERVICE);
         }
         match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns()) {
-            Some(decision) => translate(ctx, &flow, decision?),
+            Some(decision) => translate::<true>(ctx, &flow, decision?),
             None => Err(tail_call(ctx, Stage::Untracked)),
         }
     })())
@@ -90,29 +91,29 @@ pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
             && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes)
         {
             if let Some(dst) = reply.dst {
-                rewrite(ctx, &flow, Field::Dst, dst)?;
+                rewrite::<false>(ctx, &flow, Field::Dst, dst)?;
             }
-            rewrite(ctx, &flow, Field::Src, reply.src)?;
+            rewrite::<false>(ctx, &flow, Field::Src, reply.src)?;
             return Ok((forward(ctx, true), reply.outcome));
         }
         // Followed: the first stage looked every flow up, SYNs too. Balancing a SYN first
         // (`svc::new_flow`) needs a `follow` in this stage as well, and its stack has no room.
         let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns(), true)?;
-        translate(ctx, &flow, decision)
+        translate::<false>(ctx, &flow, decision)
     })())
 }
 
 #[inline(always)]
-fn translate(
+fn translate<const IN_PLACE: bool>(
     ctx: &XdpContext,
     flow: &Flow<Ip6>,
     decision: Decision<Ip6>,
 ) -> Result<(u32, Outcome), Outcome> {
     match decision {
         Decision::Translate { dst, src, outcome } => {
-            rewrite(ctx, flow, Field::Dst, dst)?;
+            rewrite::<IN_PLACE>(ctx, flow, Field::Dst, dst)?;
             if let Some(src) = src {
-                rewrite(ctx, flow, Field::Src, src)?;
+                rewrite::<IN_PLACE>(ctx, flow, Field::Src, src)?;
             }
             Ok((forward(ctx, hop::keeps(outcome)), outcome))
         }
@@ -146,9 +147,11 @@ fn store<T>(ctx: &XdpContext, offset: usize, value: &T) -> Result<(), Outcome> {
 }
 
 /// Sets the packet's source or destination address and port, updating the L4 checksum
-/// (the address through the pseudo-header) incrementally.
+/// (the address through the pseudo-header) incrementally. `IN_PLACE`: packets without
+/// extension headers are written in place (the first stage; the second has no stack left
+/// for both paths, and takes the store helpers).
 #[inline(always)]
-fn rewrite(
+fn rewrite<const IN_PLACE: bool>(
     ctx: &XdpContext,
     flow: &Flow<Ip6>,
     field: Field,
@@ -160,18 +163,40 @@ fn rewrite(
         Field::Dst => (IP6_DST_OFF, 2, flow.dst, flow.dport),
     };
     let csum_off = flow.csum_off(l4);
-    let old: u16 = ctx.read(csum_off)?;
-    let mut sum = old;
-    for i in 0..4 {
-        sum = replace4(sum, old_addr[i], addr[i]);
+    let updated = |old: u16| checksum_after(old, flow.proto, (old_addr, old_port), (addr, port));
+    if IN_PLACE && l4 == L4_DIRECT {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        let csum = data + flow.csum_off(L4_DIRECT);
+        if data + L4_DIRECT + 4 <= end && csum + 2 <= end {
+            // SAFETY: the addresses, the ports and the checksum are inside the frame
+            // (checked just above).
+            unsafe {
+                let sum = updated(packet_read::<u16>(csum));
+                core::ptr::write((data + IP_OFF + addr_off) as *mut Ip6, addr);
+                core::ptr::write((data + L4_DIRECT + port_off) as *mut u16, port);
+                core::ptr::write(csum as *mut u16, sum);
+            }
+            return Ok(());
+        }
     }
-    sum = replace2(sum, old_port, port);
-    if flow.proto == PROTO_UDP && sum == 0 {
-        sum = 0xffff;
-    }
+    let sum = updated(ctx.read(csum_off)?);
     store(ctx, IP_OFF + addr_off, &addr)?;
     store(ctx, l4 + port_off, &port)?;
     store(ctx, csum_off, &sum)
+}
+
+/// An L4 checksum `check` after an address and port change from `old` to `new`.
+#[inline(always)]
+fn checksum_after(check: u16, proto: u8, old: Addr<Ip6>, new: Addr<Ip6>) -> u16 {
+    let mut sum = check;
+    for i in 0..4 {
+        sum = replace4(sum, old.0[i], new.0[i]);
+    }
+    sum = replace2(sum, old.1, new.1);
+    if proto == PROTO_UDP && sum == 0 {
+        sum = 0xffff;
+    }
+    sum
 }
 
 /// Sends a translated packet on: straight back out when the route leaves through the
@@ -183,9 +208,14 @@ fn forward(ctx: &XdpContext, keep: bool) -> u32 {
     };
     // SAFETY: this run's per-CPU slot.
     let s = unsafe { &mut *s };
-    if ctx.read_into(IP_OFF, &mut s.ip6).is_err() {
+    // Every frame the parser took holds the fixed header; the check is the verifier's.
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + L4_DIRECT > end {
         return xdp_action::XDP_PASS;
     }
+    // SAFETY: the fixed header is inside the frame (checked just above); copied straight
+    // into the slot (a value read would take 40 bytes of stack).
+    unsafe { core::ptr::copy_nonoverlapping((data + IP_OFF) as *const Ipv6Hdr, &mut s.ip6, 1) };
     if s.ip6.hop_limit <= 1 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
@@ -211,10 +241,17 @@ fn forward(ctx: &XdpContext, keep: bool) -> u32 {
     if egress != ingress {
         return xdp_action::XDP_PASS;
     }
-    if store(ctx, IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1)).is_err()
-        || store(ctx, 0, &macs).is_err()
-    {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + L4_DIRECT > end {
         return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the Ethernet and fixed IPv6 headers are inside the frame (checked just above).
+    unsafe {
+        core::ptr::write(
+            (data + IP_OFF + IP6_HOP_LIMIT_OFF) as *mut u8,
+            hop_limit - 1,
+        );
+        core::ptr::write(data as *mut [u8; 12], macs);
     }
     xdp_action::XDP_TX
 }
