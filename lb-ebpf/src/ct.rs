@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, outcome,
+    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, outcome,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -334,7 +334,10 @@ pub fn claim_snat_port<F: Family>(
     };
     // The entry is the same for every port tried but for its key's destination port.
     fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
+    let timeouts = CT_TIMEOUTS.get_ptr(0).ok_or(outcome::DROP_CT_FULL)?;
     let mut claim = Claim {
+        scratch: (s as *mut CtScratch<F::Addr>).cast(),
+        timeouts,
         min,
         span,
         start,
@@ -364,6 +367,11 @@ pub fn claim_snat_port<F: Family>(
 /// The state of a SNAT port claim, for `claim_step`.
 #[repr(C)]
 struct Claim {
+    /// The scratch slot with the reverse entry (a `CtScratch` of the family): handed over
+    /// rather than looked up again in each step, whose stack frame adds to the caller's.
+    scratch: *mut u8,
+    /// The node's lifetimes (`CT_TIMEOUTS`), likewise.
+    timeouts: *const CtTimeouts,
     min: u32,
     span: u32,
     start: u32,
@@ -379,11 +387,8 @@ struct Claim {
 extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Claim` handed to `bpf_loop` by `claim_snat_port`.
     let claim = unsafe { &mut *(ctx as *mut Claim) };
-    let Some(s) = F::ct_scratch() else {
-        return 1;
-    };
     // SAFETY: this CPU's slot, filled by `claim_snat_port` before the loop.
-    let s = unsafe { &mut *s };
+    let s = unsafe { &mut *claim.scratch.cast::<CtScratch<F::Addr>>() };
     if claim.span == 0 {
         return 1; // never: the range has at least one port (and `%` would need a panic path)
     }
@@ -393,8 +398,12 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     if !claimed {
         // SAFETY: copy of a map value.
         let key = &s.key;
-        let stale = unsafe { F::conntrack().get(key) }
-            .is_some_and(|held| expired(held, claim.proto, claim.now));
+        // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
+        let timeouts = unsafe { &*claim.timeouts };
+        let stale = unsafe { F::conntrack().get(key) }.is_some_and(|held| {
+            let lifetime = timeouts.lifetime_ns(claim.proto, held.flags);
+            claim.now.saturating_sub(held.last_seen_ns) > lifetime
+        });
         claimed = stale && insert::<F>(&s.key, &s.value, 0).is_ok();
     }
     if claimed {
@@ -427,13 +436,8 @@ pub fn tcp_flags_update<A>(flow: &Flow<A>, flags: u16) -> u16 {
     flags
 }
 
-/// True if the entry outlived its lifetime: the flow is over, a new one may reuse the tuple.
-#[inline(always)]
-pub fn expired<A: MapAddr>(entry: &CtValue<A>, proto: u8, now: u64) -> bool {
-    aged_out(entry.last_seen_ns, entry.flags, proto, now)
-}
-
-/// `expired` from an entry's last-seen time and flags.
+/// True if an entry (its last-seen time and flags) outlived its lifetime: the flow is over,
+/// a new one may reuse the tuple.
 #[inline(always)]
 pub fn aged_out(last_seen_ns: u64, flags: u16, proto: u8, now: u64) -> bool {
     let timeouts = CT_TIMEOUTS.get(0).copied().unwrap_or_default();

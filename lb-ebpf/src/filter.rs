@@ -16,15 +16,19 @@ pub fn may_be_local<A: MapAddr>(addr: A) -> bool {
 }
 
 /// Whether `addr`, `port` (network byte order) and `proto` may be a backend's, i.e. a
-/// packet from there may answer a translated flow; `false` is certain, as above. A
-/// subprogram: inlined into `xlb_from_pod`, LLVM spilled a register undefined on one path
-/// (the frontend lookup's miss), which the verifier refuses to read.
-#[inline(never)]
+/// packet from there may answer a translated flow; `false` is certain, as above.
+#[inline(always)]
 pub fn may_be_backend<A: MapAddr>(addr: A, port: u16, proto: u8) -> bool {
-    may_hold(
-        &REPLY_FILTER,
-        addr_filter::reply_slot(addr.hash_word(), port, proto),
-    )
+    may_be_backend_word(addr.hash_word(), port, proto)
+}
+
+/// `may_be_backend` of an address's hash word. A subprogram: inlined into `xlb_from_pod`,
+/// LLVM spilled a register undefined on one path (the frontend lookup's miss), which the
+/// verifier refuses to read. It takes the word, not the address: an IPv6 address by value
+/// gave it a 40-byte frame, on top of the largest stage's.
+#[inline(never)]
+fn may_be_backend_word(word: u32, port: u16, proto: u8) -> bool {
+    may_hold(&REPLY_FILTER, addr_filter::reply_slot(word, port, proto))
 }
 
 #[inline(always)]

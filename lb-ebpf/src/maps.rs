@@ -187,6 +187,11 @@ pub static NEXT_HOPS: PerCpuArray<lb_common::HopSlot> =
 pub static NEXT_HOPS6: PerCpuArray<lb_common::HopSlot6> =
     PerCpuArray::with_max_entries(lb_common::next_hops::SLOTS, 0);
 
+/// What an IPv6 XDP stage tells the stage it tail-calls (`xdp6::Bounce`), per CPU: a tail
+/// call carries no arguments. Private to each loaded object.
+#[map(name = "XLB_XDP6_BOUNCE")]
+pub static XDP6_BOUNCE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU slot of `hop::HopScratch` (private to each loaded object).
 #[map(name = "XLB_HOP_SCRATCH")]
 pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -285,7 +285,14 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
 /// over in a tail call but the packet).
 #[inline(always)]
 pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
-    finish((|| match parse::parse6(ctx)? {
+    finish(from_pod6_untracked_packet(ctx))
+}
+
+/// A named function rather than a closure: LLVM may keep a closure out of line, and the
+/// verifier allows tail calls (here: to `FromPodRare`) only in functions returning an int.
+#[inline(always)]
+fn from_pod6_untracked_packet(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
+    match parse::parse6(ctx)? {
         Packet::Flow(flow) => untracked::<V6>(
             ctx,
             &flow,
@@ -294,7 +301,7 @@ pub fn from_pod6_untracked(ctx: &TcContext) -> (i32, Outcome) {
             svc::now_ns(),
         ),
         Packet::IcmpError { .. } => Err(outcome::PASS_NOT_SERVICE),
-    })())
+    }
 }
 
 /// `xlb_to_pod6`.
@@ -381,7 +388,14 @@ fn untracked<F: TcFamily>(
         return done;
     }
     let found = frontend.ok_or(outcome::PASS_NOT_SERVICE)?;
-    let decision = svc::new_flow::<F>(flow, SCOPE_INTERNAL, found, ctx.len(), now, followed)?;
+    let decision = svc::new_flow::<F>(
+        flow,
+        SCOPE_INTERNAL,
+        found,
+        ctx.len(),
+        now,
+        svc::Lookup::after(followed),
+    )?;
     F::dnat(ctx, flow, decision)
 }
 

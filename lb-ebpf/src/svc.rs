@@ -141,6 +141,35 @@ pub fn follow<F: Family>(
     None
 }
 
+/// Whether a new flow's packet was looked up before it is balanced (`new_flow`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The hook looked the flow up (`follow`) and found nothing to follow.
+    Done,
+    /// Not looked up (a packet that `ct::opens` a connection): a flow that owns the tuple
+    /// is followed by `new_flow`.
+    Skipped,
+    /// Not looked up, and a tuple that may have a flow to follow is left to the caller:
+    /// `Err(MAY_BE_TRACKED)`, nothing recorded, nothing held. For a stage without the
+    /// stack for `follow` (`xdp6`).
+    Deferred,
+}
+
+impl Lookup {
+    #[inline(always)]
+    pub fn after(followed: bool) -> Self {
+        if followed {
+            Lookup::Done
+        } else {
+            Lookup::Skipped
+        }
+    }
+}
+
+/// What `new_flow` returns for `Lookup::Deferred` when the flow may be tracked. Not an
+/// outcome of the table: the caller follows the flow and never counts it.
+pub const MAY_BE_TRACKED: Outcome = u32::MAX - 1;
+
 /// Picks a backend for a flow that is not (or no longer) tracked and records the flow.
 /// `Err` carries the outcome of packets that are not translated (passed or dropped).
 #[inline(always)]
@@ -149,19 +178,18 @@ pub fn balance_new<F: Family>(
     scope: u8,
     bytes: u32,
     now: u64,
-    followed: bool,
+    lookup: Lookup,
 ) -> Result<Decision<F::Addr>, Outcome> {
     let found = find_frontend::<F>(flow, scope, false).ok_or(outcome::PASS_NOT_SERVICE)?;
-    new_flow::<F>(flow, scope, found, bytes, now, followed)
+    new_flow::<F>(flow, scope, found, bytes, now, lookup)
 }
 
-/// Picks a backend of `frontend` (found for `flow`) and records the flow. `followed`: the
-/// hook looked the flow up (`follow`) and found nothing to follow; if it did not (a packet
-/// that `opens` a connection), the flow is recorded only if its tuple has no entry, and a
-/// flow that still owns the tuple (a retransmitted SYN) is followed, as the lookup would
-/// have. Hooks balance a packet that `ct::opens` a connection so, without the lookup: on a
-/// cold table its miss costs about what the insert after it does, and the insert finds a
-/// tracked flow as well.
+/// Picks a backend of `frontend` (found for `flow`) and records the flow. A packet that was
+/// not looked up (`lookup`: one that `opens` a connection) is recorded only if its tuple
+/// has no entry, and a flow that still owns the tuple (a retransmitted SYN) is followed, as
+/// the lookup would have. Hooks balance a packet that `ct::opens` a connection so, without
+/// the lookup: on a cold table its miss costs about what the insert after it does, and the
+/// insert finds a tracked flow as well.
 #[inline(always)]
 pub fn new_flow<F: Family>(
     flow: &Flow<F::Addr>,
@@ -169,9 +197,9 @@ pub fn new_flow<F: Family>(
     (frontend_key, frontend): (ServiceKey<F::Addr>, ServiceValue),
     bytes: u32,
     now: u64,
-    followed: bool,
+    lookup: Lookup,
 ) -> Result<Decision<F::Addr>, Outcome> {
-    let how = if followed {
+    let how = if lookup == Lookup::Done {
         Insert::Replace
     } else {
         Insert::Exclusive
@@ -183,11 +211,17 @@ pub fn new_flow<F: Family>(
         return Ok(translated(scope, p, bytes));
     }
     // Refused (`picked`), or the tuple has an entry: the flow that owns it, if any, goes on.
-    if !followed && let Some(decision) = follow::<F>(flow, scope, bytes, now) {
-        if let Ok(Some(p)) = &picked {
-            ct::release_claim::<F>(flow, &p.backend, &p.nat);
+    if lookup != Lookup::Done {
+        let decision = match lookup {
+            Lookup::Deferred => Some(Err(MAY_BE_TRACKED)),
+            _ => follow::<F>(flow, scope, bytes, now),
+        };
+        if let Some(decision) = decision {
+            if let Ok(Some(p)) = &picked {
+                ct::release_claim::<F>(flow, &p.backend, &p.nat);
+            }
+            return decision;
         }
-        return decision;
     }
     match picked? {
         // An entry nothing follows (expired, or from the other side of the node): replaced,

@@ -18,7 +18,7 @@ use crate::{
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
-    svc::{self, Decision},
+    svc::{self, Decision, Lookup},
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -143,7 +143,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
                 rewrite(&pkt, Field::Src, reply.src);
                 return Ok((forward(ctx, &pkt, true), reply.outcome));
             }
-            svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now, !opens)?
+            svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now, Lookup::after(!opens))?
         }
     };
     match decision {

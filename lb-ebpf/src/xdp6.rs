@@ -15,17 +15,18 @@ use aya_ebpf::{
 use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
+    ct,
     family::V6,
     filter,
     hop::{self, Cached},
     icmp::{REPLY6_LEN, unreachable6},
-    maps::PROGS6_XDP,
+    maps::{PROGS6_XDP, XDP6_BOUNCE},
     parse::{
         self, ETH_HLEN, ETH_P_IPV6, Flow, Frame, IP_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF,
         IP6_SRC_OFF, Ipv6Hdr, L4_DIRECT, Packet, packet_read,
     },
     route,
-    svc::{self, Addr, Decision},
+    svc::{self, Addr, Decision, Lookup},
     xdp::{replace2, replace4},
 };
 
@@ -36,6 +37,44 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 pub enum Stage {
     External = 0,
     Untracked = 1,
+}
+
+/// What a stage tells the stage it tail-calls, through `XDP6_BOUNCE`. Each stage takes
+/// (clears) it on entry and sets it only right before a tail call, so a value left by a
+/// tail call that failed reaches only the next packet's first stage, which then looks up
+/// a SYN (`Follow`) as it did before SYNs were balanced first: never a wrong decision.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum Bounce {
+    None = 0,
+    /// To `External`: a SYN whose tuple may have a flow: follow it if there is one.
+    Follow = 1,
+    /// To `Untracked`: a SYN that was looked up and had no flow to follow.
+    Followed = 2,
+}
+
+#[inline(always)]
+fn take_bounce() -> Bounce {
+    let Some(slot) = XDP6_BOUNCE.get_ptr_mut(0) else {
+        return Bounce::None;
+    };
+    // SAFETY: this CPU's slot; programs of a hook do not nest on a CPU.
+    let value = unsafe { core::mem::replace(&mut *slot, Bounce::None as u32) };
+    match value {
+        1 => Bounce::Follow,
+        2 => Bounce::Followed,
+        _ => Bounce::None,
+    }
+}
+
+/// `tail_call` telling the stage `what`.
+#[inline(always)]
+fn bounce(ctx: &XdpContext, stage: Stage, what: Bounce) -> Outcome {
+    if let Some(slot) = XDP6_BOUNCE.get_ptr_mut(0) {
+        // SAFETY: as in `take_bounce`.
+        unsafe { *slot = what as u32 };
+    }
+    tail_call(ctx, stage)
 }
 
 /// Continues in an IPv6 XDP stage; returns only if it cannot (not loaded: passed).
@@ -69,13 +108,21 @@ fn flow_of(ctx: &XdpContext) -> Result<Flow<Ip6>, Outcome> {
 #[inline(always)]
 pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
     finish((|| {
+        let bounced = take_bounce();
         let flow = flow_of(ctx)?;
         // Everything this hook translates is addressed to a frontend or a node address.
         if !filter::may_be_local(flow.dst) {
             return Err(outcome::PASS_NOT_SERVICE);
         }
+        // A packet that opens a connection is balanced first (`svc::new_flow`), in the
+        // next stage, which sends it back here if its tuple may have a flow to follow.
+        let opens = ct::opens(&flow);
+        if opens && bounced != Bounce::Follow {
+            return Err(tail_call(ctx, Stage::Untracked));
+        }
         match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns()) {
             Some(decision) => translate::<true>(ctx, &flow, decision?),
+            None if opens => Err(bounce(ctx, Stage::Untracked, Bounce::Followed)),
             None => Err(tail_call(ctx, Stage::Untracked)),
         }
     })())
@@ -84,23 +131,39 @@ pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
 /// `xlb_external6_untracked`: a SNATed flow's reply, or a new flow to a frontend.
 #[inline(always)]
 pub fn external6_untracked(ctx: &XdpContext) -> (u32, Outcome) {
-    finish((|| {
-        let flow = flow_of(ctx)?;
-        let bytes = ctx.frame_len();
-        if svc::is_node_ip::<V6>(flow.dst)
-            && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes)
-        {
-            if let Some(dst) = reply.dst {
-                rewrite::<false>(ctx, &flow, Field::Dst, dst)?;
-            }
-            rewrite::<false>(ctx, &flow, Field::Src, reply.src)?;
-            return Ok((forward(ctx, true), reply.outcome));
+    finish(untracked(ctx))
+}
+
+/// A named function rather than a closure: LLVM may keep a closure out of line, and the
+/// verifier allows tail calls only in functions returning an int.
+#[inline(always)]
+fn untracked(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
+    let bounced = take_bounce();
+    let flow = flow_of(ctx)?;
+    let bytes = ctx.frame_len();
+    if svc::is_node_ip::<V6>(flow.dst)
+        && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes)
+    {
+        if let Some(dst) = reply.dst {
+            rewrite::<false>(ctx, &flow, Field::Dst, dst)?;
         }
-        // Followed: the first stage looked every flow up, SYNs too. Balancing a SYN first
-        // (`svc::new_flow`) needs a `follow` in this stage as well, and its stack has no room.
-        let decision = svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, svc::now_ns(), true)?;
-        translate::<false>(ctx, &flow, decision)
-    })())
+        rewrite::<false>(ctx, &flow, Field::Src, reply.src)?;
+        return Ok((forward(ctx, true), reply.outcome));
+    }
+    let now = svc::now_ns();
+    // The first stage looked up every flow but a connection's first packet, which is
+    // balanced here first; a follow as `svc::new_flow` makes for it when its tuple has
+    // an entry does not fit this stage's stack, so the first stage makes it.
+    let lookup = if ct::opens(&flow) && bounced != Bounce::Followed {
+        Lookup::Deferred
+    } else {
+        Lookup::Done
+    };
+    let decision = match svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, now, lookup) {
+        Err(svc::MAY_BE_TRACKED) => return Err(bounce(ctx, Stage::External, Bounce::Follow)),
+        decision => decision?,
+    };
+    translate::<false>(ctx, &flow, decision)
 }
 
 #[inline(always)]

@@ -627,12 +627,24 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Moves every conntrack entry's last-seen time `seconds` into the past.
+    /// Moves every IPv4 conntrack entry's last-seen time `seconds` into the past.
     pub fn age_conntrack(&mut self, seconds: u64) {
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
-                .expect("map type");
-        let entries: Vec<(CtKey, CtValue)> = ct.iter().map(|r| r.expect("entry")).collect();
+        self.age_table::<u32>(map_names::CONNTRACK, seconds);
+    }
+
+    /// `age_conntrack` for the IPv6 table.
+    pub fn age_conntrack6(&mut self, seconds: u64) {
+        self.age_table::<Ip6>(map_names::CONNTRACK6, seconds);
+    }
+
+    fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, seconds: u64)
+    where
+        CtKey<A>: aya::Pod,
+        CtValue<A>: aya::Pod,
+    {
+        let mut ct: HashMap<_, CtKey<A>, CtValue<A>> =
+            HashMap::try_from(self.ebpf.map_mut(name).expect("map")).expect("map type");
+        let entries: Vec<(CtKey<A>, CtValue<A>)> = ct.iter().map(|r| r.expect("entry")).collect();
         for (k, mut v) in entries {
             // Saturating: the clock starts at boot, and a machine may be up for less.
             v.last_seen_ns = before(v.last_seen_ns, Duration::from_secs(seconds));

@@ -1,7 +1,7 @@
 //! XDP tables for IPv6 traffic from outside: packet in + map state → verdict, packet out
 //! (exact bytes, checksums recomputed independently), counters. The IPv4 XDP entry point
 //! tail-calls the IPv6 stages. BPF_PROG_TEST_RUN on the real programs; needs root.
-use lb_common::{SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, outcome};
+use lb_common::{CT_REVERSE, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, outcome};
 use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{ACK, PROTO_TCP, PROTO_UDP, SYN},
@@ -172,4 +172,62 @@ fn rejects_drops_and_strangers_from_outside() {
         assert_eq!((verdict, out), (XDP_PASS, stranger), "{dst}");
     }
     assert_eq!(dp.stat(outcome::PASS_NOT_SERVICE), 2);
+}
+
+/// A retransmitted SYN keeps its flow's backend and SNAT port and claims no other port,
+/// also when every port of the range is taken, and a SYN on the tuple of a flow that
+/// expired is a new flow. (The second stage balances a SYN before any lookup and hands one
+/// whose tuple has an entry back to the first, which follows it or hands it on again.)
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_retransmitted_ipv6_syn_keeps_its_snat_port_and_claims_no_other() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let syn = Frame6::tcp(OUTSIDER, 5555, NODE_A, 30080, SYN).build();
+    let (verdict, first) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    for _ in 0..10 {
+        assert_eq!(dp.run_external(&syn), (XDP_PASS, first.clone()));
+    }
+    assert_eq!(dp.stat6(outcome::EXTERNAL_NEW), 1);
+    assert_eq!(dp.stat6(outcome::EXTERNAL_ESTABLISHED), 10);
+    assert_eq!(dp.ct6().len(), 2, "one flow, one claim: {:?}", dp.ct6());
+
+    // The other two ports are still free for two more flows, and no third.
+    let mut ports = vec![view6(&first).sport];
+    for client in ["2001:db8:9::1", "2001:db8:9::2"] {
+        let (verdict, out) =
+            dp.run_external(&Frame6::tcp(client, 5555, NODE_A, 30080, SYN).build());
+        assert_eq!(verdict, XDP_PASS, "{client}");
+        ports.push(view6(&out).sport);
+    }
+    ports.sort();
+    assert_eq!(ports, [61_000, 61_001, 61_002]);
+    let fourth = Frame6::tcp("2001:db8:9::3", 5555, NODE_A, 30080, SYN).build();
+    assert_eq!(dp.run_external(&fourth).0, XDP_DROP);
+    // With the range full, the first flow's SYN still goes through on its port.
+    assert_eq!(dp.run_external(&syn), (XDP_PASS, first.clone()));
+    assert_eq!(dp.stat6(outcome::DROP_SNAT_EXHAUSTED), 1);
+    assert_eq!(dp.stat6(outcome::EXTERNAL_ESTABLISHED), 11);
+
+    // Every flow expired: the same SYN opens a new flow, on a port taken over.
+    dp.age_conntrack6(3600);
+    let (verdict, again) = dp.run_external(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(checksum_errors6(&again), Vec::<String>::new());
+    assert_eq!(ends(&again).1, end(BACKEND.1, BACKEND.2));
+    assert_eq!(dp.stat6(outcome::EXTERNAL_NEW), 4);
+    assert_eq!(dp.stat6(outcome::EXTERNAL_ESTABLISHED), 11);
+    // Aged entries were last seen an hour before they were created.
+    let fresh: Vec<_> = dp
+        .ct6()
+        .into_iter()
+        .filter(|(_, v)| v.last_seen_ns >= v.created_ns)
+        .collect();
+    assert_eq!(fresh.len(), 2, "the new flow's two entries only: {fresh:?}");
+    let reverse = fresh
+        .iter()
+        .find(|(k, _)| k.dir == CT_REVERSE)
+        .expect("a reverse entry");
+    assert_eq!(u16::from_be(reverse.0.dport), view6(&again).sport);
 }
