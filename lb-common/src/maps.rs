@@ -649,6 +649,14 @@ impl CtTimeouts {
         let seconds = if set == 0 { default } else { set as u64 };
         seconds * 1_000_000_000
     }
+
+    /// Whether an entry last seen at `last_seen_ns` outlived its lifetime at `now_ns`: the
+    /// flow is over, a new one may reuse the tuple. Saturating: a time stamp slightly ahead
+    /// of `now_ns` (another clock's) counts as fresh.
+    #[inline(always)]
+    pub const fn outlived(&self, proto: u8, flags: u16, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.saturating_sub(last_seen_ns) > self.lifetime_ns(proto, flags)
+    }
 }
 
 /// `AFFINITY` key: client and service port.

@@ -401,8 +401,7 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
         // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
         let timeouts = unsafe { &*claim.timeouts };
         let stale = unsafe { F::conntrack().get(key) }.is_some_and(|held| {
-            let lifetime = timeouts.lifetime_ns(claim.proto, held.flags);
-            claim.now.saturating_sub(held.last_seen_ns) > lifetime
+            timeouts.outlived(claim.proto, held.flags, held.last_seen_ns, claim.now)
         });
         claimed = stale && insert::<F>(&s.key, &s.value, 0).is_ok();
     }
@@ -441,7 +440,7 @@ pub fn tcp_flags_update<A>(flow: &Flow<A>, flags: u16) -> u16 {
 #[inline(always)]
 pub fn aged_out(last_seen_ns: u64, flags: u16, proto: u8, now: u64) -> bool {
     let timeouts = CT_TIMEOUTS.get(0).copied().unwrap_or_default();
-    now.saturating_sub(last_seen_ns) > timeouts.lifetime_ns(proto, flags)
+    timeouts.outlived(proto, flags, last_seen_ns, now)
 }
 
 /// Bumps an entry's last-seen time, TCP state and counters; returns the new flags.

@@ -355,8 +355,8 @@ pub fn tcp_header_fits(offset_byte: u8, l4_len: u32) -> Result<(), Outcome> {
 pub const L4_DIRECT: usize = IP_OFF + IP6_HLEN;
 
 /// A well-formed TCP or UDP packet right after the fixed header, read in place; `None` for
-/// anything else, which the rest of `parse6` parses (and refuses, if it is malformed): this path
-/// only accepts what `parse6` accepts, with the same flow.
+/// anything else, which the rest of `parse6` parses (and refuses, if it is malformed): this
+/// path only accepts what `parse6` accepts, with the same flow.
 #[inline(always)]
 fn flow6_in_place(ctx: &impl Frame) -> Option<Flow<Ip6>> {
     let (data, end) = ctx.linear();

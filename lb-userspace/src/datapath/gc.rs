@@ -23,7 +23,7 @@ pub fn stale_flows<A: MapAddr>(
     entries
         .into_iter()
         .filter(|(key, value)| {
-            now_ns.saturating_sub(value.last_seen_ns) > timeouts.lifetime_ns(key.proto, value.flags)
+            timeouts.outlived(key.proto, value.flags, value.last_seen_ns, now_ns)
                 || (!live_backends.contains(&value.backend_id)
                     && value.created_ns.saturating_add(LIVE_SET_GRACE_NS) < now_ns)
         })
@@ -41,10 +41,9 @@ pub fn open_flows<A: MapAddr>(
 ) -> BTreeMap<u32, u64> {
     let mut open = BTreeMap::new();
     for (key, value) in entries {
-        let idle = now_ns.saturating_sub(value.last_seen_ns);
         if key.dir == CT_FORWARD
             && value.flags & CT_FLAG_CLOSING == 0
-            && idle <= timeouts.lifetime_ns(key.proto, value.flags)
+            && !timeouts.outlived(key.proto, value.flags, value.last_seen_ns, now_ns)
             && live_backends.contains(&value.backend_id)
         {
             *open.entry(value.backend_id).or_insert(0) += 1;
