@@ -1,6 +1,7 @@
-//! Header parsing. IPv4 TCP/UDP headers in the skb's linear part are read in place; the
-//! rest is copied out with `bpf_skb_load_bytes`, which works on non-linear skbs too and
-//! keeps bounds checks in one place: a short packet fails the load.
+//! Header parsing. TCP/UDP headers in the skb's linear part are read in place (on TC they
+//! are pulled into it first if they are not there); the rest is copied out with
+//! `bpf_skb_load_bytes`, which works on non-linear skbs too and keeps bounds checks in one
+//! place: a short packet fails the load.
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -222,6 +223,7 @@ const _: () = assert!(core::mem::size_of::<Head>() == L4_OFF + 8);
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
+    linearize_headers(ctx);
     // Fastest path: TCP and UDP over IPv4 with the headers in the skb's linear part (as
     // nearly every packet has them), read in place. Each load helper call costs about as
     // much as a map lookup (the bench's `cost_parse` row).
@@ -278,6 +280,25 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
         return parse_flow(ctx, &ip, ports, None);
     }
     parse_other(ctx, &ip)
+}
+
+/// The frame bytes the in-place parsers read: Ethernet, the IPv6 fixed header and 20 bytes
+/// of L4 (more than IPv4's headers need).
+const HEADERS_MAX: u32 = (L4_DIRECT + 20) as u32;
+
+/// Pulls the headers into the skb's linear part if they are not all there: AF_PACKET
+/// senders with a TX ring (the skb's linear part is the Ethernet header, the rest page
+/// fragments) and some drivers hand over such skbs. Without it every read and rewrite of
+/// the packet is a helper call; the stack's own `ip_rcv` pulls the IP header all the same.
+/// On failure (no memory) the copying paths still parse the packet. The IPv6 programs run
+/// after this one (tail calls) on the same skb.
+#[inline(always)]
+fn linearize_headers(ctx: &TcContext) {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let want = ctx.len().min(HEADERS_MAX);
+    if linear < want {
+        let _ = ctx.pull_data(want);
+    }
 }
 
 /// Reads a `T` at packet address `addr` with one load instruction per field. Headers need
@@ -375,7 +396,9 @@ fn flow6_in_place(ctx: &impl Frame) -> Option<Flow<Ip6>> {
         )
     };
     let l4_len = u16::from_be(payload_len) as usize;
-    if vtc_flow & 0xf0 != 0x60 || data + L4_DIRECT + l4_len > end {
+    // The datagram must lie inside the frame, not inside its linear part: a TCP segment's
+    // payload is in page fragments (only the headers are read here).
+    if vtc_flow & 0xf0 != 0x60 || (L4_DIRECT + l4_len) as u32 > ctx.frame_len() {
         return None;
     }
     let tcp_flags = match nexthdr {

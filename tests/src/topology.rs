@@ -16,7 +16,7 @@ pub const POD_IFACE_GLOB: &str = "xp*";
 const GATEWAY: &str = "169.254.1.1";
 /// The IPv6 twin: a link-local gateway reached through a permanent neighbour entry.
 const GATEWAY6: &str = "fe80::1";
-const HOST_SIDE_MAC: &str = "ee:ee:ee:ee:ee:ee";
+pub const HOST_SIDE_MAC: &str = "ee:ee:ee:ee:ee:ee";
 
 pub struct Pod {
     pub name: String,

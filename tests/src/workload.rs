@@ -193,3 +193,62 @@ pub fn spread(
     })
     .expect("client thread")
 }
+
+/// `count` "whoami" datagrams from `ns`, sent by trafgen from an AF_PACKET TX ring (the
+/// kernel builds those skbs with only the Ethernet header in the linear part, the IP and
+/// UDP headers in page fragments) with source `from` to `to`, through the pod's gateway;
+/// the answers arriving at `from`'s port counted by (sender, backend name, client address
+/// the backend saw). trafgen runs from a thread in the pod (its namespace and cgroup).
+pub fn ring_whoami(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    count: usize,
+) -> anyhow::Result<std::collections::BTreeMap<(SocketAddr, String, String), usize>> {
+    use anyhow::Context as _;
+    // Bound first, so the answers find a socket (and no port unreachable goes back).
+    let socket = ns.enter(move || UdpSocket::bind(from))??;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let ip = match (from.ip(), to.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => format!("ipv4(saddr={src}, daddr={dst}, ttl=64)"),
+        (src, dst) => format!("ip6(sa={src}, da={dst}, hl=64)"),
+    };
+    let conf = std::env::temp_dir().join(format!(
+        "xlb-test-trafgen-{}-{}.cfg",
+        std::process::id(),
+        from.port()
+    ));
+    std::fs::write(
+        &conf,
+        format!(
+            "{{ eth(da={}, sa=02:00:00:00:00:02), {ip}, udp(sp={}, dp={}), \"whoami\" }}\n",
+            crate::topology::HOST_SIDE_MAC,
+            from.port(),
+            to.port()
+        ),
+    )?;
+    let conf_arg = conf.clone();
+    let out = ns.enter(move || {
+        std::process::Command::new("trafgen")
+            .args(["-o", "eth0", "-q", "-n", &count.to_string(), "-i"])
+            .arg(&conf_arg)
+            .output()
+    })?;
+    let _ = std::fs::remove_file(&conf);
+    let out = out.context("running trafgen (netsniff-ng, installed by `cargo xtask test`)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "trafgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut answers = std::collections::BTreeMap::new();
+    let mut buf = [0u8; 256];
+    while let Ok((n, sender)) = socket.recv_from(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (name, seen) = text.split_once(' ').unwrap_or((&text, ""));
+        *answers
+            .entry((sender, name.to_string(), seen.to_string()))
+            .or_insert(0) += 1;
+    }
+    Ok(answers)
+}

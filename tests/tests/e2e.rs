@@ -11,7 +11,7 @@ use xlb_tests::{
     manifests::{service, slice},
     netns::{Netns, leftover},
     privilege::require_privileges,
-    workload::{serve, tcp_connect, tcp_hello},
+    workload::{ring_whoami, serve, tcp_connect, tcp_hello},
 };
 
 const WEB_VIP: &str = "10.96.0.10";
@@ -147,6 +147,31 @@ fn translated_packets_enter_local_backends_without_the_node_stack() {
         host_tx <= 3 * backends.len() as u64,
         "the node's ends transmitted {host_tx} packets for {n} requests"
     );
+}
+
+/// A pod's datagrams from an AF_PACKET TX ring (trafgen): the kernel builds those skbs with
+/// only the Ethernet header in the linear part, the IP and UDP headers in page fragments.
+/// They are translated like socket traffic, and so are their replies.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_pods_packets_with_headers_in_page_fragments_are_translated() {
+    require_privileges();
+    let c = web_cluster(None);
+    let sent = 20;
+    let answers = ring_whoami(
+        &c.node.pod("client").ns,
+        addr("10.244.0.2", 40053),
+        addr(WEB_VIP, 53),
+        sent,
+    )
+    .expect("exchange");
+    // One flow (one 5-tuple): every datagram to the same backend, which saw the client's
+    // address; every answer from the frontend.
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let ((from, name, seen), n) = answers.into_iter().next().expect("one");
+    assert_eq!((n, from), (sent, addr(WEB_VIP, 53)), "{name}");
+    assert!(name.starts_with("be"), "{name}");
+    assert_eq!(seen, "10.244.0.2");
 }
 
 #[test]

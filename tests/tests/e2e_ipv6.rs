@@ -12,7 +12,7 @@ use xlb_tests::{
     manifests::{dual_stack_service, slice, slice6},
     netns::Netns,
     privilege::require_privileges,
-    workload::{tcp_connect, tcp_hello, udp_whoami},
+    workload::{ring_whoami, tcp_connect, tcp_hello, udp_whoami},
 };
 
 const VIP4: &str = "10.96.0.10";
@@ -160,6 +160,28 @@ fn a_dual_stack_service_answers_each_family_from_its_own_backends() {
         &format!("[{VIP6}]:80"),
     ]);
     assert!(mixed.is_err(), "a family mix is refused: {mixed:?}");
+}
+
+/// IPv6 datagrams from an AF_PACKET TX ring (headers in page fragments, not in the skb's
+/// linear part) are translated like socket traffic, and so are their replies.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn ipv6_packets_with_headers_in_page_fragments_are_translated() {
+    require_privileges();
+    let c = dual_stack_cluster();
+    let sent = 20;
+    let answers = ring_whoami(
+        &c.node.pod("client").ns,
+        addr("fd00:10:244::2", 40053),
+        addr(VIP6, 53),
+        sent,
+    )
+    .expect("exchange");
+    assert_eq!(answers.len(), 1, "one flow, one backend: {answers:?}");
+    let ((from, name, seen), n) = answers.into_iter().next().expect("one");
+    assert_eq!((n, from), (sent, addr(VIP6, 53)), "{name}");
+    assert!(["be2", "be3"].contains(&name.as_str()), "{name}");
+    assert_eq!(seen, "fd00:10:244::2");
 }
 
 #[test]
