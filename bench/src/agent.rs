@@ -122,11 +122,6 @@ fn wait_programmed(maps: &PinnedMaps, ip: Ipv4Addr, agent: &mut RunningAgent) ->
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
-fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q) as usize]
-}
-
 /// Runs the agent on `services` generated Services (10 endpoints each) and measures it.
 pub fn measure(xlb: &Path, services: u32, rounds: u32) -> Result<AgentRun> {
     let dir = std::env::temp_dir().join(format!("xlb-bench-agent-{}", std::process::id()));
@@ -250,8 +245,8 @@ pub fn measure(xlb: &Path, services: u32, rounds: u32) -> Result<AgentRun> {
         change: ChangeLatency {
             rounds,
             churn_per_s: CHURN_PER_S,
-            p50_ms: percentile(times.clone(), 0.5),
-            p99_ms: percentile(times.clone(), 0.99),
+            p50_ms: crate::percentile(times.clone(), 0.5),
+            p99_ms: crate::percentile(times.clone(), 0.99),
             max_ms: times.iter().copied().fold(0.0, f64::max),
         },
     })

@@ -85,11 +85,6 @@ fn desired(services: u32, changed: Option<(u32, u32)>) -> DesiredState {
         .collect()
 }
 
-fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q) as usize]
-}
-
 /// Removes the bench's pins on drop.
 struct Pins(PathBuf);
 impl Drop for Pins {
@@ -128,8 +123,8 @@ pub fn xlb(services: u32, changes: u32) -> Result<(ProgramCost, u64)> {
             system: "xlb",
             services,
             cold_ms,
-            change_p50_ms: (!times.is_empty()).then(|| percentile(times.clone(), 0.5)),
-            change_p99_ms: (!times.is_empty()).then(|| percentile(times, 0.99)),
+            change_p50_ms: (!times.is_empty()).then(|| crate::percentile(times.clone(), 0.5)),
+            change_p99_ms: (!times.is_empty()).then(|| crate::percentile(times, 0.99)),
             objects: report.frontends_added
                 + report.backends_added
                 + want.len() * endpoints_at(services) as usize,
