@@ -302,21 +302,25 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
     let target = |i: u32| vip((i.wrapping_mul(2_654_435_761)) % services).to_string();
     let mut results = Vec::new();
 
-    // New TCP flows to ClusterIPs spread over all services.
-    let mut ns = Vec::new();
+    // New TCP flows to ClusterIPs spread over all services, and each one's next packet
+    // right after it (as the NodePort and Katran rows measure it).
+    let (mut ns, mut est) = (Vec::new(), Vec::new());
+    let opened = std::time::Instant::now();
     for i in 0..samples {
-        let syn = Frame::tcp(
-            &client(i),
-            10_000 + (i / 60_000) as u16,
-            &target(i),
-            80,
-            SYN,
-        );
+        let (c, port, t) = (client(i), 10_000 + (i / 60_000) as u16, target(i));
+        let syn = Frame::tcp(&c, port, &t, 80, SYN);
         ns.push(run(&mut ebpf, Hook::FromPod, &syn.build())?.1);
+        let ack = Frame::tcp(&c, port, &t, 80, ACK).build();
+        est.push(run(&mut ebpf, Hook::FromPod, &ack)?.1);
     }
     results.push(summarize("clusterip_new_flow", services, ns));
+    results.push(summarize("clusterip_established", services, est));
 
-    // Packets of established flows (those just created), and their replies.
+    // The same flows' packets again, each at least `REVERSE_CHECK` after its last one: a
+    // flow's first packet in a 100 ms window also makes sure its reply entry still exists
+    // (a sparse flow pays that on every packet, a busy one once per window). And replies.
+    const REVERSE_CHECK: std::time::Duration = std::time::Duration::from_millis(110);
+    std::thread::sleep(REVERSE_CHECK.saturating_sub(opened.elapsed()));
     let (mut est, mut reply) = (Vec::new(), Vec::new());
     for i in 0..samples {
         let (c, port, t) = (client(i), 10_000 + (i / 60_000) as u16, target(i));
@@ -329,7 +333,7 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
         let back = Frame::tcp(&v.dst.to_string(), 8080, &c, port, ACK).build();
         reply.push(run(&mut ebpf, Hook::ToPod, &back)?.1);
     }
-    results.push(summarize("clusterip_established", services, est));
+    results.push(summarize("clusterip_established_sparse", services, est));
     results.push(summarize("reply_revnat", services, reply));
 
     // NodePort from outside with SNAT: new flows, then established.
