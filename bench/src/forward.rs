@@ -409,21 +409,19 @@ pub const KUBE_PROXY_MAX: u32 = 10_000;
 pub fn measure(services: u32, count: u64, passes: usize) -> Result<Vec<Forwarded>> {
     let mut samples: Vec<(usize, Forwarding)> = Vec::new();
     for pass in 0..passes.max(1) {
-        let mut modes = vec![
-            Mode::Routing,
-            Mode::Xlb,
-            Mode::Iptables,
-            Mode::Nftables,
-            Mode::Routing6,
-            Mode::Xlb6,
-        ];
-        if pass > 0 {
-            modes.retain(|m| !matches!(m, Mode::Iptables | Mode::Nftables));
-        }
-        if pass % 2 == 1 {
-            modes = vec![Mode::Xlb, Mode::Routing, Mode::Xlb6, Mode::Routing6];
-        }
-        for mode in modes {
+        let modes: &[Mode] = match pass {
+            0 => &[
+                Mode::Routing,
+                Mode::Xlb,
+                Mode::Iptables,
+                Mode::Nftables,
+                Mode::Routing6,
+                Mode::Xlb6,
+            ],
+            odd if odd % 2 == 1 => &[Mode::Xlb, Mode::Routing, Mode::Xlb6, Mode::Routing6],
+            _ => &[Mode::Routing, Mode::Xlb, Mode::Routing6, Mode::Xlb6],
+        };
+        for &mode in modes {
             if matches!(mode, Mode::Iptables | Mode::Nftables) && services > KUBE_PROXY_MAX {
                 eprintln!(
                     "   {mode:?} skipped above {KUBE_PROXY_MAX} services (loading its ruleset takes many minutes)"
@@ -514,83 +512,81 @@ fn measure_mode(mode: Mode, services: u32, count: u64) -> Result<Vec<Forwarding>
     let vip = Ipv4Addr::from(0x0a60_0000 + target);
     let endpoint = Ipv4Addr::from(0x0af4_0000 + target * datapath::ENDPOINTS);
     let (vip6, endpoint6) = (datapath::vip6(target), datapath::backend_ip6(target, 0));
-    {
-        let t = Topology::new()?;
-        let mut from_pod_id = None;
-        let _pins = match mode {
-            Mode::Xlb | Mode::Xlb6 => {
-                let pins = Pins(std::path::PathBuf::from(format!(
-                    "/sys/fs/bpf/xlb-bench-fwd-{}",
-                    std::process::id()
-                )));
-                xlb::datapath::bpffs::ensure_pin_dir(&pins.0)?;
-                let layout = PinLayout::new(&pins.0);
-                std::fs::create_dir_all(layout.maps_dir())?;
-                // Both are pod interfaces, as the agent would see them: the backend's one
-                // receives translated packets with bpf_redirect_peer.
-                let ifaces = [t.client_host_iface.clone(), t.backend_host_iface.clone()];
-                let path = pins.0.clone();
-                let id = t.node.enter(move || -> Result<u32> {
-                    let layout = PinLayout::new(&path);
-                    let mut ebpf = load::load(Some(&layout))?;
-                    datapath::populate(&mut ebpf, services, 17)?;
-                    datapath::populate6(&mut ebpf, services, 17)?;
-                    for iface in &ifaces {
-                        attach::attach(&mut ebpf, iface, &layout)?;
-                    }
-                    let from_pod = load::program(&mut ebpf, program_names::TC_FROM_POD)?;
-                    Ok(from_pod.info()?.id())
-                })??;
-                from_pod_id = Some(id);
-                Some(pins)
-            }
-            Mode::Iptables => {
-                let (rules, _) = control::iptables_ruleset(services, "udp");
-                in_ns(&t.node, "iptables-restore", &[], Some(&rules))?;
-                None
-            }
-            Mode::Nftables => {
-                let (rules, _) = control::nft_ruleset(services, "udp");
-                in_ns(&t.node, "nft", &["-f", "-"], Some(&rules))?;
-                None
-            }
-            Mode::Routing | Mode::Routing6 => None,
-        };
-        let (dst, dport): (IpAddr, u16) = match mode {
-            Mode::Routing => (endpoint.into(), 8080),
-            Mode::Routing6 => (endpoint6.into(), 8080),
-            Mode::Xlb6 => (vip6.into(), 80),
-            _ => (vip.into(), 80),
-        };
-        // Counts run time only while this descriptor is open.
-        let _stats = from_pod_id
-            .map(|_| aya::sys::enable_stats(aya::sys::Stats::RunTime))
-            .transpose()
-            .context("enabling BPF run-time statistics")?;
-        // A first, unmeasured blast: the first run in a fresh topology pays for page
-        // faults and first-time allocations (seen as a routing outlier at 1 service).
-        blast(&t, dst, dport, false, count / 10)?;
-        for (flows, new) in [("new", true), ("established", false)] {
-            let runs_before = from_pod_id.and_then(program_runs);
-            let sent = if new { count.min(NEW_FLOWS_MAX) } else { count };
-            let (delivered, pps, cpu) = blast(&t, dst, dport, new, sent)?;
-            let program_ns_per_packet = match (runs_before, from_pod_id.and_then(program_runs)) {
-                (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
-                    Some((t1 - t0) as f64 / (n1 - n0) as f64)
+    let t = Topology::new()?;
+    let mut from_pod_id = None;
+    let _pins = match mode {
+        Mode::Xlb | Mode::Xlb6 => {
+            let pins = Pins(std::path::PathBuf::from(format!(
+                "/sys/fs/bpf/xlb-bench-fwd-{}",
+                std::process::id()
+            )));
+            xlb::datapath::bpffs::ensure_pin_dir(&pins.0)?;
+            let layout = PinLayout::new(&pins.0);
+            std::fs::create_dir_all(layout.maps_dir())?;
+            // Both are pod interfaces, as the agent would see them: the backend's one
+            // receives translated packets with bpf_redirect_peer.
+            let ifaces = [t.client_host_iface.clone(), t.backend_host_iface.clone()];
+            let path = pins.0.clone();
+            let id = t.node.enter(move || -> Result<u32> {
+                let layout = PinLayout::new(&path);
+                let mut ebpf = load::load(Some(&layout))?;
+                datapath::populate(&mut ebpf, services, 17)?;
+                datapath::populate6(&mut ebpf, services, 17)?;
+                for iface in &ifaces {
+                    attach::attach(&mut ebpf, iface, &layout)?;
                 }
-                _ => None,
-            };
-            results.push(Forwarding {
-                mode,
-                flows,
-                services,
-                sent,
-                delivered,
-                pps,
-                cpu_us_per_packet: cpu,
-                program_ns_per_packet,
-            });
+                let from_pod = load::program(&mut ebpf, program_names::TC_FROM_POD)?;
+                Ok(from_pod.info()?.id())
+            })??;
+            from_pod_id = Some(id);
+            Some(pins)
         }
+        Mode::Iptables => {
+            let (rules, _) = control::iptables_ruleset(services, "udp");
+            in_ns(&t.node, "iptables-restore", &[], Some(&rules))?;
+            None
+        }
+        Mode::Nftables => {
+            let (rules, _) = control::nft_ruleset(services, "udp");
+            in_ns(&t.node, "nft", &["-f", "-"], Some(&rules))?;
+            None
+        }
+        Mode::Routing | Mode::Routing6 => None,
+    };
+    let (dst, dport): (IpAddr, u16) = match mode {
+        Mode::Routing => (endpoint.into(), 8080),
+        Mode::Routing6 => (endpoint6.into(), 8080),
+        Mode::Xlb6 => (vip6.into(), 80),
+        _ => (vip.into(), 80),
+    };
+    // Counts run time only while this descriptor is open.
+    let _stats = from_pod_id
+        .map(|_| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+        .transpose()
+        .context("enabling BPF run-time statistics")?;
+    // A first, unmeasured blast: the first run in a fresh topology pays for page
+    // faults and first-time allocations (seen as a routing outlier at 1 service).
+    blast(&t, dst, dport, false, count / 10)?;
+    for (flows, new) in [("new", true), ("established", false)] {
+        let runs_before = from_pod_id.and_then(program_runs);
+        let sent = if new { count.min(NEW_FLOWS_MAX) } else { count };
+        let (delivered, pps, cpu) = blast(&t, dst, dport, new, sent)?;
+        let program_ns_per_packet = match (runs_before, from_pod_id.and_then(program_runs)) {
+            (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
+                Some((t1 - t0) as f64 / (n1 - n0) as f64)
+            }
+            _ => None,
+        };
+        results.push(Forwarding {
+            mode,
+            flows,
+            services,
+            sent,
+            delivered,
+            pps,
+            cpu_us_per_packet: cpu,
+            program_ns_per_packet,
+        });
     }
     Ok(results)
 }
