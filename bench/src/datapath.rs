@@ -316,11 +316,12 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
     results.push(summarize("clusterip_new_flow", services, ns));
     results.push(summarize("clusterip_established", services, est));
 
-    // The same flows' packets again, each at least `REVERSE_CHECK` after its last one: a
-    // flow's first packet in a 100 ms window also makes sure its reply entry still exists
-    // (a sparse flow pays that on every packet, a busy one once per window). And replies.
-    const REVERSE_CHECK: std::time::Duration = std::time::Duration::from_millis(110);
-    std::thread::sleep(REVERSE_CHECK.saturating_sub(opened.elapsed()));
+    // The same flows' packets again, each more than a `REVERSE_CHECK_NS` window after its
+    // last one: a flow's first packet in a window also makes sure its reply entry still
+    // exists (a sparse flow pays that on every packet, a busy one once per window). And
+    // replies.
+    let window = std::time::Duration::from_nanos(lb_common::REVERSE_CHECK_NS);
+    std::thread::sleep((window + window / 10).saturating_sub(opened.elapsed()));
     let (mut est, mut reply) = (Vec::new(), Vec::new());
     for i in 0..samples {
         let (c, port, t) = (client(i), 10_000 + (i / 60_000) as u16, target(i));

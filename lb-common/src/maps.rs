@@ -613,6 +613,11 @@ pub const fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
     CtTimeouts::DEFAULT.lifetime_ns(proto, flags)
 }
 
+/// The window in which a flow's forward packets make sure, once, that the reply's entry
+/// still exists (the LRU may evict one side of a flow alone): a flow's first packet in each
+/// window looks it up.
+pub const REVERSE_CHECK_NS: u64 = 100_000_000;
+
 /// `CT_TIMEOUTS` value: the node's conntrack lifetimes in seconds (kube-proxy's
 /// `conntrack` settings); 0 means the default of [`ct_lifetime`].
 #[repr(C)]

@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, MapAddr,
-    Outcome, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, outcome,
+    Outcome, REVERSE_CHECK_NS, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, outcome,
 };
 
 use crate::{
@@ -36,10 +36,6 @@ pub fn now_ns() -> u64 {
     // SAFETY: helper without side effects.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
-
-/// The window in which a flow's forward packets make sure, once, that the reply's entry
-/// still exists.
-const REVERSE_CHECK_NS: u64 = 100_000_000;
 
 /// A backend that still belongs to `service_id` (ids are never shared between services; a
 /// free id's slot holds service id 0, which no service has).
