@@ -51,7 +51,8 @@ pub fn ensure_build_tools() -> Result<()> {
 
 /// What the privileged layers call out to: `ip` (iproute2), `nsenter` (util-linux),
 /// `bpftool` (to forge an incompatible pinned map), `iptables`/`nft` (kube-proxy leftovers
-/// for `xlb cleanup --kube-proxy-rules`) and `python3` (node-process clients).
+/// for `xlb cleanup --kube-proxy-rules`), `python3` (node-process clients) and `trafgen`
+/// (netsniff-ng: pods' packets from an AF_PACKET TX ring; the namespace benchmark's load).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
     if !succeeds("bpftool", &["version"]) {
@@ -71,6 +72,9 @@ pub fn ensure_test_tools() -> Result<()> {
     }
     if !succeeds("python3", &["--version"]) {
         missing.push("python3");
+    }
+    if !succeeds("trafgen", &["--version"]) {
+        missing.push("netsniff-ng");
     }
     apt_install(&missing)
 }
@@ -145,15 +149,11 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask bench` calls out to besides the test tools: `rsvg-convert` (PNG plots)
-/// and `trafgen` (netsniff-ng: the packet generator of the namespace benchmark).
+/// What `cargo xtask bench` calls out to besides the test tools: `rsvg-convert` (PNG plots).
 pub fn ensure_bench_tools() -> Result<()> {
     let mut missing = Vec::new();
     if !succeeds("rsvg-convert", &["--version"]) {
         missing.push("librsvg2-bin");
-    }
-    if !succeeds("trafgen", &["--version"]) {
-        missing.push("netsniff-ng");
     }
     apt_install(&missing)
 }
