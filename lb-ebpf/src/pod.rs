@@ -12,7 +12,7 @@ use crate::{
     nat,
     parse::{self, Flow, Packet},
     route,
-    svc::{self, Decision},
+    svc::{self, Decision, Look},
     verdict::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
 };
 
@@ -358,7 +358,7 @@ fn tracked<F: TcFamily>(
     flow: &Flow<F::Addr>,
     now: u64,
 ) -> Option<Result<(i32, Outcome), Outcome>> {
-    let decision = svc::follow::<F>(flow, SCOPE_INTERNAL, ctx.len(), now)?;
+    let decision = svc::follow::<F>(flow, SCOPE_INTERNAL, ctx.len(), now, Look::First)?;
     Some(decision.and_then(|decision| F::dnat(ctx, flow, decision)))
 }
 

@@ -85,6 +85,14 @@ pub fn find_frontend<F: Family>(
     unsafe { F::services().get(key) }.map(|value| (key, *value))
 }
 
+/// Whether `follow` is a packet's first look at its flow's entry or a second one (after an
+/// insert found the tuple taken): an expired entry is counted closed on the first only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    First,
+    Again,
+}
+
 /// The tracked backend of a known, live flow (`None`: not tracked, expired, or its backend
 /// left: balance it as a new flow). Hooks check this first: most packets belong to one.
 #[inline(always)]
@@ -93,6 +101,7 @@ pub fn follow<F: Family>(
     scope: u8,
     bytes: u32,
     now: u64,
+    look: Look,
 ) -> Option<Result<Decision<F::Addr>, Outcome>> {
     let entry = F::conntrack().get_ptr_mut(ct::forward_key(flow))?;
     // SAFETY: copy of a map value from this run's lookup.
@@ -131,24 +140,32 @@ pub fn follow<F: Family>(
             outcome,
         }));
     }
-    if expired && known.flags & CT_FLAG_CLOSING == 0 {
+    if expired && known.flags & CT_FLAG_CLOSING == 0 && look == Look::First {
         sched::flow_closed(known.backend_id);
     }
     None
 }
 
-/// Whether a new flow's packet was looked up before it is balanced (`new_flow`).
+/// Whether a new flow's packet was looked up before it is balanced (`new_flow`). Its entry
+/// is written only if the tuple has none (`Insert::Exclusive`), but for `Final`: the first
+/// packets of one flow on two CPUs may both miss its entry, and the one whose insert finds
+/// the other's follows it (netfilter's clash resolution may send them apart).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// The hook looked the flow up (`follow`) and found nothing to follow.
+    /// The hook looked the flow up (`follow`) and found nothing to follow; the entry an
+    /// insert finds is looked at again (another CPU's, or the one found before).
     Done,
     /// Not looked up (a packet that `ct::opens` a connection): a flow that owns the tuple
     /// is followed by `new_flow`.
     Skipped,
-    /// Not looked up, and a tuple that may have a flow to follow is left to the caller:
-    /// `Err(MAY_BE_TRACKED)`, nothing recorded, nothing held. For a stage without the
-    /// stack for `follow` (`xdp6`).
+    /// Looked up or not, a packet not recorded (its tuple taken, or refused) is left to the
+    /// caller to follow: `Err(MAY_BE_TRACKED)`, nothing recorded, nothing held. For a stage
+    /// without the stack for `follow` (`xdp6`); the caller follows, and comes back with
+    /// `Final` if it found nothing to follow.
     Deferred,
+    /// The caller followed the flow after `Deferred` and found nothing to follow: the
+    /// entry is replaced.
+    Final,
 }
 
 impl Lookup {
@@ -180,12 +197,11 @@ pub fn balance_new<F: Family>(
     new_flow::<F>(flow, scope, found, bytes, now, lookup)
 }
 
-/// Picks a backend of `frontend` (found for `flow`) and records the flow. A packet that was
-/// not looked up (`lookup`: one that `opens` a connection) is recorded only if its tuple
-/// has no entry, and a flow that still owns the tuple (a retransmitted SYN) is followed, as
-/// the lookup would have. Hooks balance a packet that `ct::opens` a connection so, without
-/// the lookup: on a cold table its miss costs about what the insert after it does, and the
-/// insert finds a tracked flow as well.
+/// Picks a backend of `frontend` (found for `flow`) and records the flow, unless its tuple
+/// has an entry by then (`Lookup`): a flow that owns the tuple (a retransmitted SYN, or the
+/// flow's first packet on another CPU) is followed, as a lookup would have. Hooks balance a
+/// packet that `ct::opens` a connection so, without the lookup: on a cold table its miss
+/// costs about what the insert after it does, and the insert finds a tracked flow as well.
 #[inline(always)]
 pub fn new_flow<F: Family>(
     flow: &Flow<F::Addr>,
@@ -195,29 +211,32 @@ pub fn new_flow<F: Family>(
     now: u64,
     lookup: Lookup,
 ) -> Result<Decision<F::Addr>, Outcome> {
-    let how = if lookup == Lookup::Done {
+    let how = if lookup == Lookup::Final {
         Insert::Replace
     } else {
         Insert::Exclusive
     };
     let picked = pick::<F>(flow, scope, &frontend_key, &frontend, now);
-    if let Ok(Some(p)) = &picked
-        && ct::create::<F>(flow, p, now, bytes, how)?.is_ok()
-    {
-        return Ok(translated(scope, p, bytes));
+    let mut taken = false;
+    if let Ok(Some(p)) = &picked {
+        match ct::create::<F>(flow, p, now, bytes, how)? {
+            Ok(()) => return Ok(translated(scope, p, bytes)),
+            Err(ct::Exists) => taken = true,
+        }
     }
     // Refused (`picked`), or the tuple has an entry: the flow that owns it, if any, goes on.
-    if lookup != Lookup::Done {
-        let decision = match lookup {
-            Lookup::Deferred => Some(Err(MAY_BE_TRACKED)),
-            _ => follow::<F>(flow, scope, bytes, now),
-        };
-        if let Some(decision) = decision {
-            if let Ok(Some(p)) = &picked {
-                ct::release_claim::<F>(flow, &p.backend, &p.nat);
-            }
-            return decision;
+    // A looked-up packet's refusal stands: its lookup found nothing to follow.
+    let decision = match lookup {
+        Lookup::Done if taken => follow::<F>(flow, scope, bytes, now, Look::Again),
+        Lookup::Skipped => follow::<F>(flow, scope, bytes, now, Look::First),
+        Lookup::Deferred => Some(Err(MAY_BE_TRACKED)),
+        Lookup::Done | Lookup::Final => None,
+    };
+    if let Some(decision) = decision {
+        if let Ok(Some(p)) = &picked {
+            ct::release_claim::<F>(flow, &p.backend, &p.nat);
         }
+        return decision;
     }
     match picked? {
         // An entry nothing follows (expired, or from the other side of the node): replaced,

@@ -18,7 +18,7 @@ use crate::{
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
     route,
-    svc::{self, Decision, Lookup},
+    svc::{self, Decision, Look, Lookup},
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -127,7 +127,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let tracked = if opens {
         None
     } else {
-        svc::follow::<V4>(&flow, SCOPE_EXTERNAL, bytes, now)
+        svc::follow::<V4>(&flow, SCOPE_EXTERNAL, bytes, now, Look::First)
     };
     let decision = match tracked {
         Some(decision) => decision?,

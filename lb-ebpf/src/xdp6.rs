@@ -26,7 +26,7 @@ use crate::{
         IP6_SRC_OFF, Ipv6Hdr, L4_DIRECT, Packet, packet_read,
     },
     route,
-    svc::{self, Addr, Decision, Lookup},
+    svc::{self, Addr, Decision, Look, Lookup},
     xdp::{replace2, replace4},
 };
 
@@ -42,14 +42,17 @@ pub enum Stage {
 /// What a stage tells the stage it tail-calls, through `XDP6_BOUNCE`. Each stage takes
 /// (clears) it on entry and sets it only right before a tail call, so a value left by a
 /// tail call that failed reaches only the next packet's first stage, which then looks up
-/// a SYN (`Follow`) as it did before SYNs were balanced first: never a wrong decision.
+/// a SYN (`Follow`) as it did before SYNs were balanced first, or has another packet's
+/// insert replace a tuple's entry as it did before inserts were exclusive: never a wrong
+/// decision.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 enum Bounce {
     None = 0,
-    /// To `External`: a SYN whose tuple may have a flow: follow it if there is one.
+    /// To `External`: a new flow's packet whose tuple may have a flow (a SYN's, or one
+    /// recorded since its first lookup): follow it if there is one.
     Follow = 1,
-    /// To `Untracked`: a SYN that was looked up and had no flow to follow.
+    /// To `Untracked`: a packet that was followed after `Follow` and had no flow to follow.
     Followed = 2,
 }
 
@@ -120,9 +123,13 @@ pub fn external6(ctx: &XdpContext) -> (u32, Outcome) {
         if opens && bounced != Bounce::Follow {
             return Err(tail_call(ctx, Stage::Untracked));
         }
-        match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns()) {
+        // A packet that does not open a connection and comes back (`Follow`) was followed
+        // on its first pass: its insert found the tuple taken since.
+        let again = !opens && bounced == Bounce::Follow;
+        let look = if again { Look::Again } else { Look::First };
+        match svc::follow::<V6>(&flow, SCOPE_EXTERNAL, ctx.frame_len(), svc::now_ns(), look) {
             Some(decision) => translate::<true>(ctx, &flow, decision?),
-            None if opens => Err(bounce(ctx, Stage::Untracked, Bounce::Followed)),
+            None if opens || again => Err(bounce(ctx, Stage::Untracked, Bounce::Followed)),
             None => Err(tail_call(ctx, Stage::Untracked)),
         }
     })())
@@ -153,11 +160,12 @@ fn untracked(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let now = svc::now_ns();
     // The first stage looked up every flow but a connection's first packet, which is
     // balanced here first; a follow as `svc::new_flow` makes for it when its tuple has
-    // an entry does not fit this stage's stack, so the first stage makes it.
-    let lookup = if ct::opens(&flow) && bounced != Bounce::Followed {
-        Lookup::Deferred
+    // an entry (or gets one since the lookup) does not fit this stage's stack, so the
+    // first stage makes it.
+    let lookup = if bounced == Bounce::Followed {
+        Lookup::Final
     } else {
-        Lookup::Done
+        Lookup::Deferred
     };
     let decision = match svc::balance_new::<V6>(&flow, SCOPE_EXTERNAL, bytes, now, lookup) {
         Err(svc::MAY_BE_TRACKED) => return Err(bounce(ctx, Stage::External, Bounce::Follow)),

@@ -14,6 +14,8 @@ pub mod netns;
 pub mod packet;
 pub mod packet6;
 pub mod privilege;
+#[cfg(feature = "datapath")]
+pub mod race;
 pub mod topology;
 pub mod workload;
 pub mod workspace;

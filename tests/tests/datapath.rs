@@ -18,6 +18,7 @@ use xlb_tests::{
         ipv4_frame, view,
     },
     privilege::require_privileges,
+    race,
 };
 
 #[test]
@@ -984,4 +985,36 @@ fn a_retransmitted_syn_keeps_its_flow() {
     assert_eq!(dp.run(Hook::FromPod, &other).0, TC_ACT_SHOT);
     assert_eq!(dp.stat(outcome::DROP_SOURCE_RANGE), 1);
     assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), 31);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn first_packets_of_one_udp_flow_on_two_cpus_take_one_backend() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let backends: Vec<(u32, String, u16)> = (1..=10)
+        .map(|i| (i, format!("10.244.{i}.2"), 5353))
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = backends
+        .iter()
+        .map(|(i, a, p)| (*i, a.as_str(), *p))
+        .collect();
+    dp.service(PROTO_UDP, 53, &backends, 0);
+    // One new flow per round: both CPUs miss its entry in the same instant, and both must
+    // send it to the backend one of them recorded.
+    let frames: Vec<Vec<u8>> = (0..race::FLOWS)
+        .map(|i| Frame::udp(CLIENT, 10_000 + i, VIP, 53).build())
+        .collect();
+    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
+        let v = view(out);
+        (v.dst, v.dport)
+    }) {
+        return;
+    }
+    // Each flow recorded once (its forward and reply entries), its other packet followed.
+    let ct = dp.ct();
+    let forward = ct.iter().filter(|(k, _)| k.dir == CT_FORWARD).count();
+    assert_eq!((forward, ct.len()), (frames.len(), 2 * frames.len()));
+    assert_eq!(dp.stat(outcome::DNAT_NEW), frames.len() as u64);
+    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), frames.len() as u64);
 }

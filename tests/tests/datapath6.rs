@@ -4,7 +4,7 @@
 //! BPF_PROG_TEST_RUN; needs root.
 use std::ops::Range;
 
-use lb_common::{SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, outcome};
+use lb_common::{CT_FORWARD, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, outcome};
 use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{ACK, PROTO_TCP, PROTO_UDP, SYN},
@@ -13,6 +13,7 @@ use xlb_tests::{
         PROTO_ICMPV6, checksum_errors6, icmp6, icmp6_error, view6,
     },
     privilege::require_privileges,
+    race,
 };
 
 const BACKEND_A: &str = "fd00:10:244:1::2";
@@ -405,4 +406,31 @@ fn ipv6_forwarding_takes_the_cached_next_hop_and_the_filter_turns_strangers_away
     mark_local(&mut dp.ebpf, ip6(VIP6));
     let (_, out) = dp.run(Hook::FromPod, &ack);
     assert_eq!(ends(&out).1, (BACKEND_A.to_string(), 8080));
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn first_packets_of_one_ipv6_udp_flow_on_two_cpus_take_one_backend() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let backends: Vec<(u32, String, u16)> = (1..=10)
+        .map(|i| (i, format!("fd00:10:244:{i}::2"), 5353))
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = backends
+        .iter()
+        .map(|(i, a, p)| (*i, a.as_str(), *p))
+        .collect();
+    dp.service6(PROTO_UDP, 53, &backends, 0);
+    let frames: Vec<Vec<u8>> = (0..race::FLOWS)
+        .map(|i| Frame6::udp(CLIENT6, 10_000 + i, VIP6, 53).build())
+        .collect();
+    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| ends(out).1)
+    {
+        return;
+    }
+    let ct = dp.ct6();
+    let forward = ct.iter().filter(|(k, _)| k.dir == CT_FORWARD).count();
+    assert_eq!((forward, ct.len()), (frames.len(), 2 * frames.len()));
+    assert_eq!(dp.stat6(outcome::DNAT_NEW), frames.len() as u64);
+    assert_eq!(dp.stat6(outcome::DNAT_ESTABLISHED), frames.len() as u64);
 }

@@ -10,6 +10,7 @@ use xlb_tests::datapath::*;
 use xlb_tests::{
     packet::{ACK, Frame, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RST, SYN, checksum_errors, view},
     privilege::require_privileges,
+    race,
 };
 
 const XDP_DROP: u32 = 1;
@@ -521,4 +522,44 @@ fn a_retransmitted_syn_keeps_its_snat_port_and_claims_no_other() {
     assert_eq!(dp.run_external(&syn), (XDP_PASS, first));
     assert_eq!(dp.stat(outcome::DROP_SNAT_EXHAUSTED), 1);
     assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 11);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn first_packets_of_one_snated_udp_flow_on_two_cpus_take_one_backend_and_port() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    dp.set_node(&[NODE_A], (40_000, 60_000));
+    let backends: Vec<(u32, String, u16)> = (1..=10)
+        .map(|i| (i, format!("10.244.{i}.5"), 8080))
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = backends
+        .iter()
+        .map(|(i, a, p)| (*i, a.as_str(), *p))
+        .collect();
+    let (udp, flags) = (PROTO_UDP, SVC_FLAG_SNAT);
+    dp.frontend(
+        VIP_ANY_NODE_IP,
+        SCOPE_EXTERNAL,
+        udp,
+        30080,
+        &backends,
+        flags,
+    );
+    let frames: Vec<Vec<u8>> = (0..race::FLOWS)
+        .map(|i| Frame::udp(OUTSIDER, 10_000 + i, NODE_A, 30080).build())
+        .collect();
+    // Both CPUs' packets of a flow leave with one backend and one SNAT port: the port the
+    // CPU that lost the insert claimed goes back (one reply entry per flow, no leak).
+    if !race::assert_one_destination_each(&mut dp, race::Hook::External, &frames, |out| {
+        let v = view(out);
+        (v.src, v.sport, v.dst, v.dport)
+    }) {
+        return;
+    }
+    let ct = dp.ct();
+    let replies = ct.iter().filter(|(k, _)| k.dir == CT_REVERSE).count();
+    assert_eq!((replies, ct.len()), (frames.len(), 2 * frames.len()));
+    assert_eq!(dp.stat(outcome::EXTERNAL_NEW), frames.len() as u64);
+    assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), frames.len() as u64);
 }

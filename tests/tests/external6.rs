@@ -7,6 +7,7 @@ use xlb_tests::{
     packet::{ACK, PROTO_TCP, PROTO_UDP, SYN},
     packet6::{Frame6, L4, NEXTHDR_DEST, PROTO_ICMPV6, checksum_errors6, view6},
     privilege::require_privileges,
+    race,
 };
 
 const XDP_DROP: u32 = 1;
@@ -230,4 +231,40 @@ fn a_retransmitted_ipv6_syn_keeps_its_snat_port_and_claims_no_other() {
         .find(|(k, _)| k.dir == CT_REVERSE)
         .expect("a reverse entry");
     assert_eq!(u16::from_be(reverse.0.dport), view6(&again).sport);
+}
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn first_packets_of_one_snated_ipv6_udp_flow_on_two_cpus_take_one_backend_and_port() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    dp.set_node6(&[NODE_A], (40_000, 60_000));
+    let backends: Vec<(u32, String, u16)> = (1..=10)
+        .map(|i| (i, format!("fd00:10:244:{i}::5"), 8080))
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = backends
+        .iter()
+        .map(|(i, a, p)| (*i, a.as_str(), *p))
+        .collect();
+    dp.frontend6(
+        [0; 4],
+        SCOPE_EXTERNAL,
+        PROTO_UDP,
+        30080,
+        &backends,
+        SVC_FLAG_SNAT,
+    );
+    let frames: Vec<Vec<u8>> = (0..race::FLOWS)
+        .map(|i| Frame6::udp(OUTSIDER, 10_000 + i, NODE_A, 30080).build())
+        .collect();
+    // The stage that records a flow has no stack to follow one: the packet whose insert
+    // finds the tuple taken goes back to the first stage to follow it (`Bounce::Follow`).
+    if !race::assert_one_destination_each(&mut dp, race::Hook::External, &frames, ends) {
+        return;
+    }
+    let ct = dp.ct6();
+    let replies = ct.iter().filter(|(k, _)| k.dir == CT_REVERSE).count();
+    assert_eq!((replies, ct.len()), (frames.len(), 2 * frames.len()));
+    assert_eq!(dp.stat6(outcome::EXTERNAL_NEW), frames.len() as u64);
+    assert_eq!(dp.stat6(outcome::EXTERNAL_ESTABLISHED), frames.len() as u64);
 }

@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::{Array, HashOfMaps, MapData, PerCpuArray};
 use lb_common::{
-    BPF_F_INNER_MAP, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash, map_names, outcome,
-    scheduler, with_scheduler,
+    BPF_F_INNER_MAP, CtTimeouts, SVC_FLAG_AFFINITY, TrafficCounter, client_hash, flow_hash,
+    map_names, outcome, scheduler, with_scheduler,
 };
 use xlb::{model::Endpoint, sync::maglev};
 use xlb_tests::datapath::*;
@@ -155,6 +155,27 @@ fn least_conn_follows_the_open_flow_counts() {
     }
     assert_eq!(dp.open_flows()[&2], 4);
     assert_eq!(dp.new_flow(CLIENT, 50_100), 2, "now the least loaded");
+    assert_eq!(dp.open_flows(), [(1, 5), (2, 5), (3, 5)].into());
+
+    // A flow idle past its lifetime (a handshake's: 1 s here) counts as closed once, when
+    // its next packet finds it expired (and its insert finds it again), then is balanced
+    // anew: its old backend 2 and the new pick, 2 again (the earlier of the tied slots).
+    {
+        let mut timeouts: Array<_, CtTimeouts> =
+            Array::try_from(dp.ebpf.map_mut(map_names::CT_TIMEOUTS).expect("map"))
+                .expect("map type");
+        let syn_1s = CtTimeouts {
+            tcp_syn_s: 1,
+            ..Default::default()
+        };
+        timeouts.set(0, syn_1s, 0).expect("set");
+    }
+    dp.age_conntrack(2);
+    let ack = Frame::tcp(CLIENT, 50_100, VIP, 80, ACK).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &ack);
+    assert_eq!((verdict, backend_id_of(view(&out).dst)), (TC_ACT_OK, 2));
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 8);
+    assert_eq!(dp.open_flows(), [(1, 5), (2, 5), (3, 5)].into());
 }
 
 #[test]
