@@ -227,47 +227,34 @@ pub fn ring_whoami(
             to.port()
         ),
     )?;
-    let send = |n: usize| -> anyhow::Result<()> {
-        let conf_arg = conf.clone();
-        let out = ns
-            .enter(move || {
-                std::process::Command::new("trafgen")
-                    .args(["-o", "eth0", "-q", "-n", &n.to_string(), "-i"])
-                    .arg(&conf_arg)
-                    .output()
-            })?
-            .context("running trafgen (netsniff-ng, installed by `cargo xtask test`)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "trafgen: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    // trafgen sends from every CPU: the flow's first datagrams may reach the hook on two
+    // CPUs at once, and still take one backend.
+    let conf_arg = conf.clone();
+    let sent = ns
+        .enter(move || {
+            std::process::Command::new("trafgen")
+                .args(["-o", "eth0", "-q", "-n", &count.max(1).to_string(), "-i"])
+                .arg(&conf_arg)
+                .output()
+        })
+        .and_then(|out| {
+            out.context("running trafgen (netsniff-ng, installed by `cargo xtask test`)")
+        });
+    let _ = std::fs::remove_file(&conf);
+    let out = sent?;
+    anyhow::ensure!(
+        out.status.success(),
+        "trafgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut answers = std::collections::BTreeMap::new();
     let mut buf = [0u8; 256];
-    let mut collect = |answers: &mut std::collections::BTreeMap<_, usize>| {
-        while let Ok((n, sender)) = socket.recv_from(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let (name, seen) = text.split_once(' ').unwrap_or((&text, ""));
-            *answers
-                .entry((sender, name.to_string(), seen.to_string()))
-                .or_insert(0) += 1;
-        }
-    };
-    // The flow's first datagram alone, answered before the rest: first packets of one new
-    // UDP flow handled on two CPUs at once may each be balanced (netfilter's clash
-    // resolution lets that happen too), which is not what these packets are sent to test.
-    let sent = send(1).and_then(|()| {
-        collect(&mut answers);
-        // trafgen's `-n 0` would mean "until stopped".
-        match count.saturating_sub(1) {
-            0 => Ok(()),
-            rest => send(rest),
-        }
-    });
-    let _ = std::fs::remove_file(&conf);
-    sent?;
-    collect(&mut answers);
+    while let Ok((n, sender)) = socket.recv_from(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (name, seen) = text.split_once(' ').unwrap_or((&text, ""));
+        *answers
+            .entry((sender, name.to_string(), seen.to_string()))
+            .or_insert(0) += 1;
+    }
     Ok(answers)
 }
