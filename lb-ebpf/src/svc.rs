@@ -1,6 +1,9 @@
 //! Service balancing shared by every hook: find the frontend, follow a tracked flow or pick
 //! a backend for a new one, record it. The hooks only parse and rewrite packets.
-use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, MapAddr,
     Outcome, REVERSE_CHECK_NS, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
@@ -397,7 +400,10 @@ pub fn routed_reply<F: Family>(
     Some(Reply { src, dst, outcome })
 }
 
-/// Session affinity first (if set and fresh), else the frontend's algorithm.
+/// Session affinity first (if set and fresh), else the frontend's algorithm. A client
+/// without a pin is pinned only if no other CPU pinned it meanwhile; if one did, its pick
+/// is taken instead, so two first flows (or two first packets of one flow) of a client on
+/// two CPUs at once go to one backend, and the client stays pinned where its flows went.
 #[inline(always)]
 pub fn select_backend<F: Family>(
     frontend_key: &ServiceKey<F::Addr>,
@@ -410,17 +416,17 @@ pub fn select_backend<F: Family>(
         client: flow.src,
         service_id: frontend.service_id,
     };
+    // The client has a pin that no longer holds (timed out, or its backend left).
+    let mut stale = false;
     if affinity {
         // SAFETY: value copied out immediately.
         if let Some(pinned) = unsafe { F::affinity().get(affinity_key) }.copied() {
-            let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
-            if now.saturating_sub(pinned.last_used_ns) < timeout_ns
-                && let Some(backend) = live_backend::<F>(pinned.backend_id, frontend.service_id)
-            {
-                remember_affinity::<F>(&affinity_key, pinned.backend_id, now);
+            if let Some(hit) = pinned_backend::<F>(frontend, &pinned, now) {
+                let _ = pin::<F>(&affinity_key, pinned.backend_id, now, 0);
                 stats::count_family::<F>(outcome::AFFINITY_HIT);
-                return Ok((pinned.backend_id, backend));
+                return Ok(hit);
             }
+            stale = true;
         }
     }
     let (backend_id, backend) = match sched::pick::<F>(frontend_key, frontend, flow) {
@@ -431,9 +437,31 @@ pub fn select_backend<F: Family>(
         None => random_backend::<F>(frontend_key, frontend)?,
     };
     if affinity {
-        remember_affinity::<F>(&affinity_key, backend_id, now);
+        let flags = if stale { 0 } else { BPF_NOEXIST as u64 };
+        if pin::<F>(&affinity_key, backend_id, now, flags).is_err()
+            // SAFETY: value copied out immediately.
+            && let Some(pinned) = unsafe { F::affinity().get(affinity_key) }.copied()
+            && let Some(theirs) = pinned_backend::<F>(frontend, &pinned, now)
+        {
+            return Ok(theirs);
+        }
     }
     Ok((backend_id, backend))
+}
+
+/// The backend `pinned` names, if the pin is fresh and the backend still in the service.
+#[inline(always)]
+fn pinned_backend<F: Family>(
+    frontend: &ServiceValue,
+    pinned: &AffinityValue,
+    now: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
+    let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+    if now.saturating_sub(pinned.last_used_ns) >= timeout_ns {
+        return None;
+    }
+    let backend = live_backend::<F>(pinned.backend_id, frontend.service_id)?;
+    Some((pinned.backend_id, backend))
 }
 
 /// Uniform random over the slots, as kube-proxy's iptables mode does with
@@ -456,13 +484,19 @@ fn random_backend<F: Family>(
     Ok((backend_id, backend))
 }
 
+/// Writes the client's pin (`flags`: `BPF_NOEXIST` for a client without one); `Err`: not
+/// written. Losing a pin to a full map only costs stickiness, never the packet.
 #[inline(always)]
-fn remember_affinity<F: Family>(key: &AffinityKey<F::Addr>, backend_id: u32, now: u64) {
+fn pin<F: Family>(
+    key: &AffinityKey<F::Addr>,
+    backend_id: u32,
+    now: u64,
+    flags: u64,
+) -> Result<(), i32> {
     let value = AffinityValue {
         backend_id,
         _pad: 0,
         last_used_ns: now,
     };
-    // Losing an affinity entry (map full) only costs stickiness, never the packet.
-    let _ = F::affinity().insert(key, value, 0);
+    F::affinity().insert(key, value, flags)
 }

@@ -111,6 +111,9 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Outcome> {
     })
 }
 
+/// Inlined: out of line it would return a `Result`, and the verifier allows its tail call
+/// (to the IPv6 stages) only in a function returning an int.
+#[inline(always)]
 fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = parse(ctx)?;
     let flow = pkt.flow;

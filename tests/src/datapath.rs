@@ -609,6 +609,16 @@ impl Datapath {
         ct.insert(key, value, 0).expect("conntrack entry");
     }
 
+    /// The IPv4 affinity entries: client address (network byte order) → backend id.
+    pub fn affinities(&self) -> std::collections::BTreeMap<u32, u32> {
+        let aff: HashMap<_, AffinityKey, AffinityValue> =
+            HashMap::try_from(self.ebpf.map(map_names::AFFINITY).expect("map")).expect("map type");
+        aff.iter()
+            .map(|r| r.expect("affinity entry"))
+            .map(|(k, v)| (k.client, v.backend_id))
+            .collect()
+    }
+
     pub fn set_affinity(&mut self, client: &str, backend_id: u32, last_used_ns: u64) {
         let mut aff: HashMap<_, AffinityKey, AffinityValue> =
             HashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).expect("map"))

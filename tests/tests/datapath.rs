@@ -1018,3 +1018,50 @@ fn first_packets_of_one_udp_flow_on_two_cpus_take_one_backend() {
     assert_eq!(dp.stat(outcome::DNAT_NEW), frames.len() as u64);
     assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), frames.len() as u64);
 }
+
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_new_clients_first_packets_on_two_cpus_pin_it_to_the_backend_its_flow_took() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let backends: Vec<(u32, String, u16)> = (1..=10)
+        .map(|i| (i, format!("10.244.{i}.2"), 5353))
+        .collect();
+    let backends: Vec<(u32, &str, u16)> = backends
+        .iter()
+        .map(|(i, a, p)| (*i, a.as_str(), *p))
+        .collect();
+    dp.service(PROTO_UDP, 53, &backends, SVC_FLAG_AFFINITY);
+    // One new client per flow: its affinity entry is written by the packet that records
+    // the flow, so the client's next connections go where this one went.
+    let client = |i: u16| format!("10.245.{}.{}", i / 250, i % 250 + 1);
+    let frames: Vec<Vec<u8>> = (0..race::FLOWS)
+        .map(|i| Frame::udp(&client(i), 10_000, VIP, 53).build())
+        .collect();
+    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
+        let v = view(out);
+        (v.dst, v.dport)
+    }) {
+        return;
+    }
+    let flows: std::collections::BTreeMap<u32, u32> = dp
+        .ct()
+        .into_iter()
+        .filter(|(k, _)| k.dir == CT_FORWARD)
+        .map(|(k, v)| (k.src, v.backend_id))
+        .collect();
+    let pinned = dp.affinities();
+    let apart: Vec<_> = flows
+        .iter()
+        .filter(|(client, backend)| pinned.get(client) != Some(backend))
+        .map(|(client, backend)| {
+            (
+                Ipv4Addr::from(u32::from_be(*client)),
+                *backend,
+                pinned.get(client),
+            )
+        })
+        .collect();
+    assert_eq!(flows.len(), frames.len());
+    assert_eq!(apart, vec![], "clients pinned elsewhere than their flow");
+}
