@@ -16,6 +16,23 @@ pub const FLOWS: u16 = 2_000;
 /// The CPUs the racing threads are pinned to.
 const CPUS: [usize; 2] = [0, 1];
 
+/// Ten backends (ids 1..=10) at `address(id)`, all on one port: where racing flows go.
+pub struct Backends(Vec<(u32, String, u16)>);
+
+impl Backends {
+    pub fn ten(address: impl Fn(u32) -> String, port: u16) -> Backends {
+        Backends((1..=10).map(|id| (id, address(id), port)).collect())
+    }
+
+    /// As `Datapath::service` and `Datapath::frontend` take them.
+    pub fn entries(&self) -> Vec<(u32, &str, u16)> {
+        self.0
+            .iter()
+            .map(|(id, addr, port)| (*id, addr.as_str(), *port))
+            .collect()
+    }
+}
+
 /// Which program the two CPUs run.
 #[derive(Clone, Copy)]
 pub enum Hook {

@@ -992,14 +992,8 @@ fn a_retransmitted_syn_keeps_its_flow() {
 fn first_packets_of_one_udp_flow_on_two_cpus_take_one_backend() {
     require_privileges();
     let mut dp = Datapath::new();
-    let backends: Vec<(u32, String, u16)> = (1..=10)
-        .map(|i| (i, format!("10.244.{i}.2"), 5353))
-        .collect();
-    let backends: Vec<(u32, &str, u16)> = backends
-        .iter()
-        .map(|(i, a, p)| (*i, a.as_str(), *p))
-        .collect();
-    dp.service(PROTO_UDP, 53, &backends, 0);
+    let backends = race::Backends::ten(|i| format!("10.244.{i}.2"), 5353);
+    dp.service(PROTO_UDP, 53, &backends.entries(), 0);
     // One new flow per round: both CPUs miss its entry in the same instant, and both must
     // send it to the backend one of them recorded.
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
@@ -1024,14 +1018,8 @@ fn first_packets_of_one_udp_flow_on_two_cpus_take_one_backend() {
 fn a_new_clients_first_packets_on_two_cpus_pin_it_to_the_backend_its_flow_took() {
     require_privileges();
     let mut dp = Datapath::new();
-    let backends: Vec<(u32, String, u16)> = (1..=10)
-        .map(|i| (i, format!("10.244.{i}.2"), 5353))
-        .collect();
-    let backends: Vec<(u32, &str, u16)> = backends
-        .iter()
-        .map(|(i, a, p)| (*i, a.as_str(), *p))
-        .collect();
-    dp.service(PROTO_UDP, 53, &backends, SVC_FLAG_AFFINITY);
+    let backends = race::Backends::ten(|i| format!("10.244.{i}.2"), 5353);
+    dp.service(PROTO_UDP, 53, &backends.entries(), SVC_FLAG_AFFINITY);
     // One new client per flow: its affinity entry is written by the packet that records
     // the flow, so the client's next connections go where this one went.
     let client = |i: u16| format!("10.245.{}.{}", i / 250, i % 250 + 1);

@@ -413,14 +413,8 @@ fn ipv6_forwarding_takes_the_cached_next_hop_and_the_filter_turns_strangers_away
 fn first_packets_of_one_ipv6_udp_flow_on_two_cpus_take_one_backend() {
     require_privileges();
     let mut dp = Datapath::new();
-    let backends: Vec<(u32, String, u16)> = (1..=10)
-        .map(|i| (i, format!("fd00:10:244:{i}::2"), 5353))
-        .collect();
-    let backends: Vec<(u32, &str, u16)> = backends
-        .iter()
-        .map(|(i, a, p)| (*i, a.as_str(), *p))
-        .collect();
-    dp.service6(PROTO_UDP, 53, &backends, 0);
+    let backends = race::Backends::ten(|i| format!("fd00:10:244:{i}::2"), 5353);
+    dp.service6(PROTO_UDP, 53, &backends.entries(), 0);
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame6::udp(CLIENT6, 10_000 + i, VIP6, 53).build())
         .collect();

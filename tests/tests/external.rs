@@ -530,22 +530,9 @@ fn first_packets_of_one_snated_udp_flow_on_two_cpus_take_one_backend_and_port() 
     require_privileges();
     let mut dp = Datapath::new();
     dp.set_node(&[NODE_A], (40_000, 60_000));
-    let backends: Vec<(u32, String, u16)> = (1..=10)
-        .map(|i| (i, format!("10.244.{i}.5"), 8080))
-        .collect();
-    let backends: Vec<(u32, &str, u16)> = backends
-        .iter()
-        .map(|(i, a, p)| (*i, a.as_str(), *p))
-        .collect();
-    let (udp, flags) = (PROTO_UDP, SVC_FLAG_SNAT);
-    dp.frontend(
-        VIP_ANY_NODE_IP,
-        SCOPE_EXTERNAL,
-        udp,
-        30080,
-        &backends,
-        flags,
-    );
+    let backends = race::Backends::ten(|i| format!("10.244.{i}.5"), 8080);
+    let (any, udp, snat) = (VIP_ANY_NODE_IP, PROTO_UDP, SVC_FLAG_SNAT);
+    dp.frontend(any, SCOPE_EXTERNAL, udp, 30080, &backends.entries(), snat);
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame::udp(OUTSIDER, 10_000 + i, NODE_A, 30080).build())
         .collect();

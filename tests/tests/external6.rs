@@ -239,21 +239,9 @@ fn first_packets_of_one_snated_ipv6_udp_flow_on_two_cpus_take_one_backend_and_po
     require_privileges();
     let mut dp = Datapath::new();
     dp.set_node6(&[NODE_A], (40_000, 60_000));
-    let backends: Vec<(u32, String, u16)> = (1..=10)
-        .map(|i| (i, format!("fd00:10:244:{i}::5"), 8080))
-        .collect();
-    let backends: Vec<(u32, &str, u16)> = backends
-        .iter()
-        .map(|(i, a, p)| (*i, a.as_str(), *p))
-        .collect();
-    dp.frontend6(
-        [0; 4],
-        SCOPE_EXTERNAL,
-        PROTO_UDP,
-        30080,
-        &backends,
-        SVC_FLAG_SNAT,
-    );
+    let backends = race::Backends::ten(|i| format!("fd00:10:244:{i}::5"), 8080);
+    let (any, udp, snat) = ([0; 4], PROTO_UDP, SVC_FLAG_SNAT);
+    dp.frontend6(any, SCOPE_EXTERNAL, udp, 30080, &backends.entries(), snat);
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame6::udp(OUTSIDER, 10_000 + i, NODE_A, 30080).build())
         .collect();
