@@ -609,6 +609,14 @@ impl Datapath {
         ct.insert(key, value, 0).expect("conntrack entry");
     }
 
+    /// Sets the node's conntrack lifetimes (0: the default), as the agent writes them.
+    pub fn set_ct_timeouts(&mut self, timeouts: lb_common::CtTimeouts) {
+        let mut map: Array<_, lb_common::CtTimeouts> =
+            Array::try_from(self.ebpf.map_mut(map_names::CT_TIMEOUTS).expect("map"))
+                .expect("map type");
+        map.set(0, timeouts, 0).expect("conntrack lifetimes");
+    }
+
     /// The IPv4 affinity entries: client address (network byte order) → backend id.
     pub fn affinities(&self) -> std::collections::BTreeMap<u32, u32> {
         let aff: HashMap<_, AffinityKey, AffinityValue> =

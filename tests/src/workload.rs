@@ -228,7 +228,7 @@ pub fn ring_whoami(
         ),
     )?;
     // trafgen sends from every CPU: the flow's first datagrams may reach the hook on two
-    // CPUs at once, and still take one backend.
+    // CPUs at once, and still take one backend. (Its `-n 0` would mean "until stopped".)
     let conf_arg = conf.clone();
     let sent = ns
         .enter(move || {

@@ -845,16 +845,10 @@ fn a_frontend_with_five_thousand_backends() {
 fn conntrack_lifetimes_follow_the_node_setting() {
     require_privileges();
     let mut dp = Datapath::new();
-    {
-        let mut timeouts: aya::maps::Array<_, lb_common::CtTimeouts> =
-            aya::maps::Array::try_from(dp.ebpf.map_mut(map_names::CT_TIMEOUTS).expect("map"))
-                .expect("map type");
-        let udp_5s = lb_common::CtTimeouts {
-            other_s: 5,
-            ..Default::default()
-        };
-        timeouts.set(0, udp_5s, 0).expect("set");
-    }
+    dp.set_ct_timeouts(lb_common::CtTimeouts {
+        other_s: 5,
+        ..Default::default()
+    });
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.1", 53)], 0);
     dp.run(Hook::FromPod, &Frame::udp(CLIENT, 3000, VIP, 53).build());
     dp.service(PROTO_UDP, 53, &[(2, "10.244.2.2", 53)], 0);

@@ -160,16 +160,10 @@ fn least_conn_follows_the_open_flow_counts() {
     // A flow idle past its lifetime (a handshake's: 1 s here) counts as closed once, when
     // its next packet finds it expired (and its insert finds it again), then is balanced
     // anew: its old backend 2 and the new pick, 2 again (the earlier of the tied slots).
-    {
-        let mut timeouts: Array<_, CtTimeouts> =
-            Array::try_from(dp.ebpf.map_mut(map_names::CT_TIMEOUTS).expect("map"))
-                .expect("map type");
-        let syn_1s = CtTimeouts {
-            tcp_syn_s: 1,
-            ..Default::default()
-        };
-        timeouts.set(0, syn_1s, 0).expect("set");
-    }
+    dp.set_ct_timeouts(CtTimeouts {
+        tcp_syn_s: 1,
+        ..Default::default()
+    });
     dp.age_conntrack(2);
     let ack = Frame::tcp(CLIENT, 50_100, VIP, 80, ACK).build();
     let (verdict, out) = dp.run(Hook::FromPod, &ack);
