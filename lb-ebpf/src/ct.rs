@@ -1,6 +1,9 @@
 //! Connection tracking: a forward entry (client → frontend) pins the flow to its backend, a
-//! reverse entry (backend → client, or backend → node address for SNATed flows) restores the
-//! frontend on replies.
+//! reverse entry (backend → client) restores the frontend on replies. A SNATed flow's
+//! reverse entry (backend → node address) is its SNAT port's claim, kept in an array slot
+//! (`SnatClaim`) rather than the conntrack LRU: claiming a slot is a compare-and-swap and a
+//! store, where an LRU insert pops, fills and links an element (bench rows `cost_claim`
+//! and `cost_ct_insert`), and a busy table's eviction can never take a live flow's claim.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -9,7 +12,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, outcome,
+    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, SnatClaim, outcome,
+    snat_claim_slot,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -76,6 +80,101 @@ pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
 pub fn has_reverse<F: Family>(flow: &Flow<F::Addr>) -> bool {
     // SAFETY: presence check only.
     unsafe { F::conntrack().get(reverse_key(flow)) }.is_some()
+}
+
+/// The reverse entry with `key`: a SNATed flow's claim if `claims` (the reply is addressed
+/// to a node address), else, or for a SNATed flow recorded before claims were kept in
+/// their array, the conntrack entry.
+#[inline(always)]
+pub fn reverse_entry<F: Family>(
+    key: &CtKey<F::Addr>,
+    claims: bool,
+) -> Option<*mut CtValue<F::Addr>> {
+    if claims && let Some(slot) = claimed::<F>(key) {
+        // SAFETY: a slot of the array, valid for this program run.
+        return Some(unsafe { &raw mut (*slot).value });
+    }
+    F::conntrack().get_ptr_mut(key)
+}
+
+/// The claim slot of `key` (a SNATed flow's reverse key), if it holds that claim. A BPF
+/// subprogram: inlined into `xlb_from_pod6_untracked`, it crashed LLVM 22 (post-RA pseudo
+/// instruction expansion).
+#[inline(never)]
+fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut SnatClaim<F::Addr>> {
+    let slot = F::snat_claims().get_ptr_mut(snat_claim_slot(key))?;
+    // SAFETY: a slot of the array, valid for this program run. The SNAT port is read first:
+    // it is 0 while the slot changes hands (`publish`).
+    let held = unsafe {
+        let held = &*slot;
+        core::ptr::read_volatile(&raw const held.key.dport) == key.dport
+            && held.key.sport == key.sport
+            && held.key.proto == key.proto
+            && held.key.dir == key.dir
+            && held.key.src == key.src
+            && held.key.dst == key.dst
+    };
+    held.then_some(slot)
+}
+
+/// Claims `slot` for the reverse entry in `s` if no live flow holds it: free (stamp 0) or
+/// outlived. The stamp's compare-and-swap decides between CPUs claiming at once. A BPF
+/// subprogram: one copy for the claim loop's step and `ensure_reverse`.
+#[inline(never)]
+fn claim_slot<A: MapAddr>(
+    slot: *mut SnatClaim<A>,
+    s: &CtScratch<A>,
+    timeouts: &CtTimeouts,
+    now: u64,
+) -> bool {
+    // SAFETY: a slot of the array, valid for this program run.
+    unsafe {
+        let stamp = &raw mut (*slot).value.last_seen_ns;
+        let held_since = core::ptr::read_volatile(stamp);
+        if held_since != 0
+            && !timeouts.outlived((*slot).key.proto, (*slot).value.flags, held_since, now)
+        {
+            return false;
+        }
+        if !crate::atomic::compare_exchange(stamp, held_since, now) {
+            return false;
+        }
+        publish(slot, s);
+    }
+    true
+}
+
+/// Writes the reverse entry in `s` into a slot this program run claimed: the SNAT port is
+/// cleared first and written last, so a reader matching the key never takes a mix of the
+/// old holder's fields and the new one's for a claim.
+#[inline(always)]
+unsafe fn publish<A: MapAddr>(slot: *mut SnatClaim<A>, s: &CtScratch<A>) {
+    // SAFETY: per the caller, a claimed slot of the array.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).key.dport, 0);
+        (*slot).value = s.value;
+        let key = &raw mut (*slot).key;
+        (*key).src = s.key.src;
+        (*key).dst = s.key.dst;
+        (*key).sport = s.key.sport;
+        (*key).proto = s.key.proto;
+        (*key).dir = s.key.dir;
+        (*key)._pad = [0; 2];
+        core::ptr::write_volatile(&raw mut (*key).dport, s.key.dport);
+    }
+}
+
+/// Frees a claim this flow holds: the SNAT port first (readers stop matching), then the
+/// stamp (claimers may take it).
+#[inline(always)]
+fn unclaim<F: Family>(key: &CtKey<F::Addr>) {
+    if let Some(slot) = claimed::<F>(key) {
+        // SAFETY: a slot of the array, valid for this program run.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*slot).key.dport, 0);
+            core::ptr::write_volatile(&raw mut (*slot).value.last_seen_ns, 0);
+        }
+    }
 }
 
 /// A conntrack entry being built: entries are written into this per-CPU slot and inserted
@@ -178,9 +277,7 @@ pub fn release_claim<F: Family>(
     // SAFETY: as in `create`.
     let s = unsafe { &mut *s };
     s.key = reverse_key(&reply_flow(client, backend, nat));
-    let key = &s.key; // by reference: a copy of the key would be more stack
-    // Gone already (evicted) is as good as removed.
-    let _ = F::conntrack().remove(key);
+    unclaim::<F>(&s.key);
 }
 
 /// The reply direction of `client`'s flow once translated to `backend`: backend → client,
@@ -301,6 +398,20 @@ pub fn ensure_reverse<F: Family>(
         now,
         &nat,
     );
+    if nat.snat() {
+        // A claim is never evicted, but a flow without replies outlives it, and another
+        // flow may take it: the port is claimed again if nobody else holds it. (A flow an
+        // earlier agent recorded in conntrack gets a claim beside that entry.)
+        if claimed::<F>(&s.key).is_some() {
+            return Ok(());
+        }
+        let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
+        let slot = F::snat_claims()
+            .get_ptr_mut(snat_claim_slot(&s.key))
+            .ok_or(outcome::DROP_CT_FULL)?;
+        claim_slot(slot, s, timeouts, now);
+        return Ok(());
+    }
     let key = &s.key; // by reference: a copy of the key would be more stack
     if F::conntrack().get_ptr(key).is_some() {
         return Ok(());
@@ -308,9 +419,12 @@ pub fn ensure_reverse<F: Family>(
     insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
-/// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it by
-/// creating the flow's reverse entry. A port is free when no live flow from that backend
-/// port already replies to it; expired claims are taken over.
+/// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it:
+/// the flow's reverse entry goes into the port's claim slot. A port is free when its slot
+/// holds no live flow (expired claims are taken over); a slot is per backend address, port
+/// and SNAT port, so one SNAT port serves flows to several backends, as netfilter's
+/// masquerading does (a slot shared with another such tuple only sends the claim on to
+/// the next port).
 #[inline(always)]
 pub fn claim_snat_port<F: Family>(
     client: &Flow<F::Addr>,
@@ -341,7 +455,6 @@ pub fn claim_snat_port<F: Family>(
         min,
         span,
         start,
-        proto: client.proto,
         found: 0,
         port: 0,
         now,
@@ -375,7 +488,6 @@ struct Claim {
     min: u32,
     span: u32,
     start: u32,
-    proto: u8,
     found: u8,
     /// Network byte order.
     port: u16,
@@ -383,7 +495,7 @@ struct Claim {
 }
 
 /// Tries port `start + i` (wrapping in the range) for the reverse entry in the scratch
-/// slot; stops the loop (1) once one is claimed.
+/// slot; stops the loop (1) once its claim slot is taken.
 extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Claim` handed to `bpf_loop` by `claim_snat_port`.
     let claim = unsafe { &mut *(ctx as *mut Claim) };
@@ -394,17 +506,11 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     }
     let port = ((claim.min + (claim.start + i as u32) % claim.span) as u16).to_be();
     s.key.dport = port;
-    let mut claimed = insert::<F>(&s.key, &s.value, BPF_NOEXIST as u64).is_ok();
-    if !claimed {
-        // SAFETY: copy of a map value.
-        let key = &s.key;
-        // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
-        let timeouts = unsafe { &*claim.timeouts };
-        let stale = unsafe { F::conntrack().get(key) }.is_some_and(|held| {
-            timeouts.outlived(claim.proto, held.flags, held.last_seen_ns, claim.now)
-        });
-        claimed = stale && insert::<F>(&s.key, &s.value, 0).is_ok();
-    }
+    let Some(slot) = F::snat_claims().get_ptr_mut(snat_claim_slot(&s.key)) else {
+        return 0;
+    };
+    // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
+    let claimed = claim_slot(slot, s, unsafe { &*claim.timeouts }, claim.now);
     if claimed {
         claim.found = 1;
         claim.port = port;

@@ -4,15 +4,15 @@
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    ServiceValue, SnatClaim, SourceRangeKey,
 };
 
 use crate::ct::CtScratch;
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_SCRATCH,
-    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6, STATS,
-    STATS6,
+    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SNAT_CLAIMS, SNAT_CLAIMS6,
+    SOURCE_RANGES, SOURCE_RANGES6, STATS, STATS6,
 };
 
 pub trait Family: 'static {
@@ -20,6 +20,8 @@ pub trait Family: 'static {
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+    /// SNATed flows' reply state (`ct::claim_snat_port`).
+    fn snat_claims() -> &'static Array<SnatClaim<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
     /// The node's SNAT address and ports for this family (zeros until the agent wrote them).
@@ -52,6 +54,10 @@ impl Family for V4 {
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey, CtValue> {
         &CONNTRACK
+    }
+    #[inline(always)]
+    fn snat_claims() -> &'static Array<SnatClaim> {
+        &SNAT_CLAIMS
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
@@ -110,6 +116,10 @@ impl Family for V6 {
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Ip6>, CtValue<Ip6>> {
         &CONNTRACK6
+    }
+    #[inline(always)]
+    fn snat_claims() -> &'static Array<SnatClaim<Ip6>> {
+        &SNAT_CLAIMS6
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Ip6>, AffinityValue> {

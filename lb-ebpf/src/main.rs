@@ -200,6 +200,12 @@ pub fn xlb_cost_ct_insert(_ctx: TcContext) -> i32 {
     cost::ct_insert()
 }
 
+/// A SNAT claim in an array slot (compare-and-swap).
+#[classifier]
+pub fn xlb_cost_claim(_ctx: TcContext) -> i32 {
+    cost::claim()
+}
+
 /// The FIB lookup of a forwarded packet.
 #[classifier]
 pub fn xlb_cost_fib(ctx: TcContext) -> i32 {

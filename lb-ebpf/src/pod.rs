@@ -471,14 +471,14 @@ fn icmp_error<F: TcFamily>(
     inner: &Flow<F::Addr>,
     end: InnerEnd,
 ) -> Result<(i32, Outcome), Outcome> {
-    let key = match end {
-        InnerEnd::Destination => ct::reverse_key(&inner.reversed()),
-        InnerEnd::Source => ct::forward_key(&inner.reversed()),
-    };
-    // SAFETY: value copied out immediately.
-    let (addr, port) = unsafe { F::conntrack().get(key) }
-        .map(|known| (known.nat_addr, known.nat_port))
-        .ok_or(outcome::PASS_NOT_SERVICE)?;
+    let entry = match end {
+        // A SNATed flow's (to the node's SNAT address) is its SNAT port's claim.
+        InnerEnd::Destination => ct::reverse_entry::<F>(&ct::reverse_key(&inner.reversed()), true),
+        InnerEnd::Source => F::conntrack().get_ptr_mut(ct::forward_key(&inner.reversed())),
+    }
+    .ok_or(outcome::PASS_NOT_SERVICE)?;
+    // SAFETY: the entry from this run's lookup; copied out at once.
+    let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
     F::translate_error(ctx, outer, inner, end, addr, port)?;
     Ok((TC_ACT_OK, outcome::ICMP_ERROR_XLATE))
 }

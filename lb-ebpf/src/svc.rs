@@ -382,7 +382,8 @@ pub fn routed_reply<F: Family>(
     if !may_be_reply::<F>(flow, to_node) {
         return None;
     }
-    let entry = F::conntrack().get_ptr_mut(ct::reverse_key(flow))?;
+    // A reply to a node address answers a SNATed flow: its entry is the SNAT port's claim.
+    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), to_node)?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = ct::known(entry);
     if known.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT) == 0 {

@@ -470,11 +470,28 @@ impl Datapath {
         ranges.insert(&key, 1, 0).expect("range");
     }
 
+    /// The IPv6 conntrack entries, SNAT claims included (see `ct`).
     pub fn ct6(&self) -> Vec<(CtKey<Ip6>, CtValue<Ip6>)> {
         let ct: HashMap<_, CtKey<Ip6>, CtValue<Ip6>> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK6).expect("map"))
                 .expect("map type");
-        ct.iter().map(|r| r.expect("ct entry")).collect()
+        let mut entries: Vec<_> = ct.iter().map(|r| r.expect("ct entry")).collect();
+        entries.extend(self.claims::<Ip6>(map_names::SNAT_CLAIMS6));
+        entries
+    }
+
+    /// The SNAT ports' claims in the array `name`, as the reverse entries they are.
+    pub fn claims<A: MapAddr>(&self, name: &str) -> Vec<(CtKey<A>, CtValue<A>)>
+    where
+        lb_common::SnatClaim<A>: aya::Pod,
+    {
+        let claims: Array<_, lb_common::SnatClaim<A>> =
+            Array::try_from(self.ebpf.map(name).expect("map")).expect("map type");
+        xlb::datapath::id_arrays::snat_claims(&claims)
+            .expect("scanning the SNAT claims")
+            .into_iter()
+            .map(|c| (c.key, c.value))
+            .collect()
     }
 
     pub fn remove_backend(&mut self, id: u32) {
@@ -595,10 +612,34 @@ impl Datapath {
         family_count(&self.ebpf, map_names::STATS6, o)
     }
 
+    /// The conntrack entries, with the SNAT ports' claims as the reverse entries they are
+    /// (kept in their own array: `XLB_SNAT_CLAIMS`).
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
         let ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
-        ct.iter().map(|r| r.expect("ct entry")).collect()
+        let mut entries: Vec<_> = ct.iter().map(|r| r.expect("ct entry")).collect();
+        entries.extend(self.claims::<u32>(map_names::SNAT_CLAIMS));
+        entries
+    }
+
+    /// Frees every IPv4 SNAT claim (zeroes `XLB_SNAT_CLAIMS`).
+    pub fn clear_snat_claims(&mut self) {
+        let mut slots: Array<_, lb_common::SnatClaim> =
+            Array::try_from(self.ebpf.map_mut(map_names::SNAT_CLAIMS).expect("map"))
+                .expect("map type");
+        for i in 0..slots.len() {
+            slots
+                .set(i, lb_common::SnatClaim::default(), 0)
+                .expect("claim slot");
+        }
+    }
+
+    /// Removes an IPv4 conntrack entry.
+    pub fn remove_ct(&mut self, key: CtKey) {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
+                .expect("map type");
+        ct.remove(&key).expect("conntrack entry");
     }
 
     /// Writes a conntrack entry as given (to plant states a test cannot reach by packets).
@@ -647,26 +688,39 @@ impl Datapath {
 impl Datapath {
     /// Moves every IPv4 conntrack entry's last-seen time `seconds` into the past.
     pub fn age_conntrack(&mut self, seconds: u64) {
-        self.age_table::<u32>(map_names::CONNTRACK, seconds);
+        self.age_table::<u32>(map_names::CONNTRACK, map_names::SNAT_CLAIMS, seconds);
     }
 
     /// `age_conntrack` for the IPv6 table.
     pub fn age_conntrack6(&mut self, seconds: u64) {
-        self.age_table::<Ip6>(map_names::CONNTRACK6, seconds);
+        self.age_table::<Ip6>(map_names::CONNTRACK6, map_names::SNAT_CLAIMS6, seconds);
     }
 
-    fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, seconds: u64)
+    /// Ages every entry of a family's conntrack (`name`) and SNAT claims (`claims`).
+    fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, claims: &str, seconds: u64)
     where
         CtKey<A>: aya::Pod,
         CtValue<A>: aya::Pod,
+        lb_common::SnatClaim<A>: aya::Pod,
     {
+        // Saturating: the clock starts at boot, and a machine may be up for less (a claim
+        // stamped 0 is free, as an outlived one is).
+        let aged = |t| before(t, Duration::from_secs(seconds));
         let mut ct: HashMap<_, CtKey<A>, CtValue<A>> =
             HashMap::try_from(self.ebpf.map_mut(name).expect("map")).expect("map type");
         let entries: Vec<(CtKey<A>, CtValue<A>)> = ct.iter().map(|r| r.expect("entry")).collect();
         for (k, mut v) in entries {
-            // Saturating: the clock starts at boot, and a machine may be up for less.
-            v.last_seen_ns = before(v.last_seen_ns, Duration::from_secs(seconds));
+            v.last_seen_ns = aged(v.last_seen_ns);
             ct.insert(k, v, 0).expect("update");
+        }
+        let mut slots: Array<_, lb_common::SnatClaim<A>> =
+            Array::try_from(self.ebpf.map_mut(claims).expect("map")).expect("map type");
+        for i in 0..slots.len() {
+            let mut claim = slots.get(&i, 0).expect("claim slot");
+            if claim.value.last_seen_ns != 0 {
+                claim.value.last_seen_ns = aged(claim.value.last_seen_ns);
+                slots.set(i, claim, 0).expect("update");
+            }
         }
     }
 }

@@ -98,6 +98,62 @@ fn nodeport_on_every_node_address_is_snated_and_replies_go_back() {
     assert_eq!(dp.stat(outcome::EXTERNAL_ESTABLISHED), 2);
 }
 
+/// A SNATed flow's reply state is its SNAT port's claim, in the claims array, not a second
+/// conntrack entry; a flow an earlier agent recorded with a reverse conntrack entry keeps
+/// its replies translated after an upgrade, and a claim freed while its flow goes on is
+/// claimed again by the flow's next packet in a new window.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn snat_reply_state_is_a_claim_and_older_reverse_entries_still_translate() {
+    require_privileges();
+    let mut dp = node(SVC_FLAG_SNAT, &[BACKEND]);
+    let syn = Frame::tcp(OUTSIDER, 40_000, NODE_A, 30080, SYN).build();
+    let (_, out) = dp.run_external(&syn);
+    let port = view(&out).sport;
+    let claims = dp.claims::<u32>(lb_common::map_names::SNAT_CLAIMS);
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    let (key, value) = claims[0];
+    assert_eq!((key.dir, u16::from_be(key.dport)), (CT_REVERSE, port));
+    assert_eq!(dp.ct().len(), 2, "the forward entry and the claim");
+    let reply = Frame::tcp(BACKEND.1, BACKEND.2, NODE_A, port, SYN | ACK).build();
+    let (_, back) = dp.run_external(&reply);
+    let expected = (addr(NODE_A), 30080, addr(OUTSIDER), 40_000);
+    let b = view(&back);
+    assert_eq!((b.src, b.sport, b.dst, b.dport), expected);
+
+    // As an earlier agent left it: the claim a reverse conntrack entry.
+    dp.clear_snat_claims();
+    dp.put_ct(key, value);
+    let (verdict, again) = dp.run_external(&reply);
+    assert_eq!((verdict, again), (XDP_PASS, back.clone()));
+    assert_eq!(dp.stat(outcome::EXTERNAL_REPLY), 2);
+
+    // Claim freed (as by another flow taking it over once expired), old entry gone: the
+    // flow's next packet in a later window claims its port again.
+    dp.clear_snat_claims();
+    let mut reverse = dp.ct();
+    reverse.retain(|(k, _)| k.dir == CT_REVERSE);
+    for (k, _) in reverse {
+        dp.remove_ct(k);
+    }
+    assert_eq!(dp.run_external(&reply).0, XDP_PASS);
+    assert_eq!(
+        dp.stat(outcome::EXTERNAL_REPLY),
+        2,
+        "no state: untranslated"
+    );
+    std::thread::sleep(std::time::Duration::from_nanos(
+        lb_common::REVERSE_CHECK_NS + lb_common::REVERSE_CHECK_NS / 10,
+    ));
+    let ack = Frame::tcp(OUTSIDER, 40_000, NODE_A, 30080, ACK).build();
+    let (_, forward) = dp.run_external(&ack);
+    assert_eq!(view(&forward).sport, port);
+    assert_eq!(dp.claims::<u32>(lb_common::map_names::SNAT_CLAIMS).len(), 1);
+    let (_, back) = dp.run_external(&reply);
+    let b = view(&back);
+    assert_eq!((b.src, b.sport, b.dst, b.dport), expected);
+}
+
 #[test]
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn udp_nodeport_and_local_reply_through_the_pod_interface() {

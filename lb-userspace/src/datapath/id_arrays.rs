@@ -1,15 +1,16 @@
 //! The arrays indexed by backend id: the backends (`XLB_BACKENDS`, `XLB_BACKENDS6`; a free
 //! id's slot all zeros, service id 0, which no service has) and their open flows
-//! (`XLB_CONNS`). Point reads and writes go through the map; whole-table scans (agent start,
-//! GC, `xlb inspect`) read it as memory (the maps are mmapable), one copy instead of a
-//! system call per slot.
+//! (`XLB_CONNS`); and the SNAT ports' claims (`XLB_SNAT_CLAIMS`/`6`), indexed by a hash.
+//! Point reads and writes go through the map; whole-table scans (agent start, GC, `xlb
+//! inspect`) read it as memory (the maps are mmapable), one copy instead of a system call
+//! per slot.
 use std::{borrow::Borrow, num::NonZeroUsize, os::fd::AsFd};
 
 use aya::{
     Pod,
     maps::{Array, IterableMap, MapData, MapError},
 };
-use lb_common::{Backend, MapAddr};
+use lb_common::{Backend, MapAddr, SnatClaim};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 /// The backend with `id`, if the slot holds one.
@@ -60,6 +61,20 @@ pub fn scan<A: MapAddr>(
 /// Every backend id's open-flow count that is not zero.
 pub fn open_flows<M: Borrow<MapData>>(map: &Array<M, u64>) -> std::io::Result<Vec<(u32, u64)>> {
     scan_where(map, |n| *n != 0)
+}
+
+/// Every SNAT port's claim a flow holds or held (expired ones are free for the next claim;
+/// the datapath alone writes this array), in slot order.
+pub fn snat_claims<M: Borrow<MapData>, A: MapAddr>(
+    map: &Array<M, SnatClaim<A>>,
+) -> std::io::Result<Vec<SnatClaim<A>>>
+where
+    SnatClaim<A>: Pod,
+{
+    let held = scan_where(map, |c: &SnatClaim<A>| {
+        c.value.last_seen_ns != 0 && c.key.dport != 0
+    })?;
+    Ok(held.into_iter().map(|(_, claim)| claim).collect())
 }
 
 /// The slots of an mmapable array whose value `keep`s, in index order.

@@ -5,7 +5,7 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, Ip6, MapAddr,
-    NodeConfig, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
+    NodeConfig, ServiceKey, ServiceName, ServiceValue, SnatClaim, SockFrontend, SockKey, SockKey6,
     SourceRangeKey, TrafficCounter, addr_filter, map_names,
 };
 
@@ -91,6 +91,7 @@ pub struct PinnedMaps {
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
     pub addr_filter: Array<MapData, u64>,
     pub reply_filter: Array<MapData, u64>,
+    pub snat_claims: Array<MapData, SnatClaim>,
     pub v6: PinnedMaps6,
     /// What `addr_filter` must hold; built from the maps on the first write.
     filter: Option<AddrFilter>,
@@ -109,6 +110,7 @@ pub struct PinnedMaps6 {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ip6>, u8>,
     pub sock_revnat: HashMap<MapData, SockKey6, SockFrontend<Ip6>>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub snat_claims: Array<MapData, SnatClaim<Ip6>>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -151,6 +153,7 @@ impl PinnedMaps {
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
             addr_filter: typed!(layout, map_names::ADDR_FILTER, Array),
             reply_filter: typed!(layout, map_names::REPLY_FILTER, Array),
+            snat_claims: typed!(layout, map_names::SNAT_CLAIMS, Array),
             filter: None,
             replies: None,
             v6: PinnedMaps6 {
@@ -163,6 +166,7 @@ impl PinnedMaps {
                 source_ranges: typed!(layout, map_names::SOURCE_RANGES6, LpmTrie),
                 sock_revnat: typed!(layout, map_names::SOCK_REVNAT6, HashMap),
                 stats: typed!(layout, map_names::STATS6, PerCpuArray),
+                snat_claims: typed!(layout, map_names::SNAT_CLAIMS6, Array),
             },
         })
     }
@@ -281,8 +285,8 @@ impl PinnedMaps {
             }
             // Removed backends' flows a predecessor left: their replies keep their bits
             // for the hold, as if removed now.
-            hold_reply_sources(&mut replies, &self.conntrack, now);
-            hold_reply_sources(&mut replies, &self.v6.conntrack, now);
+            hold_reply_sources(&mut replies, &self.conntrack, &self.snat_claims, now);
+            hold_reply_sources(&mut replies, &self.v6.conntrack, &self.v6.snat_claims, now);
             fill_and_arm(&mut self.reply_filter, |index| replies.word(index))?;
             self.replies = Some(replies);
         }
@@ -539,19 +543,28 @@ fn store_err(operation: &'static str, map: &'static str, e: MapError) -> StoreEr
     }
 }
 
-/// Holds the reply bit of every reverse entry's source in `conntrack` (one family's).
+/// Holds the reply bit of every reverse entry's source in `conntrack` and `claims` (one
+/// family's).
 fn hold_reply_sources<A: MapAddr>(
     replies: &mut ReplyFilter,
     conntrack: &HashMap<MapData, CtKey<A>, CtValue<A>>,
+    claims: &Array<MapData, SnatClaim<A>>,
     now: std::time::Instant,
 ) where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
+    SnatClaim<A>: aya::Pod,
 {
-    for key in conntrack.keys().filter_map(Result::ok) {
-        if key.dir == lb_common::CT_REVERSE {
-            replies.hold(key.src, key.sport, key.proto, now);
-        }
+    let claimed = id_arrays::snat_claims(claims).unwrap_or_else(|e| {
+        log::warn!("reading the SNAT claims (their replies' sources stay unheld): {e}");
+        Vec::new()
+    });
+    let reverse = conntrack
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| key.dir == lb_common::CT_REVERSE);
+    for key in reverse.chain(claimed.into_iter().map(|c| c.key)) {
+        replies.hold(key.src, key.sport, key.proto, now);
     }
 }
 

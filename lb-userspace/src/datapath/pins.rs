@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 34] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -156,6 +156,20 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 32] = {
         (map_names::ADDR_FILTER, 4, 8, addr_filter::ENTRIES, Array),
         (map_names::ROUTE_GEN, 4, 8, 1, Array),
         (map_names::REPLY_FILTER, 4, 8, addr_filter::ENTRIES, Array),
+        (
+            map_names::SNAT_CLAIMS,
+            4,
+            size_of::<SnatClaim>(),
+            map_sizes::SNAT_CLAIMS,
+            Array,
+        ),
+        (
+            map_names::SNAT_CLAIMS6,
+            4,
+            size_of::<SnatClaim<Ip6>>(),
+            map_sizes::SNAT_CLAIMS,
+            Array,
+        ),
     ]
 };
 

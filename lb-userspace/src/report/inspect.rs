@@ -328,6 +328,23 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
             walked.map_or_else(|| maps.v6.affinity.keys().count(), |w| w.affinity6),
             map_sizes::AFFINITY,
         ),
+        // Held or once held: an expired claim stays until a new flow takes its slot.
+        fill(
+            map_names::SNAT_CLAIMS,
+            slots_used(
+                map_names::SNAT_CLAIMS,
+                id_arrays::snat_claims(&maps.snat_claims),
+            ),
+            map_sizes::SNAT_CLAIMS,
+        ),
+        fill(
+            map_names::SNAT_CLAIMS6,
+            slots_used(
+                map_names::SNAT_CLAIMS6,
+                id_arrays::snat_claims(&maps.v6.snat_claims),
+            ),
+            map_sizes::SNAT_CLAIMS,
+        ),
         fill(
             map_names::ROUND_ROBIN,
             maps.round_robin.keys().count(),
