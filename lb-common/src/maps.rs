@@ -65,11 +65,13 @@ pub mod map_names {
     /// address filter's layout ([`addr_filter::reply_slot`](crate::addr_filter::reply_slot)):
     /// a packet from any other source is no reply to a translated flow.
     pub const REPLY_FILTER: &str = "XLB_REPLY_FILTER";
-    /// SNATed flows' reply state ([`SnatClaim`](crate::SnatClaim)): an array indexed by a
-    /// hash of the reply's 5-tuple ([`snat_claim_slot`](crate::snat_claim_slot)), claimed
-    /// with a compare-and-swap, instead of a second conntrack insert per SNATed flow.
-    pub const SNAT_CLAIMS: &str = "XLB_SNAT_CLAIMS";
-    pub const SNAT_CLAIMS6: &str = "XLB_SNAT_CLAIMS6";
+    /// Reverse conntrack entries as claims ([`ReplyClaim`](crate::ReplyClaim)): an array
+    /// indexed by the reply's tuple ([`reply_claim_slot`](crate::reply_claim_slot)), a slot
+    /// claimed with a compare-and-swap instead of a second conntrack insert per flow. Every
+    /// SNATed flow's reply state is here; IPv4 flows without SNAT go here unless a live
+    /// flow holds their slot (then, and for IPv6 ones, the conntrack map holds it).
+    pub const REPLY_CLAIMS: &str = "XLB_REPLY_CLAIMS";
+    pub const REPLY_CLAIMS6: &str = "XLB_REPLY_CLAIMS6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
     pub const ALL: [&str; 34] = [
         SERVICES,
@@ -104,8 +106,8 @@ pub mod map_names {
         ADDR_FILTER,
         ROUTE_GEN,
         REPLY_FILTER,
-        SNAT_CLAIMS,
-        SNAT_CLAIMS6,
+        REPLY_CLAIMS,
+        REPLY_CLAIMS6,
     ];
 }
 
@@ -290,9 +292,9 @@ pub mod map_sizes {
     /// Indexed by backend id, as `BACKEND_STATS` (preallocated: 3 MiB, 6 MiB for IPv6).
     pub const BACKENDS: u32 = BACKEND_STATS;
     pub const CONNTRACK: u32 = 524_288;
-    /// SNATed flows' reply state, per family: a power of two (the slot is a hash's low
-    /// bits). Preallocated: 18 MiB for IPv4, 30 MiB for IPv6.
-    pub const SNAT_CLAIMS: u32 = 262_144;
+    /// Reply claims per family: a power of two (the slot is a hash's low bits).
+    /// Preallocated: 18 MiB for IPv4, 30 MiB for IPv6.
+    pub const REPLY_CLAIMS: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
     /// Counter arrays, indexed by service id and backend id (preallocated per CPU: 3 MiB
     /// and 6 MiB per CPU).
@@ -501,28 +503,30 @@ pub struct CtValue<A: MapAddr = u32> {
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 const _: () = assert!(core::mem::size_of::<CtValue<Ip6>>() == 80);
 
-/// `SNAT_CLAIMS` value: the reverse conntrack entry of a SNATed flow (backend → the node's
-/// SNAT address and port), in the array slot its key hashes to ([`snat_claim_slot`]).
-/// A slot is free when `value.last_seen_ns` is 0 or the entry outlived its lifetime; a
-/// new flow claims it by a compare-and-swap of that stamp, so two CPUs never claim one
-/// slot. Readers match the whole key, whose `dport` (the SNAT port, never 0 in a claim) is
-/// cleared first and written last whenever the slot changes hands.
+/// `REPLY_CLAIMS` value: a reverse conntrack entry (backend → client, or → the node's SNAT
+/// address and port), in the array slot its key maps to ([`reply_claim_slot`]). A slot is
+/// free when `value.last_seen_ns` is 0 or the entry outlived its lifetime; a new flow claims
+/// it by a compare-and-swap of that stamp, so two CPUs never claim one slot. Readers match
+/// the whole key, whose `dport` (the client's or SNAT port, never 0 in a claim) is cleared
+/// first and written last whenever the slot changes hands. (A reply to an expired claim
+/// racing its takeover may still write its stamp and TCP flags into the new claim.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SnatClaim<A: MapAddr = u32> {
+pub struct ReplyClaim<A: MapAddr = u32> {
     pub key: CtKey<A>,
     pub value: CtValue<A>,
 }
-const _: () = assert!(core::mem::size_of::<SnatClaim>() == 72);
-const _: () = assert!(core::mem::size_of::<SnatClaim<Ip6>>() == 120);
+const _: () = assert!(core::mem::size_of::<ReplyClaim>() == 72);
+const _: () = assert!(core::mem::size_of::<ReplyClaim<Ip6>>() == 120);
 
-/// The `SNAT_CLAIMS` slot of a SNATed flow's reverse key: a hash of the backend's address,
-/// port and protocol and the node address picks where that backend's run of slots starts,
-/// and the SNAT port is the place in it. A claim tries neighbouring ports, so its tries
-/// read neighbouring slots; another backend's run may overlap, and a slot taken there only
-/// sends the claim on to the next port.
+/// The `REPLY_CLAIMS` slot of a reverse key: a hash of the backend's address, port and
+/// protocol and the reply's destination address (the client's, or the node's for a SNATed
+/// flow) picks where a run of slots starts, and the destination port is the place in it.
+/// A SNAT port claim tries neighbouring ports, so its tries read neighbouring slots (a
+/// measured gain over slots hashed from the whole tuple); another run may overlap, and a
+/// slot taken there only sends the claim on to the next port.
 #[inline(always)]
-pub fn snat_claim_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
+pub fn reply_claim_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
     let run = crate::flow_hash(
         key.src.hash_word(),
         key.dst.hash_word(),
@@ -530,9 +534,9 @@ pub fn snat_claim_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
         0,
         key.proto,
     );
-    run.wrapping_add(u32::from(u16::from_be(key.dport))) & (map_sizes::SNAT_CLAIMS - 1)
+    run.wrapping_add(u32::from(u16::from_be(key.dport))) & (map_sizes::REPLY_CLAIMS - 1)
 }
-const _: () = assert!(map_sizes::SNAT_CLAIMS.is_power_of_two());
+const _: () = assert!(map_sizes::REPLY_CLAIMS.is_power_of_two());
 
 /// TCP entry saw its handshake complete (forward: a client ACK; reverse: a reply).
 pub const CT_FLAG_ESTABLISHED: u16 = 1;
@@ -749,7 +753,7 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for super::Backend<A> {}
     unsafe impl<A: MapAddr> aya::Pod for super::CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for super::CtValue<A> {}
-    unsafe impl<A: MapAddr> aya::Pod for super::SnatClaim<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for super::ReplyClaim<A> {}
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::HopKey6 {}
     unsafe impl aya::Pod for super::HopValue {}
@@ -776,10 +780,10 @@ mod tests {
     /// One backend's flows on consecutive SNAT ports (what a claim loop tries) take
     /// consecutive slots, and every slot is inside the array.
     #[test]
-    fn snat_claim_slots_spread_consecutive_ports() {
+    fn reply_claim_slots_spread_consecutive_ports() {
         let mut slots = [0u32; 256];
         for (slot, port) in slots.iter_mut().zip(61_000u16..) {
-            *slot = snat_claim_slot(&CtKey {
+            *slot = reply_claim_slot(&CtKey {
                 src: 0x0a_f4_02_05u32.to_be(),
                 dst: 0xc0_a8_32_01u32.to_be(),
                 sport: 8080u16.to_be(),
@@ -790,9 +794,9 @@ mod tests {
             });
         }
         for pair in slots.windows(2) {
-            assert_eq!(pair[1], (pair[0] + 1) % map_sizes::SNAT_CLAIMS);
+            assert_eq!(pair[1], (pair[0] + 1) % map_sizes::REPLY_CLAIMS);
         }
-        assert!(slots.iter().all(|s| *s < map_sizes::SNAT_CLAIMS));
+        assert!(slots.iter().all(|s| *s < map_sizes::REPLY_CLAIMS));
     }
 
     /// The eBPF side reads these offsets; a reordering must be a conscious change.

@@ -3,7 +3,7 @@
 //! form of BPF's atomic add needs ISA v3, which aya-build's `--cpu generic` does not give.
 //! The plain atomic add (the result unused) works on every BPF ISA and is all the counters
 //! need. The compare-and-swap intrinsic is lowered to `BPF_CMPXCHG` by LLVM whatever the
-//! CPU setting (the kernel has it since 5.12): the SNAT claims need it.
+//! CPU setting (the kernel has it since 5.12): the reply claims need it.
 
 /// Adds `delta` (wrapping: `u64::MAX` subtracts one) to `*target` atomically.
 ///

@@ -107,13 +107,13 @@ fn ct_key(src: u32) -> CtKey {
     }
 }
 
-/// A SNAT port's claim: a compare-and-swap on a random slot of `XLB_SNAT_CLAIMS` (its
-/// stamp), as `ct::claim_snat_port` takes a free one.
+/// A reverse entry's claim: a compare-and-swap on a random slot of `XLB_REPLY_CLAIMS` (its
+/// stamp), as `ct` takes a free one.
 #[inline(always)]
 pub fn claim() -> i32 {
     // SAFETY: helper without side effects.
-    let i = unsafe { bpf_get_prandom_u32() } & (lb_common::map_sizes::SNAT_CLAIMS - 1);
-    if let Some(slot) = crate::maps::SNAT_CLAIMS.get_ptr_mut(i) {
+    let i = unsafe { bpf_get_prandom_u32() } & (lb_common::map_sizes::REPLY_CLAIMS - 1);
+    if let Some(slot) = crate::maps::REPLY_CLAIMS.get_ptr_mut(i) {
         // SAFETY: a slot of the array, valid for this run.
         unsafe {
             let stamp = &raw mut (*slot).value.last_seen_ns;

@@ -1,9 +1,11 @@
 //! Connection tracking: a forward entry (client → frontend) pins the flow to its backend, a
-//! reverse entry (backend → client) restores the frontend on replies. A SNATed flow's
-//! reverse entry (backend → node address) is its SNAT port's claim, kept in an array slot
-//! (`SnatClaim`) rather than the conntrack LRU: claiming a slot is a compare-and-swap and a
-//! store, where an LRU insert pops, fills and links an element (bench rows `cost_claim`
-//! and `cost_ct_insert`), and a busy table's eviction can never take a live flow's claim.
+//! reverse entry (backend → client, or backend → node address for SNATed flows) restores the
+//! frontend on replies. Reverse entries are claims in an array (`ReplyClaim`, slot by the
+//! reply's tuple) where that costs less than a conntrack insert: taking a free slot is a
+//! compare-and-swap and a store, where an LRU insert pops, fills and links an element (bench
+//! rows `cost_claim` and `cost_ct_insert`). A SNATed flow picks its port so that its slot is
+//! free; another flow whose slot a live flow holds, and IPv6 flows without SNAT
+//! (`Family::CLAIMED_REPLIES`), keep their reverse entry in the conntrack LRU.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -12,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, SnatClaim, outcome,
-    snat_claim_slot,
+    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, ReplyClaim, outcome,
+    reply_claim_slot,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -78,13 +80,13 @@ pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
 /// Whether `flow` (a reply) has a reverse entry.
 #[inline(always)]
 pub fn has_reverse<F: Family>(flow: &Flow<F::Addr>) -> bool {
-    // SAFETY: presence check only.
-    unsafe { F::conntrack().get(reverse_key(flow)) }.is_some()
+    reverse_entry::<F>(&reverse_key(flow), F::CLAIMED_REPLIES).is_some()
 }
 
-/// The reverse entry with `key`: a SNATed flow's claim if `claims` (the reply is addressed
-/// to a node address), else, or for a SNATed flow recorded before claims were kept in
-/// their array, the conntrack entry.
+/// The reverse entry with `key`: its claim if it may have one (`claims`: every flow's where
+/// `Family::CLAIMED_REPLIES`, else only SNATed flows', whose replies are addressed to a node
+/// address), else (its slot was taken, or an earlier agent recorded the flow) the conntrack
+/// entry.
 #[inline(always)]
 pub fn reverse_entry<F: Family>(
     key: &CtKey<F::Addr>,
@@ -97,12 +99,12 @@ pub fn reverse_entry<F: Family>(
     F::conntrack().get_ptr_mut(key)
 }
 
-/// The claim slot of `key` (a SNATed flow's reverse key), if it holds that claim. A BPF
+/// The claim slot of `key` (a reverse key), if it holds that claim. A BPF
 /// subprogram: inlined into `xlb_from_pod6_untracked`, it crashed LLVM 22 (post-RA pseudo
 /// instruction expansion).
 #[inline(never)]
-fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut SnatClaim<F::Addr>> {
-    let slot = F::snat_claims().get_ptr_mut(snat_claim_slot(key))?;
+fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut ReplyClaim<F::Addr>> {
+    let slot = F::reply_claims().get_ptr_mut(reply_claim_slot(key))?;
     // SAFETY: a slot of the array, valid for this program run. The SNAT port is read first:
     // it is 0 while the slot changes hands (`publish`).
     let held = unsafe {
@@ -122,7 +124,7 @@ fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut SnatClaim<F::Addr>> {
 /// subprogram: one copy for the claim loop's step and `ensure_reverse`.
 #[inline(never)]
 fn claim_slot<A: MapAddr>(
-    slot: *mut SnatClaim<A>,
+    slot: *mut ReplyClaim<A>,
     s: &CtScratch<A>,
     timeouts: &CtTimeouts,
     now: u64,
@@ -148,7 +150,7 @@ fn claim_slot<A: MapAddr>(
 /// cleared first and written last, so a reader matching the key never takes a mix of the
 /// old holder's fields and the new one's for a claim.
 #[inline(always)]
-unsafe fn publish<A: MapAddr>(slot: *mut SnatClaim<A>, s: &CtScratch<A>) {
+unsafe fn publish<A: MapAddr>(slot: *mut ReplyClaim<A>, s: &CtScratch<A>) {
     // SAFETY: per the caller, a claimed slot of the array.
     unsafe {
         core::ptr::write_volatile(&raw mut (*slot).key.dport, 0);
@@ -256,8 +258,23 @@ pub fn create<F: Family>(
         return Ok(Ok(()));
     }
     fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
-    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)?;
+    record_reverse::<F>(s, now)?;
     Ok(Ok(()))
+}
+
+/// Records the reverse entry in `s` (of a flow without SNAT): in its claim slot if the
+/// family claims them and no live flow holds it, else in conntrack (replacing an entry with
+/// its key: the reply's tuple is this flow's now).
+#[inline(always)]
+fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Outcome> {
+    let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
+    if F::CLAIMED_REPLIES
+        && let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key))
+        && claim_slot(slot, s, timeouts, now)
+    {
+        return Ok(());
+    }
+    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
 /// Frees the SNAT port `claim_snat_port` claimed for `client`'s flow (its reverse entry),
@@ -374,7 +391,8 @@ pub fn known<A: MapAddr>(entry: *const CtValue<A>) -> Known<A> {
 }
 
 /// Recreates the reverse entry of a known flow if it is missing: LRU eviction can take one
-/// side of a flow alone. `known` is from the flow's forward entry.
+/// side of a flow alone, and a flow without replies outlives its claim, which another flow
+/// may take. `known` is from the flow's forward entry.
 #[inline(always)]
 pub fn ensure_reverse<F: Family>(
     client: &Flow<F::Addr>,
@@ -398,25 +416,20 @@ pub fn ensure_reverse<F: Family>(
         now,
         &nat,
     );
+    if reverse_entry::<F>(&s.key, F::CLAIMED_REPLIES || nat.snat()).is_some() {
+        return Ok(());
+    }
     if nat.snat() {
-        // A claim is never evicted, but a flow without replies outlives it, and another
-        // flow may take it: the port is claimed again if nobody else holds it. (A flow an
-        // earlier agent recorded in conntrack gets a claim beside that entry.)
-        if claimed::<F>(&s.key).is_some() {
-            return Ok(());
-        }
+        // A SNATed flow's port is its claim: taken by another flow since (it outlived it,
+        // without replies), it is not claimed beside it in conntrack.
         let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
-        let slot = F::snat_claims()
-            .get_ptr_mut(snat_claim_slot(&s.key))
+        let slot = F::reply_claims()
+            .get_ptr_mut(reply_claim_slot(&s.key))
             .ok_or(outcome::DROP_CT_FULL)?;
         claim_slot(slot, s, timeouts, now);
         return Ok(());
     }
-    let key = &s.key; // by reference: a copy of the key would be more stack
-    if F::conntrack().get_ptr(key).is_some() {
-        return Ok(());
-    }
-    insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
+    record_reverse::<F>(s, now)
 }
 
 /// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it:
@@ -506,7 +519,7 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     }
     let port = ((claim.min + (claim.start + i as u32) % claim.span) as u16).to_be();
     s.key.dport = port;
-    let Some(slot) = F::snat_claims().get_ptr_mut(snat_claim_slot(&s.key)) else {
+    let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) else {
         return 0;
     };
     // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.

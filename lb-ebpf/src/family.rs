@@ -3,25 +3,31 @@
 //! tables (with their IPv4-sized keys) and an IPv6 packet the IPv6 ones.
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ServiceKey,
-    ServiceValue, SnatClaim, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ip6, MapAddr, NodeConfig, ReplyClaim,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::ct::CtScratch;
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_SCRATCH,
-    CT_SCRATCH6, NODE_IPS, NODE_IPS6, SERVICES, SERVICES6, SNAT_CLAIMS, SNAT_CLAIMS6,
+    CT_SCRATCH6, NODE_IPS, NODE_IPS6, REPLY_CLAIMS, REPLY_CLAIMS6, SERVICES, SERVICES6,
     SOURCE_RANGES, SOURCE_RANGES6, STATS, STATS6,
 };
 
 pub trait Family: 'static {
     type Addr: MapAddr;
+    /// Whether every reverse entry (not only a SNATed flow's) is first tried as a claim
+    /// (`ct::record_reverse`). Measured per family: an IPv4 claim (72 bytes) costs less
+    /// than the LRU insert it replaces; an IPv6 one (120 bytes, two or three cache lines at
+    /// a place as random as the client) costs more, so IPv6 claims only SNAT ports, whose
+    /// slots lie in one run per backend.
+    const CLAIMED_REPLIES: bool;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
     /// SNATed flows' reply state (`ct::claim_snat_port`).
-    fn snat_claims() -> &'static Array<SnatClaim<Self::Addr>>;
+    fn reply_claims() -> &'static Array<ReplyClaim<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
     /// The node's SNAT address and ports for this family (zeros until the agent wrote them).
@@ -43,6 +49,7 @@ pub struct V6;
 
 impl Family for V4 {
     type Addr = u32;
+    const CLAIMED_REPLIES: bool = true;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -56,8 +63,8 @@ impl Family for V4 {
         &CONNTRACK
     }
     #[inline(always)]
-    fn snat_claims() -> &'static Array<SnatClaim> {
-        &SNAT_CLAIMS
+    fn reply_claims() -> &'static Array<ReplyClaim> {
+        &REPLY_CLAIMS
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
@@ -105,6 +112,7 @@ impl Family for V4 {
 
 impl Family for V6 {
     type Addr = Ip6;
+    const CLAIMED_REPLIES: bool = false;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
         &SERVICES6
@@ -118,8 +126,8 @@ impl Family for V6 {
         &CONNTRACK6
     }
     #[inline(always)]
-    fn snat_claims() -> &'static Array<SnatClaim<Ip6>> {
-        &SNAT_CLAIMS6
+    fn reply_claims() -> &'static Array<ReplyClaim<Ip6>> {
+        &REPLY_CLAIMS6
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Ip6>, AffinityValue> {

@@ -200,7 +200,7 @@ pub fn xlb_cost_ct_insert(_ctx: TcContext) -> i32 {
     cost::ct_insert()
 }
 
-/// A SNAT claim in an array slot (compare-and-swap).
+/// A reverse entry's claim in an array slot (compare-and-swap).
 #[classifier]
 pub fn xlb_cost_claim(_ctx: TcContext) -> i32 {
     cost::claim()

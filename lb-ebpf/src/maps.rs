@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, Ip6, MAGLEV_DEFAULT_SIZE,
-    NodeConfig, ServiceKey, ServiceName, ServiceValue, SnatClaim, SockFrontend, SockKey, SockKey6,
+    NodeConfig, ReplyClaim, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
     SourceRangeKey, TrafficCounter, map_sizes, outcome,
 };
 
@@ -196,13 +196,13 @@ pub static XDP6_BOUNCE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "XLB_HOP_SCRATCH")]
 pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// SNATed flows' reply state (`SnatClaim`): claimed per new flow with one compare-and-swap
+/// SNATed flows' reply state (`ReplyClaim`): claimed per new flow with one compare-and-swap
 /// on its slot, where a second conntrack insert cost an LRU element and its list upkeep.
 /// Mmapable: the agent scans it as memory (GC, `xlb conntrack`).
-#[map(name = "XLB_SNAT_CLAIMS")]
-pub static SNAT_CLAIMS: Array<SnatClaim> =
-    Array::with_max_entries(map_sizes::SNAT_CLAIMS, BPF_F_MMAPABLE);
+#[map(name = "XLB_REPLY_CLAIMS")]
+pub static REPLY_CLAIMS: Array<ReplyClaim> =
+    Array::with_max_entries(map_sizes::REPLY_CLAIMS, BPF_F_MMAPABLE);
 
-#[map(name = "XLB_SNAT_CLAIMS6")]
-pub static SNAT_CLAIMS6: Array<SnatClaim<Ip6>> =
-    Array::with_max_entries(map_sizes::SNAT_CLAIMS, BPF_F_MMAPABLE);
+#[map(name = "XLB_REPLY_CLAIMS6")]
+pub static REPLY_CLAIMS6: Array<ReplyClaim<Ip6>> =
+    Array::with_max_entries(map_sizes::REPLY_CLAIMS, BPF_F_MMAPABLE);

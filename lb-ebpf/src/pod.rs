@@ -451,8 +451,7 @@ fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Ou
     if !svc::may_be_reply::<F>(flow, false) {
         return Err(outcome::PASS_NOT_SERVICE);
     }
-    let entry = F::conntrack()
-        .get_ptr_mut(ct::reverse_key(flow))
+    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES)
         .ok_or(outcome::PASS_NOT_SERVICE)?;
     // SAFETY: the entry from this run's lookup.
     let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
@@ -472,7 +471,7 @@ fn icmp_error<F: TcFamily>(
     end: InnerEnd,
 ) -> Result<(i32, Outcome), Outcome> {
     let entry = match end {
-        // A SNATed flow's (to the node's SNAT address) is its SNAT port's claim.
+        // Any flow's, a SNATed one's included (rare: the claim is always looked at).
         InnerEnd::Destination => ct::reverse_entry::<F>(&ct::reverse_key(&inner.reversed()), true),
         InnerEnd::Source => F::conntrack().get_ptr_mut(ct::forward_key(&inner.reversed())),
     }

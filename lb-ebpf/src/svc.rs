@@ -382,8 +382,8 @@ pub fn routed_reply<F: Family>(
     if !may_be_reply::<F>(flow, to_node) {
         return None;
     }
-    // A reply to a node address answers a SNATed flow: its entry is the SNAT port's claim.
-    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), to_node)?;
+    // A reply to a node address may be a SNATed flow's: its entry is the SNAT port's claim.
+    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES || to_node)?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = ct::known(entry);
     if known.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT) == 0 {

@@ -470,25 +470,25 @@ impl Datapath {
         ranges.insert(&key, 1, 0).expect("range");
     }
 
-    /// The IPv6 conntrack entries, SNAT claims included (see `ct`).
+    /// The IPv6 conntrack entries, reply claims included (see `ct`).
     pub fn ct6(&self) -> Vec<(CtKey<Ip6>, CtValue<Ip6>)> {
         let ct: HashMap<_, CtKey<Ip6>, CtValue<Ip6>> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK6).expect("map"))
                 .expect("map type");
         let mut entries: Vec<_> = ct.iter().map(|r| r.expect("ct entry")).collect();
-        entries.extend(self.claims::<Ip6>(map_names::SNAT_CLAIMS6));
+        entries.extend(self.claims::<Ip6>(map_names::REPLY_CLAIMS6));
         entries
     }
 
-    /// The SNAT ports' claims in the array `name`, as the reverse entries they are.
+    /// The reply claims in the array `name`, as the reverse entries they are.
     pub fn claims<A: MapAddr>(&self, name: &str) -> Vec<(CtKey<A>, CtValue<A>)>
     where
-        lb_common::SnatClaim<A>: aya::Pod,
+        lb_common::ReplyClaim<A>: aya::Pod,
     {
-        let claims: Array<_, lb_common::SnatClaim<A>> =
+        let claims: Array<_, lb_common::ReplyClaim<A>> =
             Array::try_from(self.ebpf.map(name).expect("map")).expect("map type");
-        xlb::datapath::id_arrays::snat_claims(&claims)
-            .expect("scanning the SNAT claims")
+        xlb::datapath::id_arrays::reply_claims(&claims)
+            .expect("scanning the reply claims")
             .into_iter()
             .map(|c| (c.key, c.value))
             .collect()
@@ -612,26 +612,40 @@ impl Datapath {
         family_count(&self.ebpf, map_names::STATS6, o)
     }
 
-    /// The conntrack entries, with the SNAT ports' claims as the reverse entries they are
-    /// (kept in their own array: `XLB_SNAT_CLAIMS`).
+    /// The conntrack entries, with the reply claims as the reverse entries they are
+    /// (kept in their own array: `XLB_REPLY_CLAIMS`).
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
         let ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
         let mut entries: Vec<_> = ct.iter().map(|r| r.expect("ct entry")).collect();
-        entries.extend(self.claims::<u32>(map_names::SNAT_CLAIMS));
+        entries.extend(self.claims::<u32>(map_names::REPLY_CLAIMS));
         entries
     }
 
-    /// Frees every IPv4 SNAT claim (zeroes `XLB_SNAT_CLAIMS`).
-    pub fn clear_snat_claims(&mut self) {
-        let mut slots: Array<_, lb_common::SnatClaim> =
-            Array::try_from(self.ebpf.map_mut(map_names::SNAT_CLAIMS).expect("map"))
+    /// Frees every IPv4 claim (zeroes the held slots of `XLB_REPLY_CLAIMS`), quickly: a
+    /// test may need it inside one conntrack check window.
+    pub fn clear_claims(&mut self) {
+        let held = self.claims::<u32>(map_names::REPLY_CLAIMS);
+        let mut slots: Array<_, lb_common::ReplyClaim> =
+            Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
                 .expect("map type");
-        for i in 0..slots.len() {
+        for (key, _) in held {
+            let slot = lb_common::reply_claim_slot(&key);
             slots
-                .set(i, lb_common::SnatClaim::default(), 0)
+                .set(slot, lb_common::ReplyClaim::default(), 0)
                 .expect("claim slot");
         }
+    }
+
+    /// Writes an IPv4 claim into its key's slot (as another flow's, to take the slot).
+    pub fn put_claim(&mut self, key: CtKey, value: CtValue) {
+        let mut slots: Array<_, lb_common::ReplyClaim> =
+            Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
+                .expect("map type");
+        let claim = lb_common::ReplyClaim { key, value };
+        slots
+            .set(lb_common::reply_claim_slot(&key), claim, 0)
+            .expect("claim slot");
     }
 
     /// Removes an IPv4 conntrack entry.
@@ -688,20 +702,20 @@ impl Datapath {
 impl Datapath {
     /// Moves every IPv4 conntrack entry's last-seen time `seconds` into the past.
     pub fn age_conntrack(&mut self, seconds: u64) {
-        self.age_table::<u32>(map_names::CONNTRACK, map_names::SNAT_CLAIMS, seconds);
+        self.age_table::<u32>(map_names::CONNTRACK, map_names::REPLY_CLAIMS, seconds);
     }
 
     /// `age_conntrack` for the IPv6 table.
     pub fn age_conntrack6(&mut self, seconds: u64) {
-        self.age_table::<Ip6>(map_names::CONNTRACK6, map_names::SNAT_CLAIMS6, seconds);
+        self.age_table::<Ip6>(map_names::CONNTRACK6, map_names::REPLY_CLAIMS6, seconds);
     }
 
-    /// Ages every entry of a family's conntrack (`name`) and SNAT claims (`claims`).
+    /// Ages every entry of a family's conntrack (`name`) and reply claims (`claims`).
     fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, claims: &str, seconds: u64)
     where
         CtKey<A>: aya::Pod,
         CtValue<A>: aya::Pod,
-        lb_common::SnatClaim<A>: aya::Pod,
+        lb_common::ReplyClaim<A>: aya::Pod,
     {
         // Saturating: the clock starts at boot, and a machine may be up for less (a claim
         // stamped 0 is free, as an outlived one is).
@@ -713,7 +727,7 @@ impl Datapath {
             v.last_seen_ns = aged(v.last_seen_ns);
             ct.insert(k, v, 0).expect("update");
         }
-        let mut slots: Array<_, lb_common::SnatClaim<A>> =
+        let mut slots: Array<_, lb_common::ReplyClaim<A>> =
             Array::try_from(self.ebpf.map_mut(claims).expect("map")).expect("map type");
         for i in 0..slots.len() {
             let mut claim = slots.get(&i, 0).expect("claim slot");

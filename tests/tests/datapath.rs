@@ -769,10 +769,13 @@ fn an_evicted_reply_entry_comes_back_with_the_flows_next_window() {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(reverse.len(), 1, "one reply entry");
+        // A claim (the array) or, where its slot was taken, a conntrack entry.
+        dp.clear_claims();
         let mut ct: HashMap<_, CtKey, lb_common::CtValue> =
             HashMap::try_from(dp.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
                 .expect("map type");
-        ct.remove(&reverse[0]).expect("evict");
+        let _ = ct.remove(&reverse[0]);
+        assert!(!dp.ct().iter().any(|(k, _)| k.dir == CT_REVERSE), "evicted");
     };
     let reverse_count = |dp: &Datapath| dp.ct().iter().filter(|(k, _)| k.dir == CT_REVERSE).count();
     // As if the LRU took the reply side alone. A busy flow (a packet every 10 ms, never
@@ -813,6 +816,95 @@ fn an_evicted_reply_entry_comes_back_with_the_flows_next_window() {
 
 /// A Service port with 5,000 endpoints (Kubernetes' scalability threshold): one frontend
 /// holds them all, and new flows reach slots past the old 4,096 limit.
+/// A flow's reply side is a claim in the claims array; where a live flow holds the slot it
+/// maps to (the slot is shared by neighbouring client ports of another client), the reply
+/// side goes into conntrack instead, and replies are translated either way.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 8080)], 0);
+    let backend = ip("10.244.1.1");
+    let reverse = |client: &str, port: u16| CtKey {
+        src: backend,
+        dst: ip(client),
+        sport: 8080u16.to_be(),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        dir: CT_REVERSE,
+        _pad: [0; 2],
+    };
+    // The first flow's reply side: a claim, nothing in conntrack.
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 41_000, VIP, 80, SYN).build(),
+    );
+    let claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert_eq!(claims[0].0, reverse(CLIENT, 41_000));
+    let in_conntrack = |dp: &Datapath| {
+        let claimed = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+        dp.ct()
+            .into_iter()
+            .filter(|(k, _)| k.dir == CT_REVERSE && !claimed.iter().any(|(c, _)| c == k))
+            .count()
+    };
+    assert_eq!(in_conntrack(&dp), 0);
+
+    // Another live flow holds the slot the second flow's reply maps to.
+    // (Its run starts elsewhere: the port that lands on the slot exists for about one
+    // client address in four.)
+    let second = reverse(CLIENT, 41_001);
+    let target = lb_common::reply_claim_slot(&second);
+    let squatter = (1..=255u8)
+        .find_map(|last| {
+            let mut k = reverse(&format!("10.244.9.{last}"), 0);
+            let offset = target.wrapping_sub(lb_common::reply_claim_slot(&k))
+                % lb_common::map_sizes::REPLY_CLAIMS;
+            k.dport = u16::try_from(offset).ok().filter(|p| *p != 0)?.to_be();
+            Some(k)
+        })
+        .expect("a client address whose run reaches the slot");
+    assert_eq!(lb_common::reply_claim_slot(&squatter), target);
+    let value = lb_common::CtValue {
+        backend_id: 1,
+        service_id: 1,
+        nat_addr: ip(VIP),
+        nat_port: 80u16.to_be(),
+        last_seen_ns: monotonic_ns(),
+        created_ns: monotonic_ns(),
+        ..Default::default()
+    };
+    dp.put_claim(squatter, value);
+    dp.run(
+        Hook::FromPod,
+        &Frame::tcp(CLIENT, 41_001, VIP, 80, SYN).build(),
+    );
+    assert_eq!(
+        in_conntrack(&dp),
+        1,
+        "the second flow's reply side in conntrack"
+    );
+    let claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    assert!(
+        claims.iter().any(|(k, _)| *k == squatter),
+        "the holder keeps its slot"
+    );
+    for port in [41_000, 41_001] {
+        let reply = Frame::tcp("10.244.1.1", 8080, CLIENT, port, ACK).build();
+        let (verdict, out) = dp.run(Hook::ToPod, &reply);
+        assert_eq!(verdict, TC_ACT_OK, "{port}");
+        let v = view(&out);
+        assert_eq!(
+            (v.src.to_string(), v.sport),
+            (VIP.to_string(), 80),
+            "{port}"
+        );
+    }
+    assert_eq!(dp.stat(outcome::REVNAT), 2);
+}
+
 #[test]
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn a_frontend_with_five_thousand_backends() {

@@ -1,6 +1,7 @@
 //! The arrays indexed by backend id: the backends (`XLB_BACKENDS`, `XLB_BACKENDS6`; a free
 //! id's slot all zeros, service id 0, which no service has) and their open flows
-//! (`XLB_CONNS`); and the SNAT ports' claims (`XLB_SNAT_CLAIMS`/`6`), indexed by a hash.
+//! (`XLB_CONNS`); and the reverse entries' claims (`XLB_REPLY_CLAIMS`/`6`), indexed by a
+//! hash.
 //! Point reads and writes go through the map; whole-table scans (agent start, GC, `xlb
 //! inspect`) read it as memory (the maps are mmapable), one copy instead of a system call
 //! per slot.
@@ -10,7 +11,7 @@ use aya::{
     Pod,
     maps::{Array, IterableMap, MapData, MapError},
 };
-use lb_common::{Backend, MapAddr, SnatClaim};
+use lb_common::{Backend, MapAddr, ReplyClaim};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 /// The backend with `id`, if the slot holds one.
@@ -63,15 +64,15 @@ pub fn open_flows<M: Borrow<MapData>>(map: &Array<M, u64>) -> std::io::Result<Ve
     scan_where(map, |n| *n != 0)
 }
 
-/// Every SNAT port's claim a flow holds or held (expired ones are free for the next claim;
+/// Every reverse entry's claim a flow holds or held (expired ones are free for the next claim;
 /// the datapath alone writes this array), in slot order.
-pub fn snat_claims<M: Borrow<MapData>, A: MapAddr>(
-    map: &Array<M, SnatClaim<A>>,
-) -> std::io::Result<Vec<SnatClaim<A>>>
+pub fn reply_claims<M: Borrow<MapData>, A: MapAddr>(
+    map: &Array<M, ReplyClaim<A>>,
+) -> std::io::Result<Vec<ReplyClaim<A>>>
 where
-    SnatClaim<A>: Pod,
+    ReplyClaim<A>: Pod,
 {
-    let held = scan_where(map, |c: &SnatClaim<A>| {
+    let held = scan_where(map, |c: &ReplyClaim<A>| {
         c.value.last_seen_ns != 0 && c.key.dport != 0
     })?;
     Ok(held.into_iter().map(|(_, claim)| claim).collect())

@@ -5,7 +5,7 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BPF_F_INNER_MAP, Backend, CtKey, CtTimeouts, CtValue, Ip6, MapAddr,
-    NodeConfig, ServiceKey, ServiceName, ServiceValue, SnatClaim, SockFrontend, SockKey, SockKey6,
+    NodeConfig, ReplyClaim, ServiceKey, ServiceName, ServiceValue, SockFrontend, SockKey, SockKey6,
     SourceRangeKey, TrafficCounter, addr_filter, map_names,
 };
 
@@ -91,7 +91,7 @@ pub struct PinnedMaps {
     pub sock_revnat: HashMap<MapData, SockKey, SockFrontend>,
     pub addr_filter: Array<MapData, u64>,
     pub reply_filter: Array<MapData, u64>,
-    pub snat_claims: Array<MapData, SnatClaim>,
+    pub reply_claims: Array<MapData, ReplyClaim>,
     pub v6: PinnedMaps6,
     /// What `addr_filter` must hold; built from the maps on the first write.
     filter: Option<AddrFilter>,
@@ -110,7 +110,7 @@ pub struct PinnedMaps6 {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey<Ip6>, u8>,
     pub sock_revnat: HashMap<MapData, SockKey6, SockFrontend<Ip6>>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub snat_claims: Array<MapData, SnatClaim<Ip6>>,
+    pub reply_claims: Array<MapData, ReplyClaim<Ip6>>,
 }
 
 fn open(layout: &PinLayout, name: &'static str) -> Result<Map, MapsError> {
@@ -153,7 +153,7 @@ impl PinnedMaps {
             sock_revnat: typed!(layout, map_names::SOCK_REVNAT, HashMap),
             addr_filter: typed!(layout, map_names::ADDR_FILTER, Array),
             reply_filter: typed!(layout, map_names::REPLY_FILTER, Array),
-            snat_claims: typed!(layout, map_names::SNAT_CLAIMS, Array),
+            reply_claims: typed!(layout, map_names::REPLY_CLAIMS, Array),
             filter: None,
             replies: None,
             v6: PinnedMaps6 {
@@ -166,7 +166,7 @@ impl PinnedMaps {
                 source_ranges: typed!(layout, map_names::SOURCE_RANGES6, LpmTrie),
                 sock_revnat: typed!(layout, map_names::SOCK_REVNAT6, HashMap),
                 stats: typed!(layout, map_names::STATS6, PerCpuArray),
-                snat_claims: typed!(layout, map_names::SNAT_CLAIMS6, Array),
+                reply_claims: typed!(layout, map_names::REPLY_CLAIMS6, Array),
             },
         })
     }
@@ -285,8 +285,8 @@ impl PinnedMaps {
             }
             // Removed backends' flows a predecessor left: their replies keep their bits
             // for the hold, as if removed now.
-            hold_reply_sources(&mut replies, &self.conntrack, &self.snat_claims, now);
-            hold_reply_sources(&mut replies, &self.v6.conntrack, &self.v6.snat_claims, now);
+            hold_reply_sources(&mut replies, &self.conntrack, &self.reply_claims, now);
+            hold_reply_sources(&mut replies, &self.v6.conntrack, &self.v6.reply_claims, now);
             fill_and_arm(&mut self.reply_filter, |index| replies.word(index))?;
             self.replies = Some(replies);
         }
@@ -548,15 +548,15 @@ fn store_err(operation: &'static str, map: &'static str, e: MapError) -> StoreEr
 fn hold_reply_sources<A: MapAddr>(
     replies: &mut ReplyFilter,
     conntrack: &HashMap<MapData, CtKey<A>, CtValue<A>>,
-    claims: &Array<MapData, SnatClaim<A>>,
+    claims: &Array<MapData, ReplyClaim<A>>,
     now: std::time::Instant,
 ) where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
-    SnatClaim<A>: aya::Pod,
+    ReplyClaim<A>: aya::Pod,
 {
-    let claimed = id_arrays::snat_claims(claims).unwrap_or_else(|e| {
-        log::warn!("reading the SNAT claims (their replies' sources stay unheld): {e}");
+    let claimed = id_arrays::reply_claims(claims).unwrap_or_else(|e| {
+        log::warn!("reading the reply claims (their replies' sources stay unheld): {e}");
         Vec::new()
     });
     let reverse = conntrack

@@ -157,17 +157,17 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 34] = {
         (map_names::ROUTE_GEN, 4, 8, 1, Array),
         (map_names::REPLY_FILTER, 4, 8, addr_filter::ENTRIES, Array),
         (
-            map_names::SNAT_CLAIMS,
+            map_names::REPLY_CLAIMS,
             4,
-            size_of::<SnatClaim>(),
-            map_sizes::SNAT_CLAIMS,
+            size_of::<ReplyClaim>(),
+            map_sizes::REPLY_CLAIMS,
             Array,
         ),
         (
-            map_names::SNAT_CLAIMS6,
+            map_names::REPLY_CLAIMS6,
             4,
-            size_of::<SnatClaim<Ip6>>(),
-            map_sizes::SNAT_CLAIMS,
+            size_of::<ReplyClaim<Ip6>>(),
+            map_sizes::REPLY_CLAIMS,
             Array,
         ),
     ]

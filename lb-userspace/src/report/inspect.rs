@@ -330,20 +330,20 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
         ),
         // Held or once held: an expired claim stays until a new flow takes its slot.
         fill(
-            map_names::SNAT_CLAIMS,
+            map_names::REPLY_CLAIMS,
             slots_used(
-                map_names::SNAT_CLAIMS,
-                id_arrays::snat_claims(&maps.snat_claims),
+                map_names::REPLY_CLAIMS,
+                id_arrays::reply_claims(&maps.reply_claims),
             ),
-            map_sizes::SNAT_CLAIMS,
+            map_sizes::REPLY_CLAIMS,
         ),
         fill(
-            map_names::SNAT_CLAIMS6,
+            map_names::REPLY_CLAIMS6,
             slots_used(
-                map_names::SNAT_CLAIMS6,
-                id_arrays::snat_claims(&maps.v6.snat_claims),
+                map_names::REPLY_CLAIMS6,
+                id_arrays::reply_claims(&maps.v6.reply_claims),
             ),
-            map_sizes::SNAT_CLAIMS,
+            map_sizes::REPLY_CLAIMS,
         ),
         fill(
             map_names::ROUND_ROBIN,
