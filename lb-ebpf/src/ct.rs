@@ -105,16 +105,10 @@ pub fn reverse_entry<F: Family>(
 #[inline(never)]
 fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut ReplyClaim<F::Addr>> {
     let slot = F::reply_claims().get_ptr_mut(reply_claim_slot(key))?;
-    // SAFETY: a slot of the array, valid for this program run. The SNAT port is read first:
-    // it is 0 while the slot changes hands (`publish`).
+    // SAFETY: a slot of the array, valid for this program run. The key's port is read
+    // first: it is 0 while the slot changes hands (`publish`).
     let held = unsafe {
-        let held = &*slot;
-        core::ptr::read_volatile(&raw const held.key.dport) == key.dport
-            && held.key.sport == key.sport
-            && held.key.proto == key.proto
-            && held.key.dir == key.dir
-            && held.key.src == key.src
-            && held.key.dst == key.dst
+        core::ptr::read_volatile(&raw const (*slot).key.dport) == key.dport && (*slot).key == *key
     };
     held.then_some(slot)
 }
@@ -146,9 +140,9 @@ fn claim_slot<A: MapAddr>(
     true
 }
 
-/// Writes the reverse entry in `s` into a slot this program run claimed: the SNAT port is
-/// cleared first and written last, so a reader matching the key never takes a mix of the
-/// old holder's fields and the new one's for a claim.
+/// Writes the reverse entry in `s` into a slot this program run claimed: the key's port (the
+/// client's or the SNAT port) is cleared first and written last, so a reader matching the
+/// key never takes a mix of the old holder's fields and the new one's for a claim.
 #[inline(always)]
 unsafe fn publish<A: MapAddr>(slot: *mut ReplyClaim<A>, s: &CtScratch<A>) {
     // SAFETY: per the caller, a claimed slot of the array.
@@ -166,7 +160,7 @@ unsafe fn publish<A: MapAddr>(slot: *mut ReplyClaim<A>, s: &CtScratch<A>) {
     }
 }
 
-/// Frees a claim this flow holds: the SNAT port first (readers stop matching), then the
+/// Frees a claim this flow holds: the key's port first (readers stop matching), then the
 /// stamp (claimers may take it).
 #[inline(always)]
 fn unclaim<F: Family>(key: &CtKey<F::Addr>) {
@@ -267,14 +261,20 @@ pub fn create<F: Family>(
 /// its key: the reply's tuple is this flow's now).
 #[inline(always)]
 fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Outcome> {
-    let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
-    if F::CLAIMED_REPLIES
-        && let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key))
-        && claim_slot(slot, s, timeouts, now)
-    {
+    if F::CLAIMED_REPLIES && try_claim::<F>(s, now)? {
         return Ok(());
     }
     insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
+}
+
+/// Claims the slot of the reverse entry in `s` if no live flow holds it; whether it did.
+#[inline(always)]
+fn try_claim<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<bool, Outcome> {
+    let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
+    let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) else {
+        return Ok(false);
+    };
+    Ok(claim_slot(slot, s, timeouts, now))
 }
 
 /// Frees the SNAT port `claim_snat_port` claimed for `client`'s flow (its reverse entry),
@@ -422,11 +422,7 @@ pub fn ensure_reverse<F: Family>(
     if nat.snat() {
         // A SNATed flow's port is its claim: taken by another flow since (it outlived it,
         // without replies), it is not claimed beside it in conntrack.
-        let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
-        let slot = F::reply_claims()
-            .get_ptr_mut(reply_claim_slot(&s.key))
-            .ok_or(outcome::DROP_CT_FULL)?;
-        claim_slot(slot, s, timeouts, now);
+        try_claim::<F>(s, now)?;
         return Ok(());
     }
     record_reverse::<F>(s, now)

@@ -648,6 +648,24 @@ impl Datapath {
             .expect("claim slot");
     }
 
+    /// Removes an IPv4 reverse entry wherever it is: its claim (if its slot holds it) and
+    /// its conntrack entry (if any), in a few system calls.
+    pub fn remove_reverse(&mut self, key: CtKey) {
+        let mut slots: Array<_, lb_common::ReplyClaim> =
+            Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
+                .expect("map type");
+        let slot = lb_common::reply_claim_slot(&key);
+        if slots.get(&slot, 0).expect("claim slot").key == key {
+            slots
+                .set(slot, lb_common::ReplyClaim::default(), 0)
+                .expect("claim slot");
+        }
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("map"))
+                .expect("map type");
+        let _ = ct.remove(&key);
+    }
+
     /// Removes an IPv4 conntrack entry.
     pub fn remove_ct(&mut self, key: CtKey) {
         let mut ct: HashMap<_, CtKey, CtValue> =
