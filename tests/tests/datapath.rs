@@ -2,7 +2,7 @@
 //! Runs the real programs through BPF_PROG_TEST_RUN; needs root (see `privilege`).
 use std::net::Ipv4Addr;
 
-use aya::maps::{Array, HashMap};
+use aya::maps::Array;
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FORWARD, CT_REVERSE, CtKey, HopValue,
     Outcome, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, map_names, outcome,
