@@ -26,7 +26,8 @@ pub trait Family: 'static {
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
-    /// SNATed flows' reply state (`ct::claim_snat_port`).
+    /// Reverse entries as claims (`ct`): every SNATed flow's, and others' per
+    /// `CLAIMED_REPLIES`.
     fn reply_claims() -> &'static Array<ReplyClaim<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;

@@ -196,9 +196,9 @@ pub static XDP6_BOUNCE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "XLB_HOP_SCRATCH")]
 pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// SNATed flows' reply state (`ReplyClaim`): claimed per new flow with one compare-and-swap
-/// on its slot, where a second conntrack insert cost an LRU element and its list upkeep.
-/// Mmapable: the agent scans it as memory (GC, `xlb conntrack`).
+/// Reverse entries as claims (`ReplyClaim`, see `ct`): a slot taken per new flow with one
+/// compare-and-swap, where a second conntrack insert cost an LRU element and its list
+/// upkeep. Mmapable: the agent scans it as memory (reply filter on start, `xlb stats`).
 #[map(name = "XLB_REPLY_CLAIMS")]
 pub static REPLY_CLAIMS: Array<ReplyClaim> =
     Array::with_max_entries(map_sizes::REPLY_CLAIMS, BPF_F_MMAPABLE);
