@@ -1,4 +1,5 @@
-//! Checksums for packets we build ourselves (rewrites use the kernel's incremental helpers).
+//! Checksums: of packets we build ourselves, and incremental updates (RFC 1624) where a
+//! rewrite may compute them inline (`nat` on TC says where it may not).
 use aya_ebpf::helpers::generated::bpf_csum_diff;
 
 /// Internet checksum of `words` (a whole header, length a multiple of 4), ready to store
@@ -56,4 +57,28 @@ struct Pseudo6 {
     dst: lb_common::Ip6,
     len: u32,
     next: u32,
+}
+
+/// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u64::from(!check)
+        + u64::from(!old & 0xffff)
+        + u64::from(!old >> 16)
+        + u64::from(new & 0xffff)
+        + u64::from(new >> 16);
+    !fold16(sum)
+}
+
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    !fold16(u64::from(!check) + u64::from(!old) + u64::from(new))
+}
+
+#[inline(always)]
+fn fold16(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }

@@ -14,7 +14,7 @@ use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue, MapAddr, next_hops};
 
 use crate::{
     maps::{HOP_SCRATCH, NEXT_HOPS, NEXT_HOPS6, ROUTE_GEN},
-    parse::Ipv6Hdr,
+    parse::{Ipv4Hdr, Ipv6Hdr},
 };
 
 /// The key of each family's cache.
@@ -49,6 +49,8 @@ impl Key for HopKey6 {
 pub struct HopScratch {
     pub fib: FibParams,
     pub hop: HopValue,
+    /// An IPv4 packet's header for the FIB lookup (`route::forward`).
+    pub ip: Ipv4Hdr,
     /// An IPv6 packet's header and key (76 bytes the IPv6 stages' stacks cannot spare).
     pub ip6: Ipv6Hdr,
     pub key6: HopKey6,

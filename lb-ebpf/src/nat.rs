@@ -1,8 +1,10 @@
 //! Address/port rewrites with incremental checksum updates.
 //!
-//! The kernel helpers are used instead of recomputing sums because pod traffic over veth is
+//! The L4 checksum goes through the kernel's helpers because pod traffic over veth is
 //! usually CHECKSUM_PARTIAL: only the pseudo-header part of the L4 checksum may be touched,
-//! which `BPF_F_PSEUDO_HDR` handles. `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero.
+//! which `BPF_F_PSEUDO_HDR` handles, and a TC program cannot see which kind it has.
+//! `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero. Everything else (addresses,
+//! ports, the IPv4 header checksum) is written in place when the headers are linear.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::generated::bpf_csum_diff,
@@ -10,8 +12,9 @@ use aya_ebpf::{
 };
 use lb_common::{Ip6, Outcome, PROTO_UDP, outcome};
 
-use crate::parse::{
-    Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_OFF,
+use crate::{
+    csum::replace4,
+    parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_OFF},
 };
 
 /// DNAT: destination becomes `addr:port`.
@@ -48,6 +51,29 @@ fn rewrite(
     };
     let csum_off = flow.csum_off(L4_OFF);
     let failed = |_| outcome::DROP_REWRITE_FAILED;
+    if let Some(data) = headers_in_place(ctx, L4_OFF + 4) {
+        // The IPv4 header's own checksum is never offloaded: updated inline, as are the
+        // stores. Only the L4 checksum needs the helpers (see the module comment).
+        // SAFETY: the IPv4 header and the ports lie inside the linear data (checked above).
+        unsafe {
+            if old_addr != new_addr {
+                let csum = (data + IP_OFF + IP_CSUM_OFF) as *mut u16;
+                csum.write_unaligned(replace4(csum.read_unaligned(), old_addr, new_addr));
+                ((data + IP_OFF + addr_off) as *mut u32).write_unaligned(new_addr);
+            }
+            if old_port != new_port {
+                ((data + L4_OFF + port_off) as *mut u16).write_unaligned(new_port);
+            }
+        }
+    } else {
+        if old_addr != new_addr {
+            replace_ip_addr(ctx, IP_OFF, addr_off, old_addr, new_addr)?;
+        }
+        if old_port != new_port {
+            ctx.store(L4_OFF + port_off, &new_port, 0).map_err(failed)?;
+        }
+    }
+    // After the direct writes: these helpers may move the packet's data.
     if old_addr != new_addr {
         ctx.l4_csum_replace(
             csum_off,
@@ -56,14 +82,22 @@ fn rewrite(
             BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
         )
         .map_err(failed)?;
-        replace_ip_addr(ctx, IP_OFF, addr_off, old_addr, new_addr)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled0 | 2)
             .map_err(failed)?;
-        ctx.store(L4_OFF + port_off, &new_port, 0).map_err(failed)?;
     }
     Ok(())
+}
+
+/// The start of the packet's data if its first `len` bytes are in the skb's linear part
+/// (`parse` pulls the headers there), so they can be read and written in place: a helper
+/// call per store costs about what a map lookup does. Direct writes make the verifier
+/// unclone a cloned skb first, as the store helper would.
+#[inline(always)]
+pub fn headers_in_place(ctx: &TcContext, len: usize) -> Option<usize> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    (data + len <= end).then_some(data)
 }
 
 /// Stores a new address in the IPv4 header at `ip_off` and fixes that header's checksum.

@@ -11,9 +11,11 @@ use core::mem::MaybeUninit;
 use lb_common::{HOP_FLAG_POD, HopKey, HopValue, Outcome, outcome};
 
 use crate::{
+    csum::replace2,
     hop::{self, Cached},
     maps::POD_IFACES,
-    parse::{Frame, IP_CSUM_OFF, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
+    nat,
+    parse::{Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
     svc,
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
@@ -99,28 +101,42 @@ fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
 #[inline(always)]
 pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
-    let ip: Ipv4Hdr = ctx.load(IP_OFF).map_err(failed)?;
-    if ip.ttl <= 1 {
+    // What the cache needs of the header, read in place (or copied when the headers are
+    // not linear). No whole copy on the stack: the deepest call chain (`route_reply`)
+    // cannot spare it.
+    let (ttl, src, dst, tot_len) = match nat::headers_in_place(ctx, IP_OFF + IP_HLEN) {
+        // SAFETY: the header lies inside the linear data (checked).
+        Some(data) => unsafe {
+            let ip = (data + IP_OFF) as *const Ipv4Hdr;
+            ((*ip).ttl, (*ip).src, (*ip).dst, (*ip).tot_len)
+        },
+        None => {
+            let ip: Ipv4Hdr = ctx.load(IP_OFF).map_err(failed)?;
+            (ip.ttl, ip.src, ip.dst, ip.tot_len)
+        }
+    };
+    if ttl <= 1 {
         return Ok(TC_ACT_OK); // the stack sends time-exceeded
     }
     // SAFETY: reading the skb's own fields.
     let (ingress, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
     let key = HopKey {
-        dst: ip.dst,
-        src: ip.src,
+        dst,
+        src,
         ifindex: ingress,
     };
-    let len = u16::from_be(ip.tot_len);
+    let len = u16::from_be(tot_len);
     let now = svc::now_ns();
     let hop = match hop::lookup(&key, len, gso, now) {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
             // SAFETY: this run's per-CPU slot.
             let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
-            let fib = fib_params(as_storage(&mut s.fib), &ip, ingress);
+            s.ip = ctx.load(IP_OFF).map_err(failed)?;
+            let fib = fib_params(as_storage(&mut s.fib), &s.ip, ingress);
             let rc = fib_lookup(ctx.skb.skb.cast(), fib);
             if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-                decrement_ttl(ctx, &ip)?;
+                decrement_ttl(ctx, ttl)?;
                 return redirect_neigh(fib.ifindex);
             }
             if rc != BPF_FIB_LKUP_RET_SUCCESS {
@@ -133,10 +149,20 @@ pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
             &s.hop as *const HopValue
         }
     };
-    decrement_ttl(ctx, &ip)?;
     // SAFETY: the cache's entry or this run's slot, both valid for this run.
     let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
-    ctx.store(0, macs, 0).map_err(failed)?;
+    if let Some(data) = nat::headers_in_place(ctx, IP_OFF + IP_HLEN) {
+        // SAFETY: Ethernet and IPv4 headers lie inside the linear data (checked).
+        unsafe {
+            ((data + IP_OFF + TTL_OFF) as *mut u8).write(ttl - 1);
+            let csum = (data + IP_OFF + IP_CSUM_OFF) as *mut u16;
+            csum.write_unaligned(replace2(csum.read_unaligned(), TTL_ONE, 0));
+            write_macs(data, macs);
+        }
+    } else {
+        decrement_ttl(ctx, ttl)?;
+        ctx.store(0, macs, 0).map_err(failed)?;
+    }
     redirect(ifindex, flags & HOP_FLAG_POD != 0)
 }
 
@@ -147,15 +173,35 @@ pub fn as_storage(fib: &mut FibParams) -> &mut MaybeUninit<FibParams> {
     unsafe { &mut *(fib as *mut FibParams).cast::<MaybeUninit<FibParams>>() }
 }
 
-/// A router decrements the TTL; TTL and protocol share one 16-bit checksum word.
+/// Writes the 12 bytes of MAC addresses at the start of the packet at `data`, a word at a
+/// time: a 12-byte copy becomes a call to `memmove`, whose stack frame the deepest call
+/// chain cannot spare.
+///
+/// # Safety
+/// The packet's first 12 bytes lie inside the linear data.
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), Outcome> {
+pub unsafe fn write_macs(data: usize, macs: &[u8; 12]) {
+    let from = macs.as_ptr().cast::<u32>();
+    for i in 0..3 {
+        // SAFETY: within `macs` and (per the caller) the packet.
+        unsafe {
+            (data as *mut u32)
+                .add(i)
+                .write_unaligned(from.add(i).read_unaligned())
+        };
+    }
+}
+
+/// The TTL's part of its checksum word (TTL and protocol share one 16-bit word): lowering
+/// the TTL by one lowers the word by this much.
+const TTL_ONE: u16 = 0x0100u16.to_be();
+
+/// A router decrements the TTL (through helpers: the headers are not in the linear part).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
-    let old_word = u16::from_be_bytes([ip.ttl, ip.proto]).to_be();
-    let new_word = u16::from_be_bytes([ip.ttl - 1, ip.proto]).to_be();
-    ctx.store(IP_OFF + TTL_OFF, &(ip.ttl - 1), 0)
-        .map_err(failed)?;
-    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_word as u64, new_word as u64, 2)
+    ctx.store(IP_OFF + TTL_OFF, &(ttl - 1), 0).map_err(failed)?;
+    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, TTL_ONE as u64, 0, 2)
         .map_err(failed)
 }
 

@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lb_common::{HopKey, Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
+    csum::{replace2, replace4},
     ct,
     family::V4,
     filter,
@@ -202,30 +203,6 @@ fn rewrite(pkt: &Packet, field: Field, (addr, port): (u32, u16)) {
         port_ptr.write_unaligned(port);
         csum_ptr.write_unaligned(sum);
     }
-}
-
-/// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
-#[inline(always)]
-pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = u64::from(!check)
-        + u64::from(!old & 0xffff)
-        + u64::from(!old >> 16)
-        + u64::from(new & 0xffff)
-        + u64::from(new >> 16);
-    !fold(sum)
-}
-
-#[inline(always)]
-pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
-    !fold(u64::from(!check) + u64::from(!old) + u64::from(new))
-}
-
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// Sends a translated packet on: straight back out when the route leaves through the

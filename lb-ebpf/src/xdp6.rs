@@ -15,6 +15,7 @@ use aya_ebpf::{
 use lb_common::{Ip6, Outcome, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
+    csum::{replace2, replace4},
     ct,
     family::V6,
     filter,
@@ -27,7 +28,6 @@ use crate::{
     },
     route,
     svc::{self, Addr, Decision, Look, Lookup},
-    xdp::{replace2, replace4},
 };
 
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
