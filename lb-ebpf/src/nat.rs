@@ -14,7 +14,10 @@ use lb_common::{Ip6, Outcome, PROTO_UDP, outcome};
 
 use crate::{
     csum::replace4,
-    parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_OFF},
+    parse::{
+        Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DIRECT,
+        L4_OFF,
+    },
 };
 
 /// DNAT: destination becomes `addr:port`.
@@ -187,15 +190,36 @@ fn rewrite6(
     let l4_off = flow.l4_off as usize;
     let csum_off = flow.csum_off(l4_off);
     let failed = |_| outcome::DROP_REWRITE_FAILED;
+    // In place without extension headers (constant offsets), as for IPv4.
+    match headers_in_place(ctx, L4_DIRECT + 4) {
+        Some(data) if l4_off == L4_DIRECT => {
+            // SAFETY: the IPv6 header and the ports lie inside the linear data (checked).
+            unsafe {
+                if old_addr != new_addr {
+                    ((data + IP_OFF + addr_off) as *mut Ip6).write_unaligned(*new_addr);
+                }
+                if old_port != new_port {
+                    ((data + L4_DIRECT + port_off) as *mut u16).write_unaligned(new_port);
+                }
+            }
+        }
+        _ => {
+            if old_addr != new_addr {
+                ctx.store(IP_OFF + addr_off, new_addr, 0).map_err(failed)?;
+            }
+            if old_port != new_port {
+                ctx.store(l4_off + port_off, &new_port, 0).map_err(failed)?;
+            }
+        }
+    }
+    // After the direct writes: these helpers may move the packet's data.
     if old_addr != new_addr {
         let diff = addr_diff(old_addr, new_addr);
         pseudo_csum_replace(ctx, csum_off, diff, mangled0)?;
-        ctx.store(IP_OFF + addr_off, new_addr, 0).map_err(failed)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled0 | 2)
             .map_err(failed)?;
-        ctx.store(l4_off + port_off, &new_port, 0).map_err(failed)?;
     }
     Ok(())
 }

@@ -15,7 +15,10 @@ use crate::{
     hop::{self, Cached},
     maps::POD_IFACES,
     nat,
-    parse::{Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr},
+    parse::{
+        Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr,
+        packet_read,
+    },
     svc,
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
@@ -211,8 +214,13 @@ pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     // SAFETY: this run's per-CPU slot.
     let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
-    ctx.read_into(IP_OFF, &mut s.ip6)
-        .map_err(|_| outcome::DROP_REWRITE_FAILED)?;
+    match nat::headers_in_place(ctx, IP_OFF + IP6_HLEN) {
+        // SAFETY: the header lies inside the linear data (checked).
+        Some(data) => s.ip6 = unsafe { packet_read(data + IP_OFF) },
+        None => ctx
+            .read_into(IP_OFF, &mut s.ip6)
+            .map_err(|_| outcome::DROP_REWRITE_FAILED)?,
+    }
     if s.ip6.hop_limit <= 1 {
         return Ok(TC_ACT_OK); // the stack sends time-exceeded
     }
@@ -242,11 +250,19 @@ pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
             &s.hop as *const HopValue
         }
     };
-    ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
-        .map_err(failed)?;
     // SAFETY: the cache's entry or this run's slot, both valid for this run.
     let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
-    ctx.store(0, macs, 0).map_err(failed)?;
+    if let Some(data) = nat::headers_in_place(ctx, IP_OFF + IP6_HLEN) {
+        // SAFETY: Ethernet and IPv6 headers lie inside the linear data (checked).
+        unsafe {
+            ((data + IP_OFF + IP6_HOP_LIMIT_OFF) as *mut u8).write(hop_limit - 1);
+            write_macs(data, macs);
+        }
+    } else {
+        ctx.store(IP_OFF + IP6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
+            .map_err(failed)?;
+        ctx.store(0, macs, 0).map_err(failed)?;
+    }
     redirect(ifindex, flags & HOP_FLAG_POD != 0)
 }
 
