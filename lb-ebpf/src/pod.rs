@@ -30,8 +30,9 @@ trait TcFamily: Family {
         addr: Self::Addr,
         port: u16,
     ) -> Result<(), Outcome>;
-    /// `keep`: cache the next hop if it had to be looked up (`hop::keeps`).
-    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome>;
+    /// `keep`: cache the next hop if it had to be looked up (`hop::keeps`); `now`: the
+    /// packet's clock reading (one per packet: each costs about a map lookup).
+    fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome>;
     fn reject(ctx: &TcContext, flow: &Flow<Self::Addr>) -> Result<i32, Outcome>;
     /// `dnat`, `route_reply` and `icmp_error` of this family. IPv4 calls the last two as
     /// subprograms (inlined, the verifier walks their paths once per caller path: twice
@@ -41,6 +42,7 @@ trait TcFamily: Family {
         ctx: &TcContext,
         flow: &Flow<Self::Addr>,
         decision: Decision<Self::Addr>,
+        now: u64,
     ) -> Result<(i32, Outcome), Outcome>;
     fn route_reply(
         ctx: &TcContext,
@@ -73,8 +75,8 @@ impl TcFamily for V4 {
         nat::rewrite_src(ctx, flow, addr, port)
     }
     #[inline(always)]
-    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
-        route::forward(ctx, keep)
+    fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
+        route::forward(ctx, keep, now)
     }
     #[inline(always)]
     fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, Outcome> {
@@ -85,8 +87,9 @@ impl TcFamily for V4 {
         ctx: &TcContext,
         flow: &Flow,
         decision: Decision<u32>,
+        now: u64,
     ) -> Result<(i32, Outcome), Outcome> {
-        dnat::<V4>(ctx, flow, decision)
+        dnat::<V4>(ctx, flow, decision, now)
     }
     #[inline(always)]
     fn route_reply(
@@ -128,8 +131,8 @@ impl TcFamily for V6 {
         nat::rewrite6_src(ctx, flow, addr, port)
     }
     #[inline(always)]
-    fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
-        forward6(ctx, keep)
+    fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
+        forward6(ctx, keep, now)
     }
     #[inline(always)]
     fn reject(ctx: &TcContext, _flow: &Flow<Ip6>) -> Result<i32, Outcome> {
@@ -140,8 +143,9 @@ impl TcFamily for V6 {
         ctx: &TcContext,
         flow: &Flow<Ip6>,
         decision: Decision<Ip6>,
+        now: u64,
     ) -> Result<(i32, Outcome), Outcome> {
-        dnat::<V6>(ctx, flow, decision)
+        dnat::<V6>(ctx, flow, decision, now)
     }
     #[inline(always)]
     fn route_reply(
@@ -233,8 +237,8 @@ pub enum Stage6 {
 }
 
 #[inline(always)]
-fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
-    route::forward6(ctx, keep)
+fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
+    route::forward6(ctx, keep, now)
 }
 
 /// `xlb_from_pod6_rare`: translates a pod's ICMPv6 error, or answers the pod's packet (to
@@ -339,7 +343,9 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 #[inline(always)]
 fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     let local = filter::may_be_local(flow.dst);
-    let now = svc::now_ns();
+    // The clock only where a step may need it: a packet to no frontend and no node address
+    // (most of a pod's traffic) goes on with no state touched; a routed reply reads its own.
+    let now = if local { svc::now_ns() } else { 0 };
     // A packet that opens a connection is balanced first (`svc::new_flow`).
     let followed = !ct::opens(flow);
     if local
@@ -359,7 +365,7 @@ fn tracked<F: TcFamily>(
     now: u64,
 ) -> Option<Result<(i32, Outcome), Outcome>> {
     let decision = svc::follow::<F>(flow, SCOPE_INTERNAL, ctx.len(), now, Look::First)?;
-    Some(decision.and_then(|decision| F::dnat(ctx, flow, decision)))
+    Some(decision.and_then(|decision| F::dnat(ctx, flow, decision, now)))
 }
 
 /// A packet of no tracked flow: a routed reply, or a new flow to a service. `local`: the
@@ -396,7 +402,7 @@ fn untracked<F: TcFamily>(
         now,
         svc::Lookup::after(followed),
     )?;
-    F::dnat(ctx, flow, decision)
+    F::dnat(ctx, flow, decision, now)
 }
 
 #[inline(always)]
@@ -404,6 +410,7 @@ fn dnat<F: TcFamily>(
     ctx: &TcContext,
     flow: &Flow<F::Addr>,
     decision: Decision<F::Addr>,
+    now: u64,
 ) -> Result<(i32, Outcome), Outcome> {
     match decision {
         Decision::Translate { dst, src, outcome } => {
@@ -414,7 +421,7 @@ fn dnat<F: TcFamily>(
             }
             // Straight to the backend's interface (FIB lookup + redirect), skipping the
             // stack's routing and netfilter, as Cilium's BPF host routing does.
-            Ok((F::forward(ctx, hop::keeps(outcome))?, outcome))
+            Ok((F::forward(ctx, hop::keeps(outcome), now)?, outcome))
         }
         Decision::Reject => F::reject(ctx, flow).map(|v| (v, outcome::REJECT_NO_BACKEND)),
     }
@@ -443,7 +450,7 @@ fn route_reply<F: TcFamily>(
         F::rewrite_dst(ctx, flow, addr, port)?;
     }
     F::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-    Ok((F::forward(ctx, true)?, reply.outcome))
+    Ok((F::forward(ctx, true, svc::now_ns())?, reply.outcome))
 }
 
 fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {

@@ -19,7 +19,6 @@ use crate::{
         Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr,
         packet_read,
     },
-    svc,
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
@@ -102,7 +101,7 @@ fn zeroed(storage: &mut MaybeUninit<FibParams>) -> &mut FibParams {
 /// Without a route it goes to the stack (`TC_ACT_OK`), which answers as it would. The
 /// route comes from the next-hop cache (`hop`) or, failing that, a FIB lookup.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
+pub fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     // What the cache needs of the header, read in place (or copied when the headers are
     // not linear). No whole copy on the stack: the deepest call chain (`route_reply`)
@@ -129,7 +128,6 @@ pub fn forward(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
         ifindex: ingress,
     };
     let len = u16::from_be(tot_len);
-    let now = svc::now_ns();
     let hop = match hop::lookup(&key, len, gso, now) {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
@@ -210,7 +208,7 @@ fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), Outcome> {
 
 /// `forward` for IPv6: the hop limit is decremented (no header checksum to fix).
 #[inline(always)]
-pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
+pub fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     // SAFETY: this run's per-CPU slot.
     let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
@@ -229,7 +227,6 @@ pub fn forward6(ctx: &TcContext, keep: bool) -> Result<i32, Outcome> {
     hop::key6_of(s, ingress);
     let hop_limit = s.ip6.hop_limit;
     let len = u16::from_be(s.ip6.payload_len).saturating_add(IP6_HLEN as u16);
-    let now = svc::now_ns();
     let hop = match hop::lookup(&s.key6, len, gso, now) {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
