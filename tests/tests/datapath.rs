@@ -1032,6 +1032,70 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     assert_eq!(&out[0..6], &gateway, "stale after a second");
 }
 
+/// The agent's routing watcher (`route_watch`) hears every kind of change a cached next hop
+/// may depend on: routes, rules and neighbours of both families, and nexthop objects (a
+/// route using one is not announced again when the object changes).
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_routing_watcher_hears_rules_routes_and_nexthop_objects_of_both_families() {
+    use std::os::fd::AsRawFd as _;
+    require_privileges();
+    let ns = xlb_tests::netns::Netns::new(&xlb_tests::netns::unique_tag(), "rw").expect("netns");
+    let file = std::fs::File::open(ns.path()).expect("open namespace");
+    // SAFETY: setns on an open netns fd only moves this (test) thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let socket = xlb::datapath::route_watch::subscribe().expect("subscribe");
+    ns.ip(&["link", "add", "rw0", "type", "veth", "peer", "name", "rw1"])
+        .expect("veth");
+    ns.ip(&["link", "set", "rw0", "up"]).expect("up");
+    let changes: [&[&str]; 6] = [
+        &["-4", "rule", "add", "from", "10.9.0.0/16", "table", "100"],
+        &["-6", "rule", "add", "from", "fd00:9::/64", "table", "100"],
+        &["-4", "route", "add", "blackhole", "10.8.0.0/16"],
+        &["-6", "route", "add", "blackhole", "fd00:8::/64"],
+        &[
+            "-4",
+            "neigh",
+            "add",
+            "10.7.0.1",
+            "lladdr",
+            "02:00:00:00:07:01",
+            "dev",
+            "rw0",
+        ],
+        &["nexthop", "add", "id", "7", "blackhole"],
+    ];
+    let mut buf = vec![0u8; 64 * 1024];
+    for change in changes {
+        // What earlier changes announced is read first (MSG_DONTWAIT: until none is left).
+        // SAFETY: `buf` is writable for its length.
+        while unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+        ns.ip(change).expect("routing change");
+        let mut poll = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, as passed.
+        let ready = unsafe { libc::poll(&mut poll, 1, 2_000) };
+        assert_eq!(
+            ready,
+            1,
+            "no announcement within 2 s of `ip {}`",
+            change.join(" ")
+        );
+    }
+}
+
 /// A packet that opens a connection is balanced before any lookup (`svc::opens`), its
 /// forward entry written only if the tuple has none: a retransmitted SYN still follows the
 /// flow it belongs to, whatever changed since (as kube-proxy's rules see only a

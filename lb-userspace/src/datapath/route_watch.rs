@@ -1,5 +1,6 @@
 //! Raises the routing generation (`XLB_ROUTE_GEN`) whenever the kernel announces a change
-//! a FIB lookup's result may depend on (routes, rules, neighbours, links, addresses), so
+//! a FIB lookup's result may depend on (routes, rules, nexthop objects, neighbours, links,
+//! addresses; both families), so
 //! the programs look up again instead of using a next hop they cached before it
 //! (`lb-ebpf/src/hop.rs`). Raised once at start too: changes made while no agent listened
 //! count as well.
@@ -21,6 +22,12 @@ const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV4_RULE: u32 = 0x80;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+/// `RTNLGRP_IPV6_RULE` (19): IPv6 policy routing rules.
+const RTMGRP_IPV6_RULE: u32 = 1 << (19 - 1);
+/// `RTNLGRP_NEXTHOP`: nexthop objects (`ip nexthop`). A route using one is not announced
+/// again when the object changes. Beyond the 32 bits of `nl_groups`: joined by socket
+/// option.
+const RTNLGRP_NEXTHOP: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteWatchError {
@@ -71,7 +78,9 @@ pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
     Ok(())
 }
 
-fn subscribe() -> io::Result<OwnedFd> {
+/// A socket that receives the announcements `watch` reacts to (of the calling thread's
+/// network namespace).
+pub fn subscribe() -> io::Result<OwnedFd> {
     let socket = super::netlink::socket(libc::NETLINK_ROUTE)?;
     // SAFETY: all-zero is a valid sockaddr_nl.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -82,13 +91,27 @@ fn subscribe() -> io::Result<OwnedFd> {
         | RTMGRP_IPV4_ROUTE
         | RTMGRP_IPV4_RULE
         | RTMGRP_IPV6_IFADDR
-        | RTMGRP_IPV6_ROUTE;
+        | RTMGRP_IPV6_ROUTE
+        | RTMGRP_IPV6_RULE;
     // SAFETY: `addr` is a sockaddr_nl of the size passed.
     let rc = unsafe {
         libc::bind(
             socket.as_raw_fd(),
             (&addr as *const libc::sockaddr_nl).cast(),
             std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: setsockopt with a u32 option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            (&RTNLGRP_NEXTHOP as *const u32).cast(),
+            std::mem::size_of::<u32>() as u32,
         )
     };
     if rc != 0 {
