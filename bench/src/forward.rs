@@ -16,6 +16,8 @@ use serde::Serialize;
 use xlb::datapath::{
     attach, load,
     pins::{self, PinLayout},
+    route_policy,
+    route_watch::RouteGeneration,
 };
 use xlb_tests::netns::{Netns, unique_tag};
 
@@ -535,6 +537,9 @@ fn measure_mode(mode: Mode, services: u32, count: u64) -> Result<Vec<Forwarding>
                 for iface in &ifaces {
                     attach::attach(&mut ebpf, iface, &layout)?;
                 }
+                // The routing generation and policy, as the agent's route watcher sets them
+                // at start (this node's routing does not change during the run).
+                RouteGeneration::open(&layout)?.raise(route_policy::source_free()?)?;
                 let from_pod = load::program(&mut ebpf, program_names::TC_FROM_POD)?;
                 Ok(from_pod.info()?.id())
             })??;

@@ -225,6 +225,17 @@ pub struct HopKey6 {
 
 const _: () = assert!(core::mem::size_of::<HopKey6>() == 36);
 
+/// `XLB_ROUTE_GEN`'s value: the routing generation in its low 32 bits, and above them
+/// whether a family's FIB lookups cannot depend on the source address (the agent's
+/// `route_policy`: default policy rules only, no multipath or source-specific route). Then
+/// the next-hop cache keys entries by destination and ingress interface alone: every
+/// client's flows to a backend share one entry.
+pub mod route_gen {
+    pub const GENERATION: u64 = 0xffff_ffff;
+    pub const SOURCE_FREE_V4: u64 = 1 << 32;
+    pub const SOURCE_FREE_V6: u64 = 1 << 33;
+}
+
 /// `HopValue::flags`: the egress interface is a pod's (forward with `bpf_redirect_peer`).
 pub const HOP_FLAG_POD: u16 = 1;
 

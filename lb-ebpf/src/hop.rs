@@ -1,5 +1,6 @@
 //! The next-hop cache: a FIB lookup's result (egress interface and MACs) kept per
-//! (source, destination, ingress interface), so a flow's packets after the first skip the
+//! (source, destination, ingress interface) — per (destination, ingress interface) where
+//! the source cannot change the result (`key`) — so a flow's packets after the first skip the
 //! lookup (the bench's `cost_fib` row: the largest single step of a forwarded packet). One
 //! direct-mapped per-CPU array per family (`lb_common::HopSlot`): a lookup is a hash and an
 //! array read, a miss overwrites the slot.
@@ -10,7 +11,7 @@
 //! for a packet no longer than one the lookup found to fit the route's MTU (GSO packets are
 //! not checked against the MTU by the lookup either).
 use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
-use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue, MapAddr, next_hops};
+use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue, MapAddr, next_hops, route_gen};
 
 use crate::{
     maps::{HOP_SCRATCH, NEXT_HOPS, NEXT_HOPS6, ROUTE_GEN},
@@ -56,12 +57,36 @@ pub struct HopScratch {
     pub key6: HopKey6,
 }
 
-/// Sets `s.key6` from the header in `s.ip6` and the ingress interface.
+/// The cache key of an IPv4 packet from `src` to `dst` that arrived on `ingress`, and
+/// whether it was made without the source: when the agent found that lookups cannot depend
+/// on it (`lb_common::route_gen`), every client's flows to a backend share one entry.
 #[inline(always)]
-pub fn key6_of(s: &mut HopScratch, ingress: u32) {
+pub fn key(dst: u32, src: u32, ingress: u32) -> (HopKey, bool) {
+    let free = source_free(route_gen::SOURCE_FREE_V4);
+    (
+        HopKey {
+            dst,
+            src: if free { 0 } else { src },
+            ifindex: ingress,
+        },
+        free,
+    )
+}
+
+/// Sets `s.key6` from the header in `s.ip6` and the ingress interface, as `key` does;
+/// whether it was made without the source.
+#[inline(always)]
+pub fn key6_of(s: &mut HopScratch, ingress: u32) -> bool {
+    let free = source_free(route_gen::SOURCE_FREE_V6);
     s.key6.dst = s.ip6.dst;
-    s.key6.src = s.ip6.src;
+    s.key6.src = if free { [0; 4] } else { s.ip6.src };
     s.key6.ifindex = ingress;
+    free
+}
+
+#[inline(always)]
+fn source_free(flag: u64) -> bool {
+    ROUTE_GEN.get(0).is_some_and(|&g| g & flag != 0)
 }
 
 /// This CPU's slot (a program run's alone: programs of a hook do not nest on a CPU).

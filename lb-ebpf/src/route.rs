@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use lb_common::{HOP_FLAG_POD, HopKey, HopValue, Outcome, outcome};
+use lb_common::{HOP_FLAG_POD, HopValue, Outcome, outcome};
 
 use crate::{
     csum::replace2,
@@ -122,11 +122,9 @@ pub fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     }
     // SAFETY: reading the skb's own fields.
     let (ingress, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
-    let key = HopKey {
-        dst,
-        src,
-        ifindex: ingress,
-    };
+    let (key, free) = hop::key(dst, src, ingress);
+    // A source-free entry serves every client's flows: worth storing for a first packet.
+    let keep = keep | free;
     let len = u16::from_be(tot_len);
     let hop = match hop::lookup(&key, len, gso, now) {
         Cached::Hit(hop) => hop,
@@ -224,7 +222,8 @@ pub fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     }
     // SAFETY: reading the skb's own fields.
     let (ingress, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
-    hop::key6_of(s, ingress);
+    // A source-free entry serves every client's flows: worth storing for a first packet.
+    let keep = hop::key6_of(s, ingress) | keep;
     let hop_limit = s.ip6.hop_limit;
     let len = u16::from_be(s.ip6.payload_len).saturating_add(IP6_HLEN as u16);
     let hop = match hop::lookup(&s.key6, len, gso, now) {

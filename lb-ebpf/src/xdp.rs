@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
 };
-use lb_common::{HopKey, Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
+use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
     csum::{replace2, replace4},
@@ -215,11 +215,9 @@ fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool) -> u32 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let key = HopKey {
-        dst: ip.dst,
-        src: ip.src,
-        ifindex: ingress,
-    };
+    let (key, free) = hop::key(ip.dst, ip.src, ingress);
+    // A source-free entry serves every client's flows: worth storing for a first packet.
+    let keep = keep | free;
     let len = u16::from_be(ip.tot_len);
     let now = svc::now_ns();
     let hop = match hop::lookup(&key, len, false, now) {

@@ -291,7 +291,8 @@ fn forward(ctx: &XdpContext, keep: bool) -> u32 {
         return xdp_action::XDP_PASS; // the kernel sends time-exceeded
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    hop::key6_of(s, ingress);
+    // A source-free entry serves every client's flows: worth storing for a first packet.
+    let keep = hop::key6_of(s, ingress) | keep;
     let hop_limit = s.ip6.hop_limit;
     let len = u16::from_be(s.ip6.payload_len).saturating_add(IP6_HLEN as u16);
     let now = svc::now_ns();

@@ -565,6 +565,17 @@ impl Datapath {
     }
 
     /// Raises the routing generation, as the agent does on a routing change.
+    /// Raises the routing generation with the source-free flags `flags`
+    /// (`lb_common::route_gen`), as the agent's route watcher does.
+    pub fn set_route_policy(&mut self, flags: u64) {
+        let mut map: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::ROUTE_GEN).expect("map"))
+                .expect("map type");
+        let now = map.get(&0, 0).expect("generation");
+        let next = ((now + 1) & lb_common::route_gen::GENERATION) | flags;
+        map.set(0, next, 0).expect("generation");
+    }
+
     pub fn raise_route_generation(&mut self) {
         let mut map: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(map_names::ROUTE_GEN).expect("map"))

@@ -1032,6 +1032,173 @@ fn forwarded_packets_take_the_cached_next_hop_until_routing_changes() {
     assert_eq!(&out[0..6], &gateway, "stale after a second");
 }
 
+/// Where the agent found that lookups cannot depend on the source address
+/// (`route_policy`), the cache keys entries by destination and ingress interface: a flow's
+/// first packet stores one, and another client's new flow to that backend takes it.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn source_free_routing_shares_a_next_hop_between_clients() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let gateway = [0x02, 0, 0, 0, 3, 3];
+    dp.route_out("10.244.0.0/16", "02:00:00:00:03:03");
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
+    dp.set_route_policy(lb_common::route_gen::SOURCE_FREE_V4);
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &syn);
+    assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &gateway[..]));
+    let hops = dp.next_hops();
+    assert_eq!(
+        hops.len(),
+        1,
+        "a first packet stores a source-free entry: {hops:?}"
+    );
+    let (key, hop) = hops[0];
+    assert_eq!((key.dst, key.src), (ip("10.244.1.2"), 0));
+
+    let marked = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+    let mut planted = hop;
+    planted.macs[..6].copy_from_slice(&marked);
+    dp.put_next_hop(key, planted);
+    let other = Frame::tcp("10.244.0.9", 41000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &other);
+    assert_eq!(
+        (verdict, &out[0..6]),
+        (TC_ACT_REDIRECT, &marked[..]),
+        "another client's flow takes the entry"
+    );
+    assert_eq!(checksum_errors(&out), Vec::<String>::new());
+
+    // Policy routing appears (the watcher clears the flag and raises the generation): keys
+    // carry the source again, and a first packet stores nothing.
+    dp.set_route_policy(0);
+    let third = Frame::tcp("10.244.0.11", 42000, VIP, 80, SYN).build();
+    let (verdict, out) = dp.run(Hook::FromPod, &third);
+    assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &gateway[..]));
+    assert!(
+        dp.next_hops().iter().all(|(k, _)| k.src == 0),
+        "nothing stored for the sourced key: {:?}",
+        dp.next_hops()
+    );
+}
+
+/// The agent's policy check (`route_policy`) against a real namespace's rules and routes:
+/// source-free with the kernel's defaults, not with a source rule, a multipath route, a
+/// nexthop object or an IPv6 source-specific route, and source-free again once they left.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_routing_policy_check_reads_rules_and_routes_of_both_families() {
+    use std::os::fd::AsRawFd as _;
+    use xlb::datapath::route_policy::{SourceFree, source_free};
+    require_privileges();
+    let ns = xlb_tests::netns::Netns::new(&xlb_tests::netns::unique_tag(), "rp").expect("netns");
+    let file = std::fs::File::open(ns.path()).expect("open namespace");
+    // SAFETY: setns on an open netns fd only moves this (test) thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let both = SourceFree { v4: true, v6: true };
+    assert_eq!(source_free().expect("dump"), both, "a fresh namespace");
+    ns.ip(&["link", "add", "rp0", "type", "veth", "peer", "name", "rp1"])
+        .expect("veth");
+    for link in ["rp0", "rp1"] {
+        ns.ip(&["link", "set", link, "up"]).expect("up");
+    }
+    ns.ip(&["addr", "add", "10.5.0.10/24", "dev", "rp0"])
+        .expect("address");
+    assert_eq!(source_free().expect("dump"), both, "plain routes");
+    let cases: [(&[&str], &[&str], SourceFree); 4] = [
+        (
+            &["-4", "rule", "add", "from", "10.9.0.0/16", "table", "100"],
+            &["-4", "rule", "del", "from", "10.9.0.0/16", "table", "100"],
+            SourceFree {
+                v4: false,
+                v6: true,
+            },
+        ),
+        (
+            &[
+                "-4",
+                "route",
+                "add",
+                "10.6.0.0/16",
+                "nexthop",
+                "via",
+                "10.5.0.1",
+                "nexthop",
+                "via",
+                "10.5.0.2",
+            ],
+            &["-4", "route", "del", "10.6.0.0/16"],
+            SourceFree {
+                v4: false,
+                v6: true,
+            },
+        ),
+        (
+            &[
+                "-6",
+                "route",
+                "add",
+                "fd00:5::/64",
+                "from",
+                "fd00:4::/64",
+                "dev",
+                "rp0",
+            ],
+            &[
+                "-6",
+                "route",
+                "del",
+                "fd00:5::/64",
+                "from",
+                "fd00:4::/64",
+                "dev",
+                "rp0",
+            ],
+            SourceFree {
+                v4: true,
+                v6: false,
+            },
+        ),
+        (
+            &["-6", "rule", "add", "fwmark", "7", "table", "100"],
+            &["-6", "rule", "del", "fwmark", "7", "table", "100"],
+            SourceFree {
+                v4: true,
+                v6: false,
+            },
+        ),
+    ];
+    for (add, del, expected) in cases {
+        ns.ip(add).expect("routing change");
+        assert_eq!(
+            source_free().expect("dump"),
+            expected,
+            "after `ip {}`",
+            add.join(" ")
+        );
+        ns.ip(del).expect("undo");
+        assert_eq!(
+            source_free().expect("dump"),
+            both,
+            "after `ip {}`",
+            del.join(" ")
+        );
+    }
+    ns.ip(&["nexthop", "add", "id", "7", "via", "10.5.0.1", "dev", "rp0"])
+        .expect("nexthop");
+    ns.ip(&["route", "add", "10.4.0.0/16", "nhid", "7"])
+        .expect("route");
+    assert_eq!(
+        source_free().expect("dump"),
+        SourceFree {
+            v4: false,
+            v6: true
+        },
+        "a route through a nexthop object"
+    );
+}
+
 /// The agent's routing watcher (`route_watch`) hears every kind of change a cached next hop
 /// may depend on: routes, rules and neighbours of both families, and nexthop objects (a
 /// route using one is not announced again when the object changes).

@@ -14,6 +14,7 @@ pub mod maps;
 pub mod migrate;
 pub mod netlink;
 pub mod pins;
+pub mod route_policy;
 pub mod route_watch;
 pub mod sockets;
 

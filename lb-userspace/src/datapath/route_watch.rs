@@ -3,7 +3,8 @@
 //! addresses; both families), so
 //! the programs look up again instead of using a next hop they cached before it
 //! (`lb-ebpf/src/hop.rs`). Raised once at start too: changes made while no agent listened
-//! count as well.
+//! count as well. Each raise also says whether lookups may depend on the source address
+//! (`route_policy`).
 use std::{
     io,
     os::fd::{AsRawFd as _, OwnedFd},
@@ -13,7 +14,11 @@ use std::{
 use aya::maps::{Array, MapData};
 use lb_common::map_names;
 
-use super::pins::PinLayout;
+use super::{
+    pins::PinLayout,
+    route_policy::{self, SourceFree},
+};
+use lb_common::route_gen;
 
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
@@ -54,12 +59,25 @@ impl RouteGeneration {
         Ok(Self { map })
     }
 
-    /// Raises the generation; returns the new one.
-    pub fn raise(&mut self) -> Result<u64, aya::maps::MapError> {
-        let next = self.map.get(&0, 0)?.wrapping_add(1);
+    /// Raises the generation and sets the source-free flags (`lb_common::route_gen`) in one
+    /// write; returns the new value.
+    pub fn raise(&mut self, free: SourceFree) -> Result<u64, aya::maps::MapError> {
+        let generation = self.map.get(&0, 0)?.wrapping_add(1) & route_gen::GENERATION;
+        let next = generation | free.bits();
         self.map.set(0, next, 0)?;
         Ok(next)
     }
+}
+
+/// `route_policy::source_free`, or "may depend" (the safe answer) if it cannot be told.
+fn current_policy() -> SourceFree {
+    route_policy::source_free().unwrap_or_else(|e| {
+        log::warn!(
+            "reading the routing policy (rules and routes): {e}; next hops are cached per \
+             source address"
+        );
+        SourceFree::default()
+    })
 }
 
 /// Subscribes to the kernel's routing announcements and raises the generation on each,
@@ -67,10 +85,12 @@ impl RouteGeneration {
 pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
     let mut generation = RouteGeneration::open(pins)?;
     let socket = subscribe().map_err(RouteWatchError::Netlink)?;
-    generation.raise().map_err(|e| RouteWatchError::Map {
-        path: pins.map(map_names::ROUTE_GEN),
-        message: e.to_string(),
-    })?;
+    generation
+        .raise(current_policy())
+        .map_err(|e| RouteWatchError::Map {
+            path: pins.map(map_names::ROUTE_GEN),
+            message: e.to_string(),
+        })?;
     std::thread::Builder::new()
         .name("route-watch".into())
         .spawn(move || watch(socket, generation))
@@ -140,7 +160,20 @@ fn watch(socket: OwnedFd, mut generation: RouteGeneration) {
                 }
             }
         }
-        if let Err(e) = generation.raise() {
+        // Announcements come in bursts (a link going down takes its routes, addresses
+        // and neighbours): the rest of the burst is read first, then the policy checked
+        // once.
+        // SAFETY: `buf` is writable for its length.
+        while unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+        if let Err(e) = generation.raise(current_policy()) {
             log::warn!("raising the routing generation: {e}");
         }
     }

@@ -12,24 +12,11 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
+use super::netlink::{self, NLM_F_ACK, NLM_F_DUMP, NLMSG_DONE, NLMSG_ERROR};
+
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
@@ -68,49 +55,26 @@ struct DiagMsg {
     inode: u32,
 }
 
-#[repr(C)]
-struct Request {
-    header: NlMsgHdr,
-    body: ReqV2,
-}
-
 struct Netlink(OwnedFd);
 
 impl Netlink {
     fn open() -> io::Result<Netlink> {
-        super::netlink::socket(NETLINK_SOCK_DIAG).map(Netlink)
+        netlink::socket(NETLINK_SOCK_DIAG).map(Netlink)
     }
 
     fn send(&self, kind: u16, flags: u16, id: SockId, seq: u32) -> io::Result<()> {
-        let request = Request {
-            header: NlMsgHdr {
-                len: size_of::<Request>() as u32,
-                kind,
-                flags: NLM_F_REQUEST | flags,
-                seq,
-                pid: 0,
-            },
-            body: ReqV2 {
-                family: libc::AF_INET as u8,
-                protocol: libc::IPPROTO_UDP as u8,
-                states: u32::MAX,
-                id,
-                ..Default::default()
-            },
+        let body = ReqV2 {
+            family: libc::AF_INET as u8,
+            protocol: libc::IPPROTO_UDP as u8,
+            states: u32::MAX,
+            id,
+            ..Default::default()
         };
-        // SAFETY: sending a fully initialised repr(C) struct of the given size.
-        let sent = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                (&request as *const Request).cast(),
-                size_of::<Request>(),
-                0,
-            )
+        // SAFETY: a fully initialised repr(C) struct without padding, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&body as *const ReqV2).cast::<u8>(), size_of::<ReqV2>())
         };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        netlink::send(&self.0, kind, flags, seq, bytes)
     }
 
     /// Reads messages until NLMSG_DONE or an error/ack; returns the diag messages seen and
@@ -125,33 +89,16 @@ impl Netlink {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut offset = 0usize;
-            let n = n as usize;
-            while offset + size_of::<NlMsgHdr>() <= n {
-                // SAFETY: bounds checked; read_unaligned copies the header out.
-                let header: NlMsgHdr =
-                    unsafe { std::ptr::read_unaligned(buf[offset..].as_ptr().cast()) };
-                let len = header.len as usize;
-                if len < size_of::<NlMsgHdr>() || offset + len > n {
-                    return Err(io::Error::other("truncated netlink message"));
-                }
-                let payload = &buf[offset + size_of::<NlMsgHdr>()..offset + len];
+            for (header, payload) in netlink::messages(&buf[..n as usize])? {
                 match header.kind {
                     NLMSG_DONE => return Ok((found, None)),
-                    NLMSG_ERROR => {
-                        let code = payload
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .unwrap_or(0);
-                        return Ok((found, Some(code)));
-                    }
+                    NLMSG_ERROR => return Ok((found, Some(netlink::error_code(payload)))),
                     SOCK_DIAG_BY_FAMILY if payload.len() >= size_of::<DiagMsg>() => {
                         // SAFETY: length checked; read_unaligned copies the message out.
                         found.push(unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) });
                     }
                     _ => {}
                 }
-                offset += (len + 3) & !3;
             }
         }
     }
@@ -192,7 +139,6 @@ mod tests {
     /// The kernel's struct sizes (inet_diag.h): a mismatch would garble every message.
     #[test]
     fn netlink_structs_match_the_kernel_abi() {
-        assert_eq!(size_of::<NlMsgHdr>(), 16);
         assert_eq!(size_of::<SockId>(), 48);
         assert_eq!(size_of::<ReqV2>(), 56);
         assert_eq!(size_of::<DiagMsg>(), 72);
