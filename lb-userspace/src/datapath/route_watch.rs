@@ -15,6 +15,7 @@ use aya::maps::{Array, MapData};
 use lb_common::map_names;
 
 use super::{
+    netlink,
     pins::PinLayout,
     route_policy::{self, SourceFree},
 };
@@ -85,15 +86,14 @@ fn current_policy() -> SourceFree {
 pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
     let mut generation = RouteGeneration::open(pins)?;
     let socket = subscribe().map_err(RouteWatchError::Netlink)?;
-    generation
-        .raise(current_policy())
-        .map_err(|e| RouteWatchError::Map {
-            path: pins.map(map_names::ROUTE_GEN),
-            message: e.to_string(),
-        })?;
+    let policy = current_policy();
+    generation.raise(policy).map_err(|e| RouteWatchError::Map {
+        path: pins.map(map_names::ROUTE_GEN),
+        message: e.to_string(),
+    })?;
     std::thread::Builder::new()
         .name("route-watch".into())
-        .spawn(move || watch(socket, generation))
+        .spawn(move || watch(socket, generation, policy))
         .map_err(RouteWatchError::Netlink)?;
     Ok(())
 }
@@ -140,16 +140,17 @@ pub fn subscribe() -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
-fn watch(socket: OwnedFd, mut generation: RouteGeneration) {
+fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFree) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: `buf` is writable for its length.
         let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // Lost announcements (the socket's buffer overran) may have been anything.
+        let mut recheck = n < 0;
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                // Announcements were lost (the socket's buffer overran): something changed.
                 Some(libc::ENOBUFS) => {}
                 _ => {
                     log::error!(
@@ -159,22 +160,82 @@ fn watch(socket: OwnedFd, mut generation: RouteGeneration) {
                     return;
                 }
             }
+        } else {
+            recheck |= changes_policy(&buf[..n as usize]);
         }
         // Announcements come in bursts (a link going down takes its routes, addresses
         // and neighbours): the rest of the burst is read first, then the policy checked
-        // once.
-        // SAFETY: `buf` is writable for its length.
-        while unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        } > 0
-        {}
-        if let Err(e) = generation.raise(current_policy()) {
+        // once, and only if a rule, route or nexthop object changed (neighbours change
+        // all the time on a busy node; a dump of every route each time would cost).
+        loop {
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            recheck |= changes_policy(&buf[..n as usize]);
+        }
+        if recheck {
+            policy = current_policy();
+        }
+        if let Err(e) = generation.raise(policy) {
             log::warn!("raising the routing generation: {e}");
         }
+    }
+}
+
+/// Whether announcements in `buf` may change `route_policy`'s answer: rules, routes and
+/// nexthop objects (or anything unreadable).
+fn changes_policy(buf: &[u8]) -> bool {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    const RTM_NEWRULE: u16 = 32;
+    const RTM_DELRULE: u16 = 33;
+    const RTM_NEWNEXTHOP: u16 = 104;
+    const RTM_DELNEXTHOP: u16 = 105;
+    netlink::messages(buf).map_or(true, |messages| {
+        messages.iter().any(|(header, _)| {
+            matches!(
+                header.kind,
+                RTM_NEWROUTE
+                    | RTM_DELROUTE
+                    | RTM_NEWRULE
+                    | RTM_DELRULE
+                    | RTM_NEWNEXTHOP
+                    | RTM_DELNEXTHOP
+            )
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announcement(kind: u16) -> Vec<u8> {
+        let mut message = 20u32.to_ne_bytes().to_vec();
+        message.extend_from_slice(&kind.to_ne_bytes());
+        message.extend_from_slice(&[0; 14]);
+        message
+    }
+
+    #[test]
+    fn only_rules_routes_and_nexthop_objects_send_the_policy_to_be_checked_again() {
+        const RTM_NEWNEIGH: u16 = 28;
+        const RTM_NEWADDR: u16 = 20;
+        let quiet = [announcement(RTM_NEWNEIGH), announcement(RTM_NEWADDR)].concat();
+        assert!(!changes_policy(&quiet));
+        for kind in [24, 25, 32, 33, 104, 105] {
+            let burst = [announcement(RTM_NEWNEIGH), announcement(kind)].concat();
+            assert!(changes_policy(&burst), "message type {kind}");
+        }
+        assert!(changes_policy(&quiet[..18]), "unreadable: checked again");
     }
 }
