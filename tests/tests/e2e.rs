@@ -809,3 +809,50 @@ fn a_backend_replaced_at_the_same_address_is_reached_at_once() {
         );
     }
 }
+
+/// The agent tells the datapath whether next hops may be cached without the source
+/// (`route_policy`): on with the node's default rules, off within a moment of a policy
+/// rule appearing (and on again when it leaves), connections answered all along.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_agent_follows_the_nodes_routing_policy_for_the_next_hop_cache() {
+    require_privileges();
+    let c = web_cluster(None);
+    let path =
+        xlb::datapath::pins::PinLayout::new(&c.pins.bpffs).map(lb_common::map_names::ROUTE_GEN);
+    let flags = || -> u64 {
+        let data = aya::maps::MapData::from_pin(&path).expect("pinned routing generation");
+        let map: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("array");
+        map.get(&0, 0).expect("value") & !lb_common::route_gen::GENERATION
+    };
+    let both = lb_common::route_gen::SOURCE_FREE_V4 | lb_common::route_gen::SOURCE_FREE_V6;
+    let answers = |c: &Cluster| spread(&c.node.pod("client").ns, addr(WEB_VIP, 80), 10, false);
+    assert_eq!(
+        flags(),
+        both,
+        "default rules: source-free for both families"
+    );
+    assert_eq!(answers(&c).values().sum::<usize>(), 10);
+    let rule = [
+        "rule",
+        "add",
+        "from",
+        "10.244.0.0/24",
+        "table",
+        "main",
+        "pref",
+        "100",
+    ];
+    c.node.ns.ip(&rule).expect("policy rule");
+    wait_until(Duration::from_secs(2), || {
+        flags() == lb_common::route_gen::SOURCE_FREE_V6
+    })
+    .expect("IPv4 keyed by source again after the rule");
+    assert_eq!(answers(&c).values().sum::<usize>(), 10);
+    let mut undo = rule;
+    undo[1] = "del";
+    c.node.ns.ip(&undo).expect("rule removed");
+    wait_until(Duration::from_secs(2), || flags() == both).expect("source-free again");
+    assert_eq!(answers(&c).values().sum::<usize>(), 10);
+}
