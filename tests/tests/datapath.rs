@@ -1088,14 +1088,13 @@ fn source_free_routing_shares_a_next_hop_between_clients() {
 #[test]
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn the_routing_policy_check_reads_rules_and_routes_of_both_families() {
-    use std::os::fd::AsRawFd as _;
-    use xlb::datapath::route_policy::{SourceFree, source_free};
+    use xlb::datapath::route_policy::{self, SourceFree};
     require_privileges();
     let ns = xlb_tests::netns::Netns::new(&xlb_tests::netns::unique_tag(), "rp").expect("netns");
-    let file = std::fs::File::open(ns.path()).expect("open namespace");
-    // SAFETY: setns on an open netns fd only moves this (test) thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let source_free = || {
+        ns.enter(route_policy::source_free)
+            .expect("in the namespace")
+    };
     let both = SourceFree { v4: true, v6: true };
     assert_eq!(source_free().expect("dump"), both, "a fresh namespace");
     ns.ip(&["link", "add", "rp0", "type", "veth", "peer", "name", "rp1"])
@@ -1208,11 +1207,11 @@ fn the_routing_watcher_hears_rules_routes_and_nexthop_objects_of_both_families()
     use std::os::fd::AsRawFd as _;
     require_privileges();
     let ns = xlb_tests::netns::Netns::new(&xlb_tests::netns::unique_tag(), "rw").expect("netns");
-    let file = std::fs::File::open(ns.path()).expect("open namespace");
-    // SAFETY: setns on an open netns fd only moves this (test) thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    let socket = xlb::datapath::route_watch::subscribe().expect("subscribe");
+    // A socket hears its own namespace's announcements, wherever it is read.
+    let socket = ns
+        .enter(xlb::datapath::route_watch::subscribe)
+        .expect("in the namespace")
+        .expect("subscribe");
     ns.ip(&["link", "add", "rw0", "type", "veth", "peer", "name", "rw1"])
         .expect("veth");
     ns.ip(&["link", "set", "rw0", "up"]).expect("up");
