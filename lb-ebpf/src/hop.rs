@@ -6,10 +6,10 @@
 //! array read, a miss overwrites the slot.
 //!
 //! Only a result the lookup would give again is used: one made under the current routing
-//! generation (the agent raises it on every route, rule, neighbour, link or address
-//! change), less than `HOP_TTL_NS` old (a bound for the time an agent is not running), and
-//! for a packet no longer than one the lookup found to fit the route's MTU (GSO packets are
-//! not checked against the MTU by the lookup either).
+//! generation (the agent raises it on every route, rule, nexthop object, neighbour, link or
+//! address change), less than `HOP_TTL_NS` old (a bound for the time an agent is not
+//! running), and for a packet no longer than one the lookup found to fit the route's MTU
+//! (GSO packets are not checked against the MTU by the lookup either).
 use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 use lb_common::{HOP_FLAG_POD, HopKey, HopKey6, HopValue, MapAddr, next_hops, route_gen};
 
