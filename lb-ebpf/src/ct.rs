@@ -114,14 +114,19 @@ fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut ReplyClaim<F::Addr>> 
 }
 
 /// Claims `slot` for the reverse entry in `s` if no live flow holds it: free (stamp 0) or
-/// outlived. The stamp's compare-and-swap decides between CPUs claiming at once. A BPF
-/// subprogram: one copy for the claim loop's step and `ensure_reverse`.
+/// outlived — or, with `renew`, held for the very same reverse tuple: an older flow's whose
+/// client port the client used again for another frontend with the same backend, and the
+/// newer flow's translation is the one replies get (as the conntrack entry it replaces
+/// would give it). Never for a SNAT port's claim: the same tuple there is a live flow's
+/// port. The stamp's compare-and-swap decides between CPUs claiming at once. A BPF
+/// subprogram: one copy for the claim loop's step and `try_claim`.
 #[inline(never)]
 fn claim_slot<A: MapAddr>(
     slot: *mut ReplyClaim<A>,
     s: &CtScratch<A>,
     timeouts: &CtTimeouts,
     now: u64,
+    renew: bool,
 ) -> bool {
     // SAFETY: a slot of the array, valid for this program run.
     unsafe {
@@ -129,6 +134,7 @@ fn claim_slot<A: MapAddr>(
         let held_since = core::ptr::read_volatile(stamp);
         if held_since != 0
             && !timeouts.outlived((*slot).key.proto, (*slot).value.flags, held_since, now)
+            && !(renew && (*slot).key == s.key)
         {
             return false;
         }
@@ -257,8 +263,8 @@ pub fn create<F: Family>(
 }
 
 /// Records the reverse entry in `s` (of a flow without SNAT): in its claim slot if the
-/// family claims them and no live flow holds it, else in conntrack (replacing an entry with
-/// its key: the reply's tuple is this flow's now).
+/// family claims them and no live flow of another tuple holds it, else in conntrack
+/// (replacing an entry with its key: the reply's tuple is this flow's now).
 #[inline(always)]
 fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Outcome> {
     if F::CLAIMED_REPLIES && try_claim::<F>(s, now)? {
@@ -267,14 +273,15 @@ fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Out
     insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
 }
 
-/// Claims the slot of the reverse entry in `s` if no live flow holds it; whether it did.
+/// Claims the slot of the reverse entry in `s` if no live flow of another tuple holds it
+/// (`claim_slot` with `renew`); whether it did.
 #[inline(always)]
 fn try_claim<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<bool, Outcome> {
     let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
     let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) else {
         return Ok(false);
     };
-    Ok(claim_slot(slot, s, timeouts, now))
+    Ok(claim_slot(slot, s, timeouts, now, true))
 }
 
 /// Frees the SNAT port `claim_snat_port` claimed for `client`'s flow (its reverse entry),
@@ -519,7 +526,7 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
         return 0;
     };
     // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
-    let claimed = claim_slot(slot, s, unsafe { &*claim.timeouts }, claim.now);
+    let claimed = claim_slot(slot, s, unsafe { &*claim.timeouts }, claim.now, false);
     if claimed {
         claim.found = 1;
         claim.port = port;

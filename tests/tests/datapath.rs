@@ -897,6 +897,42 @@ fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
     assert_eq!(dp.stat(outcome::REVNAT), 2);
 }
 
+/// A client port used again for another Service with the same backend (two Services
+/// selecting one pod; the first connection closing or closed): both flows' replies share
+/// one reverse tuple, and the newer flow's translation is the one replies get, as a
+/// conntrack entry replaced by the newer flow gave it before reply claims.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_reply_tuple_used_again_by_a_newer_flow_translates_to_that_flow() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    const OTHER_VIP: &str = "10.96.0.20";
+    dp.service(PROTO_TCP, 80, &[(1, "10.244.1.1", 8080)], 0);
+    dp.frontend(
+        ip(OTHER_VIP),
+        lb_common::SCOPE_INTERNAL,
+        PROTO_TCP,
+        80,
+        &[(1, "10.244.1.1", 8080)],
+        0,
+    );
+    for vip in [VIP, OTHER_VIP] {
+        let syn = Frame::tcp(CLIENT, 41_000, vip, 80, SYN).build();
+        let (verdict, out) = dp.run(Hook::FromPod, &syn);
+        assert_ne!(verdict, TC_ACT_SHOT, "{vip}");
+        assert_eq!(view(&out).dst.to_string(), "10.244.1.1", "{vip}");
+        let reply = Frame::tcp("10.244.1.1", 8080, CLIENT, 41_000, SYN | ACK).build();
+        let (_, out) = dp.run(Hook::ToPod, &reply);
+        let v = view(&out);
+        assert_eq!(
+            (v.src.to_string(), v.sport),
+            (vip.to_string(), 80),
+            "the reply to the newest flow, to {vip}"
+        );
+        assert_eq!(checksum_errors(&out), Vec::<String>::new());
+    }
+}
+
 /// A Service port with 5,000 endpoints (Kubernetes' scalability threshold): one frontend
 /// holds them all, and new flows reach slots past the old 4,096 limit.
 #[test]
