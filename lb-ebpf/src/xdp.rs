@@ -145,7 +145,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
                     rewrite(&pkt, Field::Dst, dst);
                 }
                 rewrite(&pkt, Field::Src, reply.src);
-                return Ok((forward(ctx, &pkt, true), reply.outcome));
+                return Ok((forward(ctx, &pkt, true, now), reply.outcome));
             }
             svc::balance_new::<V4>(&flow, SCOPE_EXTERNAL, bytes, now, Lookup::after(!opens))?
         }
@@ -156,7 +156,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
             if let Some(src) = src {
                 rewrite(&pkt, Field::Src, src);
             }
-            Ok((forward(ctx, &pkt, hop::keeps(outcome)), outcome))
+            Ok((forward(ctx, &pkt, hop::keeps(outcome), now), outcome))
         }
         Decision::Reject => reject(ctx, &flow),
     }
@@ -208,7 +208,7 @@ fn rewrite(pkt: &Packet, field: Field, (addr, port): (u32, u16)) {
 /// Sends a translated packet on: straight back out when the route leaves through the
 /// interface it came in on (TTL decremented as a router would), otherwise to the kernel.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool) -> u32 {
+fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool, now: u64) -> u32 {
     // SAFETY: header bounds checked by `parse`; the packet was not resized since.
     let ip = unsafe { &mut *pkt.ip };
     if ip.ttl <= 1 {
@@ -219,7 +219,6 @@ fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool) -> u32 {
     // A source-free entry serves every client's flows: worth storing for a first packet.
     let keep = keep | free;
     let len = u16::from_be(ip.tot_len);
-    let now = svc::now_ns();
     let hop = match hop::lookup(&key, len, false, now) {
         Cached::Hit(hop) => hop,
         Cached::Miss { max_len } => {
