@@ -849,6 +849,12 @@ fn the_agent_follows_the_nodes_routing_policy_for_the_next_hop_cache() {
         flags() == lb_common::route_gen::SOURCE_FREE_V6
     })
     .expect("IPv4 keyed by source again after the rule");
+    assert!(
+        c.log()
+            .contains("next hops cached per IPv4 by source and destination"),
+        "the agent says so: {}",
+        c.log()
+    );
     assert_eq!(answers(&c).values().sum::<usize>(), 10);
     let mut undo = rule;
     undo[1] = "del";

@@ -35,6 +35,22 @@ pub struct SourceFree {
 }
 
 impl SourceFree {
+    /// What the agent logs when the policy is read or changes.
+    pub fn describe(self) -> String {
+        let one = |family: &str, free: bool| {
+            if free {
+                format!("{family} by destination (default rules, no multipath)")
+            } else {
+                format!("{family} by source and destination (policy rules or multipath routes)")
+            }
+        };
+        format!(
+            "next hops cached per {}; {}",
+            one("IPv4", self.v4),
+            one("IPv6", self.v6)
+        )
+    }
+
     /// The flag bits of `XLB_ROUTE_GEN`'s value.
     pub fn bits(self) -> u64 {
         let mut bits = 0;
@@ -205,6 +221,20 @@ mod tests {
             assert!(!route_source_free(&route), "attribute {attr}");
         }
         assert!(!route_source_free(&plain[..4]), "a cut message");
+    }
+
+    #[test]
+    fn the_log_line_names_each_familys_keys() {
+        let line = SourceFree {
+            v4: false,
+            v6: true,
+        }
+        .describe();
+        assert_eq!(
+            line,
+            "next hops cached per IPv4 by source and destination (policy rules or multipath \
+             routes); IPv6 by destination (default rules, no multipath)"
+        );
     }
 
     #[test]

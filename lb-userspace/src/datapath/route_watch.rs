@@ -87,6 +87,7 @@ pub fn spawn(pins: &PinLayout) -> Result<(), RouteWatchError> {
     let mut generation = RouteGeneration::open(pins)?;
     let socket = subscribe().map_err(RouteWatchError::Netlink)?;
     let policy = current_policy();
+    log::info!("{}", policy.describe());
     generation.raise(policy).map_err(|e| RouteWatchError::Map {
         path: pins.map(map_names::ROUTE_GEN),
         message: e.to_string(),
@@ -183,7 +184,11 @@ fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFre
             recheck |= changes_policy(&buf[..n as usize]);
         }
         if recheck {
-            policy = current_policy();
+            let now = current_policy();
+            if now != policy {
+                log::info!("{}", now.describe());
+            }
+            policy = now;
         }
         if let Err(e) = generation.raise(policy) {
             log::warn!("raising the routing generation: {e}");
