@@ -298,11 +298,12 @@ fn measure_here(services: u32, samples: u32, katran: Option<&Path>) -> Result<Ve
     attach::mark_pod_iface(&mut ebpf, "bd0", bd0, true)?;
     // The routing policy, as the agent's route watcher sets it at start.
     let free = xlb::datapath::route_policy::source_free().context("routing policy")?;
-    aya::maps::Array::<_, u64>::try_from(
+    let mut generation = aya::maps::Array::<_, u64>::try_from(
         ebpf.map_mut(lb_common::map_names::ROUTE_GEN)
             .context("routing generation map")?,
-    )?
-    .set(0, 1 | free.bits(), 0)?;
+    )?;
+    let next = lb_common::route_gen::next(generation.get(&0, 0)?, free.bits());
+    generation.set(0, next, 0)?;
     let target_service = services / 2;
     add_mirrors(&mut ebpf, target_service, endpoints_at(services))?;
     let client = |i: u32| Ipv4Addr::from(0x0af0_0000 + (i % 60_000) + 1).to_string();

@@ -234,6 +234,12 @@ pub mod route_gen {
     pub const GENERATION: u64 = 0xffff_ffff;
     pub const SOURCE_FREE_V4: u64 = 1 << 32;
     pub const SOURCE_FREE_V6: u64 = 1 << 33;
+
+    /// The value after `current`: the generation raised (wrapping within its 32 bits, never
+    /// into the flags) and the flags set to `flags`.
+    pub const fn next(current: u64, flags: u64) -> u64 {
+        (current.wrapping_add(1) & GENERATION) | flags
+    }
 }
 
 /// `HopValue::flags`: the egress interface is a pod's (forward with `bpf_redirect_peer`).

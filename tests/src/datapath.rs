@@ -564,24 +564,26 @@ impl Datapath {
         put_cache_entry::<HopSlot>(&mut self.ebpf, key, value);
     }
 
-    /// Raises the routing generation, as the agent does on a routing change.
     /// Raises the routing generation with the source-free flags `flags`
     /// (`lb_common::route_gen`), as the agent's route watcher does.
     pub fn set_route_policy(&mut self, flags: u64) {
-        let mut map: Array<_, u64> =
-            Array::try_from(self.ebpf.map_mut(map_names::ROUTE_GEN).expect("map"))
-                .expect("map type");
-        let now = map.get(&0, 0).expect("generation");
-        let next = ((now + 1) & lb_common::route_gen::GENERATION) | flags;
-        map.set(0, next, 0).expect("generation");
+        self.update_route_gen(|_| flags);
     }
 
+    /// Raises the routing generation, as the agent does on a routing change (flags kept).
     pub fn raise_route_generation(&mut self) {
+        self.update_route_gen(|now| now & !lb_common::route_gen::GENERATION);
+    }
+
+    /// Writes `XLB_ROUTE_GEN` as the agent does (`route_gen::next`), with the flags `flags`
+    /// makes of the current value.
+    fn update_route_gen(&mut self, flags: impl FnOnce(u64) -> u64) {
         let mut map: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(map_names::ROUTE_GEN).expect("map"))
                 .expect("map type");
         let now = map.get(&0, 0).expect("generation");
-        map.set(0, now + 1, 0).expect("generation");
+        map.set(0, lb_common::route_gen::next(now, flags(now)), 0)
+            .expect("generation");
     }
 
     /// Runs the XDP program (traffic from outside) on `frame`.

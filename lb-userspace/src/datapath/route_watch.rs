@@ -63,8 +63,7 @@ impl RouteGeneration {
     /// Raises the generation and sets the source-free flags (`lb_common::route_gen`) in one
     /// write; returns the new value.
     pub fn raise(&mut self, free: SourceFree) -> Result<u64, aya::maps::MapError> {
-        let generation = self.map.get(&0, 0)?.wrapping_add(1) & route_gen::GENERATION;
-        let next = generation | free.bits();
+        let next = route_gen::next(self.map.get(&0, 0)?, free.bits());
         self.map.set(0, next, 0)?;
         Ok(next)
     }
