@@ -59,6 +59,10 @@ struct Pseudo6 {
     next: u32,
 }
 
+/// The TTL's part of its IPv4 checksum word (TTL and protocol share one 16-bit word):
+/// lowering the TTL by one lowers the word by this much (`replace2(csum, TTL_ONE, 0)`).
+pub const TTL_ONE: u16 = 0x0100u16.to_be();
+
 /// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
 #[inline(always)]
 pub fn replace4(check: u16, old: u32, new: u32) -> u16 {

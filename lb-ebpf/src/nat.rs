@@ -16,7 +16,7 @@ use crate::{
     csum::replace4,
     parse::{
         Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DIRECT,
-        L4_OFF,
+        L4_OFF, headers_in_place,
     },
 };
 
@@ -91,16 +91,6 @@ fn rewrite(
             .map_err(failed)?;
     }
     Ok(())
-}
-
-/// The start of the packet's data if its first `len` bytes are in the skb's linear part
-/// (`parse` pulls the headers there), so they can be read and written in place: a helper
-/// call per store costs about what a map lookup does. Direct writes make the verifier
-/// unclone a cloned skb first, as the store helper would.
-#[inline(always)]
-pub fn headers_in_place(ctx: &TcContext, len: usize) -> Option<usize> {
-    let (data, end) = (ctx.data(), ctx.data_end());
-    (data + len <= end).then_some(data)
 }
 
 /// Stores a new address in the IPv4 header at `ip_off` and fixes that header's checksum.

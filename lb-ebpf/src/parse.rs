@@ -301,6 +301,16 @@ fn linearize_headers(ctx: &TcContext) {
     }
 }
 
+/// The start of the packet's data if its first `len` bytes are in the skb's linear part
+/// (`linearize_headers` pulls them there), so they can be read and written in place: a
+/// helper call per store costs about what a map lookup does. Direct writes make the
+/// verifier unclone a cloned skb first, as the store helper would.
+#[inline(always)]
+pub fn headers_in_place(ctx: &TcContext, len: usize) -> Option<usize> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    (data + len <= end).then_some(data)
+}
+
 /// Reads a `T` at packet address `addr` with one load instruction per field. Headers need
 /// not be aligned, but BPF loads need no alignment on the JITs the kernel runs us with
 /// (x86-64, arm64); an unaligned read would be split into byte loads.

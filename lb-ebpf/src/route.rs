@@ -11,13 +11,12 @@ use core::mem::MaybeUninit;
 use lb_common::{HOP_FLAG_POD, HopValue, Outcome, outcome};
 
 use crate::{
-    csum::replace2,
+    csum::{TTL_ONE, replace2},
     hop::{self, Cached},
     maps::POD_IFACES,
-    nat,
     parse::{
         Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr,
-        packet_read,
+        headers_in_place, packet_read,
     },
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
 };
@@ -106,7 +105,7 @@ pub fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     // What the cache needs of the header, read in place (or copied when the headers are
     // not linear). No whole copy on the stack: the deepest call chain (`route_reply`)
     // cannot spare it.
-    let (ttl, src, dst, tot_len) = match nat::headers_in_place(ctx, IP_OFF + IP_HLEN) {
+    let (ttl, src, dst, tot_len) = match headers_in_place(ctx, IP_OFF + IP_HLEN) {
         // SAFETY: the header lies inside the linear data (checked).
         Some(data) => unsafe {
             let ip = (data + IP_OFF) as *const Ipv4Hdr;
@@ -150,7 +149,7 @@ pub fn forward(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     };
     // SAFETY: the cache's entry or this run's slot, both valid for this run.
     let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
-    if let Some(data) = nat::headers_in_place(ctx, IP_OFF + IP_HLEN) {
+    if let Some(data) = headers_in_place(ctx, IP_OFF + IP_HLEN) {
         // SAFETY: Ethernet and IPv4 headers lie inside the linear data (checked).
         unsafe {
             ((data + IP_OFF + TTL_OFF) as *mut u8).write(ttl - 1);
@@ -191,10 +190,6 @@ pub unsafe fn write_macs(data: usize, macs: &[u8; 12]) {
     }
 }
 
-/// The TTL's part of its checksum word (TTL and protocol share one 16-bit word): lowering
-/// the TTL by one lowers the word by this much.
-const TTL_ONE: u16 = 0x0100u16.to_be();
-
 /// A router decrements the TTL (through helpers: the headers are not in the linear part).
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, ttl: u8) -> Result<(), Outcome> {
@@ -210,7 +205,7 @@ pub fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     // SAFETY: this run's per-CPU slot.
     let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
-    match nat::headers_in_place(ctx, IP_OFF + IP6_HLEN) {
+    match headers_in_place(ctx, IP_OFF + IP6_HLEN) {
         // SAFETY: the header lies inside the linear data (checked).
         Some(data) => s.ip6 = unsafe { packet_read(data + IP_OFF) },
         None => ctx
@@ -248,7 +243,7 @@ pub fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     };
     // SAFETY: the cache's entry or this run's slot, both valid for this run.
     let (macs, ifindex, flags) = unsafe { (&(*hop).macs, (*hop).ifindex, (*hop).flags) };
-    if let Some(data) = nat::headers_in_place(ctx, IP_OFF + IP6_HLEN) {
+    if let Some(data) = headers_in_place(ctx, IP_OFF + IP6_HLEN) {
         // SAFETY: Ethernet and IPv6 headers lie inside the linear data (checked).
         unsafe {
             ((data + IP_OFF + IP6_HOP_LIMIT_OFF) as *mut u8).write(hop_limit - 1);

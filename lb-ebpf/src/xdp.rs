@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{Outcome, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, outcome};
 
 use crate::{
-    csum::{replace2, replace4},
+    csum::{TTL_ONE, replace2, replace4},
     ct,
     family::V4,
     filter,
@@ -241,9 +241,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, keep: bool, now: u64) -> u32 {
     if egress != ingress {
         return xdp_action::XDP_PASS;
     }
-    // TTL is the high byte of the 16-bit word it shares with the protocol.
     ip.ttl -= 1;
-    ip.csum = replace2(ip.csum, 0x0100u16.to_be(), 0);
+    ip.csum = replace2(ip.csum, TTL_ONE, 0);
     // The verifier needs this check in view of the writes (it does not carry `parse`'s).
     let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_PASS;
