@@ -344,7 +344,8 @@ fn finish(result: Result<(i32, Outcome), Outcome>) -> (i32, Outcome) {
 fn pod_flow<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     let local = filter::may_be_local(flow.dst);
     // The clock only where a step may need it: a packet to no frontend and no node address
-    // (most of a pod's traffic) goes on with no state touched; a routed reply reads its own.
+    // (most of a pod's traffic) goes on with no state touched; a routed reply reads it once
+    // its entry is found (`svc::Reply::now`).
     let now = if local { svc::now_ns() } else { 0 };
     // A packet that opens a connection is balanced first (`svc::new_flow`).
     let followed = !ct::opens(flow);
@@ -450,7 +451,7 @@ fn route_reply<F: TcFamily>(
         F::rewrite_dst(ctx, flow, addr, port)?;
     }
     F::rewrite_src(ctx, flow, reply.src.0, reply.src.1)?;
-    Ok((F::forward(ctx, true, svc::now_ns())?, reply.outcome))
+    Ok((F::forward(ctx, true, reply.now)?, reply.outcome))
 }
 
 fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {

@@ -349,6 +349,9 @@ pub struct Reply<A> {
     /// For SNATed flows, the new destination: the client.
     pub dst: Option<Addr<A>>,
     pub outcome: Outcome,
+    /// The clock reading the flow's entry was stamped with, for the rest of the packet's
+    /// path (one reading per packet).
+    pub now: u64,
 }
 
 /// Whether `flow` can be the reply of a flow this node translated, before its conntrack
@@ -394,11 +397,17 @@ pub fn routed_reply<F: Family>(
     } else {
         outcome::REVNAT
     };
-    ct::touch(entry, flow, now_ns(), bytes);
+    let now = now_ns();
+    ct::touch(entry, flow, now, bytes);
     let dst = (known.flags & CT_FLAG_SNAT != 0).then_some((known.snat_addr, known.snat_port));
     // SAFETY: the entry from this run's lookup.
     let src = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    Some(Reply { src, dst, outcome })
+    Some(Reply {
+        src,
+        dst,
+        outcome,
+        now,
+    })
 }
 
 /// Session affinity first (if set and fresh), else the frontend's algorithm. A client
