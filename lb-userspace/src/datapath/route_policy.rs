@@ -8,12 +8,8 @@
 //! a rule, an attribute or an answer it does not know — counts as "may depend".
 use std::{io, os::fd::OwnedFd};
 
-use super::netlink;
+use super::netlink::{self, RTM_GETROUTE, RTM_GETRULE, RTM_NEWROUTE, RTM_NEWRULE};
 
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWRULE: u16 = 32;
-const RTM_GETRULE: u16 = 34;
 const RTA_MULTIPATH: u16 = 9;
 const RTA_NH_ID: u16 = 30;
 const FRA_PRIORITY: u16 = 6;

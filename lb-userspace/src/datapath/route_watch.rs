@@ -198,12 +198,9 @@ fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFre
 /// Whether announcements in `buf` may change `route_policy`'s answer: rules, routes and
 /// nexthop objects (or anything unreadable).
 fn changes_policy(buf: &[u8]) -> bool {
-    const RTM_NEWROUTE: u16 = 24;
-    const RTM_DELROUTE: u16 = 25;
-    const RTM_NEWRULE: u16 = 32;
-    const RTM_DELRULE: u16 = 33;
-    const RTM_NEWNEXTHOP: u16 = 104;
-    const RTM_DELNEXTHOP: u16 = 105;
+    use netlink::{
+        RTM_DELNEXTHOP, RTM_DELROUTE, RTM_DELRULE, RTM_NEWNEXTHOP, RTM_NEWROUTE, RTM_NEWRULE,
+    };
     netlink::messages(buf).map_or(true, |messages| {
         messages.iter().any(|(header, _)| {
             matches!(
