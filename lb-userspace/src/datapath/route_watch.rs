@@ -9,6 +9,7 @@ use std::{
     io,
     os::fd::{AsRawFd as _, OwnedFd},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{Array, MapData};
@@ -140,33 +141,108 @@ pub fn subscribe() -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
+/// The least time between two dumps of the routing policy: on a node whose routes churn
+/// (a BGP full table) each burst of announcements would otherwise dump every route.
+const POLICY_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When the policy is dumped again after a burst that may have changed it: at once if the
+/// last dump is `POLICY_RECHECK_INTERVAL` old, else when it is; meanwhile the programs are
+/// told that lookups may depend on the source (always right, only slower).
+#[derive(Debug)]
+struct Recheck {
+    last: Instant,
+    due: Option<Instant>,
+}
+
+impl Recheck {
+    fn new(now: Instant) -> Self {
+        Recheck {
+            last: now,
+            due: None,
+        }
+    }
+
+    /// After a burst (`changed`: it may have changed the policy), or with `changed` false
+    /// when woken for a due dump: whether to dump now. Otherwise a change leaves a dump due.
+    fn dump_now(&mut self, changed: bool, now: Instant) -> bool {
+        let wanted = changed || self.due.is_some_and(|due| due <= now);
+        if !wanted {
+            return false;
+        }
+        let next = self.last + POLICY_RECHECK_INTERVAL;
+        if now >= next {
+            self.last = now;
+            self.due = None;
+            return true;
+        }
+        self.due = Some(next);
+        false
+    }
+
+    /// How long to wait for announcements before a due dump (`None`: no dump due).
+    fn wait(&self, now: Instant) -> Option<Duration> {
+        self.due.map(|due| due.saturating_duration_since(now))
+    }
+}
+
+/// Waits up to `timeout` (`None`: for ever) for `socket` to be readable; whether it is.
+fn readable(socket: &OwnedFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Rounded up: a due dump is never woken for early and found not due.
+    let ms = timeout.map_or(-1, |t| {
+        i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+    });
+    // SAFETY: one pollfd, as passed.
+    match unsafe { libc::poll(&mut fd, 1, ms) } {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n => Ok(n > 0),
+    }
+}
+
 fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFree) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut recheck = Recheck::new(Instant::now());
+    // The last dump's answer (`policy` is "may depend" while a dump is due).
+    let mut dumped = policy;
     loop {
+        match readable(&socket, recheck.wait(Instant::now())) {
+            Ok(true) => {}
+            Ok(false) => {
+                // A dump came due with no announcement since.
+                if recheck.dump_now(false, Instant::now()) {
+                    policy = dumped_policy(&mut dumped);
+                    if let Err(e) = generation.raise(policy) {
+                        log::warn!("raising the routing generation: {e}");
+                    }
+                }
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return stopped(&e),
+        }
         // SAFETY: `buf` is writable for its length.
         let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         // Lost announcements (the socket's buffer overran) may have been anything.
-        let mut recheck = n < 0;
+        let mut changed = n < 0;
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::ENOBUFS) => {}
-                _ => {
-                    log::error!(
-                        "routing announcements stopped ({e}); cached next hops now expire \
-                         within a second instead of at once"
-                    );
-                    return;
-                }
+                _ => return stopped(&e),
             }
         } else {
-            recheck |= changes_policy(&buf[..n as usize]);
+            changed |= changes_policy(&buf[..n as usize]);
         }
         // Announcements come in bursts (a link going down takes its routes, addresses
         // and neighbours): the rest of the burst is read first, then the policy checked
         // once, and only if a rule, route or nexthop object changed (neighbours change
-        // all the time on a busy node; a dump of every route each time would cost).
+        // all the time on a busy node; a dump of every route each time would cost), and
+        // at most once per `POLICY_RECHECK_INTERVAL` (`Recheck`).
         loop {
             // SAFETY: `buf` is writable for its length.
             let n = unsafe {
@@ -180,19 +256,34 @@ fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFre
             if n <= 0 {
                 break;
             }
-            recheck |= changes_policy(&buf[..n as usize]);
+            changed |= changes_policy(&buf[..n as usize]);
         }
-        if recheck {
-            let now = current_policy();
-            if now != policy {
-                log::info!("{}", now.describe());
-            }
-            policy = now;
+        if recheck.dump_now(changed, Instant::now()) {
+            policy = dumped_policy(&mut dumped);
+        } else if changed {
+            policy = SourceFree::default();
         }
         if let Err(e) = generation.raise(policy) {
             log::warn!("raising the routing generation: {e}");
         }
     }
+}
+
+fn stopped(e: &io::Error) {
+    log::error!(
+        "routing announcements stopped ({e}); cached next hops now expire within a second \
+         instead of at once"
+    );
+}
+
+/// Dumps the policy; logs it if it differs from the last dump's (`dumped`, updated).
+fn dumped_policy(dumped: &mut SourceFree) -> SourceFree {
+    let now = current_policy();
+    if now != *dumped {
+        log::info!("{}", now.describe());
+    }
+    *dumped = now;
+    now
 }
 
 /// Whether announcements in `buf` may change `route_policy`'s answer: rules, routes and
@@ -238,5 +329,33 @@ mod tests {
             assert!(changes_policy(&burst), "message type {kind}");
         }
         assert!(changes_policy(&quiet[..18]), "unreadable: checked again");
+    }
+
+    #[test]
+    fn the_policy_is_dumped_at_most_once_per_interval_and_a_change_heard_sooner_waits() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut recheck = Recheck::new(start);
+        assert_eq!(
+            recheck.wait(start),
+            None,
+            "nothing due after the start's dump"
+        );
+        assert!(!recheck.dump_now(false, at(100)), "no change, nothing due");
+        // A change 300 ms after the last dump: due at the interval's end.
+        assert!(!recheck.dump_now(true, at(300)));
+        assert_eq!(recheck.wait(at(300)), Some(Duration::from_millis(700)));
+        assert!(
+            !recheck.dump_now(true, at(600)),
+            "still inside the interval"
+        );
+        assert!(!recheck.dump_now(false, at(999)), "woken early: not yet");
+        assert!(recheck.dump_now(false, at(1_000)), "due");
+        assert_eq!(recheck.wait(at(1_000)), None);
+        // Quiet for longer than the interval: the next change is dumped at once.
+        assert!(!recheck.dump_now(false, at(2_500)));
+        assert!(recheck.dump_now(true, at(2_500)));
+        assert!(!recheck.dump_now(true, at(2_600)));
+        assert_eq!(recheck.wait(at(2_600)), Some(Duration::from_millis(900)));
     }
 }
