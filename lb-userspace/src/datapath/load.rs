@@ -43,29 +43,60 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
     // attached, first) can read the backend arrays.
     migrate::restore(&mut ebpf, old)?;
     for hook in Hook::POD {
-        program(&mut ebpf, hook.program())?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                name: hook.program(),
-                source: Box::new(source),
-            })?;
+        let program = program(&mut ebpf, hook.program())?;
+        verify(hook.program(), || program.load())?;
     }
     load_ipv6_stages(&mut ebpf)?;
-    xdp_program(&mut ebpf)?
-        .load()
-        .map_err(|source| DatapathError::Program {
-            name: program_names::XDP_EXTERNAL,
-            source: Box::new(source),
-        })?;
+    let xdp = xdp_program(&mut ebpf)?;
+    verify(program_names::XDP_EXTERNAL, || xdp.load())?;
     for hook in Hook::CGROUP {
-        sock_program(&mut ebpf, hook.program())?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                name: hook.program(),
-                source: Box::new(source),
-            })?;
+        let program = sock_program(&mut ebpf, hook.program())?;
+        verify(hook.program(), || program.load())?;
     }
     Ok(ebpf)
+}
+
+/// Times a program's load is tried when the verifier was interrupted (below).
+const VERIFY_TRIES: usize = 3;
+
+/// Loads program `name` (`load`: its `load`), again if the verifier gave up with EAGAIN: it
+/// does when a signal is pending for the loading process (seen once in a test process),
+/// which says nothing about the program.
+fn verify(
+    name: &'static str,
+    load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DatapathError> {
+    let interrupted = |e: &aya::programs::ProgramError| {
+        let interrupted = matches!(
+            e,
+            aya::programs::ProgramError::LoadError { io_error, .. }
+                if io_error.raw_os_error() == Some(libc::EAGAIN)
+        );
+        if interrupted {
+            log::warn!("verifying {name} was interrupted ({e}); trying again");
+        }
+        interrupted
+    };
+    retry_interrupted(VERIFY_TRIES, load, interrupted).map_err(|source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// Runs `attempt` up to `tries` times while its error is `interrupted`.
+fn retry_interrupted<E>(
+    tries: usize,
+    mut attempt: impl FnMut() -> Result<(), E>,
+    interrupted: impl Fn(&E) -> bool,
+) -> Result<(), E> {
+    let mut left = tries;
+    loop {
+        left -= 1;
+        match attempt() {
+            Err(e) if left > 0 && interrupted(&e) => {}
+            result => return result,
+        }
+    }
 }
 
 /// Loads the IPv6 stages and puts them in the program arrays the IPv4 programs tail-call
@@ -76,19 +107,13 @@ fn load_ipv6_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let mut tc = Vec::new();
     for name in program_names::TC_IPV6 {
         let program = program(ebpf, name)?;
-        program.load().map_err(|source| DatapathError::Program {
-            name,
-            source: Box::new(source),
-        })?;
+        verify(name, || program.load())?;
         tc.push(stage_fd(name, program.fd())?);
     }
     let mut xdp = Vec::new();
     for name in program_names::XDP_IPV6 {
         let program: &mut Xdp = typed_program(ebpf, name)?;
-        program.load().map_err(|source| DatapathError::Program {
-            name,
-            source: Box::new(source),
-        })?;
+        verify(name, || program.load())?;
         xdp.push(stage_fd(name, program.fd())?);
     }
     fill_stages(ebpf, map_names::PROGS6, &tc)?;
@@ -163,4 +188,54 @@ pub fn program<'a>(
 /// The loaded XDP program.
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
     typed_program(ebpf, program_names::XDP_EXTERNAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_a_bounded_number_of_times() {
+        let eagain = || std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let interrupted = |e: &std::io::Error| e.raw_os_error() == Some(libc::EAGAIN);
+        // Interrupted twice, then verified.
+        let mut calls = 0;
+        let result = retry_interrupted(
+            3,
+            || {
+                calls += 1;
+                if calls < 3 { Err(eagain()) } else { Ok(()) }
+            },
+            interrupted,
+        );
+        assert!(result.is_ok());
+        assert_eq!(calls, 3);
+        // Interrupted every time: the last error is reported.
+        let mut calls = 0;
+        let result = retry_interrupted(
+            3,
+            || {
+                calls += 1;
+                Err(eagain())
+            },
+            interrupted,
+        );
+        assert_eq!(
+            result.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EAGAIN))
+        );
+        assert_eq!(calls, 3);
+        // Refused by the verifier: reported at once.
+        let mut calls = 0;
+        let result = retry_interrupted(
+            3,
+            || {
+                calls += 1;
+                Err(std::io::Error::from_raw_os_error(libc::EACCES))
+            },
+            interrupted,
+        );
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
 }
