@@ -179,6 +179,11 @@ impl Recheck {
         false
     }
 
+    /// Whether a dump is due (a change was heard since the last).
+    fn pending(&self) -> bool {
+        self.due.is_some()
+    }
+
     /// How long to wait for announcements before a due dump (`None`: no dump due).
     fn wait(&self, now: Instant) -> Option<Duration> {
         self.due.map(|due| due.saturating_duration_since(now))
@@ -203,69 +208,76 @@ fn readable(socket: &OwnedFd, timeout: Option<Duration>) -> io::Result<bool> {
     }
 }
 
-fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut policy: SourceFree) {
+fn watch(socket: OwnedFd, mut generation: RouteGeneration, mut dumped: SourceFree) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut recheck = Recheck::new(Instant::now());
-    // The last dump's answer (`policy` is "may depend" while a dump is due).
-    let mut dumped = policy;
     loop {
-        match readable(&socket, recheck.wait(Instant::now())) {
-            Ok(true) => {}
-            Ok(false) => {
-                // A dump came due with no announcement since.
-                if recheck.dump_now(false, Instant::now()) {
-                    policy = dumped_policy(&mut dumped);
-                    if let Err(e) = generation.raise(policy) {
-                        log::warn!("raising the routing generation: {e}");
-                    }
-                }
-                continue;
-            }
+        // Not readable: woken for a due dump.
+        let heard = match readable(&socket, recheck.wait(Instant::now())) {
+            Ok(heard) => heard,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return stopped(&e),
-        }
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        // Lost announcements (the socket's buffer overran) may have been anything.
-        let mut changed = n < 0;
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ENOBUFS) => {}
-                _ => return stopped(&e),
+        };
+        let changed = if heard {
+            match read_burst(&socket, &mut buf) {
+                Ok(changed) => changed,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return stopped(&e),
             }
         } else {
-            changed |= changes_policy(&buf[..n as usize]);
+            false
+        };
+        let dumps = recheck.dump_now(changed, Instant::now());
+        if dumps {
+            dumped = dump_policy(dumped);
+        } else if !heard {
+            continue; // woken before the dump was due: nothing to tell the programs
         }
-        // Announcements come in bursts (a link going down takes its routes, addresses
-        // and neighbours): the rest of the burst is read first, then the policy checked
-        // once, and only if a rule, route or nexthop object changed (neighbours change
-        // all the time on a busy node; a dump of every route each time would cost), and
-        // at most once per `POLICY_RECHECK_INTERVAL` (`Recheck`).
-        loop {
-            // SAFETY: `buf` is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    socket.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                break;
-            }
-            changed |= changes_policy(&buf[..n as usize]);
-        }
-        if recheck.dump_now(changed, Instant::now()) {
-            policy = dumped_policy(&mut dumped);
-        } else if changed {
-            policy = SourceFree::default();
-        }
+        // While a dump is due, the programs are told lookups may depend on the source.
+        let policy = if recheck.pending() {
+            SourceFree::default()
+        } else {
+            dumped
+        };
         if let Err(e) = generation.raise(policy) {
             log::warn!("raising the routing generation: {e}");
         }
+    }
+}
+
+/// Reads a burst of announcements (the socket is readable); whether they may have changed
+/// the policy (`changes_policy`). Announcements come in bursts (a link going down takes its
+/// routes, addresses and neighbours): the rest of the burst is read first, so the policy is
+/// checked once per burst, only if a rule, route or nexthop object changed (neighbours
+/// change all the time on a busy node; a dump of every route each time would cost), and at
+/// most once per `POLICY_RECHECK_INTERVAL` (`Recheck`).
+fn read_burst(socket: &OwnedFd, buf: &mut [u8]) -> io::Result<bool> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let mut changed = if n < 0 {
+        let e = io::Error::last_os_error();
+        // Lost announcements (the socket's buffer overran) may have been anything.
+        if e.raw_os_error() != Some(libc::ENOBUFS) {
+            return Err(e);
+        }
+        true
+    } else {
+        changes_policy(&buf[..n as usize])
+    };
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return Ok(changed);
+        }
+        changed |= changes_policy(&buf[..n as usize]);
     }
 }
 
@@ -276,13 +288,12 @@ fn stopped(e: &io::Error) {
     );
 }
 
-/// Dumps the policy; logs it if it differs from the last dump's (`dumped`, updated).
-fn dumped_policy(dumped: &mut SourceFree) -> SourceFree {
+/// Dumps the policy; logs it if it differs from the last dump's (`last`).
+fn dump_policy(last: SourceFree) -> SourceFree {
     let now = current_policy();
-    if now != *dumped {
+    if now != last {
         log::info!("{}", now.describe());
     }
-    *dumped = now;
     now
 }
 
@@ -350,8 +361,10 @@ mod tests {
             "still inside the interval"
         );
         assert!(!recheck.dump_now(false, at(999)), "woken early: not yet");
+        assert!(recheck.pending());
         assert!(recheck.dump_now(false, at(1_000)), "due");
         assert_eq!(recheck.wait(at(1_000)), None);
+        assert!(!recheck.pending());
         // Quiet for longer than the interval: the next change is dumped at once.
         assert!(!recheck.dump_now(false, at(2_500)));
         assert!(recheck.dump_now(true, at(2_500)));
