@@ -65,11 +65,13 @@ pub mod map_names {
     /// address filter's layout ([`addr_filter::reply_slot`](crate::addr_filter::reply_slot)):
     /// a packet from any other source is no reply to a translated flow.
     pub const REPLY_FILTER: &str = "XLB_REPLY_FILTER";
-    /// Reverse conntrack entries as claims ([`ReplyClaim`](crate::ReplyClaim)): an array
-    /// indexed by the reply's tuple ([`reply_claim_slot`](crate::reply_claim_slot)), a slot
-    /// claimed with a compare-and-swap instead of a second conntrack insert per flow. Every
-    /// SNATed flow's reply state is here; IPv4 flows without SNAT go here unless a live
-    /// flow holds their slot (then, and for IPv6 ones, the conntrack map holds it).
+    /// Conntrack entries as claims ([`ReplyClaim`](crate::ReplyClaim)): an array indexed by
+    /// the entry's tuple ([`reply_claim_slot`](crate::reply_claim_slot)), a slot claimed
+    /// with a compare-and-swap instead of a conntrack insert. Every SNATed flow's reply
+    /// state is here; IPv4 flows' forward entries, and their reply state without SNAT, go
+    /// here unless a live flow holds their slot (then, and for IPv6 flows' other entries,
+    /// the conntrack map holds them). The name is from when only reply state lived here
+    /// (pinned: kept).
     pub const REPLY_CLAIMS: &str = "XLB_REPLY_CLAIMS";
     pub const REPLY_CLAIMS6: &str = "XLB_REPLY_CLAIMS6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
@@ -520,12 +522,13 @@ pub struct CtValue<A: MapAddr = u32> {
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 const _: () = assert!(core::mem::size_of::<CtValue<Ip6>>() == 80);
 
-/// `REPLY_CLAIMS` value: a reverse conntrack entry (backend → client, or → the node's SNAT
-/// address and port), in the array slot its key maps to ([`reply_claim_slot`]). A slot is
-/// free when `value.last_seen_ns` is 0 or the entry outlived its lifetime; a new flow claims
-/// it by a compare-and-swap of that stamp, so two CPUs never claim one slot. Readers match
-/// the whole key, whose `dport` (the client's or SNAT port, never 0 in a claim) is cleared
-/// first and written last whenever the slot changes hands. (A reply to an expired claim
+/// `REPLY_CLAIMS` value: a conntrack entry — reverse (backend → client, or → the node's
+/// SNAT address and port) or, for IPv4, forward (client → frontend) — in the array slot
+/// its key maps to ([`reply_claim_slot`]). A slot is free when `value.last_seen_ns` is 0
+/// or the entry outlived its lifetime; a new flow claims it by a compare-and-swap of that
+/// stamp (to `u64::MAX` until the entry is written), so two CPUs never claim one slot.
+/// Readers match the whole key, whose `dport` (the client's, SNAT or frontend port, never
+/// 0 in a claim) is cleared first and written last whenever the slot changes hands. (A reply to an expired claim
 /// racing its takeover may still write its stamp and TCP flags into the new claim.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -536,7 +539,8 @@ pub struct ReplyClaim<A: MapAddr = u32> {
 const _: () = assert!(core::mem::size_of::<ReplyClaim>() == 72);
 const _: () = assert!(core::mem::size_of::<ReplyClaim<Ip6>>() == 120);
 
-/// The `REPLY_CLAIMS` slot of a reverse key: a hash of the backend's address, port and
+/// The `REPLY_CLAIMS` slot of a key (a reverse key's, as below; a forward key's likewise,
+/// from client and frontend): a hash of the backend's address, port and
 /// protocol and the reply's destination address (the client's, or the node's for a SNATed
 /// flow) picks where a run of slots starts, and the destination port is the place in it.
 /// A SNAT port claim tries neighbouring ports, so its tries read neighbouring slots (a

@@ -23,11 +23,15 @@ pub trait Family: 'static {
     /// a place as random as the client) costs more, so IPv6 claims only SNAT ports, whose
     /// slots lie in one run per backend.
     const CLAIMED_REPLIES: bool;
+    /// Whether forward entries are first tried as claims (`ct::record_forward`; looked up
+    /// there first: `ct::forward_entry`). IPv4 only, for the reason above, and the IPv6
+    /// stages have no verifier budget left for a second place to look.
+    const CLAIMED_FLOWS: bool;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
-    /// Reverse entries as claims (`ct`): every SNATed flow's, and others' per
-    /// `CLAIMED_REPLIES`.
+    /// Entries as claims (`ct`): every SNATed flow's reverse entry, and others per
+    /// `CLAIMED_REPLIES` and `CLAIMED_FLOWS`.
     fn reply_claims() -> &'static Array<ReplyClaim<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
@@ -51,6 +55,7 @@ pub struct V6;
 impl Family for V4 {
     type Addr = u32;
     const CLAIMED_REPLIES: bool = true;
+    const CLAIMED_FLOWS: bool = true;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -114,6 +119,7 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = Ip6;
     const CLAIMED_REPLIES: bool = false;
+    const CLAIMED_FLOWS: bool = false;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
         &SERVICES6

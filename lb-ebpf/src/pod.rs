@@ -481,7 +481,7 @@ fn icmp_error<F: TcFamily>(
     let entry = match end {
         // Any flow's, a SNATed one's included (rare: the claim is always looked at).
         InnerEnd::Destination => ct::reverse_entry::<F>(&ct::reverse_key(&inner.reversed()), true),
-        InnerEnd::Source => F::conntrack().get_ptr_mut(ct::forward_key(&inner.reversed())),
+        InnerEnd::Source => ct::forward_entry::<F>(&inner.reversed()),
     }
     .ok_or(outcome::PASS_NOT_SERVICE)?;
     // SAFETY: the entry from this run's lookup; copied out at once.

@@ -106,7 +106,7 @@ pub fn follow<F: Family>(
     now: u64,
     look: Look,
 ) -> Option<Result<Decision<F::Addr>, Outcome>> {
-    let entry = F::conntrack().get_ptr_mut(ct::forward_key(flow))?;
+    let entry = ct::forward_entry::<F>(flow)?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = ct::known(entry);
     // Conntrack keys carry no hook: a packet from outside with a pod's 5-tuple (spoofed)

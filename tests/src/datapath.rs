@@ -470,7 +470,7 @@ impl Datapath {
         ranges.insert(&key, 1, 0).expect("range");
     }
 
-    /// The IPv6 conntrack entries, reply claims included (see `ct`).
+    /// The IPv6 conntrack entries, claims included (see `ct`).
     pub fn ct6(&self) -> Vec<(CtKey<Ip6>, CtValue<Ip6>)> {
         let ct: HashMap<_, CtKey<Ip6>, CtValue<Ip6>> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK6).expect("map"))
@@ -480,7 +480,8 @@ impl Datapath {
         entries
     }
 
-    /// The reply claims in the array `name`, as the reverse entries they are.
+    /// The claims in the array `name`, as the conntrack entries they are: reverse entries,
+    /// and (IPv4) forward ones.
     pub fn claims<A: MapAddr>(&self, name: &str) -> Vec<(CtKey<A>, CtValue<A>)>
     where
         lb_common::ReplyClaim<A>: aya::Pod,
@@ -625,8 +626,8 @@ impl Datapath {
         family_count(&self.ebpf, map_names::STATS6, o)
     }
 
-    /// The conntrack entries, with the reply claims as the reverse entries they are
-    /// (kept in their own array: `XLB_REPLY_CLAIMS`).
+    /// The conntrack entries, with the claims as the entries they are (kept in their own
+    /// array: `XLB_REPLY_CLAIMS`).
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
         let ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
@@ -635,10 +636,12 @@ impl Datapath {
         entries
     }
 
-    /// Frees every IPv4 claim (zeroes the held slots of `XLB_REPLY_CLAIMS`), quickly: a
-    /// test may need it inside one conntrack check window.
-    pub fn clear_claims(&mut self) {
-        let held = self.claims::<u32>(map_names::REPLY_CLAIMS);
+    /// Frees every IPv4 reply claim (zeroes the slots of `XLB_REPLY_CLAIMS` holding
+    /// reverse entries; flows keep their forward claims), quickly: a test may need it
+    /// inside one conntrack check window.
+    pub fn clear_reply_claims(&mut self) {
+        let mut held = self.claims::<u32>(map_names::REPLY_CLAIMS);
+        held.retain(|(key, _)| key.dir == lb_common::CT_REVERSE);
         let mut slots: Array<_, lb_common::ReplyClaim> =
             Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
                 .expect("map type");

@@ -832,7 +832,8 @@ fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
         Hook::FromPod,
         &Frame::tcp(CLIENT, 41_000, VIP, 80, SYN).build(),
     );
-    let claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    let mut claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    claims.retain(|(k, _)| k.dir == CT_REVERSE);
     assert_eq!(claims.len(), 1, "{claims:?}");
     assert_eq!(claims[0].0, reverse(CLIENT, 41_000));
     let in_conntrack = |dp: &Datapath| {
@@ -895,6 +896,116 @@ fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
         );
     }
     assert_eq!(dp.stat(outcome::REVNAT), 2);
+}
+
+/// An IPv4 flow's forward entry is a claim too (slot by the client → frontend tuple); where
+/// a live flow of another tuple holds that slot it goes into conntrack instead. Either way
+/// the flow's next packets follow it, a retransmitted SYN included, and a flow recorded in
+/// conntrack by an earlier agent is still followed.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let backends = [
+        (1, "10.244.1.2", 8080),
+        (2, "10.244.2.3", 8080),
+        (3, "10.244.3.4", 8080),
+    ];
+    dp.service(PROTO_TCP, 80, &backends, 0);
+    let forward = |client: &str, port: u16| CtKey {
+        src: ip(client),
+        dst: ip(VIP),
+        sport: port.to_be(),
+        dport: 80u16.to_be(),
+        proto: PROTO_TCP,
+        dir: CT_FORWARD,
+        _pad: [0; 2],
+    };
+    let forward_in_conntrack = |dp: &Datapath| {
+        let claimed = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+        dp.ct()
+            .into_iter()
+            .filter(|(k, _)| k.dir == CT_FORWARD && !claimed.iter().any(|(c, _)| c == k))
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    };
+    let syn = Frame::tcp(CLIENT, 41_000, VIP, 80, SYN).build();
+    let (_, first) = dp.run(Hook::FromPod, &syn);
+    let claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    assert!(
+        claims.iter().any(|(k, _)| *k == forward(CLIENT, 41_000)),
+        "the forward entry claimed: {claims:?}"
+    );
+    assert_eq!(forward_in_conntrack(&dp), []);
+    // A retransmitted SYN finds the claim and follows it.
+    assert_eq!(dp.run(Hook::FromPod, &syn), (TC_ACT_OK, first.clone()));
+
+    // Another live flow holds the slot the second flow's forward entry maps to.
+    let second = forward(CLIENT, 41_001);
+    let target = lb_common::reply_claim_slot(&second);
+    let squatter = (1..=255u8)
+        .find_map(|last| {
+            let mut k = forward(&format!("10.244.9.{last}"), 41_001);
+            k.dport = 0;
+            let offset = target.wrapping_sub(lb_common::reply_claim_slot(&k))
+                % lb_common::map_sizes::REPLY_CLAIMS;
+            k.dport = u16::try_from(offset).ok().filter(|p| *p != 0)?.to_be();
+            Some(k)
+        })
+        .expect("a client address whose run reaches the slot");
+    assert_eq!(lb_common::reply_claim_slot(&squatter), target);
+    let value = lb_common::CtValue {
+        backend_id: 1,
+        service_id: 1,
+        nat_addr: ip("10.244.1.2"),
+        nat_port: 8080u16.to_be(),
+        last_seen_ns: monotonic_ns(),
+        created_ns: monotonic_ns(),
+        ..Default::default()
+    };
+    dp.put_claim(squatter, value);
+    let syn2 = Frame::tcp(CLIENT, 41_001, VIP, 80, SYN).build();
+    let (_, first2) = dp.run(Hook::FromPod, &syn2);
+    assert_eq!(forward_in_conntrack(&dp), [second]);
+    assert!(
+        dp.claims::<u32>(map_names::REPLY_CLAIMS)
+            .iter()
+            .any(|(k, _)| *k == squatter),
+        "the holder keeps its slot"
+    );
+    assert_eq!(dp.run(Hook::FromPod, &syn2), (TC_ACT_OK, first2.clone()));
+
+    // As an earlier agent left a flow: its forward entry in conntrack only.
+    let third = Frame::tcp(CLIENT, 41_002, VIP, 80, SYN).build();
+    let (_, first3) = dp.run(Hook::FromPod, &third);
+    let (key, entry) = dp
+        .claims::<u32>(map_names::REPLY_CLAIMS)
+        .into_iter()
+        .find(|(k, _)| *k == forward(CLIENT, 41_002))
+        .expect("third flow claimed");
+    let mut slots: Array<_, lb_common::ReplyClaim> =
+        Array::try_from(dp.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map")).expect("map");
+    slots
+        .set(
+            lb_common::reply_claim_slot(&key),
+            lb_common::ReplyClaim::default(),
+            0,
+        )
+        .expect("slot");
+    dp.put_ct(key, entry);
+
+    // Each flow's next packet goes where its SYN went, as an established packet.
+    let before = dp.stat(outcome::DNAT_ESTABLISHED);
+    for (port, syn_out) in [(41_000, &first), (41_001, &first2), (41_002, &first3)] {
+        let ack = Frame::tcp(CLIENT, port, VIP, 80, ACK).build();
+        let (verdict, out) = dp.run(Hook::FromPod, &ack);
+        assert_eq!(verdict, TC_ACT_OK, "{port}");
+        let (a, b) = (view(&out), view(syn_out));
+        assert_eq!((a.dst, a.dport), (b.dst, b.dport), "{port}");
+    }
+    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), before + 3);
+    assert_eq!(dp.stat(outcome::DNAT_NEW), 3);
 }
 
 /// A client port used again for another Service with the same backend (two Services

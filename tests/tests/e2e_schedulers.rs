@@ -190,6 +190,15 @@ fn forget_flows(c: &Cluster) {
     for key in keys {
         let _ = conntrack.remove(&key);
     }
+    // IPv4 flows' entries held as claims.
+    let mut claims = maps.reply_claims;
+    let held = xlb::datapath::id_arrays::reply_claims(&claims).expect("claims");
+    for claim in held {
+        let slot = lb_common::reply_claim_slot(&claim.key);
+        claims
+            .set(slot, lb_common::ReplyClaim::default(), 0)
+            .expect("claim slot");
+    }
 }
 
 /// One UDP request from each of `ports` (the same 5-tuple every time): who answered.

@@ -52,6 +52,26 @@ pub fn open_flows<A: MapAddr>(
     open
 }
 
+/// A family's forward entries: its flows' claims, and its conntrack's forward entries but
+/// those of tuples that also hold a claim (an entry the datapath no longer reads: it
+/// looks at the claim first). Other entries of `in_conntrack` pass through.
+pub fn forward_entries<A: MapAddr>(
+    claims: Vec<(CtKey<A>, CtValue<A>)>,
+    in_conntrack: Vec<(CtKey<A>, CtValue<A>)>,
+) -> Vec<(CtKey<A>, CtValue<A>)>
+where
+    CtKey<A>: std::hash::Hash,
+{
+    let claimed: std::collections::HashSet<CtKey<A>> = claims.iter().map(|(k, _)| *k).collect();
+    let mut entries = claims;
+    entries.extend(
+        in_conntrack
+            .into_iter()
+            .filter(|(k, _)| k.dir != CT_FORWARD || !claimed.contains(k)),
+    );
+    entries
+}
+
 /// Affinity entries whose backend is gone (expiry by time is checked by the datapath).
 pub fn stale_affinities<A: MapAddr>(
     entries: impl IntoIterator<Item = (AffinityKey<A>, AffinityValue)>,
@@ -178,5 +198,21 @@ mod tests {
         ];
         let open = open_flows(entries, &live, &CtTimeouts::DEFAULT, now);
         assert_eq!(open, [(1, 2), (2, 1)].into());
+    }
+
+    #[test]
+    fn a_claimed_flow_counts_once_and_its_claim_wins_over_a_stale_conntrack_entry() {
+        let now = 100_000 * S;
+        let live: BTreeSet<u32> = [1, 2].into();
+        let claim = flow(1, PROTO_TCP, CT_FLAG_ESTABLISHED, 2, 0, now);
+        // The same tuple recorded in conntrack before its slot was free: shadowed.
+        let shadowed = flow(1, PROTO_TCP, CT_FLAG_ESTABLISHED, 1, 0, now);
+        let other = flow(2, PROTO_TCP, CT_FLAG_ESTABLISHED, 1, 0, now);
+        let mut reverse = flow(1, PROTO_TCP, CT_FLAG_ESTABLISHED, 2, 0, now);
+        reverse.0.dir = lb_common::CT_REVERSE;
+        let entries = forward_entries(vec![claim], vec![shadowed, other, reverse]);
+        assert_eq!(entries, [claim, other, reverse]);
+        let open = open_flows(entries, &live, &CtTimeouts::DEFAULT, now);
+        assert_eq!(open, [(1, 1), (2, 1)].into());
     }
 }

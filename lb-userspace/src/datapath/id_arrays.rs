@@ -64,8 +64,9 @@ pub fn open_flows<M: Borrow<MapData>>(map: &Array<M, u64>) -> std::io::Result<Ve
     scan_where(map, |n| *n != 0)
 }
 
-/// Every reverse entry's claim a flow holds or held (expired ones are free for the next claim;
-/// the datapath alone writes this array), in slot order.
+/// Every claim a flow holds or held (expired ones are free for the next claim; the datapath
+/// writes this array, and the agent's GC frees forward claims of removed backends), in slot
+/// order.
 pub fn reply_claims<M: Borrow<MapData>, A: MapAddr>(
     map: &Array<M, ReplyClaim<A>>,
 ) -> std::io::Result<Vec<ReplyClaim<A>>>

@@ -394,6 +394,7 @@ impl PinnedMaps {
         let timeouts = self.ct_timeouts();
         let v4 = collect_family(
             &mut self.conntrack,
+            &mut self.reply_claims,
             &mut self.affinity,
             &live,
             &timeouts,
@@ -401,6 +402,7 @@ impl PinnedMaps {
         );
         let v6 = collect_family(
             &mut self.v6.conntrack,
+            &mut self.v6.reply_claims,
             &mut self.v6.affinity,
             &live,
             &timeouts,
@@ -445,6 +447,7 @@ struct FamilyCollected {
 
 fn collect_family<A: MapAddr>(
     conntrack: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
+    claims: &mut Array<MapData, ReplyClaim<A>>,
     affinity: &mut HashMap<MapData, AffinityKey<A>, AffinityValue>,
     live: &std::collections::BTreeSet<u32>,
     timeouts: &CtTimeouts,
@@ -454,12 +457,19 @@ where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
     AffinityKey<A>: aya::Pod,
+    ReplyClaim<A>: aya::Pod,
 {
     let flows: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
     let affinities: Vec<_> = affinity.iter().filter_map(Result::ok).collect();
     let mut removed = 0;
     for key in crate::datapath::gc::stale_flows(flows, live, timeouts, now_ns) {
         removed += usize::from(conntrack.remove(&key).is_ok());
+    }
+    // Forward claims (reply claims free themselves: replies of a gone backend stop).
+    let claimed = forward_claims(claims);
+    for key in crate::datapath::gc::stale_flows(claimed.clone(), live, timeouts, now_ns) {
+        let held = claimed.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+        removed += usize::from(held.is_some_and(|v| free_claim(claims, &key, v)));
     }
     let mut affinity_left = affinities.len();
     for key in crate::datapath::gc::stale_affinities(affinities, live, now_ns) {
@@ -469,8 +479,9 @@ where
     }
     // Least-conn's counts, recounted from the flows that remain: corrects what the
     // datapath cannot see (expiry without FIN, LRU eviction, UDP).
-    let flows: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
-    let conntrack_left = flows.len();
+    let in_conntrack: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
+    let conntrack_left = in_conntrack.len();
+    let flows = crate::datapath::gc::forward_entries(forward_claims(claims), in_conntrack);
     FamilyCollected {
         open: crate::datapath::gc::open_flows(flows, live, timeouts, now_ns),
         collected: Collected {
@@ -480,6 +491,42 @@ where
             ..Collected::default()
         },
     }
+}
+
+/// The forward entries held as claims in `claims` (IPv4 flows', `lb-ebpf` `ct`); none if
+/// the array cannot be read (said in the log).
+pub fn forward_claims<M: std::borrow::Borrow<MapData>, A: MapAddr>(
+    claims: &Array<M, ReplyClaim<A>>,
+) -> Vec<(CtKey<A>, CtValue<A>)>
+where
+    ReplyClaim<A>: aya::Pod,
+{
+    id_arrays::reply_claims(claims)
+        .unwrap_or_else(|e| {
+            log::warn!("reading the claims (forward entries left out): {e}");
+            Vec::new()
+        })
+        .into_iter()
+        .filter(|c| c.key.dir == lb_common::CT_FORWARD)
+        .map(|c| (c.key, c.value))
+        .collect()
+}
+
+/// Frees the claim of `key` if its slot still holds the one read (`value`, by its creation
+/// stamp): a flow that took the slot since keeps it. Whether it freed it.
+fn free_claim<A: MapAddr>(
+    claims: &mut Array<MapData, ReplyClaim<A>>,
+    key: &CtKey<A>,
+    value: &CtValue<A>,
+) -> bool
+where
+    ReplyClaim<A>: aya::Pod,
+{
+    let slot = lb_common::reply_claim_slot(key);
+    let unchanged = claims
+        .get(&slot, 0)
+        .is_ok_and(|c| c.key == *key && c.value.created_ns == value.created_ns);
+    unchanged && claims.set(slot, ReplyClaim::default(), 0).is_ok()
 }
 
 /// Makes `wanted` the addresses in a node-address map.
@@ -563,7 +610,11 @@ fn hold_reply_sources<A: MapAddr>(
         .keys()
         .filter_map(Result::ok)
         .filter(|key| key.dir == lb_common::CT_REVERSE);
-    for key in reverse.chain(claimed.into_iter().map(|c| c.key)) {
+    let claimed = claimed
+        .into_iter()
+        .map(|c| c.key)
+        .filter(|key| key.dir == lb_common::CT_REVERSE);
+    for key in reverse.chain(claimed) {
         replies.hold(key.src, key.sport, key.proto, now);
     }
 }

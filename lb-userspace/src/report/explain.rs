@@ -6,9 +6,9 @@ use std::{fmt::Write as _, net::IpAddr};
 use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT,
-    CT_FORWARD, CtKey, CtTimeouts, CtValue, MapAddr, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRangeKey, client_hash, flow_hash, scheduler, scheduler_of,
+    CT_FORWARD, CtKey, CtTimeouts, CtValue, MapAddr, NodeConfig, ReplyClaim, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey, client_hash, flow_hash, scheduler, scheduler_of,
 };
 use serde::Serialize;
 
@@ -429,6 +429,8 @@ struct FamilyMaps<'a, A: MapAddr> {
     services: &'a HashMap<MapData, ServiceKey<A>, ServiceValue>,
     backends: &'a Array<MapData, Backend<A>>,
     conntrack: &'a HashMap<MapData, CtKey<A>, CtValue<A>>,
+    /// Claims: IPv4 flows' forward entries are looked for here first, as the datapath does.
+    claims: &'a Array<MapData, ReplyClaim<A>>,
     affinity: &'a HashMap<MapData, AffinityKey<A>, AffinityValue>,
     node_ips: &'a HashMap<MapData, A, u32>,
     config: &'a Array<MapData, NodeConfig<A>>,
@@ -448,6 +450,7 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
                 services: &maps.services,
                 backends: &maps.backends,
                 conntrack: &maps.conntrack,
+                claims: &maps.reply_claims,
                 affinity: &maps.affinity,
                 node_ips: &maps.node_ips,
                 config: &maps.config,
@@ -461,6 +464,7 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
                 services: &v6.services,
                 backends: &v6.backends,
                 conntrack: &v6.conntrack,
+                claims: &v6.reply_claims,
                 affinity: &v6.affinity,
                 node_ips: &v6.node_ips,
                 config: &v6.config,
@@ -511,10 +515,14 @@ where
             dir: CT_FORWARD,
             _pad: [0; 2],
         };
-        s.tracked = family
-            .conntrack
-            .get(&key, 0)
+        let claim = family
+            .claims
+            .get(&lb_common::reply_claim_slot(&key), 0)
             .ok()
+            .filter(|c| c.key == key)
+            .map(|c| c.value);
+        s.tracked = claim
+            .or_else(|| family.conntrack.get(&key, 0).ok())
             // Another hook's flow is not followed by this one.
             .filter(|ct| (ct.flags & CT_FLAG_EXTERNAL != 0) == (q.origin == Origin::Outside))
             .map(|ct| Tracked::from(&ct));

@@ -11,8 +11,9 @@ use serde::Serialize;
 use crate::{
     datapath::{
         clock::monotonic_ns,
+        gc::forward_entries,
         id_arrays,
-        maps::{Collected, PinnedMaps, sum_counter},
+        maps::{Collected, PinnedMaps, forward_claims, sum_counter},
     },
     model::{Frontend, HostPort, Protocol, Scheduler},
     sync::{
@@ -192,17 +193,26 @@ pub struct FlowRow {
     pub bytes: u64,
 }
 
-/// NATed flows (forward entries) of both families, like `conntrack -L`.
+/// NATed flows (forward entries: claims and conntrack's) of both families, like
+/// `conntrack -L`.
 pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
     let now = monotonic_ns();
-    let v4 = maps.conntrack.iter().filter_map(Result::ok);
-    let v6 = maps.v6.conntrack.iter().filter_map(Result::ok);
+    let v4 = forward_entries(
+        forward_claims(&maps.reply_claims),
+        maps.conntrack.iter().filter_map(Result::ok).collect(),
+    );
+    let v6 = forward_entries(
+        forward_claims(&maps.v6.reply_claims),
+        maps.v6.conntrack.iter().filter_map(Result::ok).collect(),
+    );
     let mut rows: Vec<FlowRow> = v4
+        .iter()
         .filter(|(k, _)| k.dir == CT_FORWARD)
-        .map(|(k, v)| flow_row(&k, &v, now))
+        .map(|(k, v)| flow_row(k, v, now))
         .chain(
-            v6.filter(|(k, _)| k.dir == CT_FORWARD)
-                .map(|(k, v)| flow_row(&k, &v, now)),
+            v6.iter()
+                .filter(|(k, _)| k.dir == CT_FORWARD)
+                .map(|(k, v)| flow_row(k, v, now)),
         )
         .collect();
     rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
