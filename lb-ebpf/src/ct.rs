@@ -102,9 +102,18 @@ pub fn forward_entry<F: Family>(flow: &Flow<F::Addr>) -> Option<*mut CtValue<F::
 /// changes hands (`publish`).
 #[inline(always)]
 fn holds<A: MapAddr>(slot: *const ReplyClaim<A>, key: &CtKey<A>) -> bool {
-    // SAFETY: per the callers, a slot of the array, valid for this program run.
+    use core::ptr::read_volatile as read;
+    // SAFETY: per the callers, a slot of the array, valid for this program run. Volatile
+    // reads, so the compiler keeps the port's read first (plain ones may be hoisted above
+    // it, and a claim being published would be read half old).
     unsafe {
-        core::ptr::read_volatile(&raw const (*slot).key.dport) == key.dport && (*slot).key == *key
+        let held = &raw const (*slot).key;
+        read(&raw const (*held).dport) == key.dport
+            && read(&raw const (*held).src) == key.src
+            && read(&raw const (*held).dst) == key.dst
+            && read(&raw const (*held).sport) == key.sport
+            && read(&raw const (*held).proto) == key.proto
+            && read(&raw const (*held).dir) == key.dir
     }
 }
 
@@ -183,18 +192,33 @@ const IN_FLUX: u64 = u64::MAX;
 /// for a claim.
 #[inline(always)]
 unsafe fn publish<A: MapAddr>(slot: *mut ReplyClaim<A>, s: &CtScratch<A>) {
-    // SAFETY: per the caller, a claimed slot of the array.
+    use core::ptr::write_volatile as write;
+    // SAFETY: per the caller, a claimed slot of the array. Every store volatile, so the
+    // compiler keeps their order (plain ones may move past the port's): the entry, the key,
+    // then the stamp (leaving `IN_FLUX`) and the port.
     unsafe {
-        core::ptr::write_volatile(&raw mut (*slot).key.dport, 0);
-        (*slot).value = s.value;
+        write(&raw mut (*slot).key.dport, 0);
+        let (v, from) = (&raw mut (*slot).value, &s.value);
+        write(&raw mut (*v).backend_id, from.backend_id);
+        write(&raw mut (*v).service_id, from.service_id);
+        write(&raw mut (*v).nat_addr, from.nat_addr);
+        write(&raw mut (*v).nat_port, from.nat_port);
+        write(&raw mut (*v).flags, from.flags);
+        write(&raw mut (*v).snat_addr, from.snat_addr);
+        write(&raw mut (*v).snat_port, from.snat_port);
+        write(&raw mut (*v)._pad, 0);
+        write(&raw mut (*v).created_ns, from.created_ns);
+        write(&raw mut (*v).packets, from.packets);
+        write(&raw mut (*v).bytes, from.bytes);
         let key = &raw mut (*slot).key;
-        (*key).src = s.key.src;
-        (*key).dst = s.key.dst;
-        (*key).sport = s.key.sport;
-        (*key).proto = s.key.proto;
-        (*key).dir = s.key.dir;
-        (*key)._pad = [0; 2];
-        core::ptr::write_volatile(&raw mut (*key).dport, s.key.dport);
+        write(&raw mut (*key).src, s.key.src);
+        write(&raw mut (*key).dst, s.key.dst);
+        write(&raw mut (*key).sport, s.key.sport);
+        write(&raw mut (*key).proto, s.key.proto);
+        write(&raw mut (*key).dir, s.key.dir);
+        write(&raw mut (*key)._pad, [0; 2]);
+        write(&raw mut (*v).last_seen_ns, from.last_seen_ns);
+        write(&raw mut (*key).dport, s.key.dport);
     }
 }
 
