@@ -65,17 +65,20 @@ pub mod map_names {
     /// address filter's layout ([`addr_filter::reply_slot`](crate::addr_filter::reply_slot)):
     /// a packet from any other source is no reply to a translated flow.
     pub const REPLY_FILTER: &str = "XLB_REPLY_FILTER";
-    /// Conntrack entries as claims ([`ReplyClaim`](crate::ReplyClaim)): an array indexed by
-    /// the entry's tuple ([`reply_claim_slot`](crate::reply_claim_slot)), a slot claimed
-    /// with a compare-and-swap instead of a conntrack insert. Every SNATed flow's reply
-    /// state is here; IPv4 flows' forward entries, and their reply state without SNAT, go
-    /// here unless a live flow holds their slot (then, and for IPv6 flows' other entries,
-    /// the conntrack map holds them). The name is from when only reply state lived here
-    /// (pinned: kept).
+    /// Reverse conntrack entries as claims ([`ReplyClaim`](crate::ReplyClaim)): an array
+    /// indexed by the reply's tuple ([`reply_claim_slot`](crate::reply_claim_slot)), a slot
+    /// claimed with a compare-and-swap instead of a second conntrack insert per flow. Every
+    /// SNATed flow's reply state is here; IPv4 flows without SNAT go here unless a live
+    /// flow holds their slot (then, and for IPv6 ones, the conntrack map holds it).
     pub const REPLY_CLAIMS: &str = "XLB_REPLY_CLAIMS";
+    /// Forward conntrack entries of IPv4 flows as claims, as `REPLY_CLAIMS` (same
+    /// slots by tuple; the conntrack map where a live flow holds the slot). An array of its
+    /// own: in the reply claims' array they crowded the runs of slots a SNAT port is
+    /// searched in.
+    pub const FLOW_CLAIMS: &str = "XLB_FLOW_CLAIMS";
     pub const REPLY_CLAIMS6: &str = "XLB_REPLY_CLAIMS6";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
-    pub const ALL: [&str; 34] = [
+    pub const ALL: [&str; 35] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -110,6 +113,7 @@ pub mod map_names {
         REPLY_FILTER,
         REPLY_CLAIMS,
         REPLY_CLAIMS6,
+        FLOW_CLAIMS,
     ];
 }
 
@@ -314,6 +318,7 @@ pub mod map_sizes {
     /// Reply claims per family: a power of two (the slot is a hash's low bits).
     /// Preallocated: 18 MiB for IPv4, 30 MiB for IPv6.
     pub const REPLY_CLAIMS: u32 = 262_144;
+    pub const FLOW_CLAIMS: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
     /// Counter arrays, indexed by service id and backend id (preallocated per CPU: 3 MiB
     /// and 6 MiB per CPU).
@@ -522,8 +527,8 @@ pub struct CtValue<A: MapAddr = u32> {
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 const _: () = assert!(core::mem::size_of::<CtValue<Ip6>>() == 80);
 
-/// `REPLY_CLAIMS` value: a conntrack entry — reverse (backend → client, or → the node's
-/// SNAT address and port) or, for IPv4, forward (client → frontend) — in the array slot
+/// `REPLY_CLAIMS` value: a reverse conntrack entry (backend → client, or → the node's SNAT
+/// address and port; in `FLOW_CLAIMS` a forward one, client → frontend), in the array slot
 /// its key maps to ([`reply_claim_slot`]). A slot is free when `value.last_seen_ns` is 0
 /// or the entry outlived its lifetime; a new flow claims it by a compare-and-swap of that
 /// stamp (to `u64::MAX` until the entry is written), so two CPUs never claim one slot.
@@ -539,8 +544,8 @@ pub struct ReplyClaim<A: MapAddr = u32> {
 const _: () = assert!(core::mem::size_of::<ReplyClaim>() == 72);
 const _: () = assert!(core::mem::size_of::<ReplyClaim<Ip6>>() == 120);
 
-/// The `REPLY_CLAIMS` slot of a key (a reverse key's, as below; a forward key's likewise,
-/// from client and frontend): a hash of the backend's address, port and
+/// The `REPLY_CLAIMS` (and `FLOW_CLAIMS`) slot of a key (a reverse key's, as below; a
+/// forward key's likewise, from client and frontend): a hash of the backend's address, port and
 /// protocol and the reply's destination address (the client's, or the node's for a SNATed
 /// flow) picks where a run of slots starts, and the destination port is the place in it.
 /// A SNAT port claim tries neighbouring ports, so its tries read neighbouring slots (a
@@ -558,6 +563,8 @@ pub fn reply_claim_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
     run.wrapping_add(u32::from(u16::from_be(key.dport))) & (map_sizes::REPLY_CLAIMS - 1)
 }
 const _: () = assert!(map_sizes::REPLY_CLAIMS.is_power_of_two());
+// One slot function for both claim arrays.
+const _: () = assert!(map_sizes::FLOW_CLAIMS == map_sizes::REPLY_CLAIMS);
 
 /// TCP entry saw its handshake complete (forward: a client ACK; reverse: a reply).
 pub const CT_FLAG_ESTABLISHED: u16 = 1;

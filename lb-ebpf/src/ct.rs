@@ -1,12 +1,14 @@
 //! Connection tracking: a forward entry (client → frontend) pins the flow to its backend, a
 //! reverse entry (backend → client, or backend → node address for SNATed flows) restores the
-//! frontend on replies. Entries are claims in an array (`ReplyClaim`, slot by the entry's
-//! tuple) where that costs less than a conntrack insert: taking a free slot is a
-//! compare-and-swap and a store, where an LRU insert pops, fills and links an element (bench
-//! rows `cost_claim` and `cost_ct_insert`). A SNATed flow picks its port so that its reply's
-//! slot is free; an entry whose slot a live flow of another tuple holds, and IPv6 flows'
-//! forward entries and reverse ones without SNAT (`Family::CLAIMED_FLOWS`,
-//! `CLAIMED_REPLIES`), go to the conntrack LRU. Lookups read the claim first.
+//! frontend on replies. Entries are claims in arrays (`ReplyClaim`, slot by the entry's
+//! tuple; reverse entries in `XLB_REPLY_CLAIMS`, IPv4 flows' forward ones in
+//! `XLB_FLOW_CLAIMS`) where that costs less than a conntrack insert: taking a free slot is
+//! a compare-and-swap and a store, where an LRU insert pops, fills and links an element
+//! (bench rows `cost_claim` and `cost_ct_insert`). A SNATed flow picks its port so that its
+//! reply's slot is free; an entry whose slot a live flow of another tuple holds, and IPv6
+//! flows' forward entries and reverse ones without SNAT
+//! (`Family::CLAIMED_FLOWS`, `CLAIMED_REPLIES`), go to the conntrack LRU. Lookups read the
+//! claim first.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -81,12 +83,12 @@ pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
 /// The forward entry of `flow`: its claim, else its conntrack entry. The claim's lookup is
 /// inlined, unlike `claimed`: as a subprogram call on this path (every packet of a flow
 /// goes through it) the verifier walked `xlb_from_pod` and `xlb_external` at 125k and 134k
-/// instructions instead of 72k and 59k.
+/// instructions instead of 72k and 60k.
 #[inline(always)]
 pub fn forward_entry<F: Family>(flow: &Flow<F::Addr>) -> Option<*mut CtValue<F::Addr>> {
     let key = forward_key(flow);
     if F::CLAIMED_FLOWS
-        && let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&key))
+        && let Some(slot) = F::flow_claims().get_ptr_mut(reply_claim_slot(&key))
         && holds(slot, &key)
     {
         // SAFETY: a slot of the array, valid for this program run.
@@ -336,7 +338,7 @@ fn record_forward<F: Family>(s: &CtScratch<F::Addr>, replace: bool) -> Recorded 
         let Some(timeouts) = CT_TIMEOUTS.get(0) else {
             return Recorded::Full;
         };
-        if let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) {
+        if let Some(slot) = F::flow_claims().get_ptr_mut(reply_claim_slot(&s.key)) {
             if claim_slot(slot, s, timeouts, s.value.last_seen_ns, replace) {
                 return Recorded::Done;
             }

@@ -11,8 +11,8 @@ use crate::ct::CtScratch;
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_SCRATCH,
-    CT_SCRATCH6, NODE_IPS, NODE_IPS6, REPLY_CLAIMS, REPLY_CLAIMS6, SERVICES, SERVICES6,
-    SOURCE_RANGES, SOURCE_RANGES6, STATS, STATS6,
+    CT_SCRATCH6, FLOW_CLAIMS, NODE_IPS, NODE_IPS6, REPLY_CLAIMS, REPLY_CLAIMS6, SERVICES,
+    SERVICES6, SOURCE_RANGES, SOURCE_RANGES6, STATS, STATS6,
 };
 
 pub trait Family: 'static {
@@ -24,15 +24,18 @@ pub trait Family: 'static {
     /// slots lie in one run per backend.
     const CLAIMED_REPLIES: bool;
     /// Whether forward entries are first tried as claims (`ct::record_forward`; looked up
-    /// there first: `ct::forward_entry`). IPv4 only, for the reason above, and the IPv6
-    /// stages have no verifier budget left for a second place to look.
+    /// there first: `ct::forward_entry`). IPv4 only, for the reason above, and
+    /// the IPv6 stages have no verifier budget left for a second place to look.
     const CLAIMED_FLOWS: bool;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
-    /// Entries as claims (`ct`): every SNATed flow's reverse entry, and others per
-    /// `CLAIMED_REPLIES` and `CLAIMED_FLOWS`.
+    /// Reverse entries as claims (`ct`): every SNATed flow's, and others' per
+    /// `CLAIMED_REPLIES`.
     fn reply_claims() -> &'static Array<ReplyClaim<Self::Addr>>;
+    /// Forward entries as claims, per `CLAIMED_FLOWS` (a family without them names its reply
+    /// claims here, never used).
+    fn flow_claims() -> &'static Array<ReplyClaim<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn node_ips() -> &'static HashMap<Self::Addr, u32>;
     /// The node's SNAT address and ports for this family (zeros until the agent wrote them).
@@ -71,6 +74,10 @@ impl Family for V4 {
     #[inline(always)]
     fn reply_claims() -> &'static Array<ReplyClaim> {
         &REPLY_CLAIMS
+    }
+    #[inline(always)]
+    fn flow_claims() -> &'static Array<ReplyClaim> {
+        &FLOW_CLAIMS
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
@@ -134,6 +141,10 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn reply_claims() -> &'static Array<ReplyClaim<Ip6>> {
+        &REPLY_CLAIMS6
+    }
+    #[inline(always)]
+    fn flow_claims() -> &'static Array<ReplyClaim<Ip6>> {
         &REPLY_CLAIMS6
     }
     #[inline(always)]

@@ -203,6 +203,12 @@ pub static HOP_SCRATCH: PerCpuArray<crate::hop::HopScratch> = PerCpuArray::with_
 pub static REPLY_CLAIMS: Array<ReplyClaim> =
     Array::with_max_entries(map_sizes::REPLY_CLAIMS, BPF_F_MMAPABLE);
 
+/// IPv4 flows' forward entries as claims (`ct::record_forward`): an array of its own,
+/// so they do not crowd the runs of reply slots SNAT ports are searched in.
+#[map(name = "XLB_FLOW_CLAIMS")]
+pub static FLOW_CLAIMS: Array<ReplyClaim> =
+    Array::with_max_entries(map_sizes::FLOW_CLAIMS, BPF_F_MMAPABLE);
+
 #[map(name = "XLB_REPLY_CLAIMS6")]
 pub static REPLY_CLAIMS6: Array<ReplyClaim<Ip6>> =
     Array::with_max_entries(map_sizes::REPLY_CLAIMS, BPF_F_MMAPABLE);

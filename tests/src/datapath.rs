@@ -480,8 +480,7 @@ impl Datapath {
         entries
     }
 
-    /// The claims in the array `name`, as the conntrack entries they are: reverse entries,
-    /// and (IPv4) forward ones.
+    /// The claims in the array `name`, as the conntrack entries they are.
     pub fn claims<A: MapAddr>(&self, name: &str) -> Vec<(CtKey<A>, CtValue<A>)>
     where
         lb_common::ReplyClaim<A>: aya::Pod,
@@ -626,22 +625,22 @@ impl Datapath {
         family_count(&self.ebpf, map_names::STATS6, o)
     }
 
-    /// The conntrack entries, with the claims as the entries they are (kept in their own
-    /// array: `XLB_REPLY_CLAIMS`).
+    /// The conntrack entries, with the claims as the entries they are (kept in arrays of
+    /// their own: `XLB_REPLY_CLAIMS`, `XLB_FLOW_CLAIMS`).
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
         let ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("map")).expect("map type");
         let mut entries: Vec<_> = ct.iter().map(|r| r.expect("ct entry")).collect();
         entries.extend(self.claims::<u32>(map_names::REPLY_CLAIMS));
+        entries.extend(self.claims::<u32>(map_names::FLOW_CLAIMS));
         entries
     }
 
-    /// Frees every IPv4 reply claim (zeroes the slots of `XLB_REPLY_CLAIMS` holding
-    /// reverse entries; flows keep their forward claims), quickly: a test may need it
-    /// inside one conntrack check window.
+    /// Frees every IPv4 reply claim (zeroes the held slots of `XLB_REPLY_CLAIMS`; flows
+    /// keep their forward claims), quickly: a test may need it inside one conntrack check
+    /// window.
     pub fn clear_reply_claims(&mut self) {
-        let mut held = self.claims::<u32>(map_names::REPLY_CLAIMS);
-        held.retain(|(key, _)| key.dir == lb_common::CT_REVERSE);
+        let held = self.claims::<u32>(map_names::REPLY_CLAIMS);
         let mut slots: Array<_, lb_common::ReplyClaim> =
             Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
                 .expect("map type");
@@ -653,14 +652,27 @@ impl Datapath {
         }
     }
 
-    /// Writes an IPv4 claim into its key's slot (as another flow's, to take the slot).
-    pub fn put_claim(&mut self, key: CtKey, value: CtValue) {
+    /// Writes an IPv4 claim into its key's slot of the claim array `name` (as another
+    /// flow's, to take the slot).
+    pub fn put_claim(&mut self, name: &str, key: CtKey, value: CtValue) {
         let mut slots: Array<_, lb_common::ReplyClaim> =
-            Array::try_from(self.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map"))
-                .expect("map type");
+            Array::try_from(self.ebpf.map_mut(name).expect("map")).expect("map type");
         let claim = lb_common::ReplyClaim { key, value };
         slots
             .set(lb_common::reply_claim_slot(&key), claim, 0)
+            .expect("claim slot");
+    }
+
+    /// Frees the slot of `key` in the IPv4 claim array `name` (zeroes it).
+    pub fn free_claim(&mut self, name: &str, key: CtKey) {
+        let mut slots: Array<_, lb_common::ReplyClaim> =
+            Array::try_from(self.ebpf.map_mut(name).expect("map")).expect("map type");
+        slots
+            .set(
+                lb_common::reply_claim_slot(&key),
+                lb_common::ReplyClaim::default(),
+                0,
+            )
             .expect("claim slot");
     }
 
@@ -736,16 +748,20 @@ impl Datapath {
 impl Datapath {
     /// Moves every IPv4 conntrack entry's last-seen time `seconds` into the past.
     pub fn age_conntrack(&mut self, seconds: u64) {
-        self.age_table::<u32>(map_names::CONNTRACK, map_names::REPLY_CLAIMS, seconds);
+        self.age_table::<u32>(
+            map_names::CONNTRACK,
+            &[map_names::REPLY_CLAIMS, map_names::FLOW_CLAIMS],
+            seconds,
+        );
     }
 
     /// `age_conntrack` for the IPv6 table.
     pub fn age_conntrack6(&mut self, seconds: u64) {
-        self.age_table::<Ip6>(map_names::CONNTRACK6, map_names::REPLY_CLAIMS6, seconds);
+        self.age_table::<Ip6>(map_names::CONNTRACK6, &[map_names::REPLY_CLAIMS6], seconds);
     }
 
-    /// Ages every entry of a family's conntrack (`name`) and reply claims (`claims`).
-    fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, claims: &str, seconds: u64)
+    /// Ages every entry of a family's conntrack (`name`) and claim arrays (`claims`).
+    fn age_table<A: MapAddr + aya::Pod>(&mut self, name: &str, claims: &[&str], seconds: u64)
     where
         CtKey<A>: aya::Pod,
         CtValue<A>: aya::Pod,
@@ -761,13 +777,15 @@ impl Datapath {
             v.last_seen_ns = aged(v.last_seen_ns);
             ct.insert(k, v, 0).expect("update");
         }
-        let mut slots: Array<_, lb_common::ReplyClaim<A>> =
-            Array::try_from(self.ebpf.map_mut(claims).expect("map")).expect("map type");
-        for i in 0..slots.len() {
-            let mut claim = slots.get(&i, 0).expect("claim slot");
-            if claim.value.last_seen_ns != 0 {
-                claim.value.last_seen_ns = aged(claim.value.last_seen_ns);
-                slots.set(i, claim, 0).expect("update");
+        for claims in claims {
+            let mut slots: Array<_, lb_common::ReplyClaim<A>> =
+                Array::try_from(self.ebpf.map_mut(claims).expect("map")).expect("map type");
+            for i in 0..slots.len() {
+                let mut claim = slots.get(&i, 0).expect("claim slot");
+                if claim.value.last_seen_ns != 0 {
+                    claim.value.last_seen_ns = aged(claim.value.last_seen_ns);
+                    slots.set(i, claim, 0).expect("update");
+                }
             }
         }
     }

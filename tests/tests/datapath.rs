@@ -869,7 +869,7 @@ fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
         created_ns: monotonic_ns(),
         ..Default::default()
     };
-    dp.put_claim(squatter, value);
+    dp.put_claim(map_names::REPLY_CLAIMS, squatter, value);
     dp.run(
         Hook::FromPod,
         &Frame::tcp(CLIENT, 41_001, VIP, 80, SYN).build(),
@@ -923,7 +923,7 @@ fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
         _pad: [0; 2],
     };
     let forward_in_conntrack = |dp: &Datapath| {
-        let claimed = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+        let claimed = dp.claims::<u32>(map_names::FLOW_CLAIMS);
         dp.ct()
             .into_iter()
             .filter(|(k, _)| k.dir == CT_FORWARD && !claimed.iter().any(|(c, _)| c == k))
@@ -932,7 +932,7 @@ fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
     };
     let syn = Frame::tcp(CLIENT, 41_000, VIP, 80, SYN).build();
     let (_, first) = dp.run(Hook::FromPod, &syn);
-    let claims = dp.claims::<u32>(map_names::REPLY_CLAIMS);
+    let claims = dp.claims::<u32>(map_names::FLOW_CLAIMS);
     assert!(
         claims.iter().any(|(k, _)| *k == forward(CLIENT, 41_000)),
         "the forward entry claimed: {claims:?}"
@@ -964,12 +964,12 @@ fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
         created_ns: monotonic_ns(),
         ..Default::default()
     };
-    dp.put_claim(squatter, value);
+    dp.put_claim(map_names::FLOW_CLAIMS, squatter, value);
     let syn2 = Frame::tcp(CLIENT, 41_001, VIP, 80, SYN).build();
     let (_, first2) = dp.run(Hook::FromPod, &syn2);
     assert_eq!(forward_in_conntrack(&dp), [second]);
     assert!(
-        dp.claims::<u32>(map_names::REPLY_CLAIMS)
+        dp.claims::<u32>(map_names::FLOW_CLAIMS)
             .iter()
             .any(|(k, _)| *k == squatter),
         "the holder keeps its slot"
@@ -980,19 +980,11 @@ fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
     let third = Frame::tcp(CLIENT, 41_002, VIP, 80, SYN).build();
     let (_, first3) = dp.run(Hook::FromPod, &third);
     let (key, entry) = dp
-        .claims::<u32>(map_names::REPLY_CLAIMS)
+        .claims::<u32>(map_names::FLOW_CLAIMS)
         .into_iter()
         .find(|(k, _)| *k == forward(CLIENT, 41_002))
         .expect("third flow claimed");
-    let mut slots: Array<_, lb_common::ReplyClaim> =
-        Array::try_from(dp.ebpf.map_mut(map_names::REPLY_CLAIMS).expect("map")).expect("map");
-    slots
-        .set(
-            lb_common::reply_claim_slot(&key),
-            lb_common::ReplyClaim::default(),
-            0,
-        )
-        .expect("slot");
+    dp.free_claim(map_names::FLOW_CLAIMS, key);
     dp.put_ct(key, entry);
 
     // Each flow's next packet goes where its SYN went, as an established packet.

@@ -191,13 +191,14 @@ fn forget_flows(c: &Cluster) {
         let _ = conntrack.remove(&key);
     }
     // IPv4 flows' entries held as claims.
-    let mut claims = maps.reply_claims;
-    let held = xlb::datapath::id_arrays::reply_claims(&claims).expect("claims");
-    for claim in held {
-        let slot = lb_common::reply_claim_slot(&claim.key);
-        claims
-            .set(slot, lb_common::ReplyClaim::default(), 0)
-            .expect("claim slot");
+    for mut claims in [maps.reply_claims, maps.flow_claims] {
+        let held = xlb::datapath::id_arrays::reply_claims(&claims).expect("claims");
+        for claim in held {
+            let slot = lb_common::reply_claim_slot(&claim.key);
+            claims
+                .set(slot, lb_common::ReplyClaim::default(), 0)
+                .expect("claim slot");
+        }
     }
 }
 

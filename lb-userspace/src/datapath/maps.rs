@@ -92,6 +92,8 @@ pub struct PinnedMaps {
     pub addr_filter: Array<MapData, u64>,
     pub reply_filter: Array<MapData, u64>,
     pub reply_claims: Array<MapData, ReplyClaim>,
+    /// IPv4 flows' forward entries held as claims (`XLB_FLOW_CLAIMS`).
+    pub flow_claims: Array<MapData, ReplyClaim>,
     pub v6: PinnedMaps6,
     /// What `addr_filter` must hold; built from the maps on the first write.
     filter: Option<AddrFilter>,
@@ -154,6 +156,7 @@ impl PinnedMaps {
             addr_filter: typed!(layout, map_names::ADDR_FILTER, Array),
             reply_filter: typed!(layout, map_names::REPLY_FILTER, Array),
             reply_claims: typed!(layout, map_names::REPLY_CLAIMS, Array),
+            flow_claims: typed!(layout, map_names::FLOW_CLAIMS, Array),
             filter: None,
             replies: None,
             v6: PinnedMaps6 {
@@ -394,7 +397,7 @@ impl PinnedMaps {
         let timeouts = self.ct_timeouts();
         let v4 = collect_family(
             &mut self.conntrack,
-            &mut self.reply_claims,
+            Some(&mut self.flow_claims),
             &mut self.affinity,
             &live,
             &timeouts,
@@ -402,7 +405,7 @@ impl PinnedMaps {
         );
         let v6 = collect_family(
             &mut self.v6.conntrack,
-            &mut self.v6.reply_claims,
+            None,
             &mut self.v6.affinity,
             &live,
             &timeouts,
@@ -447,7 +450,7 @@ struct FamilyCollected {
 
 fn collect_family<A: MapAddr>(
     conntrack: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
-    claims: &mut Array<MapData, ReplyClaim<A>>,
+    mut claims: Option<&mut Array<MapData, ReplyClaim<A>>>,
     affinity: &mut HashMap<MapData, AffinityKey<A>, AffinityValue>,
     live: &std::collections::BTreeSet<u32>,
     timeouts: &CtTimeouts,
@@ -466,10 +469,12 @@ where
         removed += usize::from(conntrack.remove(&key).is_ok());
     }
     // Forward claims (reply claims free themselves: replies of a gone backend stop).
-    let claimed = forward_claims(claims);
-    for key in crate::datapath::gc::stale_flows(claimed.clone(), live, timeouts, now_ns) {
-        let held = claimed.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
-        removed += usize::from(held.is_some_and(|v| free_claim(claims, &key, v)));
+    if let Some(claims) = claims.as_deref_mut() {
+        let claimed = forward_claims(claims);
+        for key in crate::datapath::gc::stale_flows(claimed.clone(), live, timeouts, now_ns) {
+            let held = claimed.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+            removed += usize::from(held.is_some_and(|v| free_claim(claims, &key, v)));
+        }
     }
     let mut affinity_left = affinities.len();
     for key in crate::datapath::gc::stale_affinities(affinities, live, now_ns) {
@@ -481,7 +486,8 @@ where
     // datapath cannot see (expiry without FIN, LRU eviction, UDP).
     let in_conntrack: Vec<_> = conntrack.iter().filter_map(Result::ok).collect();
     let conntrack_left = in_conntrack.len();
-    let flows = crate::datapath::gc::forward_entries(forward_claims(claims), in_conntrack);
+    let claimed = claims.map_or_else(Vec::new, |claims| forward_claims(claims));
+    let flows = crate::datapath::gc::forward_entries(claimed, in_conntrack);
     FamilyCollected {
         open: crate::datapath::gc::open_flows(flows, live, timeouts, now_ns),
         collected: Collected {
@@ -493,8 +499,8 @@ where
     }
 }
 
-/// The forward entries held as claims in `claims` (IPv4 flows', `lb-ebpf` `ct`); none if
-/// the array cannot be read (said in the log).
+/// The forward entries held as claims in `claims` (`XLB_FLOW_CLAIMS`: IPv4 flows', see
+/// `lb-ebpf` `ct`); none if the array cannot be read (said in the log).
 pub fn forward_claims<M: std::borrow::Borrow<MapData>, A: MapAddr>(
     claims: &Array<M, ReplyClaim<A>>,
 ) -> Vec<(CtKey<A>, CtValue<A>)>
@@ -503,7 +509,10 @@ where
 {
     id_arrays::reply_claims(claims)
         .unwrap_or_else(|e| {
-            log::warn!("reading the claims (forward entries left out): {e}");
+            log::warn!(
+                "reading {} (forward entries left out): {e}",
+                map_names::FLOW_CLAIMS
+            );
             Vec::new()
         })
         .into_iter()

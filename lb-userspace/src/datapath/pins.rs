@@ -14,7 +14,7 @@ use super::{DatapathError, error_chain};
 pub const CGROUP_PIN_NAME: &str = "cgroup";
 
 /// Key size, value size, capacity and type of every map, as the eBPF object defines them.
-const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 34] = {
+const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 35] = {
     use MapType::*;
     use lb_common::*;
     use std::mem::size_of;
@@ -168,6 +168,13 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32, MapType); 34] = {
             4,
             size_of::<ReplyClaim<Ip6>>(),
             map_sizes::REPLY_CLAIMS,
+            Array,
+        ),
+        (
+            map_names::FLOW_CLAIMS,
+            4,
+            size_of::<ReplyClaim>(),
+            map_sizes::FLOW_CLAIMS,
             Array,
         ),
     ]

@@ -429,8 +429,9 @@ struct FamilyMaps<'a, A: MapAddr> {
     services: &'a HashMap<MapData, ServiceKey<A>, ServiceValue>,
     backends: &'a Array<MapData, Backend<A>>,
     conntrack: &'a HashMap<MapData, CtKey<A>, CtValue<A>>,
-    /// Claims: IPv4 flows' forward entries are looked for here first, as the datapath does.
-    claims: &'a Array<MapData, ReplyClaim<A>>,
+    /// Forward entries as claims (IPv4: `XLB_FLOW_CLAIMS`), looked at first, as the datapath
+    /// does.
+    claims: Option<&'a Array<MapData, ReplyClaim<A>>>,
     affinity: &'a HashMap<MapData, AffinityKey<A>, AffinityValue>,
     node_ips: &'a HashMap<MapData, A, u32>,
     config: &'a Array<MapData, NodeConfig<A>>,
@@ -450,7 +451,7 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
                 services: &maps.services,
                 backends: &maps.backends,
                 conntrack: &maps.conntrack,
-                claims: &maps.reply_claims,
+                claims: Some(&maps.flow_claims),
                 affinity: &maps.affinity,
                 node_ips: &maps.node_ips,
                 config: &maps.config,
@@ -464,7 +465,7 @@ pub fn snapshot(maps: &PinnedMaps, q: &Query) -> Snapshot {
                 services: &v6.services,
                 backends: &v6.backends,
                 conntrack: &v6.conntrack,
-                claims: &v6.reply_claims,
+                claims: None,
                 affinity: &v6.affinity,
                 node_ips: &v6.node_ips,
                 config: &v6.config,
@@ -517,8 +518,7 @@ where
         };
         let claim = family
             .claims
-            .get(&lb_common::reply_claim_slot(&key), 0)
-            .ok()
+            .and_then(|claims| claims.get(&lb_common::reply_claim_slot(&key), 0).ok())
             .filter(|c| c.key == key)
             .map(|c| c.value);
         s.tracked = claim

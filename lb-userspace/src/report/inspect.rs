@@ -198,13 +198,10 @@ pub struct FlowRow {
 pub fn conntrack(maps: &PinnedMaps) -> Vec<FlowRow> {
     let now = monotonic_ns();
     let v4 = forward_entries(
-        forward_claims(&maps.reply_claims),
+        forward_claims(&maps.flow_claims),
         maps.conntrack.iter().filter_map(Result::ok).collect(),
     );
-    let v6 = forward_entries(
-        forward_claims(&maps.v6.reply_claims),
-        maps.v6.conntrack.iter().filter_map(Result::ok).collect(),
-    );
+    let v6: Vec<_> = maps.v6.conntrack.iter().filter_map(Result::ok).collect();
     let mut rows: Vec<FlowRow> = v4
         .iter()
         .filter(|(k, _)| k.dir == CT_FORWARD)
@@ -354,6 +351,14 @@ pub fn stats_with(maps: &PinnedMaps, walked: Option<Collected>) -> StatsReport {
                 id_arrays::reply_claims(&maps.v6.reply_claims),
             ),
             map_sizes::REPLY_CLAIMS,
+        ),
+        fill(
+            map_names::FLOW_CLAIMS,
+            slots_used(
+                map_names::FLOW_CLAIMS,
+                id_arrays::reply_claims(&maps.flow_claims),
+            ),
+            map_sizes::FLOW_CLAIMS,
         ),
         fill(
             map_names::ROUND_ROBIN,
