@@ -531,10 +531,11 @@ const _: () = assert!(core::mem::size_of::<CtValue<Ip6>>() == 80);
 /// address and port; in `FLOW_CLAIMS` a forward one, client → frontend), in the array slot
 /// its key maps to ([`reply_claim_slot`]). A slot is free when `value.last_seen_ns` is 0
 /// or the entry outlived its lifetime; a new flow claims it by a compare-and-swap of that
-/// stamp (to `u64::MAX` until the entry is written), so two CPUs never claim one slot.
-/// Readers match the whole key, whose `dport` (the client's, SNAT or frontend port, never
-/// 0 in a claim) is cleared first and written last whenever the slot changes hands. (A reply to an expired claim
-/// racing its takeover may still write its stamp and TCP flags into the new claim.)
+/// stamp (to a value with the top bit set until the entry is written: for a forward entry
+/// with its key's [`claim_run`] below), so two CPUs never claim one slot. Readers match the
+/// whole key, whose `dport` (the client's, SNAT or frontend port, never 0 in a claim) is
+/// cleared first and written last whenever the slot changes hands. (A reply to an expired
+/// claim racing its takeover may still write its stamp and TCP flags into the new claim.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ReplyClaim<A: MapAddr = u32> {
@@ -553,15 +554,30 @@ const _: () = assert!(core::mem::size_of::<ReplyClaim<Ip6>>() == 120);
 /// slot taken there only sends the claim on to the next port.
 #[inline(always)]
 pub fn reply_claim_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
-    let run = crate::flow_hash(
+    claim_slot_in_run(claim_run(key), key.dport)
+}
+
+/// Where `reply_claim_slot` starts `key`'s run: a hash of all but the destination port.
+/// With the slot it names the whole key (the port is the slot's distance from the run's
+/// start, and ports are fewer than slots): two keys of one slot with one run differ only
+/// by a collision of this 32-bit hash, which is why a claim in flux carries it.
+#[inline(always)]
+pub fn claim_run<A: MapAddr>(key: &CtKey<A>) -> u32 {
+    crate::flow_hash(
         key.src.hash_word(),
         key.dst.hash_word(),
         key.sport,
         0,
         key.proto,
-    );
-    run.wrapping_add(u32::from(u16::from_be(key.dport))) & (map_sizes::REPLY_CLAIMS - 1)
+    )
 }
+
+/// The slot of destination port `dport` (network byte order) in the run at `run`.
+#[inline(always)]
+pub fn claim_slot_in_run(run: u32, dport: u16) -> u32 {
+    run.wrapping_add(u32::from(u16::from_be(dport))) & (map_sizes::REPLY_CLAIMS - 1)
+}
+const _: () = assert!(map_sizes::REPLY_CLAIMS > u16::MAX as u32);
 const _: () = assert!(map_sizes::REPLY_CLAIMS.is_power_of_two());
 // One slot function for both claim arrays.
 const _: () = assert!(map_sizes::FLOW_CLAIMS == map_sizes::REPLY_CLAIMS);

@@ -105,6 +105,11 @@ outcomes! {
     SOCK_REFUSED = 23, "sock_refused", Handled;
     /// A node process saw the frontend as its peer (recvmsg, getpeername).
     SOCK_REVNAT = 24, "sock_revnat", Handled;
+    /// A new flow's first packet met the same flow's entry being recorded by another CPU
+    /// that stalled there longer than the wait allows (a few milliseconds): dropped rather
+    /// than sent to a backend that CPU may not have chosen. The flow's next packet follows
+    /// the entry.
+    DROP_FLOW_STALLED = 25, "drop_flow_stalled", Drop;
 }
 
 // Codes are the table's indexes, and the drop mask has room for every one.

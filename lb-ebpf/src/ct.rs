@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
-    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, ReplyClaim, outcome,
-    reply_claim_slot,
+    CtTimeouts, CtValue, MapAddr, NodeConfig, Outcome, PROTO_TCP, ReplyClaim, claim_run,
+    claim_slot_in_run, outcome, reply_claim_slot,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -150,32 +150,38 @@ fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut ReplyClaim<F::Addr>> 
     holds(slot, key).then_some(slot)
 }
 
-/// Claims `slot` for the reverse entry in `s` if no live flow holds it: free (stamp 0) or
-/// outlived — or, with `renew`, held for the very same reverse tuple: an older flow's whose
-/// client port the client used again for another frontend with the same backend, and the
-/// newer flow's translation is the one replies get (as the conntrack entry it replaces
-/// would give it). Never for a SNAT port's claim: the same tuple there is a live flow's
-/// port. The stamp's compare-and-swap decides between CPUs claiming at once. A BPF
-/// subprogram: one copy for the claim loop's step and `try_claim`.
+/// Claims `slot` for the entry in `s` if no live flow holds it: free (stamp 0) or
+/// outlived at the entry's time (its `last_seen_ns`) — or, with `renew`, held for the very
+/// same tuple: for a reverse entry an older flow's whose client port the client used again
+/// for another frontend with the same backend, and the newer flow's translation is the one
+/// replies get (as the conntrack entry it replaces would give it). Never for a SNAT port's
+/// claim: the same tuple there is a live flow's port. The stamp's compare-and-swap to
+/// `in_flux` (`IN_FLUX`, with the key's run for a forward entry) decides between CPUs
+/// claiming at once. A BPF subprogram: one copy for the claim loop's step and the others.
 #[inline(never)]
 fn claim_slot<A: MapAddr>(
     slot: *mut ReplyClaim<A>,
     s: &CtScratch<A>,
     timeouts: &CtTimeouts,
-    now: u64,
     renew: bool,
+    in_flux: u64,
 ) -> bool {
     // SAFETY: a slot of the array, valid for this program run.
     unsafe {
         let stamp = &raw mut (*slot).value.last_seen_ns;
         let held_since = core::ptr::read_volatile(stamp);
         if held_since != 0
-            && !timeouts.outlived((*slot).key.proto, (*slot).value.flags, held_since, now)
+            && !timeouts.outlived(
+                (*slot).key.proto,
+                (*slot).value.flags,
+                held_since,
+                s.value.last_seen_ns,
+            )
             && !(renew && (*slot).key == s.key)
         {
             return false;
         }
-        if !crate::atomic::compare_exchange(stamp, held_since, IN_FLUX) {
+        if !crate::atomic::compare_exchange(stamp, held_since, in_flux) {
             return false;
         }
         publish(slot, s);
@@ -183,10 +189,12 @@ fn claim_slot<A: MapAddr>(
     true
 }
 
-/// The stamp of a slot from its claim's compare-and-swap until its entry is written (the
-/// entry's own stamp replaces it): live, never outlived, and what `holds_published` waits
-/// on, as the key's port cleared after it.
-const IN_FLUX: u64 = u64::MAX;
+/// The stamp's top bit marks a slot from its claim's compare-and-swap until its entry is
+/// written (the entry's own stamp, a clock reading far below it, replaces it): live, never
+/// outlived, and what `published_holder` waits on, as the key's port cleared after it. A
+/// forward claim's carries its key's run (`claim_run`) in the low half: the first packet of
+/// the same flow on another CPU knows to wait for it, one of another flow need not.
+const IN_FLUX: u64 = 1 << 63;
 
 /// Writes the entry in `s` into a slot this program run claimed (`IN_FLUX`): the key's port
 /// (the client's, the SNAT port, or the frontend's) is cleared first and written last, so a
@@ -306,12 +314,19 @@ pub fn create<F: Family>(
         Recorded::Done => {}
         Recorded::Exists => return Ok(Err(Exists)),
         Recorded::Full => return Err(outcome::DROP_CT_FULL),
+        // The SNAT port claimed for this packet goes back: it leaves with nothing.
+        Recorded::Stalled => {
+            if F::CLAIMED_FLOWS {
+                release_claim::<F>(client, backend, &nat);
+            }
+            return Err(outcome::DROP_FLOW_STALLED);
+        }
     }
     if nat.snat() {
         return Ok(Ok(()));
     }
     fill_reverse(s, client, backend_id, backend, service_id, now, &nat);
-    record_reverse::<F>(s, now)?;
+    record_reverse::<F>(s)?;
     Ok(Ok(()))
 }
 
@@ -323,12 +338,14 @@ enum Recorded {
     /// The tuple had a forward entry (`Insert::Exclusive`); nothing was written.
     Exists,
     Full,
+    /// Another CPU's claim for the tuple stayed unpublished past the wait; nothing written.
+    Stalled,
 }
 
 /// Records the forward entry in `s`: in its claim slot if the family claims flows and no
 /// live flow of another tuple holds the slot, else in conntrack. `Insert::Exclusive` finds
 /// a slot held for the very tuple (a retransmitted SYN, or the flow's first packet on
-/// another CPU, whose claim may still be being written: `holds_published` waits for it)
+/// another CPU, whose claim may still be being written: `published_holder` waits for it)
 /// taken, as the exclusive insert finds its entry; `Insert::Replace` renews such a claim.
 /// A BPF subprogram: inlined, its outcomes multiplied the paths of the rest of the
 /// program (from_pod verified 134k instructions instead of 60k).
@@ -338,12 +355,18 @@ fn record_forward<F: Family>(s: &CtScratch<F::Addr>, replace: bool) -> Recorded 
         let Some(timeouts) = CT_TIMEOUTS.get(0) else {
             return Recorded::Full;
         };
-        if let Some(slot) = F::flow_claims().get_ptr_mut(reply_claim_slot(&s.key)) {
-            if claim_slot(slot, s, timeouts, s.value.last_seen_ns, replace) {
+        let run = claim_run(&s.key);
+        if let Some(slot) = F::flow_claims().get_ptr_mut(claim_slot_in_run(run, s.key.dport)) {
+            let in_flux = IN_FLUX | u64::from(run);
+            if claim_slot(slot, s, timeouts, replace, in_flux) {
                 return Recorded::Done;
             }
-            if !replace && holds_published(slot, &s.key) {
-                return Recorded::Exists;
+            if !replace {
+                match published_holder(slot, &s.key, in_flux) {
+                    Holder::This => return Recorded::Exists,
+                    Holder::Stalled => return Recorded::Stalled,
+                    Holder::Other => {}
+                }
             }
         }
     }
@@ -355,16 +378,31 @@ fn record_forward<F: Family>(s: &CtScratch<F::Addr>, replace: bool) -> Recorded 
     }
 }
 
-/// Steps `holds_published` waits at most for a slot being written to be published: the
-/// writer is another CPU between its compare-and-swap and its last store, a few dozen
-/// instructions.
-const PUBLISH_WAIT_STEPS: u32 = 256;
+/// Steps `published_holder` waits at most for another CPU's claim of the same tuple to be
+/// published: that CPU is between its compare-and-swap and its last store, a few dozen
+/// instructions, unless something stalls it (an interrupt; a hypervisor descheduling its
+/// vCPU; a preempted `BPF_PROG_TEST_RUN`). A step is a few nanoseconds: a few milliseconds
+/// in all, spent only by a flow's first packet racing its twin.
+const PUBLISH_WAIT_STEPS: u32 = 1 << 20;
 
-/// Whether `slot` holds `key`'s claim once a claim being written into it, if any, is
-/// published (its stamp no longer `IN_FLUX`, its key's port set). A BPF subprogram (its
-/// loop is verified once).
+/// Whose entry a slot that refused a forward claim holds.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// The key's: follow it.
+    This,
+    /// Another tuple's, or nobody's.
+    Other,
+    /// Still being written for the key's run (its stamp `in_flux`) after the wait: the
+    /// packet is dropped, since it cannot know the backend that CPU chose.
+    Stalled,
+}
+
+/// Who holds `slot` once a claim being written into it for `key`'s run (its stamp
+/// `in_flux`) is published. A claim in flux for another run is another tuple's: no wait.
+/// A BPF subprogram (its loop is verified once).
 #[inline(never)]
-fn holds_published<A: MapAddr>(slot: *mut ReplyClaim<A>, key: &CtKey<A>) -> bool {
+fn published_holder<A: MapAddr>(slot: *mut ReplyClaim<A>, key: &CtKey<A>, in_flux: u64) -> Holder {
     // SAFETY: a slot of the array, valid for this program run.
     let (stamp, port) = unsafe {
         (
@@ -372,39 +410,54 @@ fn holds_published<A: MapAddr>(slot: *mut ReplyClaim<A>, key: &CtKey<A>) -> bool
             &raw const (*slot).key.dport,
         )
     };
-    let mut wait = PublishWait { stamp, port };
+    let mut wait = PublishWait {
+        stamp,
+        port,
+        in_flux,
+    };
+    let ctx = (&mut wait as *mut PublishWait).cast();
     // Most slots that refuse a claim are another live flow's: no wait (a helper call).
-    if publish_wait_step(0, (&mut wait as *mut PublishWait).cast()) == 1 {
-        return holds(slot, key);
+    if publish_wait_step(0, ctx) == 0 {
+        // SAFETY: the callback only reads the slot through `wait`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                PUBLISH_WAIT_STEPS,
+                publish_wait_step as *const () as *mut c_void,
+                ctx,
+                0,
+            );
+        }
     }
-    // SAFETY: the callback only reads the slot through `wait`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            PUBLISH_WAIT_STEPS,
-            publish_wait_step as *const () as *mut c_void,
-            (&mut wait as *mut PublishWait).cast(),
-            0,
-        );
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(stamp) } == in_flux {
+        Holder::Stalled
+    } else if holds(slot, key) {
+        Holder::This
+    } else {
+        Holder::Other
     }
-    holds(slot, key)
 }
 
-/// The slot `holds_published` waits on: its stamp and its key's port.
+/// The slot `published_holder` waits on: its stamp and its key's port, and the stamp of a
+/// claim in flux for the waiter's run.
 #[repr(C)]
 struct PublishWait {
     stamp: *const u64,
     port: *const u16,
+    in_flux: u64,
 }
 
-/// Stops the wait (1) once the slot's claim is published.
+/// Stops the wait (1) unless the slot is being written for the waiter's run, or its stamp
+/// is written and its key's port not yet (the last two stores of `publish`).
 extern "C" fn publish_wait_step(_: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `PublishWait` handed to `bpf_loop` by `holds_published`; its
+    // SAFETY: `ctx` is the `PublishWait` handed to `bpf_loop` by `published_holder`; its
     // pointers are into a slot of the array, valid for this program run.
     unsafe {
         let wait = &*(ctx as *const PublishWait);
-        let settled = core::ptr::read_volatile(wait.stamp) != IN_FLUX
-            && core::ptr::read_volatile(wait.port) != 0;
-        i64::from(settled)
+        let stamp = core::ptr::read_volatile(wait.stamp);
+        let writing = stamp == wait.in_flux
+            || (stamp != 0 && stamp & IN_FLUX == 0 && core::ptr::read_volatile(wait.port) == 0);
+        i64::from(!writing)
     }
 }
 
@@ -412,8 +465,8 @@ extern "C" fn publish_wait_step(_: u64, ctx: *mut c_void) -> i64 {
 /// family claims them and no live flow of another tuple holds it, else in conntrack
 /// (replacing an entry with its key: the reply's tuple is this flow's now).
 #[inline(always)]
-fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Outcome> {
-    if F::CLAIMED_REPLIES && try_claim::<F>(s, now)? {
+fn record_reverse<F: Family>(s: &CtScratch<F::Addr>) -> Result<(), Outcome> {
+    if F::CLAIMED_REPLIES && try_claim::<F>(s)? {
         return Ok(());
     }
     insert::<F>(&s.key, &s.value, 0).map_err(|_| outcome::DROP_CT_FULL)
@@ -422,12 +475,12 @@ fn record_reverse<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<(), Out
 /// Claims the slot of the reverse entry in `s` if no live flow of another tuple holds it
 /// (`claim_slot` with `renew`); whether it did.
 #[inline(always)]
-fn try_claim<F: Family>(s: &CtScratch<F::Addr>, now: u64) -> Result<bool, Outcome> {
+fn try_claim<F: Family>(s: &CtScratch<F::Addr>) -> Result<bool, Outcome> {
     let timeouts = CT_TIMEOUTS.get(0).ok_or(outcome::DROP_CT_FULL)?;
     let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) else {
         return Ok(false);
     };
-    Ok(claim_slot(slot, s, timeouts, now, true))
+    Ok(claim_slot(slot, s, timeouts, true, IN_FLUX))
 }
 
 /// Frees the SNAT port `claim_snat_port` claimed for `client`'s flow (its reverse entry),
@@ -575,10 +628,10 @@ pub fn ensure_reverse<F: Family>(
     if nat.snat() {
         // A SNATed flow's port is its claim: taken by another flow since (it outlived it,
         // without replies), it is not claimed beside it in conntrack.
-        try_claim::<F>(s, now)?;
+        try_claim::<F>(s)?;
         return Ok(());
     }
-    record_reverse::<F>(s, now)
+    record_reverse::<F>(s)
 }
 
 /// Picks a free source port on `snat_addr` for `client`'s flow to `backend` and claims it:
@@ -619,7 +672,6 @@ pub fn claim_snat_port<F: Family>(
         start,
         found: 0,
         port: 0,
-        now,
     };
     // One `bpf_loop` step per port: the verifier checks one step, not every exit of an
     // unrolled loop followed each by the rest of the program (eight times the instructions).
@@ -653,7 +705,6 @@ struct Claim {
     found: u8,
     /// Network byte order.
     port: u16,
-    now: u64,
 }
 
 /// Tries port `start + i` (wrapping in the range) for the reverse entry in the scratch
@@ -672,7 +723,7 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
         return 0;
     };
     // SAFETY: `timeouts` points into `CT_TIMEOUTS`, valid for this program run.
-    let claimed = claim_slot(slot, s, unsafe { &*claim.timeouts }, claim.now, false);
+    let claimed = claim_slot(slot, s, unsafe { &*claim.timeouts }, false, IN_FLUX);
     if claimed {
         claim.found = 1;
         claim.port = port;

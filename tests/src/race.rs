@@ -3,7 +3,7 @@
 //! conntrack entry).
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_common::program_names;
+use lb_common::{outcome, program_names};
 use xlb::datapath::load;
 
 use crate::datapath::{Datapath, test_run};
@@ -42,9 +42,9 @@ pub enum Hook {
 
 impl Datapath {
     /// Runs each of `frames` on two CPUs at once (both threads released by one spin barrier
-    /// per frame, pinned to CPUs 0 and 1) and returns each frame's two outputs. `None` on a
-    /// machine with fewer than two CPUs, where no two packets can race.
-    pub fn on_two_cpus(&mut self, hook: Hook, frames: &[Vec<u8>]) -> Option<Vec<[Vec<u8>; 2]>> {
+    /// per frame, pinned to CPUs 0 and 1) and returns each frame's two outputs (verdict and
+    /// packet). `None` on a machine with fewer than two CPUs, where no two packets can race.
+    pub fn on_two_cpus(&mut self, hook: Hook, frames: &[Vec<u8>]) -> Option<Vec<[Output; 2]>> {
         if std::thread::available_parallelism().map_or(1, |n| n.get()) < CPUS.len() {
             return None;
         }
@@ -53,13 +53,15 @@ impl Datapath {
             Hook::FromPod => {
                 let prog = &*load::program(ebpf, program_names::TC_FROM_POD).expect("program");
                 race(frames, |frame| {
-                    test_run(prog, frame, 1).expect("test run").packet
+                    let out = test_run(prog, frame, 1).expect("test run");
+                    (out.retval, out.packet)
                 })
             }
             Hook::External => {
                 let prog = &*load::xdp_program(ebpf).expect("program");
                 race(frames, |frame| {
-                    test_run(prog, frame, 1).expect("test run").packet
+                    let out = test_run(prog, frame, 1).expect("test run");
+                    (out.retval, out.packet)
                 })
             }
         };
@@ -67,23 +69,42 @@ impl Datapath {
     }
 }
 
+/// One CPU's verdict and packet out.
+pub type Output = (i32, Vec<u8>);
+
+/// A dropping verdict of `hook`'s program.
+fn dropped(hook: Hook, verdict: i32) -> bool {
+    match hook {
+        Hook::FromPod => verdict == 2,  // TC_ACT_SHOT
+        Hook::External => verdict == 1, // XDP_DROP
+    }
+}
+
 /// Runs `frames` on two CPUs at once (`Datapath::on_two_cpus`) and asserts that both
-/// outputs of each went to one destination (`dst` of an output packet). `false` on a
-/// machine with one CPU (said on stderr), where nothing raced.
+/// outputs of each went to one destination (`dst` of an output packet). One CPU may have
+/// dropped its packet instead, counted as `drop_flow_stalled` (the other CPU stalled
+/// while recording the flow: rare, at most one flow in a hundred here); returns how many
+/// were, or `None` on a machine with one CPU (said on stderr), where nothing raced.
 pub fn assert_one_destination_each<D: PartialEq + std::fmt::Debug>(
     dp: &mut Datapath,
     hook: Hook,
     frames: &[Vec<u8>],
     dst: impl Fn(&[u8]) -> D,
-) -> bool {
+) -> Option<u64> {
     let Some(outputs) = dp.on_two_cpus(hook, frames) else {
         eprintln!("one CPU: no two first packets can race, nothing to test");
-        return false;
+        return None;
     };
+    let stalled = outputs
+        .iter()
+        .flatten()
+        .filter(|(verdict, _)| dropped(hook, *verdict))
+        .count() as u64;
     let split: Vec<(usize, D, D)> = outputs
         .iter()
         .enumerate()
-        .map(|(i, [a, b])| (i, dst(a), dst(b)))
+        .filter(|(_, [a, b])| !dropped(hook, a.0) && !dropped(hook, b.0))
+        .map(|(i, [a, b])| (i, dst(&a.1), dst(&b.1)))
         .filter(|(_, a, b)| a != b)
         .collect();
     assert!(
@@ -93,10 +114,23 @@ pub fn assert_one_destination_each<D: PartialEq + std::fmt::Debug>(
         frames.len(),
         &split[..split.len().min(10)]
     );
-    true
+    assert_eq!(
+        dp.stat(outcome::DROP_FLOW_STALLED) + dp.stat6(outcome::DROP_FLOW_STALLED),
+        stalled,
+        "every packet dropped in the race is a stalled twin's"
+    );
+    assert!(
+        stalled <= frames.len() as u64 / 100,
+        "{stalled} of {} flows' first packets dropped as stalled: the wait is too short",
+        frames.len()
+    );
+    if stalled > 0 {
+        eprintln!("{stalled} first packets dropped: their twin's CPU stalled mid-record");
+    }
+    Some(stalled)
 }
 
-fn race(frames: &[Vec<u8>], run: impl Fn(&[u8]) -> Vec<u8> + Sync) -> Vec<[Vec<u8>; 2]> {
+fn race(frames: &[Vec<u8>], run: impl Fn(&[u8]) -> Output + Sync) -> Vec<[Output; 2]> {
     // Each thread adds one per frame and spins until both did: a spin (not a futex) keeps
     // the two releases within a few nanoseconds of each other.
     let arrived = AtomicU32::new(0);

@@ -1448,18 +1448,23 @@ fn first_packets_of_one_udp_flow_on_two_cpus_take_one_backend() {
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame::udp(CLIENT, 10_000 + i, VIP, 53).build())
         .collect();
-    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
-        let v = view(out);
-        (v.dst, v.dport)
-    }) {
+    let Some(stalled) =
+        race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
+            let v = view(out);
+            (v.dst, v.dport)
+        })
+    else {
         return;
-    }
+    };
     // Each flow recorded once (its forward and reply entries), its other packet followed.
     let ct = dp.ct();
     let forward = ct.iter().filter(|(k, _)| k.dir == CT_FORWARD).count();
     assert_eq!((forward, ct.len()), (frames.len(), 2 * frames.len()));
     assert_eq!(dp.stat(outcome::DNAT_NEW), frames.len() as u64);
-    assert_eq!(dp.stat(outcome::DNAT_ESTABLISHED), frames.len() as u64);
+    assert_eq!(
+        dp.stat(outcome::DNAT_ESTABLISHED) + stalled,
+        frames.len() as u64
+    );
 }
 
 #[test]
@@ -1475,10 +1480,12 @@ fn a_new_clients_first_packets_on_two_cpus_pin_it_to_the_backend_its_flow_took()
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame::udp(&client(i), 10_000, VIP, 53).build())
         .collect();
-    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
+    // A first packet dropped as stalled (counted; checked there) records nothing.
+    let raced = race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| {
         let v = view(out);
         (v.dst, v.dport)
-    }) {
+    });
+    if raced.is_none() {
         return;
     }
     let flows: std::collections::BTreeMap<u32, u32> = dp

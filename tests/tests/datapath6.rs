@@ -418,13 +418,17 @@ fn first_packets_of_one_ipv6_udp_flow_on_two_cpus_take_one_backend() {
     let frames: Vec<Vec<u8>> = (0..race::FLOWS)
         .map(|i| Frame6::udp(CLIENT6, 10_000 + i, VIP6, 53).build())
         .collect();
-    if !race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| ends(out).1)
-    {
+    let Some(stalled) =
+        race::assert_one_destination_each(&mut dp, race::Hook::FromPod, &frames, |out| ends(out).1)
+    else {
         return;
-    }
+    };
     let ct = dp.ct6();
     let forward = ct.iter().filter(|(k, _)| k.dir == CT_FORWARD).count();
     assert_eq!((forward, ct.len()), (frames.len(), 2 * frames.len()));
     assert_eq!(dp.stat6(outcome::DNAT_NEW), frames.len() as u64);
-    assert_eq!(dp.stat6(outcome::DNAT_ESTABLISHED), frames.len() as u64);
+    assert_eq!(
+        dp.stat6(outcome::DNAT_ESTABLISHED) + stalled,
+        frames.len() as u64
+    );
 }
