@@ -6,7 +6,8 @@ use lb_common::{Ip6, Outcome, SCOPE_INTERNAL, is_drop, outcome};
 use crate::{
     ct,
     family::{Family, V4, V6},
-    filter, hop,
+    filter::{self, Read},
+    hop,
     icmp::{self, InnerEnd},
     maps::PROGS6,
     nat,
@@ -276,7 +277,10 @@ pub fn from_pod6(ctx: &TcContext) -> (i32, Outcome) {
             // To no frontend and no node address: only a routed reply is left, and that
             // has a reverse entry; without one the packet goes here, without the next
             // stage's tail call and parse.
-            false if !svc::may_be_reply::<V6>(&flow, false) || !ct::has_reverse::<V6>(&flow) => {
+            false
+                if !svc::may_be_reply::<V6>(&flow, false, Read::Inline)
+                    || !ct::has_reverse::<V6>(&flow) =>
+            {
                 Err(outcome::PASS_NOT_SERVICE)
             }
             false => Err(tail_call(ctx, Stage6::FromPodUntracked)),
@@ -437,7 +441,7 @@ fn routed_reply<F: TcFamily>(
     flow: &Flow<F::Addr>,
     to_node: bool,
 ) -> Option<Result<(i32, Outcome), Outcome>> {
-    let reply = svc::routed_reply::<F>(flow, to_node, ctx.len())?;
+    let reply = svc::routed_reply::<F>(flow, to_node, ctx.len(), Read::Inline)?;
     Some(F::route_reply(ctx, flow, &reply))
 }
 
@@ -456,7 +460,7 @@ fn route_reply<F: TcFamily>(
 
 fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Outcome), Outcome> {
     // Most packets to a pod answer nothing translated: from no backend, or opening.
-    if !svc::may_be_reply::<F>(flow, false) {
+    if !svc::may_be_reply::<F>(flow, false, Read::Inline) {
         return Err(outcome::PASS_NOT_SERVICE);
     }
     let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES)

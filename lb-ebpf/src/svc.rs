@@ -358,13 +358,14 @@ pub struct Reply<A> {
 /// lookup (on a cold table, a miss costs about as much as an insert): a reply never opens a
 /// connection (a TCP SYN without ACK), comes from a backend (the reply filter), and one to
 /// a node address (`to_node`) is a SNATed flow's, so its port is in the node's SNAT range
-/// (kube-proxy's NodePorts are not, with the agent's default range).
+/// (kube-proxy's NodePorts are not, with the agent's default range). `read`: the hook's way
+/// to the reply filter.
 #[inline(always)]
-pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
+pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool, read: filter::Read) -> bool {
     if ct::opens(flow) {
         return false;
     }
-    if !filter::may_be_backend(flow.src, flow.sport, flow.proto) {
+    if !filter::may_be_backend(flow.src, flow.sport, flow.proto, read) {
         return false;
     }
     if !to_node {
@@ -375,14 +376,15 @@ pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool) -> bool {
 }
 
 /// The reply of a flow from outside or of a SNATed flow, or `None` if `flow` is no such
-/// reply. `to_node`: `flow` is addressed to a node address.
+/// reply. `to_node`: `flow` is addressed to a node address; `read` as for `may_be_reply`.
 #[inline(always)]
 pub fn routed_reply<F: Family>(
     flow: &Flow<F::Addr>,
     to_node: bool,
     bytes: u32,
+    read: filter::Read,
 ) -> Option<Reply<F::Addr>> {
-    if !may_be_reply::<F>(flow, to_node) {
+    if !may_be_reply::<F>(flow, to_node, read) {
         return None;
     }
     // A reply to a node address may be a SNATed flow's: its entry is the SNAT port's claim.

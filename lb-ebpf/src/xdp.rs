@@ -15,6 +15,7 @@ use crate::{
     ct,
     family::V4,
     filter,
+    filter::Read,
     hop::{self, Cached},
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
@@ -139,7 +140,7 @@ fn run(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
             // Replies of SNATed flows come back to a node address (and never open one).
             if !opens
                 && svc::is_node_ip::<V4>(flow.dst)
-                && let Some(reply) = svc::routed_reply::<V4>(&flow, true, bytes)
+                && let Some(reply) = svc::routed_reply::<V4>(&flow, true, bytes, Read::Call)
             {
                 if let Some(dst) = reply.dst {
                     rewrite(&pkt, Field::Dst, dst);

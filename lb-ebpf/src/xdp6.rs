@@ -19,6 +19,7 @@ use crate::{
     ct,
     family::V6,
     filter,
+    filter::Read,
     hop::{self, Cached},
     icmp::{REPLY6_LEN, unreachable6},
     maps::{PROGS6_XDP, XDP6_BOUNCE},
@@ -149,7 +150,7 @@ fn untracked(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let flow = flow_of(ctx)?;
     let bytes = ctx.frame_len();
     if svc::is_node_ip::<V6>(flow.dst)
-        && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes)
+        && let Some(reply) = svc::routed_reply::<V6>(&flow, true, bytes, Read::Call)
     {
         if let Some(dst) = reply.dst {
             rewrite::<false>(ctx, &flow, Field::Dst, dst)?;
