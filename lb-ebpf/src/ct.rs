@@ -32,7 +32,7 @@ const EEXIST: i32 = 17;
 /// SNAT ports tried per new flow before giving up (a random start, then its neighbours).
 const SNAT_TRIES: u32 = 16;
 
-use crate::{family::Family, maps::CT_TIMEOUTS, parse::Flow};
+use crate::{family::Family, maps::CT_TIMEOUTS, parse::Flow, read::Read};
 
 /// How a flow is translated besides DNAT.
 #[derive(Clone, Copy)]
@@ -122,21 +122,32 @@ fn holds<A: MapAddr>(slot: *const ReplyClaim<A>, key: &CtKey<A>) -> bool {
 /// Whether `flow` (a reply) has a reverse entry.
 #[inline(always)]
 pub fn has_reverse<F: Family>(flow: &Flow<F::Addr>) -> bool {
-    reverse_entry::<F>(&reverse_key(flow), F::CLAIMED_REPLIES).is_some()
+    reverse_entry::<F>(&reverse_key(flow), F::CLAIMED_REPLIES, Read::Call).is_some()
 }
 
 /// The reverse entry with `key`: its claim if it may have one (`claims`: every flow's where
 /// `Family::CLAIMED_REPLIES`, else only SNATed flows', whose replies are addressed to a node
 /// address), else (its slot was taken, or an earlier agent recorded the flow) the conntrack
-/// entry.
+/// entry. `read`: the claim read inline or through `claimed` (`crate::read`; IPv6 always
+/// calls, see there).
 #[inline(always)]
 pub fn reverse_entry<F: Family>(
     key: &CtKey<F::Addr>,
     claims: bool,
+    read: Read,
 ) -> Option<*mut CtValue<F::Addr>> {
-    if claims && let Some(slot) = claimed::<F>(key) {
-        // SAFETY: a slot of the array, valid for this program run.
-        return Some(unsafe { &raw mut (*slot).value });
+    if claims {
+        let slot = if F::CLAIMED_FLOWS && read == Read::Inline {
+            F::reply_claims()
+                .get_ptr_mut(reply_claim_slot(key))
+                .filter(|&slot| holds(slot, key))
+        } else {
+            claimed::<F>(key)
+        };
+        if let Some(slot) = slot {
+            // SAFETY: a slot of the array, valid for this program run.
+            return Some(unsafe { &raw mut (*slot).value });
+        }
     }
     F::conntrack().get_ptr_mut(key)
 }
@@ -622,7 +633,7 @@ pub fn ensure_reverse<F: Family>(
         now,
         &nat,
     );
-    if reverse_entry::<F>(&s.key, F::CLAIMED_REPLIES || nat.snat()).is_some() {
+    if reverse_entry::<F>(&s.key, F::CLAIMED_REPLIES || nat.snat(), Read::Call).is_some() {
         return Ok(());
     }
     if nat.snat() {

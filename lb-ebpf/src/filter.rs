@@ -5,7 +5,10 @@
 use aya_ebpf::maps::Array;
 use lb_common::{MapAddr, addr_filter};
 
-use crate::maps::{ADDR_FILTER, REPLY_FILTER};
+use crate::{
+    maps::{ADDR_FILTER, REPLY_FILTER},
+    read::Read,
+};
 
 /// Whether `addr` may be a frontend's or this node's address: `false` is certain (the
 /// agent sets an address's bit before anything uses it), `true` is not. Also `true` until
@@ -15,19 +18,9 @@ pub fn may_be_local<A: MapAddr>(addr: A) -> bool {
     may_hold(&ADDR_FILTER, addr_filter::slot(addr.hash_word()))
 }
 
-/// How a hook reads the reply filter. Every BPF-to-BPF call costs its return (about 8 ns on
-/// the bench's AMD EPYC, whose kernel returns through the Safe-RET thunk): the pod hooks,
-/// where every packet to no frontend reads the filter, inline it; `xlb_external` calls it
-/// (only replies to a node address read it there, and inlined its verifier walk went from
-/// 66k to 117k instructions).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Read {
-    Inline,
-    Call,
-}
-
 /// Whether `addr`, `port` (network byte order) and `proto` may be a backend's, i.e. a
-/// packet from there may answer a translated flow; `false` is certain, as above.
+/// packet from there may answer a translated flow; `false` is certain, as above. `read`:
+/// the hook's way to the filter (`crate::read`).
 #[inline(always)]
 pub fn may_be_backend<A: MapAddr>(addr: A, port: u16, proto: u8, read: Read) -> bool {
     let word = addr.hash_word();

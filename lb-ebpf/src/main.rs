@@ -22,6 +22,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pod;
+mod read;
 mod route;
 mod sched;
 mod sock;

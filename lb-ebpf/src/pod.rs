@@ -6,12 +6,12 @@ use lb_common::{Ip6, Outcome, SCOPE_INTERNAL, is_drop, outcome};
 use crate::{
     ct,
     family::{Family, V4, V6},
-    filter::{self, Read},
-    hop,
+    filter, hop,
     icmp::{self, InnerEnd},
     maps::PROGS6,
     nat,
     parse::{self, Flow, Packet},
+    read::Read,
     route,
     svc::{self, Decision, Look},
     verdict::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -463,7 +463,7 @@ fn revnat<F: TcFamily>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Result<(i32, Ou
     if !svc::may_be_reply::<F>(flow, false, Read::Inline) {
         return Err(outcome::PASS_NOT_SERVICE);
     }
-    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES)
+    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES, Read::Inline)
         .ok_or(outcome::PASS_NOT_SERVICE)?;
     // SAFETY: the entry from this run's lookup.
     let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
@@ -484,7 +484,9 @@ fn icmp_error<F: TcFamily>(
 ) -> Result<(i32, Outcome), Outcome> {
     let entry = match end {
         // Any flow's, a SNATed one's included (rare: the claim is always looked at).
-        InnerEnd::Destination => ct::reverse_entry::<F>(&ct::reverse_key(&inner.reversed()), true),
+        InnerEnd::Destination => {
+            ct::reverse_entry::<F>(&ct::reverse_key(&inner.reversed()), true, Read::Call)
+        }
         InnerEnd::Source => ct::forward_entry::<F>(&inner.reversed()),
     }
     .ok_or(outcome::PASS_NOT_SERVICE)?;

@@ -15,6 +15,7 @@ use crate::{
     family::Family,
     filter,
     parse::Flow,
+    read::Read,
     sched, stats,
 };
 
@@ -361,7 +362,7 @@ pub struct Reply<A> {
 /// (kube-proxy's NodePorts are not, with the agent's default range). `read`: the hook's way
 /// to the reply filter.
 #[inline(always)]
-pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool, read: filter::Read) -> bool {
+pub fn may_be_reply<F: Family>(flow: &Flow<F::Addr>, to_node: bool, read: Read) -> bool {
     if ct::opens(flow) {
         return false;
     }
@@ -382,13 +383,14 @@ pub fn routed_reply<F: Family>(
     flow: &Flow<F::Addr>,
     to_node: bool,
     bytes: u32,
-    read: filter::Read,
+    read: Read,
 ) -> Option<Reply<F::Addr>> {
     if !may_be_reply::<F>(flow, to_node, read) {
         return None;
     }
     // A reply to a node address may be a SNATed flow's: its entry is the SNAT port's claim.
-    let entry = ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES || to_node)?;
+    let entry =
+        ct::reverse_entry::<F>(&ct::reverse_key(flow), F::CLAIMED_REPLIES || to_node, read)?;
     // SAFETY: copy of a map value from this run's lookup.
     let known = ct::known(entry);
     if known.flags & (CT_FLAG_EXTERNAL | CT_FLAG_SNAT) == 0 {

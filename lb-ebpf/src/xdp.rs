@@ -15,10 +15,10 @@ use crate::{
     ct,
     family::V4,
     filter,
-    filter::Read,
     hop::{self, Cached},
     icmp::{self, REPLY_LEN, UnreachableBody},
     parse::{self, ETH_HLEN, Flow, IP_HLEN, Ipv4Hdr},
+    read::Read,
     route,
     svc::{self, Decision, Look, Lookup},
 };

@@ -19,7 +19,6 @@ use crate::{
     ct,
     family::V6,
     filter,
-    filter::Read,
     hop::{self, Cached},
     icmp::{REPLY6_LEN, unreachable6},
     maps::{PROGS6_XDP, XDP6_BOUNCE},
@@ -27,6 +26,7 @@ use crate::{
         self, ETH_HLEN, ETH_P_IPV6, Flow, Frame, IP_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF,
         IP6_SRC_OFF, Ipv6Hdr, L4_DIRECT, Packet, packet_read,
     },
+    read::Read,
     route,
     svc::{self, Addr, Decision, Look, Lookup},
 };
