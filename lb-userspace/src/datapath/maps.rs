@@ -471,9 +471,12 @@ where
     // Forward claims (reply claims free themselves: replies of a gone backend stop).
     if let Some(claims) = claims.as_deref_mut() {
         let claimed = forward_claims(claims);
-        for key in crate::datapath::gc::stale_flows(claimed.clone(), live, timeouts, now_ns) {
-            let held = claimed.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
-            removed += usize::from(held.is_some_and(|v| free_claim(claims, &key, v)));
+        let stale: std::collections::HashSet<CtKey<A>> =
+            crate::datapath::gc::stale_flows(claimed.iter().copied(), live, timeouts, now_ns)
+                .into_iter()
+                .collect();
+        for (key, value) in claimed.iter().filter(|(key, _)| stale.contains(key)) {
+            removed += usize::from(free_claim(claims, key, value));
         }
     }
     let mut affinity_left = affinities.len();
