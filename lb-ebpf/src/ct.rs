@@ -14,6 +14,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
+    maps::Array,
 };
 use lb_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_SNAT, CT_FORWARD, CT_REVERSE, CtKey,
@@ -88,8 +89,7 @@ pub fn reverse_key<A: MapAddr>(flow: &Flow<A>) -> CtKey<A> {
 pub fn forward_entry<F: Family>(flow: &Flow<F::Addr>) -> Option<*mut CtValue<F::Addr>> {
     let key = forward_key(flow);
     if F::CLAIMED_FLOWS
-        && let Some(slot) = F::flow_claims().get_ptr_mut(reply_claim_slot(&key))
-        && holds(slot, &key)
+        && let Some(slot) = held_slot(F::flow_claims(), &key)
     {
         // SAFETY: a slot of the array, valid for this program run.
         return Some(unsafe { &raw mut (*slot).value });
@@ -98,6 +98,17 @@ pub fn forward_entry<F: Family>(flow: &Flow<F::Addr>) -> Option<*mut CtValue<F::
     // the verifier from 72k to 118k instructions in `xlb_from_pod`.
     #[allow(clippy::needless_borrows_for_generic_args)]
     F::conntrack().get_ptr_mut(&key)
+}
+
+/// The slot of `claims` that holds `key`'s claim, if one does: the read every claim lookup
+/// makes, inlined where it stands (`claimed` is its subprogram).
+#[inline(always)]
+fn held_slot<A: MapAddr>(
+    claims: &Array<ReplyClaim<A>>,
+    key: &CtKey<A>,
+) -> Option<*mut ReplyClaim<A>> {
+    let slot = claims.get_ptr_mut(reply_claim_slot(key))?;
+    holds(slot, key).then_some(slot)
 }
 
 /// Whether `slot` holds `key`'s claim. The key's port is read first: it is 0 while the slot
@@ -128,8 +139,8 @@ pub fn has_reverse<F: Family>(flow: &Flow<F::Addr>) -> bool {
 /// The reverse entry with `key`: its claim if it may have one (`claims`: every flow's where
 /// `Family::CLAIMED_REPLIES`, else only SNATed flows', whose replies are addressed to a node
 /// address), else (its slot was taken, or an earlier agent recorded the flow) the conntrack
-/// entry. `read`: the claim read inline or through `claimed` (`crate::read`; IPv6 always
-/// calls, see there).
+/// entry. `read`: the claim read inline or through `claimed` (`crate::read`; a family
+/// without `Family::INLINE_CLAIM_READS` always calls).
 #[inline(always)]
 pub fn reverse_entry<F: Family>(
     key: &CtKey<F::Addr>,
@@ -137,10 +148,8 @@ pub fn reverse_entry<F: Family>(
     read: Read,
 ) -> Option<*mut CtValue<F::Addr>> {
     if claims {
-        let slot = if F::CLAIMED_FLOWS && read == Read::Inline {
-            F::reply_claims()
-                .get_ptr_mut(reply_claim_slot(key))
-                .filter(|&slot| holds(slot, key))
+        let slot = if F::INLINE_CLAIM_READS && read == Read::Inline {
+            held_slot(F::reply_claims(), key)
         } else {
             claimed::<F>(key)
         };
@@ -157,8 +166,7 @@ pub fn reverse_entry<F: Family>(
 /// instruction expansion).
 #[inline(never)]
 fn claimed<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut ReplyClaim<F::Addr>> {
-    let slot = F::reply_claims().get_ptr_mut(reply_claim_slot(key))?;
-    holds(slot, key).then_some(slot)
+    held_slot(F::reply_claims(), key)
 }
 
 /// Claims `slot` for the entry in `s` if no live flow holds it: free (stamp 0) or

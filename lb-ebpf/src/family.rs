@@ -27,6 +27,9 @@ pub trait Family: 'static {
     /// there first: `ct::forward_entry`). IPv4 only, for the reason above, and
     /// the IPv6 stages have no verifier budget left for a second place to look.
     const CLAIMED_FLOWS: bool;
+    /// Whether hooks that read a reply claim inline (`crate::read::Read::Inline`) may: IPv6's
+    /// inlined read crashed LLVM 22 (`ct::claimed`), so it always calls.
+    const INLINE_CLAIM_READS: bool;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
@@ -59,6 +62,7 @@ impl Family for V4 {
     type Addr = u32;
     const CLAIMED_REPLIES: bool = true;
     const CLAIMED_FLOWS: bool = true;
+    const INLINE_CLAIM_READS: bool = true;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -127,6 +131,7 @@ impl Family for V6 {
     type Addr = Ip6;
     const CLAIMED_REPLIES: bool = false;
     const CLAIMED_FLOWS: bool = false;
+    const INLINE_CLAIM_READS: bool = false;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
         &SERVICES6
