@@ -330,6 +330,9 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_REDIRECT: i32 = 7;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const PASS: i32 = -1; // TC_ACT_UNSPEC: continue untouched
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub const CLIENT: &str = "10.244.0.5";
 pub const VIP: &str = "10.96.0.10";

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use lb_common::{outcome, program_names};
 use xlb::datapath::load;
 
-use crate::datapath::{Datapath, test_run};
+use crate::datapath::{Datapath, TC_ACT_SHOT, XDP_DROP, test_run};
 
 /// New flows a race test sends: two CPUs released together miss each other's entry in
 /// about half of them on the test VM (the window is the few hundred nanoseconds between
@@ -75,8 +75,8 @@ pub type Output = (i32, Vec<u8>);
 /// A dropping verdict of `hook`'s program.
 fn dropped(hook: Hook, verdict: i32) -> bool {
     match hook {
-        Hook::FromPod => verdict == 2,  // TC_ACT_SHOT
-        Hook::External => verdict == 1, // XDP_DROP
+        Hook::FromPod => verdict == TC_ACT_SHOT,
+        Hook::External => verdict == XDP_DROP as i32,
     }
 }
 

@@ -21,21 +21,19 @@ use xlb_tests::{
     race,
 };
 
+/// A ClusterIP's three backends (ids 1-3), all on port 8080.
+const THREE_BACKENDS: [(u32, &str, u16); 3] = [
+    (1, "10.244.1.2", 8080),
+    (2, "10.244.2.3", 8080),
+    (3, "10.244.3.4", 8080),
+];
+
 #[test]
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn tcp_syn_established_and_reply() {
     require_privileges();
     let mut dp = Datapath::new();
-    dp.service(
-        PROTO_TCP,
-        80,
-        &[
-            (1, "10.244.1.2", 8080),
-            (2, "10.244.2.3", 8080),
-            (3, "10.244.3.4", 8080),
-        ],
-        0,
-    );
+    dp.service(PROTO_TCP, 80, &THREE_BACKENDS, 0);
     let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
     let (verdict, out) = dp.run(Hook::FromPod, &syn);
     assert_eq!(verdict, TC_ACT_OK);
@@ -907,11 +905,7 @@ fn a_reply_entry_whose_claim_slot_is_taken_goes_to_conntrack() {
 fn a_forward_entry_is_a_claim_and_goes_to_conntrack_where_its_slot_is_taken() {
     require_privileges();
     let mut dp = Datapath::new();
-    let backends = [
-        (1, "10.244.1.2", 8080),
-        (2, "10.244.2.3", 8080),
-        (3, "10.244.3.4", 8080),
-    ];
+    let backends = THREE_BACKENDS;
     dp.service(PROTO_TCP, 80, &backends, 0);
     let forward = |client: &str, port: u16| CtKey {
         src: ip(client),
@@ -1410,11 +1404,7 @@ fn the_routing_watcher_hears_rules_routes_and_nexthop_objects_of_both_families()
 fn a_retransmitted_syn_keeps_its_flow() {
     require_privileges();
     let mut dp = Datapath::new();
-    let backends = [
-        (1, "10.244.1.2", 8080),
-        (2, "10.244.2.3", 8080),
-        (3, "10.244.3.4", 8080),
-    ];
+    let backends = THREE_BACKENDS;
     dp.service(PROTO_TCP, 80, &backends, 0);
     let syn = Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build();
     let (_, first) = dp.run(Hook::FromPod, &syn);

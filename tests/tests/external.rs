@@ -13,10 +13,6 @@ use xlb_tests::{
     race,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
 const NODE_A: &str = "192.168.50.1";
 const NODE_B: &str = "192.168.60.1";
 const OUTSIDER: &str = "203.0.113.9";
