@@ -117,6 +117,19 @@ pub mod map_names {
     ];
 }
 
+/// How the TC programs read the one field of the kernel's `struct sk_buff` their context
+/// does not show, `ip_summed` (is the L4 checksum complete, or only its pseudo-header part?),
+/// and how the loader tells them where it is.
+pub mod skb_access {
+    /// Imm of the placeholder helper call in the object that the loader rewrites into a call
+    /// of the kfunc `bpf_cast_to_kern_ctx` (or, on a kernel without it, into `r0 = 0`, on a
+    /// path the programs then never take). No helper has this number.
+    pub const CAST_TO_KERN_CTX_MARKER: u32 = 0x3a11_c0de;
+    /// Read-only global: the bit offset of `ip_summed` in `struct sk_buff` (never 0: the
+    /// struct starts with a pointer), 0 when unknown (the checksum helpers are used).
+    pub const IP_SUMMED_BIT: &str = "XLB_SKB_IP_SUMMED_BIT";
+}
+
 /// Program names in the eBPF object.
 pub mod program_names {
     /// Traffic entering the node from outside: NodePort, externalIPs, LoadBalancer IPs, and

@@ -66,17 +66,49 @@ pub const TTL_ONE: u16 = 0x0100u16.to_be();
 /// RFC 1624: HC' = ~(~HC + ~m + m'), on values as stored (byte order cancels out).
 #[inline(always)]
 pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = u64::from(!check)
-        + u64::from(!old & 0xffff)
-        + u64::from(!old >> 16)
-        + u64::from(new & 0xffff)
-        + u64::from(new >> 16);
-    !fold16(sum)
+    apply(check, diff4(old, new))
 }
 
 #[inline(always)]
 pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
-    !fold16(u64::from(!check) + u64::from(!old) + u64::from(new))
+    apply(check, diff2(old, new))
+}
+
+/// The checksum `check` after changes whose word sums (`~m + m'`) add up to `diff`.
+#[inline(always)]
+pub fn apply(check: u16, diff: u64) -> u16 {
+    apply_flipped(check, 0xffff, diff)
+}
+
+/// [`apply`] (`flip` 0xffff) or, `flip` 0, the same change to a field that holds a sum
+/// uncomplemented: the pseudo-header sum of a CHECKSUM_PARTIAL packet's L4 checksum.
+#[inline(always)]
+pub fn apply_flipped(check: u16, flip: u16, diff: u64) -> u16 {
+    fold16(u64::from(check ^ flip) + diff) ^ flip
+}
+
+/// `~m + m'` of replacing 16-bit word `old` by `new`.
+#[inline(always)]
+pub fn diff2(old: u16, new: u16) -> u64 {
+    u64::from(!old) + u64::from(new)
+}
+
+/// `~m + m'` of replacing a 32-bit value (two words).
+#[inline(always)]
+pub fn diff4(old: u32, new: u32) -> u64 {
+    u64::from(!old & 0xffff)
+        + u64::from(!old >> 16)
+        + u64::from(new & 0xffff)
+        + u64::from(new >> 16)
+}
+
+/// `~m + m'` of replacing a 16-byte (IPv6) address.
+#[inline(always)]
+pub fn diff16(old: &lb_common::Ip6, new: &lb_common::Ip6) -> u64 {
+    old.iter()
+        .zip(new)
+        .map(|(old, new)| diff4(*old, *new))
+        .sum()
 }
 
 #[inline(always)]

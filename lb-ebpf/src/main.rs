@@ -25,6 +25,7 @@ mod pod;
 mod read;
 mod route;
 mod sched;
+mod skb;
 mod sock;
 mod stats;
 mod svc;

@@ -1,9 +1,10 @@
 //! Address/port rewrites with incremental checksum updates.
 //!
-//! The L4 checksum goes through the kernel's helpers because pod traffic over veth is
-//! usually CHECKSUM_PARTIAL: only the pseudo-header part of the L4 checksum may be touched,
-//! which `BPF_F_PSEUDO_HDR` handles, and a TC program cannot see which kind it has.
-//! `BPF_F_MARK_MANGLED_0` keeps a zero UDP checksum zero. Everything else (addresses,
+//! Pod traffic over veth is usually CHECKSUM_PARTIAL: only the pseudo-header part of its L4
+//! checksum may be touched. A rewrite reads which kind the skb has (`skb`) and updates the
+//! L4 checksum inline; where it cannot (CHECKSUM_COMPLETE, an old kernel, headers not
+//! linear, IPv6 extension headers), the kernel's helpers do (`BPF_F_PSEUDO_HDR`).
+//! A zero UDP checksum stays zero (`BPF_F_MARK_MANGLED_0`). Everything else (addresses,
 //! ports, the IPv4 header checksum) is written in place when the headers are linear.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -13,11 +14,12 @@ use aya_ebpf::{
 use lb_common::{Ip6, Outcome, PROTO_UDP, outcome};
 
 use crate::{
-    csum::replace4,
+    csum::{apply_flipped, diff2, diff4, diff16, replace4},
     parse::{
         Flow, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DIRECT,
         L4_OFF, headers_in_place,
     },
+    skb::{self, CHECKSUM_COMPLETE},
 };
 
 /// DNAT: destination becomes `addr:port`.
@@ -47,25 +49,35 @@ fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), Outcome> {
-    let mangled0 = if flow.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    let udp = flow.proto == PROTO_UDP;
+    let mangled0 = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let csum_off = flow.csum_off(L4_OFF);
     let failed = |_| outcome::DROP_REWRITE_FAILED;
     if let Some(data) = headers_in_place(ctx, L4_OFF + 4) {
         // The IPv4 header's own checksum is never offloaded: updated inline, as are the
-        // stores. Only the L4 checksum needs the helpers (see the module comment).
-        // SAFETY: the IPv4 header and the ports lie inside the linear data (checked above).
+        // stores. The L4 checksum is too unless the skb is CHECKSUM_COMPLETE (`skb`) or the
+        // field is not in the linear data.
+        let summed = skb::ip_summed(ctx);
+        let field = data + csum_off;
+        let inline = summed != CHECKSUM_COMPLETE && field + 2 <= ctx.data_end();
+        // SAFETY: the IPv4 header and the ports lie inside the linear data (checked above),
+        // and the L4 checksum field when `inline`.
         unsafe {
+            let mut addr = 0;
             if old_addr != new_addr {
                 let csum = (data + IP_OFF + IP_CSUM_OFF) as *mut u16;
                 csum.write_unaligned(replace4(csum.read_unaligned(), old_addr, new_addr));
                 ((data + IP_OFF + addr_off) as *mut u32).write_unaligned(new_addr);
+                addr = diff4(old_addr, new_addr);
             }
+            let mut port = 0;
             if old_port != new_port {
                 ((data + L4_OFF + port_off) as *mut u16).write_unaligned(new_port);
+                port = diff2(old_port, new_port);
+            }
+            if inline {
+                fold_l4(field as *mut u16, summed, udp, addr, port);
+                return Ok(());
             }
         }
     } else {
@@ -91,6 +103,30 @@ fn rewrite(
             .map_err(failed)?;
     }
     Ok(())
+}
+
+/// Folds a rewrite into the L4 checksum field at `field` as `bpf_l4_csum_replace` would for
+/// `ip_summed` `summed` (anything but CHECKSUM_COMPLETE): `addr` is the word sum of the
+/// address change (in the pseudo-header), `port` that of the port change (in the L4 header,
+/// which the device sums itself under CHECKSUM_PARTIAL). No branch on `summed`: each
+/// multiplied the verifier's walk of the programs after it. A zero UDP checksum means none
+/// and stays zero; one that comes out zero is stored as 0xffff (`BPF_F_MARK_MANGLED_0`).
+///
+/// # Safety
+/// `field..field + 2` lies in the packet's linear data.
+#[inline(always)]
+unsafe fn fold_l4(field: *mut u16, summed: u8, udp: bool, addr: u64, port: u64) {
+    // SAFETY: the caller's.
+    let check = unsafe { field.read_unaligned() };
+    if udp && check == 0 {
+        return;
+    }
+    // CHECKSUM_PARTIAL is 3, the only value with both bits set (BPF has no set-on-compare).
+    let partial = summed & (summed >> 1) & 1;
+    let whole = u64::from(partial ^ 1);
+    let check = apply_flipped(check, (whole * 0xffff) as u16, addr + whole * port);
+    // SAFETY: the caller's.
+    unsafe { field.write_unaligned(if udp && check == 0 { 0xffff } else { check }) };
 }
 
 /// Stores a new address in the IPv4 header at `ip_off` and fixes that header's checksum.
@@ -180,16 +216,35 @@ fn rewrite6(
     let l4_off = flow.l4_off as usize;
     let csum_off = flow.csum_off(l4_off);
     let failed = |_| outcome::DROP_REWRITE_FAILED;
-    // In place without extension headers (constant offsets), as for IPv4.
+    // In place without extension headers (constant offsets), as for IPv4, the checksum too
+    // unless the skb is CHECKSUM_COMPLETE (`skb`).
     match headers_in_place(ctx, L4_DIRECT + 4) {
         Some(data) if l4_off == L4_DIRECT => {
-            // SAFETY: the IPv6 header and the ports lie inside the linear data (checked).
+            let summed = skb::ip_summed(ctx);
+            let field = data + flow.csum_off(L4_DIRECT);
+            let inline = summed != CHECKSUM_COMPLETE && field + 2 <= ctx.data_end();
+            // SAFETY: the IPv6 header and the ports lie inside the linear data (checked),
+            // and the L4 checksum field when `inline`.
             unsafe {
+                let mut addr = 0;
                 if old_addr != new_addr {
                     ((data + IP_OFF + addr_off) as *mut Ip6).write_unaligned(*new_addr);
+                    addr = diff16(old_addr, new_addr);
                 }
+                let mut port = 0;
                 if old_port != new_port {
                     ((data + L4_DIRECT + port_off) as *mut u16).write_unaligned(new_port);
+                    port = diff2(old_port, new_port);
+                }
+                if inline {
+                    fold_l4(
+                        field as *mut u16,
+                        summed,
+                        flow.proto == PROTO_UDP,
+                        addr,
+                        port,
+                    );
+                    return Ok(());
                 }
             }
         }

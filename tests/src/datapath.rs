@@ -13,7 +13,7 @@ use lb_common::{
     HopValue, Ip6, MapAddr, NodeConfig, Outcome, SCOPE_INTERNAL, ServiceKey, ServiceValue,
     SourceRangeKey, addr_filter, ip6_from_octets, map_names, next_hops, program_names,
 };
-use xlb::datapath::{clock::before, load};
+use xlb::datapath::{clock::before, load, skb_access::SkbAccess};
 
 use crate::{
     netns::{Netns, unique_tag},
@@ -377,13 +377,19 @@ impl Datapath {
         reason = "loading programs and entering a namespace is no default value"
     )]
     pub fn new() -> Datapath {
+        Self::with_skb_access(SkbAccess::probe())
+    }
+
+    /// [`Datapath::new`] with the TC programs reading the skb's checksum state as `access`
+    /// says ([`SkbAccess::Helpers`]: as on a kernel without the kfunc).
+    pub fn with_skb_access(access: SkbAccess) -> Datapath {
         let netns = Netns::new(&unique_tag(), "dp").expect("test namespace");
         let file = std::fs::File::open(netns.path()).expect("open namespace");
         // SAFETY: setns on an open netns fd only moves this (test) thread.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         Datapath {
-            ebpf: load::load(None).expect("eBPF object loads and passes the verifier"),
+            ebpf: load::load_with(None, access).expect("eBPF object loads and passes the verifier"),
             _netns: netns,
             _peer: None,
         }

@@ -125,6 +125,47 @@ impl Netns {
         Ok((count("rx")?, count("tx")?))
     }
 
+    /// Turns off transmit checksum offload of `iface` (`ethtool -K IFACE tx off`): what it
+    /// sends leaves with the L4 checksum completed in software (`skb_checksum_help`) from
+    /// what the stack and the programs left in the field, so the receiver checks that.
+    pub fn tx_checksum_off(&self, iface: &str) -> Result<()> {
+        let ns = self.name.as_str();
+        run(
+            "ip",
+            &["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"],
+        )?;
+        let out = run("ip", &["netns", "exec", ns, "ethtool", "-k", iface])?;
+        let features = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            features.contains("tx-checksumming: off"),
+            "{iface} in {ns} still offloads checksums: {features}"
+        );
+        Ok(())
+    }
+
+    /// Segments and datagrams this namespace's stack dropped for a bad checksum:
+    /// (TCP `InCsumErrors`, UDP `InCsumErrors`) of its /proc/net/snmp.
+    pub fn checksum_errors(&self) -> Result<(u64, u64)> {
+        let snmp = self.enter(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+        let counter = |proto: &str| -> Result<u64> {
+            let mut lines = snmp.lines().filter(|l| l.starts_with(proto));
+            let (names, values) = (lines.next(), lines.next());
+            let (names, values) = names.zip(values).context("no such lines")?;
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "InCsumErrors")
+                .context("no InCsumErrors")?
+                .1
+                .parse()
+                .context("not a number")
+        };
+        let in_ns = |proto: &str| {
+            counter(proto).with_context(|| format!("{proto} InCsumErrors of {}", self.name))
+        };
+        Ok((in_ns("Tcp:")?, in_ns("Udp:")?))
+    }
+
     /// Sets a sysctl inside the namespace (/proc/sys/net is per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

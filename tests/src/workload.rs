@@ -258,3 +258,57 @@ pub fn ring_whoami(
     }
     Ok(answers)
 }
+
+/// A pod's packets leave its stack CHECKSUM_PARTIAL over veth: the L4 checksum field holds
+/// only the pseudo-header sum, which a program's address rewrite must fix and its port
+/// rewrite must leave alone. Callers turn transmit checksum offload off on the interfaces
+/// the translated packets leave by (`Netns::tx_checksum_off`), so the kernel completes
+/// those checksums in software after the programs ran, and the receivers' stacks check
+/// them: a wrong field is a dropped segment there, not a silent pass.
+///
+/// `n` TCP connections to `vip`:80 and UDP requests to `vip`:53 from `client`: asserts that
+/// every one was answered, by exactly the pods `backends`, and that neither `client` nor
+/// `receivers` counted a checksum error meanwhile.
+pub fn assert_offloaded_checksums_come_out_right(
+    client: &Netns,
+    receivers: &[&Netns],
+    vip: IpAddr,
+    backends: &[&str],
+    n: usize,
+) {
+    let errors = || -> Vec<(u64, u64)> {
+        std::iter::once(client)
+            .chain(receivers.iter().copied())
+            .map(|ns| ns.checksum_errors().expect("checksum counters"))
+            .collect()
+    };
+    let before = errors();
+    let (tcp, udp) = client
+        .enter(move || {
+            let timeout = Duration::from_secs(1);
+            let mut tcp = std::collections::BTreeMap::new();
+            let mut udp = std::collections::BTreeMap::new();
+            for _ in 0..n {
+                let who =
+                    tcp_hello(SocketAddr::new(vip, 80), timeout).unwrap_or_else(|e| e.to_string());
+                *tcp.entry(who).or_insert(0) += 1;
+                let (who, _) = udp_whoami(SocketAddr::new(vip, 53), timeout)
+                    .unwrap_or_else(|e| (e.to_string(), String::new()));
+                *udp.entry(who).or_insert(0) += 1;
+            }
+            (tcp, udp)
+        })
+        .expect("client thread");
+    for (proto, answers) in [("TCP", &tcp), ("UDP", &udp)] {
+        assert_eq!(
+            answers.keys().map(String::as_str).collect::<Vec<_>>(),
+            backends,
+            "{proto} to {vip}: every answer from a backend, each backend among them: {answers:?}"
+        );
+    }
+    assert_eq!(
+        before,
+        errors(),
+        "(TCP, UDP) checksum errors of the client, then of each receiver"
+    );
+}

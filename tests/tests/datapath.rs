@@ -10,6 +10,7 @@ use lb_common::{
 use xlb::datapath::{
     clock::{before, monotonic_ns},
     load, pins,
+    skb_access::SkbAccess,
 };
 use xlb_tests::datapath::*;
 use xlb_tests::{
@@ -89,6 +90,78 @@ fn tcp_syn_established_and_reply() {
     // A reply-looking packet from a backend to an unknown client port is not touched.
     let stray = Frame::tcp(&chosen.to_string(), 8080, CLIENT, 40001, ACK).build();
     assert_eq!(dp.run(Hook::ToPod, &stray), (PASS, stray.clone()));
+}
+
+/// The TC programs update L4 checksums inline where the loader found the kfunc that shows
+/// them `ip_summed` (test runs' skbs are CHECKSUM_NONE: the whole-checksum update), and
+/// through the kernel's helpers where it did not (kernels before 6.2, no BTF). Both give
+/// the same bytes: DNAT and reverse NAT of TCP, of UDP with and without a checksum.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn checksums_come_out_the_same_inline_and_through_the_helpers() {
+    require_privileges();
+    let inline = SkbAccess::probe();
+    assert!(
+        matches!(inline, SkbAccess::KernCtx { .. }),
+        "this kernel (6.18, BTF) has the kfunc: {inline:?}"
+    );
+    let zero_udp = |mut frame: Frame| {
+        frame.zero_udp_checksum = true;
+        frame.build()
+    };
+    let steps = [
+        (
+            Hook::FromPod,
+            Frame::tcp(CLIENT, 40000, VIP, 80, SYN).build(),
+        ),
+        (
+            Hook::FromPod,
+            Frame::tcp(CLIENT, 40000, VIP, 80, ACK).build(),
+        ),
+        (
+            Hook::ToPod,
+            Frame::tcp("10.244.1.2", 8080, CLIENT, 40000, SYN | ACK).build(),
+        ),
+        (Hook::FromPod, Frame::udp(CLIENT, 5000, VIP, 53).build()),
+        (
+            Hook::ToPod,
+            Frame::udp("10.244.1.2", 5353, CLIENT, 5000).build(),
+        ),
+        (Hook::FromPod, zero_udp(Frame::udp(CLIENT, 5001, VIP, 53))),
+        (
+            Hook::ToPod,
+            zero_udp(Frame::udp("10.244.1.2", 5353, CLIENT, 5001)),
+        ),
+    ];
+    let outputs = |access| {
+        let mut dp = Datapath::with_skb_access(access);
+        dp.service(PROTO_TCP, 80, &[(1, "10.244.1.2", 8080)], 0);
+        dp.service(PROTO_UDP, 53, &[(2, "10.244.1.2", 5353)], 0);
+        let out: Vec<(i32, Vec<u8>)> = steps.iter().map(|(hook, f)| dp.run(*hook, f)).collect();
+        assert_eq!(dp.stat(outcome::DNAT_NEW), 3, "{access:?}");
+        assert_eq!(dp.stat(outcome::REVNAT), 3, "{access:?}");
+        let info = load::program(&mut dp.ebpf, lb_common::program_names::TC_FROM_POD)
+            .expect("program")
+            .info()
+            .expect("program info");
+        (out, info.verified_instruction_count())
+    };
+    let ((inline, walked_inline), (helpers, walked_helpers)) =
+        (outputs(inline), outputs(SkbAccess::Helpers));
+    // Two programs: without the kfunc, the verifier skips the inline update as dead code.
+    assert!(
+        walked_helpers < walked_inline,
+        "instructions verified: {walked_helpers:?} without the kfunc, {walked_inline:?} with"
+    );
+    for (((_, input), inline), helpers) in steps.iter().zip(&inline).zip(&helpers) {
+        assert_eq!(inline.0, TC_ACT_OK);
+        assert_ne!(&inline.1, input, "translated");
+        assert_eq!(checksum_errors(&inline.1), Vec::<String>::new());
+        assert_eq!(
+            inline, helpers,
+            "inline (left) and through the helpers (right)"
+        );
+    }
 }
 
 #[test]

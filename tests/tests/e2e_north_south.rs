@@ -13,7 +13,7 @@ use xlb_tests::{
     lan::Lan,
     netns::{Netns, unique_tag},
     privilege::require_privileges,
-    workload::{tcp_hello, udp_whoami},
+    workload::{assert_offloaded_checksums_come_out_right, tcp_hello, udp_whoami},
 };
 
 const T: Duration = Duration::from_secs(1);
@@ -340,6 +340,32 @@ fn hairpin_a_pod_reaching_itself_through_its_service() {
         answers.1,
         ("local1".to_string(), NODE1.to_string()),
         "UDP hairpin"
+    );
+}
+
+/// Offloaded (CHECKSUM_PARTIAL) checksums of a pod's packets, translated: requests to
+/// node2's backend (DNAT on `xlb_from_pod`) leave node1 by `ext0`, replies to the client
+/// (reverse NAT on `xlb_to_pod`) by the client's node-side interface, both with checksum
+/// offload off, so the receivers check what the programs left (see the helper).
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn offloaded_pod_checksums_are_completed_right_after_translation() {
+    require_privileges();
+    let site = Site::new();
+    let node1 = &site.nodes[0];
+    let client = node1.node.pod("local1");
+    node1.node.ns.tx_checksum_off("ext0").expect("ext0");
+    node1
+        .node
+        .ns
+        .tx_checksum_off(&client.host_iface)
+        .expect("client's node-side interface");
+    assert_offloaded_checksums_come_out_right(
+        &client.ns,
+        &[&site.nodes[1].node.pod("web2").ns],
+        "10.96.0.10".parse().expect("VIP"),
+        &["web1", "web2"],
+        40,
     );
 }
 

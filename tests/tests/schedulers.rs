@@ -305,12 +305,14 @@ fn programs_stay_well_inside_the_verifier_budget() {
 /// 1,000,000; one that needs more raises its ceiling knowingly. None above an eighth of the
 /// limit, so that every program keeps room for kernels whose verifier walks more.
 const VERIFIER_CEILINGS: [(&str, u32); 9] = [
-    ("xlb_from_pod", 90_000),
+    // Raised with the inline L4 checksum update (77.7k -> 96.8k): the rewrite now forks
+    // into an inline path and the helpers' (CHECKSUM_COMPLETE), whose packet pointers differ.
+    ("xlb_from_pod", 115_000),
     ("xlb_to_pod", 5_000),
-    ("xlb_from_pod6", 12_000),
-    ("xlb_from_pod6_untracked", 90_000),
+    ("xlb_from_pod6", 17_000),
+    ("xlb_from_pod6_untracked", 110_000),
     ("xlb_from_pod6_rare", 5_000),
-    ("xlb_to_pod6", 8_000),
+    ("xlb_to_pod6", 10_000),
     ("xlb_external", 80_000),
     ("xlb_external6", 25_000),
     ("xlb_external6_untracked", 120_000),

@@ -51,8 +51,9 @@ pub fn ensure_build_tools() -> Result<()> {
 
 /// What the privileged layers call out to: `ip` (iproute2), `nsenter` (util-linux),
 /// `bpftool` (to forge an incompatible pinned map), `iptables`/`nft` (kube-proxy leftovers
-/// for `xlb cleanup --kube-proxy-rules`), `python3` (node-process clients) and `trafgen`
-/// (netsniff-ng: pods' packets from an AF_PACKET TX ring; the namespace benchmark's load).
+/// for `xlb cleanup --kube-proxy-rules`), `python3` (node-process clients), `trafgen`
+/// (netsniff-ng: pods' packets from an AF_PACKET TX ring; the namespace benchmark's load)
+/// and `ethtool` (checksum offload off, so that receivers check translated checksums).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
     if !succeeds("bpftool", &["version"]) {
@@ -75,6 +76,9 @@ pub fn ensure_test_tools() -> Result<()> {
     }
     if !succeeds("trafgen", &["--version"]) {
         missing.push("netsniff-ng");
+    }
+    if !succeeds("ethtool", &["--version"]) {
+        missing.push("ethtool");
     }
     apt_install(&missing)
 }

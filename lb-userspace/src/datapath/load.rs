@@ -6,16 +6,23 @@ use aya::{
     maps::ProgramArray,
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
-use lb_common::{map_names, program_names};
+use lb_common::{map_names, program_names, skb_access};
 
 use super::{
     DatapathError, error_chain, migrate,
     pins::{Hook, PinLayout, check_pinned_layouts},
+    skb_access::SkbAccess,
 };
 
 /// Loads the object and its programs. With `pins`, every map is pinned there (or the existing
 /// pin reused, so conntrack and services survive an agent restart); without, maps are private.
 pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
+    load_with(pins, SkbAccess::probe())
+}
+
+/// [`load`], the TC programs reading the skb's checksum state as `access` says (tests
+/// load the kernels-without-kfunc variant with [`SkbAccess::Helpers`]).
+pub fn load_with(pins: Option<&PinLayout>, access: SkbAccess) -> Result<Ebpf, DatapathError> {
     let old = match pins {
         Some(layout) => {
             let old = migrate::take_old_backends(layout)?;
@@ -36,8 +43,13 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf, DatapathError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    let mut object = crate::ebpf_object().to_vec();
+    let patched = access.patch(&mut object)?;
+    log::debug!("skb access {access:?}: {patched} placeholder calls rewritten");
+    let ip_summed_bit = access.ip_summed_bit();
+    loader.override_global(skb_access::IP_SUMMED_BIT, &ip_summed_bit, true);
     let mut ebpf = loader
-        .load(crate::ebpf_object())
+        .load(&object)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
     // Before any program of this object (the IPv6 stages, tail-called by the programs still
     // attached, first) can read the backend arrays.

@@ -16,10 +16,13 @@ pub mod netlink;
 pub mod pins;
 pub mod route_policy;
 pub mod route_watch;
+pub mod skb_access;
 pub mod sockets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    #[error("preparing the eBPF object for this kernel's BTF: {0}")]
+    SkbAccess(#[from] skb_access::BtfError),
     #[error("loading the eBPF object failed: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
