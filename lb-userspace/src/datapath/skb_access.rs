@@ -30,7 +30,13 @@ impl SkbAccess {
             .map_err(|e| BtfError::Read(e.to_string()))
             .and_then(|btf| Self::from_btf(&btf))
         {
-            Ok(access) => access,
+            Ok(access) => {
+                log::info!(
+                    "TC checksum updates inline (ip_summed read through bpf_cast_to_kern_ctx, \
+                     {access:?})"
+                );
+                access
+            }
             Err(e) => {
                 log::info!(
                     "TC checksum updates go through the kernel's helpers ({VMLINUX_BTF}: {e})"
