@@ -30,6 +30,7 @@ mod sock;
 mod stats;
 mod svc;
 mod verdict;
+mod words;
 mod xdp;
 mod xdp6;
 

@@ -20,6 +20,7 @@ use crate::{
         L4_OFF, headers_in_place,
     },
     skb::{self, CHECKSUM_COMPLETE},
+    words,
 };
 
 /// DNAT: destination becomes `addr:port`.
@@ -228,7 +229,7 @@ fn rewrite6(
             unsafe {
                 let mut addr = 0;
                 if old_addr != new_addr {
-                    ((data + IP_OFF + addr_off) as *mut Ip6).write_unaligned(*new_addr);
+                    words::copy((data + IP_OFF + addr_off) as *mut Ip6, new_addr);
                     addr = diff16(old_addr, new_addr);
                 }
                 let mut port = 0;

@@ -16,9 +16,10 @@ use crate::{
     maps::POD_IFACES,
     parse::{
         Frame, IP_CSUM_OFF, IP_HLEN, IP_OFF, IP6_HLEN, IP6_HOP_LIMIT_OFF, Ipv4Hdr, Ipv6Hdr,
-        headers_in_place, packet_read,
+        headers_in_place,
     },
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
+    words,
 };
 
 const AF_INET: u8 = 2;
@@ -207,7 +208,7 @@ pub fn forward6(ctx: &TcContext, keep: bool, now: u64) -> Result<i32, Outcome> {
     let s = unsafe { &mut *hop::scratch().ok_or(outcome::DROP_REWRITE_FAILED)? };
     match headers_in_place(ctx, IP_OFF + IP6_HLEN) {
         // SAFETY: the header lies inside the linear data (checked).
-        Some(data) => s.ip6 = unsafe { packet_read(data + IP_OFF) },
+        Some(data) => unsafe { words::copy(&raw mut s.ip6, (data + IP_OFF) as *const _) },
         None => ctx
             .read_into(IP_OFF, &mut s.ip6)
             .map_err(|_| outcome::DROP_REWRITE_FAILED)?,

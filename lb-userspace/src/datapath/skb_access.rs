@@ -13,6 +13,9 @@ use lb_common::skb_access::CAST_TO_KERN_CTX_MARKER;
 /// Where the kernel's BTF is (`CONFIG_DEBUG_INFO_BTF`).
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// 0 when the kernel interprets BPF programs instead of compiling them.
+const JIT_ENABLE: &str = "/proc/sys/net/core/bpf_jit_enable";
+
 /// What the running kernel offers for the read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkbAccess {
@@ -26,6 +29,11 @@ impl SkbAccess {
     /// From the running kernel's BTF; `Helpers`, with the reason logged, where it lacks
     /// either part.
     pub fn probe() -> Self {
+        // The verifier refuses kfunc calls in programs it will not JIT.
+        if std::fs::read_to_string(JIT_ENABLE).is_ok_and(|v| v.trim() == "0") {
+            log::info!("TC checksum updates go through the kernel's helpers ({JIT_ENABLE}: 0)");
+            return Self::Helpers;
+        }
         match std::fs::read(VMLINUX_BTF)
             .map_err(|e| BtfError::Read(e.to_string()))
             .and_then(|btf| Self::from_btf(&btf))
