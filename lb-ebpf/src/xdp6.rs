@@ -29,6 +29,7 @@ use crate::{
     read::Read,
     route,
     svc::{self, Addr, Decision, Look, Lookup},
+    words,
 };
 
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -244,7 +245,7 @@ fn rewrite<const IN_PLACE: bool>(
             // (checked just above).
             unsafe {
                 let sum = updated(packet_read::<u16>(csum));
-                core::ptr::write((data + IP_OFF + addr_off) as *mut Ip6, addr);
+                words::copy((data + IP_OFF + addr_off) as *mut Ip6, &addr);
                 core::ptr::write((data + L4_DIRECT + port_off) as *mut u16, port);
                 core::ptr::write(csum as *mut u16, sum);
             }
