@@ -13,7 +13,7 @@
 /// or map values).
 #[inline(always)]
 pub unsafe fn copy<T: Copy>(dst: *mut T, src: *const T) {
-    const { assert!(core::mem::size_of::<T>() % 4 == 0) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(4)) };
     let (d, s) = (dst as *mut u32, src as *const u32);
     for i in 0..core::mem::size_of::<T>() / 4 {
         // SAFETY: within both (the caller's); the store volatile so that LLVM cannot turn
