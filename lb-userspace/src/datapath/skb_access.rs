@@ -6,8 +6,8 @@
 //! object carries a placeholder helper call instead, rewritten here into the kfunc call with
 //! the id the running kernel's BTF gives it, and the field's place, also from that BTF, goes
 //! into a read-only global. Without the kfunc or the field (a kernel older than 6.2, one
-//! without BTF) the placeholder becomes `r0 = 0` on a path the programs then never take,
-//! and they use the helpers as before.
+//! without BTF or not compiling BPF programs) the placeholder becomes `r0 = 0` on a path
+//! the programs then never take, and they use the helpers as before.
 use lb_common::skb_access::CAST_TO_KERN_CTX_MARKER;
 
 /// Where the kernel's BTF is (`CONFIG_DEBUG_INFO_BTF`).
