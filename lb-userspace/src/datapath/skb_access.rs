@@ -147,6 +147,13 @@ pub enum BtfError {
     Object(String),
 }
 
+/// The little-endian u32 at `at` in `bytes`, if they hold one there.
+fn le32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
 /// Anonymous structs and unions within each other that [`Btf::member`] looks into.
 const MAX_NESTING: u32 = 8;
 
@@ -169,13 +176,10 @@ struct Btf<'a> {
 impl<'a> Btf<'a> {
     fn parse(blob: &'a [u8]) -> Result<Self, BtfError> {
         let bad = |what: &str| BtfError::Format(what.to_string());
-        let u32_at = |at: usize| -> Option<u32> {
-            Some(u32::from_le_bytes(blob.get(at..at + 4)?.try_into().ok()?))
-        };
         if blob.get(0..2) != Some(&[0x9f, 0xeb]) {
             return Err(bad("no little-endian BTF magic"));
         }
-        let header = |i: usize| u32_at(4 + 4 * i).ok_or_else(|| bad("short header"));
+        let header = |i: usize| le32(blob, 4 + 4 * i).ok_or_else(|| bad("short header"));
         let hdr_len = header(0)? as usize;
         let (type_off, type_len) = (header(1)? as usize, header(2)? as usize);
         let (str_off, str_len) = (header(3)? as usize, header(4)? as usize);
@@ -189,14 +193,10 @@ impl<'a> Btf<'a> {
         let mut types = Vec::new();
         let mut at = 0;
         while at < raw.len() {
-            let word = |i: usize| {
-                raw.get(at + 4 * i..at + 4 * i + 4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or_else(|| bad("truncated type"))
-            };
+            let word = |i: usize| le32(raw, at + 4 * i).ok_or_else(|| bad("truncated type"));
             let (name, info, size) = (word(0)?, word(1)?, word(2)?);
             let vlen = (info & 0xffff) as usize;
-            let extra = match (info >> 24) & 0x1f {
+            let extra = match Self::kind(info) {
                 1 | 14 | 17 => 4,
                 2 | 7..=12 | 16 | 18 => 0,
                 3 => 12,
@@ -257,8 +257,7 @@ impl<'a> Btf<'a> {
         }
         let kind_flag = info >> 31 == 1;
         for m in body.chunks_exact(12) {
-            let word =
-                |i: usize| u32::from_le_bytes(m[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            let word = |i: usize| le32(m, 4 * i).expect("a member is 12 bytes");
             let (m_name, m_type, offset) = (word(0), word(1), word(2));
             let (bit, bits) = if kind_flag {
                 (offset & 0xff_ffff, offset >> 24)
