@@ -261,8 +261,9 @@ pub fn ring_whoami(
 
 /// A pod's packets leave its stack CHECKSUM_PARTIAL over veth: the L4 checksum field holds
 /// only the pseudo-header sum, which a program's address rewrite must fix and its port
-/// rewrite must leave alone. Callers turn transmit checksum offload off on the interfaces
-/// the translated packets leave by (`Netns::tx_checksum_off`), so the kernel completes
+/// rewrite must leave alone. Transmit checksum offload goes off (`Netns::tx_checksum_off`)
+/// on the interfaces of `node` the translated packets leave by, `uplink` (requests to a
+/// backend on another node) and `client`'s node-side end (replies), so the kernel completes
 /// those checksums in software after the programs ran, and the receivers' stacks check
 /// them: a wrong field is a dropped segment there, not a silent pass.
 ///
@@ -270,12 +271,18 @@ pub fn ring_whoami(
 /// every one was answered, by exactly the pods `backends`, and that neither `client` nor
 /// `receivers` counted a checksum error meanwhile.
 pub fn assert_offloaded_checksums_come_out_right(
-    client: &Netns,
+    node: &Netns,
+    uplink: &str,
+    client: &Pod,
     receivers: &[&Netns],
     vip: IpAddr,
     backends: &[&str],
     n: usize,
 ) {
+    node.tx_checksum_off(uplink).expect("the node's uplink");
+    node.tx_checksum_off(&client.host_iface)
+        .expect("the client's node-side interface");
+    let client = &client.ns;
     let errors = || -> Vec<(u64, u64)> {
         std::iter::once(client)
             .chain(receivers.iter().copied())

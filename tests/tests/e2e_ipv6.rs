@@ -569,16 +569,11 @@ fn ipv6_node_ports_and_load_balancer_ips_from_outside_on_two_nodes() {
 fn offloaded_ipv6_pod_checksums_are_completed_right_after_translation() {
     require_privileges();
     let site = site6();
-    let node1 = &site.nodes[0];
-    let client = node1.node.pod("local1");
-    node1.node.ns.tx_checksum_off("ext0").expect("ext0");
-    node1
-        .node
-        .ns
-        .tx_checksum_off(&client.host_iface)
-        .expect("client's node-side interface");
+    let node1 = &site.nodes[0].node;
     xlb_tests::workload::assert_offloaded_checksums_come_out_right(
-        &client.ns,
+        &node1.ns,
+        "ext0",
+        node1.pod("local1"),
         &[&site.nodes[1].node.pod("web2").ns],
         "fd00:10:96::30".parse().expect("VIP"),
         &["web1", "web2"],

@@ -352,16 +352,11 @@ fn hairpin_a_pod_reaching_itself_through_its_service() {
 fn offloaded_pod_checksums_are_completed_right_after_translation() {
     require_privileges();
     let site = Site::new();
-    let node1 = &site.nodes[0];
-    let client = node1.node.pod("local1");
-    node1.node.ns.tx_checksum_off("ext0").expect("ext0");
-    node1
-        .node
-        .ns
-        .tx_checksum_off(&client.host_iface)
-        .expect("client's node-side interface");
+    let node1 = &site.nodes[0].node;
     assert_offloaded_checksums_come_out_right(
-        &client.ns,
+        &node1.ns,
+        "ext0",
+        node1.pod("local1"),
         &[&site.nodes[1].node.pod("web2").ns],
         "10.96.0.10".parse().expect("VIP"),
         &["web1", "web2"],
