@@ -256,6 +256,10 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Outcome> {
             };
             return parse_flow(ctx, &ip, ports, tcp_bytes);
         }
+        // An IPv6 frame goes on to `parse6` without the two loads below (helper calls).
+        if ethertype == ETH_P_IPV6.to_be() {
+            return Err(IPV6);
+        }
     }
     // Fast path for the rest: TCP and UDP over IPv4, in one load (two for TCP's flags).
     if let Ok(head) = ctx.load::<Head>(0) {
