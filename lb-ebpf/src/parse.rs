@@ -393,7 +393,7 @@ pub const L4_DIRECT: usize = IP_OFF + IP6_HLEN;
 /// anything else, which the rest of `parse6` parses (and refuses, if it is malformed): this
 /// path only accepts what `parse6` accepts, with the same flow.
 #[inline(always)]
-fn flow6_in_place(ctx: &impl Frame) -> Option<Flow<Ip6>> {
+pub fn flow6_in_place(ctx: &impl Frame) -> Option<Flow<Ip6>> {
     let (data, end) = ctx.linear();
     // Twenty bytes of L4 for UDP too (shorter datagrams take `parse6`): a check for TCP
     // alone is merged by LLVM with the datagram's length check into a form the verifier

@@ -12,7 +12,7 @@ use crate::{
     nat,
     parse::{self, Flow, Packet},
     read::Read,
-    route,
+    route, stats,
     svc::{self, Decision, Look},
     verdict::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
 };
@@ -207,7 +207,7 @@ pub fn from_pod(ctx: &TcContext) -> (i32, Outcome) {
         Ok(Packet::IcmpError { outer, inner }) => {
             V4::icmp_error(ctx, &outer, &inner, InnerEnd::Source)
         }
-        Err(parse::IPV6) => Err(tail_call(ctx, Stage6::FromPod)),
+        Err(parse::IPV6) => return from_pod_ipv6(ctx),
         Err(outcome) => Err(outcome),
     };
     finish(result)
@@ -222,6 +222,24 @@ pub fn to_pod(ctx: &TcContext) -> (i32, Outcome) {
         Err(outcome) => Err(outcome),
     };
     finish(result)
+}
+
+/// An IPv6 packet from a pod: let go here if it cannot concern a service (most of a pod's
+/// traffic: to no frontend and no node address, and no reply), which spares it the tail
+/// call and the second parse (60 -> 52 ns on the bench); else on to `xlb_from_pod6`. The
+/// outcome is counted here, with the IPv6 counters; the sentinel `parse::IPV6` returned
+/// is counted nowhere. (`to_pod` does not do this: a reply, that hook's business, would
+/// parse and read the filter twice, costing it more than a pass gains.)
+#[inline(always)]
+fn from_pod_ipv6(ctx: &TcContext) -> (i32, Outcome) {
+    if let Some(flow) = parse::flow6_in_place(ctx)
+        && !filter::may_be_local(flow.dst)
+        && !svc::may_be_reply::<V6>(&flow, false, Read::Inline)
+    {
+        stats::count6(outcome::PASS_NOT_SERVICE);
+        return (TC_ACT_UNSPEC, parse::IPV6);
+    }
+    finish(Err(tail_call(ctx, Stage6::FromPod)))
 }
 
 /// The IPv6 programs, by their index in `PROGS6` (the agent fills it after loading).
