@@ -271,6 +271,10 @@ fn unclaim<F: Family>(key: &CtKey<F::Addr>) {
 pub struct CtScratch<A: MapAddr> {
     pub key: CtKey<A>,
     pub value: CtValue<A>,
+    /// Where this CPU's next SNAT port search starts: one past the port it claimed last,
+    /// as an offset into the range plus one (0: none yet, start at random). See
+    /// `claim_snat_port`.
+    pub snat_next: u32,
 }
 
 /// A new flow's backend and translation, picked (`svc`) and not yet recorded.
@@ -671,10 +675,17 @@ pub fn claim_snat_port<F: Family>(
 ) -> Result<Nat<F::Addr>, Outcome> {
     let min = config.snat_port_min as u32;
     let span = (config.snat_port_max as u32).saturating_sub(min) + 1;
-    // SAFETY: helper without side effects.
-    let start = unsafe { bpf_get_prandom_u32() } % span;
     // SAFETY: as in `create`.
     let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
+    // Past where this CPU's last search ended: a burst of new flows to a backend claims
+    // slots that lie close together in its run rather than each a random cache line (and
+    // the random number's helper call goes). Ports come round in the order they were
+    // taken, so the one reused is the longest free; only the backend sees them.
+    let start = match s.snat_next {
+        next if next != 0 && F::SEQUENTIAL_SNAT_PORTS => next,
+        // SAFETY: helper without side effects.
+        _ => unsafe { bpf_get_prandom_u32() },
+    } % span;
     let mut nat = Nat {
         flags: nat_flags | CT_FLAG_SNAT,
         snat_addr: config.snat_addr,
@@ -707,6 +718,9 @@ pub fn claim_snat_port<F: Family>(
         return Err(outcome::DROP_SNAT_EXHAUSTED);
     }
     nat.snat_port = claim.port;
+    if F::SEQUENTIAL_SNAT_PORTS {
+        s.snat_next = u32::from(u16::from_be(claim.port)).wrapping_sub(min) + 1;
+    }
     Ok(nat)
 }
 

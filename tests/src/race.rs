@@ -156,8 +156,8 @@ fn race(frames: &[Vec<u8>], run: impl Fn(&[u8]) -> Output + Sync) -> Vec<[Output
     a.into_iter().zip(b).map(|(a, b)| [a, b]).collect()
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) {
+/// Pins the calling thread to `cpu` (per-CPU state: a test that needs one CPU's).
+pub fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
