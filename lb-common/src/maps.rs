@@ -77,6 +77,10 @@ pub mod map_names {
     /// searched in.
     pub const FLOW_CLAIMS: &str = "XLB_FLOW_CLAIMS";
     pub const REPLY_CLAIMS6: &str = "XLB_REPLY_CLAIMS6";
+    /// The datapath clock's line from jiffies, [nanoseconds per jiffy, offset]: a global's
+    /// section (one entry of 16 bytes), which the agent writes after loading; private to
+    /// each loaded object, not pinned.
+    pub const CLOCK: &str = ".bss.xlb_clock";
     /// Every map the agent pins, in the order `xlb cleanup` removes them.
     pub const ALL: [&str; 35] = [
         SERVICES,
@@ -155,6 +159,9 @@ pub mod program_names {
     /// Trivial programs (a verdict and nothing else) the bench measures as the floor of
     /// each hook; never attached.
     pub const FLOOR_TC: &str = "xlb_floor_tc";
+    /// Samples jiffies and the coarse clock for the clock's calibration (XDP, run through
+    /// BPF_PROG_TEST_RUN by the agent at load; never attached).
+    pub const CLOCK_PROBE: &str = "xlb_clock_probe";
     pub const FLOOR_XDP: &str = "xlb_floor_xdp";
     /// The bench's cost probes (TC): one datapath step each (suffix: the step); never
     /// attached.

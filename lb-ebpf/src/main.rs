@@ -11,6 +11,7 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod atomic;
+mod clock;
 mod cost;
 mod csum;
 mod ct;
@@ -190,6 +191,14 @@ fn sock_verdict((verdict, outcome): (i32, Option<lb_common::Outcome>)) -> i32 {
         stats::count(outcome);
     }
     verdict
+}
+
+/// Samples jiffies and the coarse clock for the agent's calibration of the datapath's
+/// clock (`clock`). Run through BPF_PROG_TEST_RUN only, never attached.
+#[xdp]
+#[inline(always)]
+pub fn xlb_clock_probe(ctx: XdpContext) -> u32 {
+    clock::probe(&ctx)
 }
 
 /// The bench's floor: a TC program that does nothing, so every scenario can be reported

@@ -1,9 +1,6 @@
 //! Service balancing shared by every hook: find the frontend, follow a tracked flow or pick
 //! a backend for a new one, record it. The hooks only parse and rewrite packets.
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT, MapAddr,
     Outcome, REVERSE_CHECK_NS, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
@@ -32,13 +29,11 @@ pub enum Decision<A> {
 }
 
 /// CLOCK_MONOTONIC, coarse (up to one tick behind): flow lifetimes and affinity timeouts are
-/// seconds, and the coarse clock skips the TSC read the precise one costs on every packet.
-/// A time stamp written by userspace (precise clock) may be slightly ahead of it: ages are
-/// taken with `saturating_sub`, so such a stamp counts as fresh, not as ancient.
+/// seconds, and the coarse clock skips the TSC read the precise one costs on every packet
+/// (`clock::now_ns`: from jiffies).
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    crate::clock::now_ns()
 }
 
 /// A backend that still belongs to `service_id` (ids are never shared between services; a

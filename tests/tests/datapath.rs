@@ -92,6 +92,64 @@ fn tcp_syn_established_and_reply() {
     assert_eq!(dp.run(Hook::ToPod, &stray), (PASS, stray.clone()));
 }
 
+/// The programs' clock is jiffies along the line the loader measured (`XLB_CLOCK`), which
+/// must read CLOCK_MONOTONIC at tick resolution as the coarse clock helper did: each flow's
+/// stamp lies between the coarse clock a tick before its first packet and the precise clock
+/// after it, over a quarter second of flows. Without a line (the loader could not measure
+/// one) the programs call the helper: the same stamps.
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn the_datapath_clock_is_the_monotonic_clock_at_tick_resolution() {
+    require_privileges();
+    let mut dp = Datapath::new();
+    let line = |dp: &Datapath| {
+        let clock: Array<_, [u64; 2]> =
+            Array::try_from(dp.ebpf.map(map_names::CLOCK).expect("map")).expect("map type");
+        clock.get(&0, 0).expect("calibration")
+    };
+    let tick = xlb::datapath::clock::coarse_tick_ns();
+    assert_eq!(line(&dp)[0], tick, "calibrated");
+    dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
+    let coarse = || {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes the timespec it is given.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) },
+            0
+        );
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    };
+    let stamps_match = |dp: &mut Datapath, ports: std::ops::Range<u16>| {
+        for port in ports {
+            let earliest = coarse().saturating_sub(tick);
+            let (verdict, _) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, port, VIP, 53).build());
+            let latest = monotonic_ns();
+            assert_eq!(verdict, TC_ACT_OK);
+            let stamp = dp
+                .ct()
+                .into_iter()
+                .find(|(k, _)| k.dir == CT_FORWARD && k.sport == port.to_be())
+                .expect("the flow's entry")
+                .1
+                .last_seen_ns;
+            assert!(
+                (earliest..=latest).contains(&stamp),
+                "port {port}: stamp {stamp} outside [{earliest}, {latest}]"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    };
+    stamps_match(&mut dp, 6000..6010);
+    let mut clock: Array<_, [u64; 2]> =
+        Array::try_from(dp.ebpf.map_mut(map_names::CLOCK).expect("map")).expect("map type");
+    clock.set(0, [0, 0], 0).expect("line cleared");
+    assert_eq!(line(&dp), [0, 0]);
+    stamps_match(&mut dp, 6010..6014);
+}
+
 /// The TC programs update L4 checksums inline where the loader found the kfunc that shows
 /// them `ip_summed` (test runs' skbs are CHECKSUM_NONE: the whole-checksum update), and
 /// through the kernel's helpers where it did not (kernels before 6.2, no BTF). Both give

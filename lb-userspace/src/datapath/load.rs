@@ -3,13 +3,13 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::ProgramArray,
-    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+    maps::{Array, ProgramArray},
+    programs::{CgroupSockAddr, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{map_names, program_names, skb_access};
 
 use super::{
-    DatapathError, error_chain, migrate,
+    DatapathError, clock, error_chain, migrate,
     pins::{Hook, PinLayout, check_pinned_layouts},
     skb_access::SkbAccess,
 };
@@ -65,7 +65,75 @@ pub fn load_with(pins: Option<&PinLayout>, access: SkbAccess) -> Result<Ebpf, Da
         let program = sock_program(&mut ebpf, hook.program())?;
         verify(hook.program(), || program.load())?;
     }
+    calibrate_clock(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Samples the clock probe takes for [`clock::fit`], and rounds of them it may take.
+const CLOCK_SAMPLES: usize = 9;
+const CLOCK_ROUNDS: usize = 3;
+
+/// Measures the line from jiffies to the coarse clock and gives it to the programs (the
+/// global `XLB_CLOCK_LINE`, section `map_names::CLOCK`), before any of them is attached.
+/// Where it cannot (the probe does not load or run, or the two clocks do not move
+/// together), the line stays zero and the programs call the coarse clock's helper: slower,
+/// the same stamps; logged.
+fn calibrate_clock(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let line = match measure_clock(ebpf) {
+        Ok(line) => line,
+        Err(e) => {
+            log::warn!(
+                "the datapath clock reads the kernel's coarse clock through a helper call \
+                 (slower): {e}"
+            );
+            return Ok(());
+        }
+    };
+    let map_error = |e: aya::maps::MapError| DatapathError::Map {
+        name: map_names::CLOCK,
+        message: e.to_string(),
+    };
+    let mut map: Array<_, [u64; 2]> = Array::try_from(
+        ebpf.map_mut(map_names::CLOCK)
+            .ok_or(DatapathError::MissingMap(map_names::CLOCK))?,
+    )
+    .map_err(map_error)?;
+    map.set(0, [line.tick_ns, line.offset_ns], 0)
+        .map_err(map_error)?;
+    log::debug!("datapath clock: jiffies along {line:?}");
+    Ok(())
+}
+
+/// Samples jiffies and the coarse clock through the probe program and fits their line.
+fn measure_clock(ebpf: &mut Ebpf) -> Result<clock::JiffyLine, DatapathError> {
+    let name = program_names::CLOCK_PROBE;
+    let probe: &mut Xdp = typed_program(ebpf, name)?;
+    verify(name, || probe.load())?;
+    let mut round = 0;
+    loop {
+        let mut samples = Vec::with_capacity(CLOCK_SAMPLES);
+        for _ in 0..CLOCK_SAMPLES {
+            let (frame, mut out) = ([0u8; 64], [0u8; 64]);
+            probe
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+            let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().expect("8 bytes"));
+            samples.push((word(0), word(8)));
+        }
+        round += 1;
+        match clock::fit(clock::coarse_tick_ns(), &samples) {
+            Ok(line) => return Ok(line),
+            Err(e) if round < CLOCK_ROUNDS => log::debug!("measuring the datapath clock: {e}"),
+            Err(e) => return Err(DatapathError::Clock(e)),
+        }
+    }
 }
 
 /// Times a program's load is tried when the verifier was interrupted (below).

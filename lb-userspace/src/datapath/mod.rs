@@ -21,6 +21,8 @@ pub mod sockets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    #[error("jiffies and the coarse clock could not be put on one line: {0}")]
+    Clock(#[from] clock::CalibrationError),
     #[error("preparing the eBPF object for this kernel's BTF: {0}")]
     SkbAccess(#[from] skb_access::BtfError),
     #[error("loading the eBPF object failed: {0}")]
