@@ -677,15 +677,6 @@ pub fn claim_snat_port<F: Family>(
     let span = (config.snat_port_max as u32).saturating_sub(min) + 1;
     // SAFETY: as in `create`.
     let s = unsafe { &mut *F::ct_scratch().ok_or(outcome::DROP_CT_FULL)? };
-    // Past where this CPU's last search ended: a burst of new flows to a backend claims
-    // slots that lie close together in its run rather than each a random cache line (and
-    // the random number's helper call goes). Ports come round in the order they were
-    // taken, so the one reused is the longest free; only the backend sees them.
-    let start = match s.snat_next {
-        next if next != 0 && F::SEQUENTIAL_SNAT_PORTS => next,
-        // SAFETY: helper without side effects.
-        _ => unsafe { bpf_get_prandom_u32() },
-    } % span;
     let mut nat = Nat {
         flags: nat_flags | CT_FLAG_SNAT,
         snat_addr: config.snat_addr,
@@ -699,7 +690,7 @@ pub fn claim_snat_port<F: Family>(
         timeouts,
         min,
         span,
-        start,
+        start: 0,
         found: 0,
         port: 0,
     };
@@ -718,9 +709,7 @@ pub fn claim_snat_port<F: Family>(
         return Err(outcome::DROP_SNAT_EXHAUSTED);
     }
     nat.snat_port = claim.port;
-    if F::SEQUENTIAL_SNAT_PORTS {
-        s.snat_next = u32::from(u16::from_be(claim.port)).wrapping_sub(min) + 1;
-    }
+    s.snat_next = u32::from(u16::from_be(claim.port)).wrapping_sub(min) + 1;
     Ok(nat)
 }
 
@@ -734,6 +723,7 @@ struct Claim {
     timeouts: *const CtTimeouts,
     min: u32,
     span: u32,
+    /// Where the search starts (offset in the range), set by the first step.
     start: u32,
     found: u8,
     /// Network byte order.
@@ -747,10 +737,27 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     let claim = unsafe { &mut *(ctx as *mut Claim) };
     // SAFETY: this CPU's slot, filled by `claim_snat_port` before the loop.
     let s = unsafe { &mut *claim.scratch.cast::<CtScratch<F::Addr>>() };
-    if claim.span == 0 {
+    // Read once: the helper call below may change memory, as far as LLVM knows, and a
+    // second read's `%` would need a panic path.
+    let span = claim.span;
+    if span == 0 {
         return 1; // never: the range has at least one port (and `%` would need a panic path)
     }
-    let port = ((claim.min + (claim.start + i as u32) % claim.span) as u16).to_be();
+    // Past where this CPU's last search ended: a burst of new flows to a backend claims
+    // slots that lie close together in its run rather than each a random cache line (and
+    // the random number's helper call goes). Ports come round in the order they were
+    // taken, so the one reused is the longest free; only the backend sees them. Read here
+    // in the step, not before the loop: there the IPv6 untracked XDP stage had no stack
+    // left for it (16 bytes over).
+    if i == 0 {
+        claim.start = match s.snat_next {
+            next if next != 0 => next,
+            // SAFETY: helper without side effects.
+            _ => unsafe { bpf_get_prandom_u32() },
+        } % span;
+    }
+    let offset = (claim.start + i as u32) % span;
+    let port = ((claim.min + offset) as u16).to_be();
     s.key.dport = port;
     let Some(slot) = F::reply_claims().get_ptr_mut(reply_claim_slot(&s.key)) else {
         return 0;

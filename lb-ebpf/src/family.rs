@@ -30,10 +30,6 @@ pub trait Family: 'static {
     /// Whether hooks that read a reply claim inline (`crate::read::Read::Inline`) may: IPv6's
     /// inlined read crashed LLVM 22 (`ct::claimed`), so it always calls.
     const INLINE_CLAIM_READS: bool;
-    /// Whether a CPU's SNAT port search starts one past the port it claimed last
-    /// (`ct::claim_snat_port`) rather than at random: IPv4's; the IPv6 untracked XDP stage
-    /// has no stack left for the cursor (16 bytes over).
-    const SEQUENTIAL_SNAT_PORTS: bool;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
@@ -67,7 +63,6 @@ impl Family for V4 {
     const CLAIMED_REPLIES: bool = true;
     const CLAIMED_FLOWS: bool = true;
     const INLINE_CLAIM_READS: bool = true;
-    const SEQUENTIAL_SNAT_PORTS: bool = true;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -137,7 +132,6 @@ impl Family for V6 {
     const CLAIMED_REPLIES: bool = false;
     const CLAIMED_FLOWS: bool = false;
     const INLINE_CLAIM_READS: bool = false;
-    const SEQUENTIAL_SNAT_PORTS: bool = false;
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
         &SERVICES6
