@@ -876,3 +876,38 @@ impl Datapath {
         }
     }
 }
+
+/// The SNAT ports one CPU's new flows get, for either family: `dp` has one NodePort with
+/// SNAT to one backend and the node's SNAT ports 50000..=50007; `syn(i)` is client `i`'s
+/// SYN to it, `sport` the source port of a translated packet, `exhausted` the family's
+/// `DROP_SNAT_EXHAUSTED` count and `expire` ages the family's conntrack past a SYN's
+/// lifetime. Asserts that each port is one past the last (wrapping in the range), that a
+/// ninth flow is refused and counted, and that after expiry the search goes on where it
+/// stopped, at the oldest port.
+pub fn assert_snat_ports_follow_each_other(
+    dp: &mut Datapath,
+    syn: impl Fn(u16) -> Vec<u8>,
+    sport: impl Fn(&[u8]) -> u16,
+    exhausted: impl Fn(&Datapath) -> u64,
+    expire: impl FnOnce(&mut Datapath),
+) {
+    // One CPU's: the cursor is per CPU (the test thread would otherwise wander).
+    crate::race::pin_to(0);
+    let (min, count) = (50_000u16, 8u16);
+    let port = |dp: &mut Datapath, client: u16| {
+        let (verdict, out) = dp.run_external(&syn(client));
+        assert_eq!(verdict, XDP_PASS, "client {client}");
+        sport(&out)
+    };
+    let ports: Vec<u16> = (1..=count).map(|i| port(dp, i)).collect();
+    let first = ports[0] - min;
+    let expected: Vec<u16> = (0..count).map(|i| min + (first + i) % count).collect();
+    assert_eq!(ports, expected, "each port one past the last, wrapping");
+    // All eight taken: the next flow is refused ...
+    let ninth = syn(count + 1);
+    assert_eq!(dp.run_external(&ninth), (XDP_DROP, ninth.clone()));
+    assert_eq!(exhausted(dp), 1);
+    // ... until they expire; then the search goes on where it stopped, at the oldest.
+    expire(dp);
+    assert_eq!(port(dp, count + 2), ports[0]);
+}

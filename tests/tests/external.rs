@@ -325,30 +325,17 @@ fn snat_ports_are_claimed_once_and_exhaustion_is_counted() {
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn a_cpus_snat_ports_follow_each_other_round_the_range() {
     require_privileges();
-    // One CPU's: the cursor is per CPU (the test thread would otherwise wander).
-    race::pin_to(0);
     let mut dp = Datapath::new();
     dp.set_node(&[NODE_A], (50_000, 50_007));
     let (any, tcp) = (VIP_ANY_NODE_IP, PROTO_TCP);
     dp.frontend(any, SCOPE_EXTERNAL, tcp, 30080, &[BACKEND], SVC_FLAG_SNAT);
-    let port = |dp: &mut Datapath, client: &str| {
-        let syn = Frame::tcp(client, 5555, NODE_A, 30080, SYN).build();
-        let (verdict, out) = dp.run_external(&syn);
-        assert_eq!(verdict, XDP_PASS, "{client}");
-        view(&out).sport
-    };
-    let clients: Vec<String> = (1..=8).map(|i| format!("203.0.113.{i}")).collect();
-    let ports: Vec<u16> = clients.iter().map(|c| port(&mut dp, c)).collect();
-    let first = ports[0] - 50_000;
-    let expected: Vec<u16> = (0..8).map(|i| 50_000 + (first + i) % 8).collect();
-    assert_eq!(ports, expected, "each port one past the last, wrapping");
-    // All eight taken: the next flow is refused ...
-    let ninth = Frame::tcp("203.0.113.9", 5555, NODE_A, 30080, SYN).build();
-    assert_eq!(dp.run_external(&ninth), (XDP_DROP, ninth.clone()));
-    assert_eq!(dp.stat(outcome::DROP_SNAT_EXHAUSTED), 1);
-    // ... until they expire; then the search goes on where it stopped, at the oldest.
-    dp.age_conntrack(lb_common::ct_lifetime::TCP_SYN_S + 1);
-    assert_eq!(port(&mut dp, "203.0.113.10"), ports[0]);
+    assert_snat_ports_follow_each_other(
+        &mut dp,
+        |i| Frame::tcp(&format!("203.0.113.{i}"), 5555, NODE_A, 30080, SYN).build(),
+        |out| view(out).sport,
+        |dp| dp.stat(outcome::DROP_SNAT_EXHAUSTED),
+        |dp| dp.age_conntrack(lb_common::ct_lifetime::TCP_SYN_S + 1),
+    );
 }
 
 /// A reply is looked up only where one can be (a miss on a cold table costs about what an

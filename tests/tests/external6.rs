@@ -180,8 +180,6 @@ fn rejects_drops_and_strangers_from_outside() {
 #[ignore = "privileged: run by `sudo cargo xtask test`"]
 fn a_cpus_ipv6_snat_ports_follow_each_other_round_the_range() {
     require_privileges();
-    // One CPU's: the cursor is per CPU (the test thread would otherwise wander).
-    race::pin_to(0);
     let mut dp = Datapath::new();
     dp.set_node6(&[NODE_A], (50_000, 50_007));
     dp.frontend6(
@@ -192,24 +190,13 @@ fn a_cpus_ipv6_snat_ports_follow_each_other_round_the_range() {
         &[BACKEND],
         SVC_FLAG_SNAT,
     );
-    let port = |dp: &mut Datapath, client: &str| {
-        let syn = Frame6::tcp(client, 5555, NODE_A, 30080, SYN).build();
-        let (verdict, out) = dp.run_external(&syn);
-        assert_eq!(verdict, XDP_PASS, "{client}");
-        view6(&out).sport
-    };
-    let clients: Vec<String> = (1..=8).map(|i| format!("2001:db8:9::{i}")).collect();
-    let ports: Vec<u16> = clients.iter().map(|c| port(&mut dp, c)).collect();
-    let first = ports[0] - 50_000;
-    let expected: Vec<u16> = (0..8).map(|i| 50_000 + (first + i) % 8).collect();
-    assert_eq!(ports, expected, "each port one past the last, wrapping");
-    // All eight taken: the next flow is refused ...
-    let ninth = Frame6::tcp("2001:db8:9::9", 5555, NODE_A, 30080, SYN).build();
-    assert_eq!(dp.run_external(&ninth), (XDP_DROP, ninth.clone()));
-    assert_eq!(dp.stat6(outcome::DROP_SNAT_EXHAUSTED), 1);
-    // ... until they expire; then the search goes on where it stopped, at the oldest.
-    dp.age_conntrack6(lb_common::ct_lifetime::TCP_SYN_S + 1);
-    assert_eq!(port(&mut dp, "2001:db8:9::a"), ports[0]);
+    assert_snat_ports_follow_each_other(
+        &mut dp,
+        |i| Frame6::tcp(&format!("2001:db8:9::{i:x}"), 5555, NODE_A, 30080, SYN).build(),
+        |out| view6(out).sport,
+        |dp| dp.stat6(outcome::DROP_SNAT_EXHAUSTED),
+        |dp| dp.age_conntrack6(lb_common::ct_lifetime::TCP_SYN_S + 1),
+    );
 }
 
 #[test]
