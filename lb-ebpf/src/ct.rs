@@ -272,8 +272,8 @@ pub struct CtScratch<A: MapAddr> {
     pub key: CtKey<A>,
     pub value: CtValue<A>,
     /// Where this CPU's next SNAT port search starts: one past the port it claimed last,
-    /// as an offset into the range plus one (0: none yet, start at random). See
-    /// `claim_snat_port`.
+    /// as an offset into the range plus one (0: none yet, start at random). Read by
+    /// `claim_step`, written by `claim_snat_port`.
     pub snat_next: u32,
 }
 

@@ -28,13 +28,9 @@ pub enum Decision<A> {
     Reject,
 }
 
-/// CLOCK_MONOTONIC, coarse (up to one tick behind): flow lifetimes and affinity timeouts are
-/// seconds, and the coarse clock skips the TSC read the precise one costs on every packet
-/// (`clock::now_ns`: from jiffies).
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    crate::clock::now_ns()
-}
+/// The datapath clock (CLOCK_MONOTONIC at tick resolution, from jiffies), by the name the
+/// hooks know it.
+pub use crate::clock::now_ns;
 
 /// A backend that still belongs to `service_id` (ids are never shared between services; a
 /// free id's slot holds service id 0, which no service has).
