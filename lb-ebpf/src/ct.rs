@@ -271,11 +271,19 @@ fn unclaim<F: Family>(key: &CtKey<F::Addr>) {
 pub struct CtScratch<A: MapAddr> {
     pub key: CtKey<A>,
     pub value: CtValue<A>,
-    /// Where this CPU's next SNAT port search starts: one past the port it claimed last,
-    /// as an offset into the range plus one (0: none yet, start at random). Read by
-    /// `claim_step`, written by `claim_snat_port`.
-    pub snat_next: u32,
+    /// Where this CPU's next SNAT port search for a backend starts, per backend id modulo
+    /// `SNAT_CURSORS`: one past the port it claimed last for it, as an offset into the
+    /// range plus one (0: none yet, start at random). Read by `claim_step`, written by
+    /// `claim_snat_port`.
+    pub snat_next: [u32; SNAT_CURSORS],
 }
+
+/// SNAT port cursors per CPU. A backend's claim slots lie in a run of their own, so one
+/// cursor per backend makes its claims follow each other in memory (a stream the CPU's
+/// prefetcher reads ahead); one cursor for all backends put each claim a few slots past the
+/// backend's previous one, a cache miss each (NodePort+SNAT new flow, ten backends: 801 ->
+/// 661 ns). Backends whose ids share a cursor only lose that.
+pub const SNAT_CURSORS: usize = 16;
 
 /// A new flow's backend and translation, picked (`svc`) and not yet recorded.
 pub struct Picked<A: MapAddr> {
@@ -709,7 +717,8 @@ pub fn claim_snat_port<F: Family>(
         return Err(outcome::DROP_SNAT_EXHAUSTED);
     }
     nat.snat_port = claim.port;
-    s.snat_next = u32::from(u16::from_be(claim.port)).wrapping_sub(min) + 1;
+    s.snat_next[backend_id as usize % SNAT_CURSORS] =
+        u32::from(u16::from_be(claim.port)).wrapping_sub(min) + 1;
     Ok(nat)
 }
 
@@ -743,14 +752,14 @@ extern "C" fn claim_step<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     if span == 0 {
         return 1; // never: the range has at least one port (and `%` would need a panic path)
     }
-    // Past where this CPU's last search ended: a burst of new flows to a backend claims
-    // slots that lie close together in its run rather than each a random cache line (and
-    // the random number's helper call goes). Ports come round in the order they were
-    // taken, so the one reused is the longest free; only the backend sees them. Read here
-    // in the step, not before the loop: there the IPv6 untracked XDP stage had no stack
-    // left for it (16 bytes over).
+    // Past where this CPU's last search for the backend ended: its new flows claim slots
+    // that follow each other in its run rather than each a random cache line (and the
+    // random number's helper call goes). Ports come round in the order they were taken,
+    // so the one reused is the longest free; only the backend sees them. Read here in the
+    // step, not before the loop: there the IPv6 untracked XDP stage had no stack left for
+    // it (16 bytes over).
     if i == 0 {
-        claim.start = match s.snat_next {
+        claim.start = match s.snat_next[s.value.backend_id as usize % SNAT_CURSORS] {
             next if next != 0 => next,
             // SAFETY: helper without side effects.
             _ => unsafe { bpf_get_prandom_u32() },

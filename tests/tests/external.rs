@@ -338,6 +338,43 @@ fn a_cpus_snat_ports_follow_each_other_round_the_range() {
     );
 }
 
+/// The cursor is per backend: new flows to two backends taken in turn each get ports that
+/// follow each other (one cursor for both gave every other port to each, and each claim a
+/// fresh cache line of the backend's run).
+#[test]
+#[ignore = "privileged: run by `sudo cargo xtask test`"]
+fn each_backends_snat_ports_follow_each_other() {
+    require_privileges();
+    race::pin_to(0);
+    let mut dp = Datapath::new();
+    let (min, span) = (50_000u16, 100u16);
+    dp.set_node(&[NODE_A], (min, min + span - 1));
+    let (any, tcp) = (VIP_ANY_NODE_IP, PROTO_TCP);
+    let other = (2, "10.244.2.6", 8080);
+    dp.frontend(any, SCOPE_EXTERNAL, tcp, 30080, &[BACKEND], SVC_FLAG_SNAT);
+    dp.frontend(any, SCOPE_EXTERNAL, tcp, 30081, &[other], SVC_FLAG_SNAT);
+    let mut ports: [Vec<u16>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..12u16 {
+        let to = usize::from(i % 2);
+        let syn = Frame::tcp(
+            &format!("203.0.113.{}", i + 1),
+            5555,
+            NODE_A,
+            30080 + to as u16,
+            SYN,
+        );
+        let (verdict, out) = dp.run_external(&syn.build());
+        assert_eq!(verdict, XDP_PASS, "flow {i}");
+        ports[to].push(view(&out).sport);
+    }
+    for (backend, ports) in ports.iter().enumerate() {
+        for pair in ports.windows(2) {
+            let step = (pair[1] + span - pair[0]) % span;
+            assert_eq!(step, 1, "backend {backend}: ports {ports:?}");
+        }
+    }
+}
+
 /// A reply is looked up only where one can be (a miss on a cold table costs about what an
 /// insert does): never for a bare SYN, and to a node address only at a SNAT port.
 #[test]

@@ -307,7 +307,11 @@ fn programs_stay_well_inside_the_verifier_budget() {
 const VERIFIER_CEILINGS: [(&str, u32); 9] = [
     // Raised with the inline L4 checksum update (77.7k -> 96.8k): the rewrite now forks
     // into an inline path and the helpers' (CHECKSUM_COMPLETE), whose packet pointers differ.
-    ("xlb_from_pod", 115_000),
+    // To the cap with the routed reply inlined (97.6k -> 107.1k: its frame had filled the
+    // stack) and the SNAT cursor per backend (-> 114.8k: a store at an index the verifier
+    // tracks on every path after the claim loop; stored in the loop's step instead, LLVM
+    // left an undefined register spilled in `xlb_from_pod6_untracked`).
+    ("xlb_from_pod", 125_000),
     ("xlb_to_pod", 5_000),
     ("xlb_from_pod6", 17_000),
     ("xlb_from_pod6_untracked", 110_000),
@@ -315,7 +319,8 @@ const VERIFIER_CEILINGS: [(&str, u32); 9] = [
     ("xlb_to_pod6", 10_000),
     ("xlb_external", 80_000),
     ("xlb_external6", 25_000),
-    ("xlb_external6_untracked", 120_000),
+    // 118.1k with the SNAT cursor per backend (112.9k before).
+    ("xlb_external6_untracked", 125_000),
 ];
 const _: () = {
     let mut i = 0;
