@@ -8,7 +8,7 @@ use lb_common::{
     Outcome, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES, map_names, outcome,
 };
 use xlb::datapath::{
-    clock::{before, monotonic_ns},
+    clock::{before, coarse_ns, monotonic_ns},
     load, pins,
     skb_access::SkbAccess,
 };
@@ -110,21 +110,11 @@ fn the_datapath_clock_is_the_monotonic_clock_at_tick_resolution() {
     let tick = xlb::datapath::clock::coarse_tick_ns();
     assert_eq!(line(&dp)[0], tick, "calibrated");
     dp.service(PROTO_UDP, 53, &[(1, "10.244.1.2", 5353)], 0);
-    let coarse = || {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: writes the timespec it is given.
-        assert_eq!(
-            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) },
-            0
-        );
-        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-    };
     let stamps_match = |dp: &mut Datapath, ports: std::ops::Range<u16>| {
         for port in ports {
-            let earliest = coarse().saturating_sub(tick);
+            let coarse = coarse_ns();
+            assert!(coarse > 0, "the coarse clock reads");
+            let earliest = coarse.saturating_sub(tick);
             let (verdict, _) = dp.run(Hook::FromPod, &Frame::udp(CLIENT, port, VIP, 53).build());
             let latest = monotonic_ns();
             assert_eq!(verdict, TC_ACT_OK);

@@ -4,12 +4,25 @@
 //! says why), or from `bpf_ktime_get_coarse_ns` where it could not.
 use std::time::Duration;
 
-use nix::time::{ClockId, clock_getres, clock_gettime};
+use nix::{
+    sys::time::TimeSpec,
+    time::{ClockId, clock_getres, clock_gettime},
+};
 
 /// CLOCK_MONOTONIC now, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+    nanoseconds(clock_gettime(ClockId::CLOCK_MONOTONIC))
+}
+
+/// CLOCK_MONOTONIC_COARSE now, in nanoseconds: what the programs' clock reads (up to a tick
+/// behind the precise clock).
+pub fn coarse_ns() -> u64 {
+    nanoseconds(clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE))
+}
+
+/// A clock reading (or resolution) in nanoseconds; 0 if the clock could not be read.
+fn nanoseconds(t: nix::Result<TimeSpec>) -> u64 {
+    t.map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
 }
 
@@ -54,9 +67,7 @@ pub enum CalibrationError {
 /// The length of a tick: the coarse clocks' resolution (the kernel's `TICK_NSEC`, by
 /// which `jiffies_64` advances).
 pub fn coarse_tick_ns() -> u64 {
-    clock_getres(ClockId::CLOCK_MONOTONIC_COARSE)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+    nanoseconds(clock_getres(ClockId::CLOCK_MONOTONIC_COARSE))
 }
 
 /// The line through `samples` of (jiffies, coarse clock) read back to back: the kernel
@@ -146,6 +157,9 @@ mod tests {
     fn this_machines_tick() {
         let tick = coarse_tick_ns();
         assert!((1_000_000..=10_000_000).contains(&tick), "{tick}");
+        // The coarse clock lags the precise one (read after it here).
+        let (coarse, precise) = (coarse_ns(), monotonic_ns());
+        assert!(coarse > 0 && coarse <= precise, "{coarse} {precise}");
     }
 
     #[test]
